@@ -1,0 +1,97 @@
+"""What every format loader produces: a config, lazily readable tensors under canonical names, a tokenizer.
+
+Canonical tensor names are GGUF's short names (token_embd.weight, blk.N.attn_q.weight, ...), but the
+layouts are Hugging Face's: rotary embedding in the half-split ("neox") order for every family, and norm
+weights as the plain multiplier (Gemma's HF (1 + w) is stored as 1 + w). Loaders convert into this form so
+that models and backends see one convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+class TensorRef:
+    """One stored tensor: its type and logical shape (torch order), read only when asked."""
+
+    name: str
+    qtype: str
+    shape: tuple[int, ...]
+
+    def dequantize(self) -> torch.Tensor:
+        """The values as float32, in the logical shape."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+
+@dataclass
+class GGMLTensor(TensorRef):
+    """A GGML-typed tensor: raw block bytes, one row per output feature, optionally with rows reordered."""
+
+    name: str
+    qtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray  # raw bytes (uint8) or native float array, memory-mapped
+    row_order: np.ndarray | None = None  # loader-applied row permutation (exact on quantized rows)
+
+    def raw(self) -> np.ndarray:
+        """Bytes in canonical row order, as a (rows, row_bytes) uint8 view or copy."""
+        flat = self.data.view(np.uint8).reshape(-1)
+        rows = int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+        table = flat.reshape(rows, -1)
+        return table if self.row_order is None else table[self.row_order]
+
+    def dequantize(self) -> torch.Tensor:
+        from ingot.quant.ggml import dequantize
+
+        return dequantize(self.raw(), self.qtype, self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+@dataclass
+class DenseTensor(TensorRef):
+    """A floating-point tensor behind a loader (safetensors slices, stacked experts, adjusted norms)."""
+
+    name: str
+    qtype: str
+    shape: tuple[int, ...]
+    loader: Callable[[], torch.Tensor]
+    bytes_: int = 0
+
+    def dequantize(self) -> torch.Tensor:
+        return self.loader().to(torch.float32).reshape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.bytes_
+
+
+@dataclass
+class Checkpoint:
+    """A model as stored: config in Hugging Face's keys, tensors by canonical name, tokenizer on demand."""
+
+    path: Path
+    format: str  # "gguf" | "hf" | "mlx"
+    arch: str  # Ingot family name: llama | qwen3 | qwen3moe | gemma3
+    config: dict
+    tensors: dict[str, TensorRef]
+    tokenizer_loader: Callable[[], object | None] = field(default=lambda: None, repr=False)
+    metadata: dict = field(default_factory=dict, repr=False)  # the source's own key/values (GGUF)
+
+    def load_tokenizer(self):
+        return self.tokenizer_loader()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
