@@ -1,0 +1,146 @@
+"""The public Python API: ingot.load() and Model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ingot.engine.generator import Generator, Stats
+from ingot.engine.runner import Runner
+from ingot.engine.sampler import SamplingParams
+from ingot.errors import IngotError
+
+DEFAULT_MAX_CONTEXT = 4096  # like llama.cpp's default; pass max_context for more
+
+
+def _pick_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise IngotError("device='cuda' was asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def load(path_or_name, device=None, max_context: int | None = None, dtype=None, progress: bool | None = None):
+    """Load a GGUF file, a Hugging Face or MLX folder, or an embedded model name (see `ingot models`)."""
+    from ingot.backends.reference import ReferenceBackend, load_weights
+    from ingot.formats import open_checkpoint
+    from ingot.models import build_spec
+    from ingot.registry import resolve
+
+    path = resolve(path_or_name)
+    ckpt = open_checkpoint(path)
+    spec = build_spec(ckpt.arch, ckpt.config)
+    spec.check_tensors(ckpt.tensors, str(path))
+    device = _pick_device(device)
+    context = min(DEFAULT_MAX_CONTEXT, spec.max_context) if max_context is None else int(max_context)
+    if context < 1:
+        raise IngotError(f"max_context must be positive, got {max_context}")
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    weights = load_weights(ckpt, spec, device, dtype, progress)
+    factors = ckpt.tensors.get("rope_freqs.weight")
+    backend = ReferenceBackend(spec, weights, device, dtype, factors.dequantize() if factors else None)
+    return Model(path, ckpt, spec, backend, context)
+
+
+class Model:
+    def __init__(self, path: Path, ckpt, spec, backend, max_context: int):
+        self.path, self.spec, self.backend = path, spec, backend
+        self.arch, self.config, self.format = ckpt.arch, ckpt.config, ckpt.format
+        self.device = backend.device
+        self.max_context = max_context
+        self.tokenizer = ckpt.load_tokenizer()
+        self.runner = Runner(backend, max_context)
+        self.last_stats = Stats()
+
+    def __repr__(self) -> str:
+        return f"<ingot.Model {self.arch} from {self.path.name} on {self.device}, context {self.max_context}>"
+
+    # -- text in, text out -------------------------------------------------------------------------------
+    def generate(self, prompt=None, messages=None, max_tokens: int = 256, temperature: float = 0.0,
+                 top_k=None, top_p=None, min_p=None, repeat_penalty=None, seed=None, stop=None) -> str:
+        """The new text only. Give a raw prompt, or chat messages (rendered with the model's template)."""
+        return "".join(self.stream(prompt, messages, max_tokens, temperature, top_k, top_p, min_p,
+                                   repeat_penalty, seed, stop))
+
+    def stream(self, prompt=None, messages=None, max_tokens: int = 256, temperature: float = 0.0,
+               top_k=None, top_p=None, min_p=None, repeat_penalty=None, seed=None, stop=None) -> Iterator[str]:
+        """Like generate, yielding text pieces as they are produced."""
+        ids = self._prompt_ids(prompt, messages)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        gen = Generator(self.runner)
+        try:
+            yield from gen.text(ids, self._need_tokenizer(), _check_max_tokens(max_tokens), params,
+                                [stop] if isinstance(stop, str) else stop)
+        finally:
+            self.last_stats = gen.stats
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text the model's chat template makes of messages."""
+        from ingot.chat_template import builtin_template, render_chat
+
+        tok = self._need_tokenizer()
+        if not messages:
+            raise IngotError("messages is empty")
+        template = tok.chat_template or builtin_template(self.arch)
+        bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
+        eos = tok.decode([tok.eos_id]) if tok.eos_id is not None else ""
+        return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=bos, eos_token=eos)
+
+    # -- tokens in, tokens out -----------------------------------------------------------------------------
+    def generate_ids(self, ids: list[int], max_tokens: int = 256, temperature: float = 0.0, top_k=None,
+                     top_p=None, min_p=None, repeat_penalty=None, seed=None) -> list[int]:
+        """Generated token ids, stopping at (and not returning) an end-of-sequence token."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise IngotError("ids is empty")
+        if max(ids) >= self.spec.vocab_size or min(ids) < 0:
+            raise IngotError(f"token ids must be in [0, {self.spec.vocab_size})")
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        gen = Generator(self.runner)
+        try:
+            return list(gen.tokens(ids, _check_max_tokens(max_tokens), params, self._stop_ids()))
+        finally:
+            self.last_stats = gen.stats
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Float32 logits (len(ids), vocab) for every position, from an empty cache."""
+        if len(ids) > self.max_context:
+            from ingot.errors import ContextLengthError
+
+            raise ContextLengthError(f"{len(ids)} tokens exceed the context of {self.max_context}")
+        return self.runner.forward_all([int(i) for i in ids])
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise IngotError(f"{self.path} has no tokenizer: use generate_ids() with token ids")
+        return self.tokenizer
+
+    def _stop_ids(self) -> set[int]:
+        if self.tokenizer is not None:
+            return set(self.tokenizer.stop_ids)
+        eos = self.config.get("eos_token_id")
+        return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def _prompt_ids(self, prompt, messages) -> list[int]:
+        tok = self._need_tokenizer()
+        if (prompt is None) == (messages is None):
+            raise IngotError("give exactly one of prompt or messages")
+        if messages is not None:
+            # The rendered template already holds BOS where the model wants it.
+            return tok.encode(self.render_chat(messages), add_special_tokens=False)
+        ids = tok.encode(prompt)
+        if not ids:
+            raise IngotError("the prompt is empty")
+        return ids
+
+
+def _check_max_tokens(n) -> int:
+    if not isinstance(n, int) or n < 0:
+        raise IngotError(f"max_tokens must be a non-negative integer, got {n!r}")
+    return n

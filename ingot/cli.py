@@ -1,0 +1,182 @@
+"""The `ingot` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ingot.errors import IngotError
+
+
+def _add_model(p):
+    p.add_argument("model", help="a .gguf file, a Hugging Face or MLX folder, or an embedded name (ingot models)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is present)")
+    p.add_argument("-c", "--ctx", type=int, default=None, metavar="N",
+                   help="context length in tokens (default: the model's, at most 4096)")
+
+
+def _add_sampling(p):
+    p.add_argument("-n", "--max-tokens", type=int, default=256, metavar="N", help="most tokens to generate (256)")
+    p.add_argument("--temp", type=float, default=0.0, metavar="T", help="temperature; 0 is greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling threshold")
+    p.add_argument("--min-p", type=float, default=None, metavar="P", help="drop tokens below P x the top prob")
+    p.add_argument("--repeat-penalty", type=float, default=None, metavar="R",
+                   help="penalise the last 64 tokens (1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this text (repeatable)")
+
+
+def _sampling(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+
+
+def _load(args):
+    import ingot
+
+    return ingot.load(args.model, device=args.device, max_context=args.ctx)
+
+
+def _stats_line(s) -> str:
+    return (f"[{s.prompt_tokens} prompt tokens, {s.prefill_tok_s:.1f} tok/s | {s.generated_tokens} generated, "
+            f"{s.decode_tok_s:.1f} tok/s | first token after {s.ttft_s * 1000:.0f} ms]")
+
+
+def cmd_run(args) -> int:
+    model = _load(args)
+    if args.chat or args.system:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        kwargs = dict(messages=messages + [{"role": "user", "content": args.prompt}])
+    else:
+        kwargs = dict(prompt=args.prompt)
+    if args.json:
+        text = model.generate(**kwargs, **_sampling(args))
+        print(json.dumps({"text": text, "stats": model.last_stats.as_dict()}, ensure_ascii=False))
+        return 0
+    for piece in model.stream(**kwargs, **_sampling(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(_stats_line(model.last_stats), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    model = _load(args)
+    interactive = sys.stdin.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    if interactive:
+        print(f"Chatting with {model.path.name}. /reset clears the history, /exit quits, "
+              "Ctrl-C stops a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        stream = model.stream(messages=system + history, **_sampling(args))
+        try:
+            for piece in stream:
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(reply)})
+        if args.verbose:
+            print(_stats_line(model.last_stats), file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from ingot.inspect import describe
+
+    print(describe(args.model, show_tensors=args.tensors, as_json=args.json))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from ingot.registry import embedded_models
+
+    for row in embedded_models():
+        print(f"{row['name']:<14} {row['model']}\n{'':<14} {row['path']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ingot",
+        description="Ingot: fast local LLM inference. Runs GGUF files, Hugging Face and MLX folders.",
+        epilog="Try: ingot run smollm2-135m --chat -p 'Hello!'",
+    )
+    parser.add_argument("--version", action="version", version=f"ingot {__import__('ingot').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="complete one prompt, streamed to stdout",
+                       description="Complete one prompt and stream the answer to stdout (stats go to stderr).")
+    _add_model(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    p.add_argument("--system", default=None, help="a system message (implies --chat)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the text and the stats")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's template",
+                       description="Interactive chat. Keeps the history; /reset clears it, /exit quits; Ctrl-C "
+                                   "stops a reply. Reads one message per line when stdin is piped.")
+    _add_model(p)
+    p.add_argument("--system", default=None, help="a system message for the whole chat")
+    p.add_argument("-v", "--verbose", action="store_true", help="print speed after each reply")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inspect", help="architecture, hyperparameters, tokenizer and tensors of a model",
+                       description="Describe a model file or folder without loading its weights.")
+    p.add_argument("model", help="a .gguf file, a Hugging Face or MLX folder, or an embedded name")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("models", help="the embedded models and where their files are",
+                       description="List the models that installed Python packages ship.")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except IngotError as e:
+        print(f"ingot: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The token loop: prefill, then sample and decode until a stop token, a stop string or the token limit,
+yielding tokens or text as they come, and timing both phases."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+from ingot.engine.runner import Runner
+from ingot.engine.sampler import Sampler, SamplingParams
+from ingot.errors import ContextLengthError
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0  # from the call to the first generated token
+    finish_reason: str = ""  # "stop" | "length"
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first token comes from prefill's logits; decode steps produce the rest.
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+
+
+class Generator:
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.stats = Stats()
+
+    def tokens(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids=()) -> Iterator[int]:
+        """Yield generated token ids; a stop id ends the loop and is not yielded."""
+        if len(prompt) >= self.runner.max_context:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens; the context is {self.runner.max_context}, "
+                "which leaves no room to generate"
+            )
+        sampler = Sampler(params)
+        stats = self.stats = Stats(prompt_tokens=len(prompt), finish_reason="length")
+        t0 = time.perf_counter()
+        logits = self.runner.prefill(prompt)
+        history = list(prompt)
+        stats.prefill_s = time.perf_counter() - t0
+        t_decode = time.perf_counter()
+        while stats.generated_tokens < max_tokens:
+            token = sampler(logits, history)
+            if stats.generated_tokens == 0:
+                stats.ttft_s = time.perf_counter() - t0
+            if token in stop_ids:
+                stats.finish_reason = "stop"
+                break
+            stats.generated_tokens += 1
+            history.append(token)
+            yield token
+            if stats.generated_tokens >= max_tokens or len(self.runner.tokens) >= self.runner.max_context:
+                break
+            logits = self.runner.decode(token)
+            stats.decode_s = time.perf_counter() - t_decode
+
+    def text(self, prompt: list[int], tokenizer, max_tokens: int, params: SamplingParams,
+             stop: list[str] | None = None) -> Iterator[str]:
+        """Yield text pieces; stop strings end the text (they are not included) and are never half-shown."""
+        stop = [s for s in (stop or []) if s]
+        decoder = tokenizer.stream_decoder()
+        pending = ""  # text held back because it could be the start of a stop string
+        for token in self.tokens(prompt, max_tokens, params, tokenizer.stop_ids):
+            pending += decoder.push(token)
+            hit = min((pending.find(s) for s in stop if s in pending), default=-1)
+            if hit >= 0:
+                self.stats.finish_reason = "stop"
+                if pending[:hit]:
+                    yield pending[:hit]
+                return
+            safe = len(pending) - _longest_stop_prefix(pending, stop)
+            if safe > 0:
+                yield pending[:safe]
+                pending = pending[safe:]
+        pending += decoder.flush()
+        hit = min((pending.find(s) for s in stop if s in pending), default=-1)
+        if hit >= 0:
+            self.stats.finish_reason = "stop"
+            pending = pending[:hit]
+        if pending:
+            yield pending
+
+
+def _longest_stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
