@@ -1,7 +1,9 @@
-"""GGUF files (v2/v3) through llama.cpp's own reader, gguf-py: metadata and memory-mapped tensors."""
+"""GGUF files (v2/v3): metadata and memory-mapped tensors."""
 
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,36 +13,122 @@ from ingot.errors import FormatError
 GGUF_MAGIC = b"GGUF"
 
 
-def open_reader(path: str | Path):
-    """A gguf.GGUFReader over the memory-mapped file, or a FormatError naming what is wrong."""
+# GGUF value type codes -> numpy dtype (scalars and arrays); 8 is a string, 9 an array.
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+            12: "<f8"}
+_BOOL, _STRING, _ARRAY = 7, 8, 9
+
+
+@dataclass
+class GGUFTensorInfo:
+    name: str
+    qtype: str
+    shape: tuple[int, ...]  # torch order: GGUF lists the fastest-varying dimension first
+    offset: int  # from the start of the data section
+    nbytes: int
+
+
+class GGUFFile:
+    """A parsed GGUF header over a read-only memory map of the whole file.
+
+    Our own parser rather than gguf.GGUFReader: the format is small and stable, and gguf-py's reader
+    takes seconds per 100k vocabulary strings, which every model load would pay. gguf-py stays the
+    reference for the quant types and writes the files the tests read back."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+        if len(head) < 8 or head[:4] != GGUF_MAGIC:
+            raise FormatError(f"{self.path}: not a GGUF file (no GGUF magic at the start)")
+        self.version = int.from_bytes(head[4:8], "little")
+        if self.version not in (2, 3):
+            raise FormatError(f"{self.path}: GGUF version {self.version} is not supported (2 and 3 are)")
+        self.map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._buf = memoryview(self.map)
+        try:
+            self._parse(size)
+        except (IndexError, ValueError, struct.error, UnicodeDecodeError) as e:
+            raise FormatError(f"{self.path}: truncated or corrupt GGUF file ({e})") from None
+
+    def _parse(self, size: int) -> None:
+        from ingot.quant.ggml import BLOCK
+
+        self._pos = 8
+        n_tensors, n_kv = self._unpack("<QQ")
+        self.metadata = {}
+        for _ in range(n_kv):
+            key = self._string()
+            (vtype,) = self._unpack("<I")
+            self.metadata[key] = self._value(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            (n_dims,) = self._unpack("<I")
+            dims = self._unpack(f"<{n_dims}Q")
+            qtype_code, offset = self._unpack("<IQ")
+            infos.append((name, dims, qtype_code, offset))
+        align = int(self.metadata.get("general.alignment", 32))
+        self.data_start = -(-self._pos // align) * align
+        self.tensors = []
+        for name, dims, code, offset in infos:
+            qtype = _type_name(code)
+            n = int(np.prod(dims)) if dims else 1
+            elems, nbytes = BLOCK.get(qtype, (1, 0))
+            self.tensors.append(GGUFTensorInfo(name, qtype, tuple(reversed(dims)), offset, n // elems * nbytes))
+        end = max((self.data_start + t.offset + t.nbytes for t in self.tensors), default=self.data_start)
+        if end > size:
+            raise FormatError(f"{self.path}: truncated GGUF file ({size} bytes, its tensors need {end})")
+
+    def tensor_data(self, t: GGUFTensorInfo) -> np.ndarray:
+        at = self.data_start + t.offset
+        return self.map[at : at + t.nbytes]
+
+    def _unpack(self, fmt: str):
+        vals = struct.unpack_from(fmt, self._buf, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return vals
+
+    def _string(self) -> str:
+        (n,) = struct.unpack_from("<Q", self._buf, self._pos)
+        start = self._pos + 8
+        self._pos = start + n
+        if self._pos > len(self._buf):
+            raise ValueError("string runs past the end of the file")
+        return bytes(self._buf[start : self._pos]).decode("utf-8", errors="replace")
+
+    def _value(self, vtype: int):
+        if vtype == _STRING:
+            return self._string()
+        if vtype == _ARRAY:
+            etype, count = self._unpack("<IQ")
+            if etype == _STRING:
+                return [self._string() for _ in range(count)]
+            if etype == _ARRAY:
+                return [self._value(_ARRAY) for _ in range(count)]
+            dtype = np.dtype(_SCALARS[etype])
+            arr = np.frombuffer(self._buf, dtype=dtype, count=count, offset=self._pos)
+            self._pos += dtype.itemsize * count
+            return [bool(v) for v in arr] if etype == _BOOL else arr.tolist()
+        dtype = np.dtype(_SCALARS[vtype])
+        value = np.frombuffer(self._buf, dtype=dtype, count=1, offset=self._pos)[0].item()
+        self._pos += dtype.itemsize
+        return bool(value) if vtype == _BOOL else value
+
+
+def _type_name(code: int) -> str:
     import gguf
 
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or head[:4] != GGUF_MAGIC:
-        raise FormatError(f"{path}: not a GGUF file (no GGUF magic at the start)")
-    version = int.from_bytes(head[4:8], "little")
-    if version not in (2, 3):
-        raise FormatError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
     try:
-        return gguf.GGUFReader(path, "r")
-    except (ValueError, IndexError, OSError, KeyError) as e:
-        raise FormatError(f"{path}: truncated or corrupt GGUF file ({e})") from None
+        return gguf.GGMLQuantizationType(code).name
+    except ValueError:
+        return f"unknown type code {code}"
 
 
-def read_metadata(reader_or_path) -> dict:
+def read_metadata(path: str | Path) -> dict:
     """All key/value pairs as plain Python values (str, int, float, bool, lists of those)."""
-    reader = open_reader(reader_or_path) if isinstance(reader_or_path, (str, Path)) else reader_or_path
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = field.contents()
-        if isinstance(value, np.generic):
-            value = value.item()
-        meta[key] = value
-    return meta
+    return GGUFFile(path).metadata
 
 
 # GGUF architecture name -> Ingot family name.
@@ -54,6 +142,11 @@ def _hf_config(arch: str, meta: dict, tensor_names: set[str]) -> dict:
     def get(key, default=None):
         return meta.get(p + key, default)
 
+    for key in ("attention.head_count", "embedding_length", "block_count", "feed_forward_length"):
+        if key == "feed_forward_length" and arch == "qwen3moe":
+            continue
+        if get(key) is None:
+            raise FormatError(f"GGUF metadata has no '{p + key}'")
     n_heads = get("attention.head_count")
     hidden = get("embedding_length")
     head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // n_heads
@@ -103,29 +196,26 @@ def load_gguf(path: str | Path):
     from ingot.models import check_arch
     from ingot.quant.ggml import check_type
 
-    path = Path(path)
-    reader = open_reader(path)
-    meta = read_metadata(reader)
+    gf = GGUFFile(path)
+    path, meta = gf.path, gf.metadata
     gguf_arch = meta.get("general.architecture")
     if gguf_arch is None:
         raise FormatError(f"{path}: GGUF file has no general.architecture")
     arch = check_arch(GGUF_ARCHES.get(gguf_arch, gguf_arch), source=f"{path} (GGUF architecture '{gguf_arch}')")
-    names = {t.name for t in reader.tensors}
-    config = _hf_config(gguf_arch, meta, names)
+    for t in gf.tensors:
+        check_type(t.qtype, t.name)
+    try:
+        config = _hf_config(gguf_arch, meta, {t.name for t in gf.tensors})
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
 
     tensors = {}
-    for t in reader.tensors:
-        qtype = t.tensor_type.name
-        check_type(qtype, t.name)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    for t in gf.tensors:
         order = None
         if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config["num_attention_heads"] if "attn_q" in t.name else config["num_key_value_heads"]
-            order = _unpermute_rows(heads, shape[0] // heads)
-        tensors[t.name] = GGMLTensor(t.name, qtype, shape, t.data, order)
-    expected_end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if expected_end > path.stat().st_size:
-        raise FormatError(f"{path}: truncated GGUF file ({path.stat().st_size} bytes, tensors need {expected_end})")
+            order = _unpermute_rows(heads, t.shape[0] // heads)
+        tensors[t.name] = GGMLTensor(t.name, t.qtype, t.shape, gf.tensor_data(t), order)
 
     def tokenizer():
         from ingot.tokenizer import Tokenizer

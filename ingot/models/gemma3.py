@@ -14,7 +14,7 @@ def spec(cfg: dict, max_context: int | None = None) -> ModelSpec:
     local_rope = rope_from_config(cfg, hd, "sliding_attention", default_theta=10000.0)
     n = cfg["num_hidden_layers"]
     types = cfg.get("layer_types") or [
-        "full_attention" if (i + 1) % cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern", 6) == 0 else "sliding_attention"
+        "full_attention" if (i + 1) % (cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern", 6)) == 0 else "sliding_attention"
         for i in range(n)
     ]
     window = cfg.get("sliding_window")
