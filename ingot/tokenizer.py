@@ -60,8 +60,9 @@ class Tokenizer:
     """encode/decode plus the special ids a generator needs. Build with from_gguf or from_hf_dir."""
 
     def __init__(self, hf: HFTokenizer, *, bos_id: int | None, eos_id: int | None, add_bos: bool,
-                 add_eos: bool = False, chat_template: str | None = None, extra_stop_ids=()):
+                 add_eos: bool = False, chat_template: str | None = None, extra_stop_ids=(), kind: str = ""):
         self._hf = hf
+        self.kind = kind  # where the vocabulary came from, for `ingot inspect`
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.add_bos = add_bos and bos_id is not None
@@ -98,7 +99,8 @@ class Tokenizer:
         return cls(hf, bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_id=meta.get("tokenizer.ggml.eos_token_id"),
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)),
                    add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-                   chat_template=meta.get("tokenizer.chat_template"), extra_stop_ids=extra)
+                   chat_template=meta.get("tokenizer.chat_template"), extra_stop_ids=extra,
+                   kind=f"GGUF {kind} (pre-tokenizer {meta.get('tokenizer.ggml.pre', 'default')})")
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "Tokenizer":
@@ -123,7 +125,8 @@ class Tokenizer:
         if template is None and (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text()
         return cls(hf, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos,
-                   add_eos=bool(config.get("add_eos_token", False)), chat_template=template, extra_stop_ids=extra)
+                   add_eos=bool(config.get("add_eos_token", False)), chat_template=template, extra_stop_ids=extra,
+                   kind="tokenizer.json")
 
     # ---- use -------------------------------------------------------------------------------------
 
