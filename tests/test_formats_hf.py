@@ -224,3 +224,12 @@ def test_mlx_gemma3_norms(models, tmp_path):
     ckpt = open_checkpoint(tmp_path)
     assert ckpt.tensors["blk.0.post_ffw_norm.weight"].qtype == "F32"
     check_mlx(ckpt, tmp_path, models["gemma3"], 4, 32)
+
+
+def test_linear_bias_is_refused(tmp_path):
+    from tests.tiny_models import make_hf_model, save_hf
+
+    model = make_hf_model("llama", attention_bias=True)
+    save_hf(model, tmp_path)
+    with pytest.raises(UnsupportedError, match="bias"):
+        open_checkpoint(tmp_path)
