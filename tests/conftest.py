@@ -1,4 +1,20 @@
+import os
+
 import pytest
+import torch
+
+# Triton kernels run under its interpreter on machines without a GPU (CI). The switch must be set before
+# any kernel module is imported, which is why it lives here, at the top of conftest.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def kernel_device():
+    """Where Triton kernels run in this test session: the GPU, or the CPU under TRITON_INTERPRET=1."""
+    return KERNEL_DEVICE
 
 
 @pytest.fixture(scope="session")
