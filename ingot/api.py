@@ -24,9 +24,12 @@ def _pick_device(device) -> torch.device:
     return device
 
 
-def load(path_or_name, device=None, max_context: int | None = None, dtype=None, progress: bool | None = None):
-    """Load a GGUF file, a Hugging Face or MLX folder, or an embedded model name (see `ingot models`)."""
-    from ingot.backends.reference import ReferenceBackend, load_weights
+def load(path_or_name, device=None, max_context: int | None = None, dtype=None, progress: bool | None = None,
+         backend: str | None = None, quant: str | None = None):
+    """Load a GGUF file, a Hugging Face or MLX folder, or an embedded model name (see `ingot models`).
+
+    backend: "cuda" (Triton kernels; the default on a GPU) or "reference" (plain torch ops, the default on
+    the CPU). quant: for float checkpoints on the CUDA backend, "q4" or "q8" quantizes at load."""
     from ingot.formats import open_checkpoint
     from ingot.models import build_spec
     from ingot.registry import resolve
@@ -39,11 +42,33 @@ def load(path_or_name, device=None, max_context: int | None = None, dtype=None, 
     context = min(DEFAULT_MAX_CONTEXT, spec.max_context) if max_context is None else int(max_context)
     if context < 1:
         raise IngotError(f"max_context must be positive, got {max_context}")
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
-    weights = load_weights(ckpt, spec, device, dtype, progress)
     factors = ckpt.tensors.get("rope_freqs.weight")
-    backend = ReferenceBackend(spec, weights, device, dtype, factors.dequantize() if factors else None)
-    return Model(path, ckpt, spec, backend, context)
+    factors = factors.dequantize() if factors else None
+    backend = backend or _default_backend(device, spec)
+    if backend == "cuda":
+        from ingot.backends.cuda.backend import CudaBackend
+        from ingot.backends.cuda.weights import load_weights as pack_weights
+
+        engine = CudaBackend(spec, pack_weights(ckpt, spec, device, quant, progress), device, factors)
+    elif backend == "reference":
+        from ingot.backends.reference import ReferenceBackend, load_weights
+
+        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+        engine = ReferenceBackend(spec, load_weights(ckpt, spec, device, dtype, progress), device, dtype, factors)
+    else:
+        raise IngotError(f"unknown backend '{backend}' (cuda or reference)")
+    return Model(path, ckpt, spec, engine, context)
+
+
+def _default_backend(device: torch.device, spec) -> str:
+    """The CUDA kernels where they cover the model, the reference backend everywhere else."""
+    if device.type != "cuda" or any(l.moe for l in spec.layers):
+        return "reference"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "reference"
+    return "cuda"
 
 
 class Model:

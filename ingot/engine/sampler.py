@@ -43,8 +43,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         p = self.p
+        penalise = bool(p.repeat_penalty and p.repeat_penalty != 1.0 and history)
+        if p.temperature == 0.0 and not penalise:
+            return int(logits.reshape(-1).argmax())  # on the logits' device: one small copy to the host
         logits = logits.float().reshape(-1).cpu()
-        if p.repeat_penalty and p.repeat_penalty != 1.0 and history:
+        if penalise:
             seen = torch.tensor(sorted(set(history[-REPEAT_WINDOW:])), dtype=torch.long)
             vals = logits[seen]
             logits[seen] = torch.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)

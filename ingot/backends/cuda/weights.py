@@ -1,0 +1,154 @@
+"""Model weights in the CUDA backend's form: packed linears (QKV and gate/up fused), fp32 norms,
+all copied into one device arena."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ingot.errors import IngotError, UnsupportedError
+from ingot.models.base import ModelSpec
+from ingot.quant import pack
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    qkv: pack.PackedLinear
+    o: pack.PackedLinear
+    ffn_norm: torch.Tensor
+    gate_up: pack.PackedLinear
+    down: pack.PackedLinear
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None
+    post_ffn_norm: torch.Tensor | None = None
+
+
+@dataclass
+class ModelWeights:
+    embed: pack.PackedLinear  # token_embd; also the lm_head when embeddings are tied
+    lm_head: pack.PackedLinear
+    output_norm: torch.Tensor
+    layers: list[LayerWeights] = field(default_factory=list)
+    arena_bytes: int = 0
+
+    def linears(self):
+        yield self.lm_head
+        if self.embed is not self.lm_head:
+            yield self.embed
+        for l in self.layers:
+            yield from (l.qkv, l.o, l.gate_up, l.down)
+
+    def decode_bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads: every linear once; of the embedding table, one row."""
+        total = sum(p.nbytes for p in self.linears())
+        if self.embed is not self.lm_head:
+            total -= self.embed.nbytes - self.embed.nbytes // self.embed.n
+        total += sum(t.numel() * t.element_size() for l in self.layers for t in _norms(l))
+        return total
+
+
+def _norms(l: LayerWeights):
+    return [t for t in (l.attn_norm, l.ffn_norm, l.q_norm, l.k_norm, l.post_attn_norm, l.post_ffn_norm)
+            if t is not None]
+
+
+def pack_tensor(ref, quant: str | None) -> pack.PackedLinear:
+    """One stored matrix in kernel layout. GGUF and MLX types repack as exactly as the layout allows;
+    float tensors stay f16 unless a quant ("q4" | "q8") is asked for."""
+    from ingot.formats.checkpoint import GGMLTensor
+
+    if isinstance(ref, GGMLTensor) and ref.qtype not in ("F32", "F16", "BF16"):
+        return pack.from_ggml(ref)
+    if ref.qtype in ("MLX4", "MLX8"):
+        weight, scales, biases = ref.packed()
+        return pack.from_mlx(weight, scales, biases, ref.bits, ref.group_size)
+    values = ref.dequantize()
+    if quant in ("q4", "q8"):
+        return pack.quantize(values, quant, group=32, sym=(quant == "q8"))
+    if quant not in (None, "f16"):
+        raise IngotError(f"unknown quant '{quant}' (q4, q8 or f16)")
+    return pack.quantize(values, "f16")
+
+
+def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progress: bool | None = None):
+    from tqdm import tqdm
+
+    if any(l.moe for l in spec.layers):
+        raise UnsupportedError("mixture-of-experts layers have no CUDA kernels yet; use backend='reference'")
+    t = ckpt.tensors
+    total = sum(t[n].nbytes for n in spec.weights())
+    show = progress if progress is not None else total > 100 * 2**20
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="packing", disable=not show, leave=False)
+
+    def linear(*names):
+        parts = []
+        for n in names:
+            parts.append(pack_tensor(t[n], quant))
+            bar.update(t[n].nbytes)
+        return parts[0] if len(parts) == 1 else pack.concat_rows(parts)
+
+    def norm(name):
+        if name not in t:
+            return None
+        bar.update(t[name].nbytes)
+        return t[name].dequantize().to(torch.float32)
+
+    embed = linear("token_embd.weight")
+    lm_head = embed if spec.tie_embeddings else linear("output.weight")
+    w = ModelWeights(embed=embed, lm_head=lm_head, output_norm=norm("output_norm.weight"))
+    for i in range(spec.n_layers):
+        p = f"blk.{i}."
+        w.layers.append(LayerWeights(
+            attn_norm=norm(p + "attn_norm.weight"),
+            qkv=linear(p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"),
+            o=linear(p + "attn_output.weight"),
+            ffn_norm=norm(p + "ffn_norm.weight"),
+            gate_up=linear(p + "ffn_gate.weight", p + "ffn_up.weight"),
+            down=linear(p + "ffn_down.weight"),
+            q_norm=norm(p + "attn_q_norm.weight"),
+            k_norm=norm(p + "attn_k_norm.weight"),
+            post_attn_norm=norm(p + "post_attention_norm.weight"),
+            post_ffn_norm=norm(p + "post_ffw_norm.weight"),
+        ))
+    bar.close()
+    return _to_arena(w, torch.device(device))
+
+
+def _tensors(w: ModelWeights):
+    """(owner, attribute) of every tensor, each once (a tied lm_head is the embedding)."""
+    seen = set()
+    owners = [w] + [p for p in w.linears()] + w.layers
+    for owner in owners:
+        for attr, value in vars(owner).items():
+            if isinstance(value, torch.Tensor) and id(value) not in seen:
+                seen.add(id(value))
+                yield owner, attr, value
+
+
+def _to_arena(w: ModelWeights, device: torch.device) -> ModelWeights:
+    """Copy every tensor into one device allocation, 256-byte aligned, through pinned staging."""
+    align = 256
+    items = list(_tensors(w))
+    sizes = [-(-v.numel() * v.element_size() // align) * align for _, _, v in items]
+    total = sum(sizes)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if total > free:
+            raise IngotError(f"the weights need {total / 2**30:.2f} GiB on {device}; only {free / 2**30:.2f} GiB is free")
+    arena = torch.empty(total, dtype=torch.uint8, device=device)
+    at = 0
+    for (owner, attr, value), size in zip(items, sizes):
+        nbytes = value.numel() * value.element_size()
+        src = value.contiguous().view(torch.uint8).reshape(-1)
+        if device.type == "cuda":
+            src = src.pin_memory()
+        arena[at : at + nbytes].copy_(src, non_blocking=device.type == "cuda")
+        setattr(owner, attr, arena[at : at + nbytes].view(value.dtype).view(value.shape))
+        at += size
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    w.arena_bytes = total
+    return w
