@@ -81,6 +81,16 @@ class Model:
         self.runner = Runner(backend, max_context)
         self.last_stats = Stats()
 
+    @property
+    def memory(self) -> dict:
+        """Bytes held on the device: weights, KV cache, and their total."""
+        b = self.backend
+        weights = getattr(getattr(b, "w", None), "arena_bytes", 0) or sum(
+            t.numel() * t.element_size() for t in getattr(b, "w", {}).values()
+        )
+        kv = self.runner.cache.nbytes
+        return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+
     def __repr__(self) -> str:
         return f"<ingot.Model {self.arch} from {self.path.name} on {self.device}, context {self.max_context}>"
 
