@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Everything Ingot runs on the GPU machine, in as few calls as possible. Writes results under $OUT.
+#
+#   benchmarks/device_check.sh check          GPU kernel tests + correctness at real shapes + real models
+#   benchmarks/device_check.sh bench [KEYS]   synthetic models (GGUF q4_0/q8_0) and `ingot bench` on each
+#   benchmarks/device_check.sh kernels        per-kernel bandwidth at real shapes
+#
+# On this workplace's device tool the machine has no network: missing wheels travel in .whl/ and model
+# files in .carry/ (split by benchmarks/carry_split.sh; parts from consecutive calls are collected in
+# /tmp/ingot-carry and joined once complete). On your own H100 box just run it with OUT set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/benchmarks/out}
+mkdir -p "$OUT"
+MODELS=${INGOT_MODELS:-/tmp/ingot-models}
+mkdir -p "$MODELS"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+PY=${PYTHON:-python3}
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+if [ -d .carry ]; then
+  mkdir -p /tmp/ingot-carry && cp -n .carry/* /tmp/ingot-carry/ 2>/dev/null
+fi
+# Join split model files whose parts have all arrived (NAME.partNN-of-MM).
+for first in /tmp/ingot-carry/*.part00-of-*; do
+  [ -e "$first" ] || continue
+  base=${first%.part00-of-*}; total=${first##*-of-}
+  have=$(ls "$base".part*-of-"$total" | wc -l)
+  if [ "$have" -eq "$((10#$total))" ] && [ ! -e "$MODELS/$(basename "$base")" ]; then
+    cat "$base".part*-of-"$total" > "$MODELS/$(basename "$base")"
+  fi
+done
+
+gpu_info() {
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv > "$OUT/gpu.csv"
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+}
+
+mode=${1:-check}; shift || true
+case "$mode" in
+  check)
+    gpu_info
+    $PY -m pytest -q -p no:cacheprovider tests/test_cuda_*.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+    real=()
+    for f in "$MODELS"/*.gguf; do case "$(basename "$f")" in SmolLM2*|gemma-3-270m*) real+=("$f");; esac; done
+    $PY benchmarks/gpu_correctness.py --models "$MODELS" --out "$OUT" --real "${real[@]}" 2>&1 | tee "$OUT/gpu_correctness.log" | grep -v "^  " | tail -30
+    ;;
+  kernels)
+    gpu_info
+    $PY benchmarks/kernel_bench.py --out "$OUT" 2>&1 | tee "$OUT/kernel_bench.log" | tail -40
+    ;;
+  bench)
+    gpu_info
+    keys=${*:-"llama-3.2-1b llama-3.2-3b qwen3-8b"}
+    for key in $keys; do
+      for quant in q4_0 q8_0; do
+        f="$MODELS/$key-$quant.gguf"
+        [ -e "$f" ] || $PY -m ingot.bench.synthetic "$key" --quant "$quant" -o "$f" || continue
+        $PY -m ingot.cli bench "$f" -p 512 -n 128 -r 5 -o csv 2>>"$OUT/bench.err" | tee -a "$OUT/bench.csv"
+      done
+    done
+    ;;
+  *) echo "usage: $0 check|kernels|bench [model keys]"; exit 2;;
+esac
