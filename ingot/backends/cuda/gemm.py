@@ -1,0 +1,267 @@
+"""Prefill GEMM: out[M, N] = x[M, K] @ W[N, K]^T with W packed (ingot.quant.pack), on the tensor cores.
+
+Each program owns a [BLOCK_M, BLOCK_N] output tile and walks K in BLOCK_K steps: it loads the packed weight
+tile, dequantizes it in registers (scales/mins in fp32, the product rounded to fp16) and feeds tl.dot with
+an fp16 activation tile, accumulating in fp32. fp16 rather than bf16 because its 10-bit mantissa keeps the
+result within ~1e-3 of the fp32 oracle; the range is not a concern for the weights (|w| is O(1)), nor for the
+activations a prefill GEMM sees (normed hidden states, attention outputs, MLP products): an activation beyond
+65504 would saturate to inf, which is why x is converted in the kernel rather than trusted blindly to be
+small — callers with an unnormed, huge residual stream must normalize first (norm_weight does that).
+
+q4 tiles always cover whole scale groups. Byte i of a group holds element i (low nibble) and i + G/2 (high
+nibble), so the low nibbles of a tile form a [BLOCK_N, BLOCK_K/2] matrix whose columns are the first halves of
+the tile's groups, and the high nibbles one over the second halves. Rather than re-interleave them, the
+kernel gathers the matching activation columns and issues two dots (x_lo @ w_lo^T + x_hi @ w_hi^T): the x
+gather reads runs of G/2 contiguous fp16 values, which is coalesced enough, and no register shuffle is needed.
+
+Epilogues: residual add (residual may alias out: every element is read and written by the same program) and a
+gated activation, where W has 2F rows [gate; up] and each program computes the matching gate and up tiles so
+out[M, F] = act(x @ Wg^T) * (x @ Wu^T) never round-trips through memory. The optional RMSNorm prologue is a
+separate small kernel writing normalized fp16 rows into a buffer: prefill is not graph-captured, and a pass
+over M x K activations is negligible next to the M x N x K GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_KINDS = {"q4": 0, "q8": 1, "f16": 2}
+_ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    if ACT == 1:
+        return g / (1.0 + tl.exp(-g))
+    # gelu_tanh; tanh(y) = 2 * sigmoid(2y) - 1 keeps it to one exp, and saturates correctly at +-inf.
+    y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    return g / (1.0 + tl.exp(-2.0 * y))
+
+
+@triton.jit
+def _group_params(ptr, row_s, k0, K, n_mask, GROUP: tl.constexpr, STEP: tl.constexpr, SPAN: tl.constexpr,
+                  NS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per-group scales (or mins) for NS runs of SPAN tile columns, run i starting at K column k0 + i*STEP,
+    loaded once per group and broadcast in registers to [BLOCK_N, NS * SPAN]: gathering them per element
+    would cost a load per weight."""
+    g = (k0 + tl.arange(0, NS) * STEP) // GROUP
+    v = tl.load(ptr + row_s + g[None, :], mask=n_mask[:, None] & (g < K // GROUP)[None, :], other=0.0)
+    v = tl.broadcast_to(v.to(tl.float32)[:, :, None], (BLOCK_N, NS, SPAN))
+    return tl.reshape(v, (BLOCK_N, NS * SPAN))
+
+
+@triton.jit
+def _dot_tile(acc, x_ptr, stride_xm, offs_m, m_mask, k0, K,
+              qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn, rows, n_mask,
+              KIND: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, HAS_MINS: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x[offs_m, k0:k0+BLOCK_K] @ W[rows, k0:k0+BLOCK_K]^T, dequantizing W on the fly."""
+    row_off = rows.to(tl.int64)
+    s_row = row_off[:, None] * stride_sn
+    x_row = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    if KIND == 0:
+        j = tl.arange(0, BLOCK_K // 2)
+        # Byte j of the tile belongs to group j // (G/2); its nibbles are columns lo_k and lo_k + G/2.
+        lo_k = k0 + (j // (GROUP // 2)) * GROUP + (j % (GROUP // 2))
+        k_mask = lo_k < K  # K is a multiple of GROUP, so a group is wholly in or out.
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        q = tl.load(qw_ptr + row_off[:, None] * stride_qn + (k0 // 2 + j)[None, :], mask=w_mask, other=0)
+        q = q.to(tl.int32)
+        scale = _group_params(s_ptr, s_row, k0, K, n_mask, GROUP, GROUP, SPAN, BLOCK_K // GROUP, BLOCK_N)
+        q_lo = (q & 0xF).to(tl.float32)
+        q_hi = (q >> 4).to(tl.float32)
+        if HAS_MINS:
+            mn = _group_params(mn_ptr, s_row, k0, K, n_mask, GROUP, GROUP, SPAN, BLOCK_K // GROUP, BLOCK_N)
+            w_lo = (q_lo * scale + mn).to(tl.float16)
+            w_hi = (q_hi * scale + mn).to(tl.float16)
+        else:
+            w_lo = ((q_lo - 8.0) * scale).to(tl.float16)
+            w_hi = ((q_hi - 8.0) * scale).to(tl.float16)
+        x_mask = m_mask[:, None] & k_mask[None, :]
+        x_lo = tl.load(x_row + lo_k[None, :], mask=x_mask, other=0.0).to(tl.float16)
+        x_hi = tl.load(x_row + (lo_k + GROUP // 2)[None, :], mask=x_mask, other=0.0).to(tl.float16)
+        acc = tl.dot(x_lo, tl.trans(w_lo), acc)
+        acc = tl.dot(x_hi, tl.trans(w_hi), acc)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        w = tl.load(qw_ptr + row_off[:, None] * stride_qn + offs_k[None, :], mask=w_mask, other=0)
+        if KIND == 1:
+            scale = _group_params(s_ptr, s_row, k0, K, n_mask, GROUP, SPAN, SPAN, BLOCK_K // SPAN, BLOCK_N)
+            if HAS_MINS:
+                mn = _group_params(mn_ptr, s_row, k0, K, n_mask, GROUP, SPAN, SPAN, BLOCK_K // SPAN, BLOCK_N)
+                w = (w.to(tl.float32) * scale + mn).to(tl.float16)
+            else:
+                w = (w.to(tl.float32) * scale).to(tl.float16)
+        else:
+            w = w.to(tl.float16)
+        x = tl.load(x_row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float16)
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, res_ptr, out_ptr,
+                 M, N_OUT, K, stride_xm, stride_qn, stride_sn, stride_rm, stride_om,
+                 KIND: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, HAS_MINS: tl.constexpr,
+                 ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # M varies fastest across consecutive programs: those running together share one weight tile, so W
+    # streams from DRAM about once while the (much smaller) activations stay resident in L2.
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N_OUT
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ACT != 0:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc = _dot_tile(acc, x_ptr, stride_xm, offs_m, m_mask, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr,
+                        stride_sn, offs_n, n_mask, KIND, GROUP, SPAN, HAS_MINS, BLOCK_N, BLOCK_K)
+        if ACT != 0:
+            # Up rows sit N_OUT (= F) rows below the gate rows.
+            acc_up = _dot_tile(acc_up, x_ptr, stride_xm, offs_m, m_mask, k0, K, qw_ptr, stride_qn, s_ptr,
+                               mn_ptr, stride_sn, offs_n + N_OUT, n_mask, KIND, GROUP, SPAN, HAS_MINS, BLOCK_N, BLOCK_K)
+
+    if ACT != 0:
+        acc = _act(acc, ACT) * acc_up
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    m64 = offs_m.to(tl.int64)[:, None]
+    if HAS_RES:
+        acc += tl.load(res_ptr + m64 * stride_rm + offs_n[None, :], mask=o_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m64 * stride_om + offs_n[None, :], acc, mask=o_mask)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, K, stride_xm, stride_ym, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    sq = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        sq += v * v
+    inv = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mask = offs < K
+        v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * stride_ym + offs, (v * inv * w).to(tl.float16), mask=mask)
+
+
+def rms_norm_fp16(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
+                  block: int = 1024) -> torch.Tensor:
+    """fp16 rows of rms_norm(x) * weight (math in fp32), the prologue of matmul(norm_weight=...)."""
+    M, K = x.shape
+    if out is None:
+        out = torch.empty((M, K), device=x.device, dtype=torch.float16)
+    assert out.dtype == torch.float16 and out.shape == (M, K) and out.stride(1) == 1
+    x = x if x.stride(1) == 1 else x.contiguous()
+    block = min(block, triton.next_power_of_2(K))
+    _rms_norm_kernel[(M,)](x, weight, out, K, x.stride(0), out.stride(0), float(eps), BLOCK=block)
+    return out
+
+
+_SMEM_BUDGET = 200 * 1024  # of the H100's 227 KiB per block, leaving room for the epilogue's layout shuffles
+_W_BYTES = {"q4": 0.5, "q8": 1.0, "f16": 2.0}
+
+
+def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_bytes: int = 2) -> dict:
+    """H100 tiles: BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages.
+
+    128x128x64 fp16 tiles with 8 warps are the shape wgmma wants: two warpgroups each own a 64x128 slice of
+    the accumulator, and a tile does 2*128*128*64 FLOP per (16 KiB of x + <= 16 KiB of W) loaded, which with
+    the weights streaming once from DRAM and x reused from L2 keeps the tensor cores rather than memory the
+    limit. The dequantization is amortized over BLOCK_M rows, another reason to keep BLOCK_M at 128 when M
+    allows. q4 uses a K step of 128 so every group size (16..128) is tile-aligned and each unpacked byte
+    feeds a 64-deep dot on both halves. Gated tiles carry two W tiles and two accumulators, so BLOCK_N
+    halves to keep the accumulators (2 x 128x64 fp32 over 256 threads = 64 registers each) from spilling.
+    Short chunks (M <= 64) take BLOCK_M = 64, and BLOCK_N narrows while the grid is under two waves of
+    the 132 SMs. Stages: as many (<= 4) as fit the shared-memory budget, so the next K steps' loads are in
+    flight behind the current dots; fp32 activations double the x tile, hence x_bytes.
+    """
+    bm = 128 if M > 64 else 64
+    bn = 64 if gated else 128
+    bk = max(128, group) if kind == "q4" else 64
+    while bn > 64 and triton.cdiv(M, bm) * triton.cdiv(N, bn) < 264:
+        bn //= 2
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    w_tiles = 2 if gated else 1
+    per_stage = bm * bk * x_bytes + w_tiles * bn * bk * _W_BYTES[kind]
+    if kind != "f16":
+        per_stage += w_tiles * bn * max(1, bk // group) * 4  # scales and mins
+    stages = int(max(2, min(4, _SMEM_BUDGET // per_stage)))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+           eps: float = 1e-6, residual: torch.Tensor | None = None, gated: str | None = None,
+           norm_out: torch.Tensor | None = None, tiles: dict | None = None) -> torch.Tensor:
+    """out = [residual +] x' @ W^T, or act(x' @ Wg^T) * (x' @ Wu^T) [+ residual] with gated="silu" or
+    "gelu_tanh", where x' is x, or rms_norm(x) * norm_weight rounded to fp16 when norm_weight is given
+    (written into norm_out, allocated if None).
+
+    x: [M, K] fp16/fp32, rows contiguous. w: PackedLinear (q4/q8/f16). out: fp32 [M, N], [M, N/2] when
+    gated. residual: same shape as out, may be out itself. tiles: overrides of pick_tiles' choices (the
+    interpreter tests use small tiles).
+    """
+    if w.kind not in _KINDS:
+        raise ValueError(f"unknown weight kind {w.kind!r}")
+    if gated not in _ACTS:
+        raise ValueError(f"gated must be None, 'silu' or 'gelu_tanh', not {gated!r}")
+    M, K = x.shape
+    if K != w.k:
+        raise ValueError(f"x has {K} features, the weight expects {w.k}")
+    if gated and w.n % 2:
+        raise ValueError(f"a gated weight needs an even row count, got {w.n}")
+    n_out = w.n // 2 if gated else w.n
+    quant = w.kind != "f16"
+    group = w.group if quant else 1
+    if quant and K % group:
+        raise ValueError(f"K={K} is not a multiple of the group {group}")
+
+    if norm_weight is not None:
+        x = rms_norm_fp16(x, norm_weight, eps, out=norm_out)
+    elif x.stride(1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty((M, n_out), device=x.device, dtype=torch.float32)
+    if out.shape != (M, n_out) or out.dtype != torch.float32 or out.stride(1) != 1:
+        raise ValueError(f"out must be fp32 {(M, n_out)} with contiguous rows")
+    if residual is not None and (residual.shape != (M, n_out) or residual.stride(1) != 1):
+        raise ValueError(f"residual must be {(M, n_out)} with contiguous rows")
+
+    cfg = pick_tiles(M, n_out, K, w.kind, group, gated is not None, x.element_size())
+    cfg.update(tiles or {})
+    bk = cfg["BLOCK_K"]
+    if w.kind == "q4":
+        if bk % group or bk < 32:
+            raise ValueError(f"q4 BLOCK_K={bk} must be a multiple of the group {group} and at least 32")
+        span = group // 2  # a run of low (or high) nibbles sharing one scale
+    else:
+        span = min(group, bk) if quant else 1
+        if quant and (bk % span or group % span):
+            raise ValueError(f"BLOCK_K={bk} and the group {group} must divide one another")
+    # f16 has no scales; any tensor stands in for the pointers the kernel never reads.
+    scales = w.scales if quant else w.qweight
+    mins = w.mins if w.mins is not None else scales
+    if mins.stride() != scales.stride():
+        raise ValueError("scales and mins must share a layout (the kernel indexes both with one stride)")
+    res = residual if residual is not None else out
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    _gemm_kernel[grid](
+        x, w.qweight, scales, mins, res, out,
+        M, n_out, K, x.stride(0), w.qweight.stride(0), scales.stride(0), res.stride(0), out.stride(0),
+        KIND=_KINDS[w.kind], GROUP=group, SPAN=span, HAS_MINS=w.mins is not None, ACT=_ACTS[gated],
+        HAS_RES=residual is not None, **cfg,
+    )
+    return out

@@ -1,0 +1,199 @@
+"""The prefill GEMM against x @ W.dequantize().T in fp32, under the interpreter on machines without a GPU.
+
+Operands go through fp16 on the tensor cores, so results are compared by relative error of the whole
+output (norm), not elementwise. INGOT_TEST_SEED fixes the otherwise fresh random inputs.
+"""
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ingot.backends import reference
+from ingot.backends.cuda.gemm import matmul, pick_tiles, rms_norm_fp16
+
+SEED = int(os.environ.get("INGOT_TEST_SEED", torch.seed() % 2**31))
+print(f"test_cuda_gemm seed: INGOT_TEST_SEED={SEED}")
+
+# Small tiles keep the interpreter quick while still crossing tile edges in M, N and K.
+SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2)
+
+
+@dataclass
+class Packed:
+    """Stand-in for ingot.quant.pack.PackedLinear, following its layout exactly."""
+
+    kind: str
+    n: int
+    k: int
+    group: int
+    qweight: torch.Tensor
+    scales: torch.Tensor | None
+    mins: torch.Tensor | None
+
+    def dequantize(self) -> torch.Tensor:
+        if self.kind == "f16":
+            return self.qweight.float()
+        G = self.group
+        if self.kind == "q4":
+            b = self.qweight.view(self.n, self.k // G, G // 2).to(torch.int32)
+            q = torch.cat((b & 0xF, b >> 4), dim=-1).reshape(self.n, self.k).float()
+        else:
+            q = self.qweight.float()
+        s = self.scales.float().repeat_interleave(G, dim=1)
+        if self.mins is None:
+            return s * (q - 8) if self.kind == "q4" else s * q
+        return s * q + self.mins.float().repeat_interleave(G, dim=1)
+
+
+def make_weight(kind, n, k, group, mins, gen, scale_dtype=torch.float16) -> Packed:
+    if kind == "f16":
+        return Packed("f16", n, k, 0, (torch.randn(n, k, generator=gen) * 0.1).half(), None, None)
+    ng = k // group
+    scales = (torch.rand(n, ng, generator=gen) * 0.02 + 0.005).to(scale_dtype)
+    mn = (torch.randn(n, ng, generator=gen) * 0.05).to(scale_dtype) if mins else None
+    if kind == "q4":
+        qw = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.int32).to(torch.uint8)
+    else:
+        qw = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int32).to(torch.int8)
+    return Packed(kind, n, k, group, qw, scales, mn)
+
+
+def to(w: Packed, device) -> Packed:
+    t = lambda v: None if v is None else v.to(device)
+    return Packed(w.kind, w.n, w.k, w.group, t(w.qweight), t(w.scales), t(w.mins))
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def check(got, want, tol=3e-3):
+    got = got.cpu()
+    assert not got.isnan().any(), "some outputs were never written"
+    err = rel_err(got, want)
+    assert err < tol, f"relative error {err:.2e} (seed {SEED})"
+
+
+def poisoned(shape, device):
+    return torch.full(shape, float("nan"), device=device, dtype=torch.float32)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(SEED)
+
+
+@pytest.mark.parametrize("kind,group,mins", [
+    ("q4", 16, False), ("q4", 32, False), ("q4", 32, True), ("q4", 64, True), ("q4", 128, False),
+    ("q8", 16, True), ("q8", 32, False), ("q8", 64, True), ("q8", 128, False), ("q8", 128, True),
+    ("f16", 0, False),
+])
+@pytest.mark.parametrize("M", [17, 40])
+def test_plain(kind, group, mins, M, gen, kernel_device):
+    N, K = 72, 128 if group != 128 else 256
+    w = make_weight(kind, N, K, group, mins, gen)
+    x = torch.randn(M, K, generator=gen)
+    out = poisoned((M, N), kernel_device)
+    tiles = dict(SMALL, BLOCK_K=max(64, group)) if kind == "q4" else SMALL
+    got = matmul(x.to(kernel_device), to(w, kernel_device), out=out, tiles=tiles)
+    assert got is out
+    check(got, x @ w.dequantize().T)
+
+
+@pytest.mark.parametrize("kind,group,block_k,K", [
+    ("q8", 128, 64, 384), ("q8", 16, 32, 192), ("q8", 32, 128, 160), ("q4", 32, 128, 192), ("q4", 16, 32, 176),
+])
+def test_tile_spans_groups(kind, group, block_k, K, gen, kernel_device):
+    """K tiles inside one group, across several, and K that ends mid-tile (fp32 scales and mins here)."""
+    M, N = 17, 40
+    w = make_weight(kind, N, K, group, True, gen, scale_dtype=torch.float32)
+    x = torch.randn(M, K, generator=gen).half()
+    got = matmul(x.to(kernel_device), to(w, kernel_device), tiles=dict(SMALL, BLOCK_K=block_k))
+    check(got, x.float() @ w.dequantize().T)
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8", "f16"])
+def test_residual_aliases_out(kind, gen, kernel_device):
+    M, N, K = 40, 72, 128
+    w = make_weight(kind, N, K, 32, False, gen)
+    x = torch.randn(M, K, generator=gen)
+    res = torch.randn(M, N, generator=gen)
+    want = res + x @ w.dequantize().T
+    buf = res.clone().to(kernel_device)
+    got = matmul(x.to(kernel_device), to(w, kernel_device), out=buf, residual=buf, tiles=SMALL)
+    assert got is buf
+    check(got, want)
+    # A separate residual, too.
+    out = poisoned((M, N), kernel_device)
+    matmul(x.to(kernel_device), to(w, kernel_device), out=out, residual=res.to(kernel_device), tiles=SMALL)
+    check(out, want)
+
+
+@pytest.mark.parametrize("kind,act", [("q4", "silu"), ("q8", "gelu_tanh"), ("f16", "silu")])
+def test_gated(kind, act, gen, kernel_device):
+    M, F_, K = 40, 36, 128
+    w = make_weight(kind, 2 * F_, K, 64, kind == "q8", gen)
+    x = torch.randn(M, K, generator=gen)
+    dq = w.dequantize()
+    want = reference.activation(act, x @ dq[:F_].T) * (x @ dq[F_:].T)
+    out = poisoned((M, F_), kernel_device)
+    got = matmul(x.to(kernel_device), to(w, kernel_device), out=out, gated=act, tiles=SMALL)
+    check(got, want)
+    res = torch.randn(M, F_, generator=gen)
+    got = matmul(x.to(kernel_device), to(w, kernel_device), gated=act, residual=res.to(kernel_device), tiles=SMALL)
+    check(got, want + res)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
+def test_norm_prologue(x_dtype, gen, kernel_device):
+    M, N, K, eps = 17, 72, 192, 1e-5
+    w = make_weight("q4", N, K, 64, True, gen)
+    x = (torch.randn(M, K, generator=gen) * 3).to(x_dtype)
+    nw = torch.rand(K, generator=gen) + 0.5
+    normed = reference.rms_norm(x.float(), nw, eps)
+    buf = torch.full((M, K), float("nan"), device=kernel_device, dtype=torch.float16)
+    got = matmul(x.to(kernel_device), to(w, kernel_device), norm_weight=nw.to(kernel_device), eps=eps,
+                 norm_out=buf, tiles=dict(SMALL, BLOCK_K=128))
+    torch.testing.assert_close(buf.cpu().float(), normed, rtol=1e-3, atol=1e-3)
+    check(got, normed @ w.dequantize().T)
+    # Norm and gate together, with the wrapper allocating the fp16 buffer.
+    wg = make_weight("q8", 2 * 36, K, 32, False, gen)
+    dq = wg.dequantize()
+    got = matmul(x.to(kernel_device), to(wg, kernel_device), norm_weight=nw.to(kernel_device), eps=eps,
+                 gated="silu", tiles=SMALL)
+    check(got, F.silu(normed @ dq[:36].T) * (normed @ dq[36:].T))
+
+
+def test_rms_norm_fp16_multi_block(gen, kernel_device):
+    x = torch.randn(5, 200, generator=gen)
+    nw = torch.randn(200, generator=gen)
+    got = rms_norm_fp16(x.to(kernel_device), nw.to(kernel_device), 1e-6, block=64)
+    torch.testing.assert_close(got.cpu().float(), reference.rms_norm(x, nw, 1e-6), rtol=2e-3, atol=2e-3)
+
+
+def test_bad_arguments(gen, kernel_device):
+    w = to(make_weight("q4", 8, 64, 32, False, gen), kernel_device)
+    x = torch.randn(17, 64, device=kernel_device)
+    with pytest.raises(ValueError, match="features"):
+        matmul(torch.randn(17, 32, device=kernel_device), w)
+    with pytest.raises(ValueError, match="gated"):
+        matmul(x, w, gated="relu")
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        matmul(x, w, tiles=dict(SMALL, BLOCK_K=16))
+    with pytest.raises(ValueError, match="out"):
+        matmul(x, w, out=torch.empty(17, 8, device=kernel_device, dtype=torch.float16))
+
+
+def test_pick_tiles_h100_shapes():
+    """Tile choices stay tensor-core shaped, group-aligned for q4, and within shared memory."""
+    for M, N, K, kind, group, gated in [(2048, 4096, 4096, "q4", 32, False), (512, 14336, 4096, "q4", 128, True),
+                                        (40, 4096, 4096, "q8", 32, False), (1024, 151936, 2048, "f16", 1, False)]:
+        for x_bytes in (2, 4):
+            t = pick_tiles(M, N, K, kind, group, gated, x_bytes)
+            assert t["BLOCK_M"] in (64, 128) and t["BLOCK_N"] in (64, 128) and t["BLOCK_K"] >= 64
+            assert kind != "q4" or t["BLOCK_K"] % group == 0
+            assert 2 <= t["num_stages"] <= 4 and t["num_warps"] in (4, 8)
+    assert pick_tiles(2048, 4096, 4096, "q4", 32, False)["BLOCK_M"] == 128
