@@ -1,0 +1,342 @@
+"""Attention over the fp16 KV cache: flash-decoding for one new token per sequence, flash-attention for a
+prefill chunk. Both handle GQA, causality and a sliding window (key p is visible from query t iff p <= t and,
+with a window, t - p < window).
+
+Cache layout per layer: k_cache, v_cache float16 [max_batch, max_ctx, Hkv, D].
+Scores are kept in the log2 domain (scale * log2(e) folded in) so the softmax uses exp2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# H100 defaults per head dim.
+# Decode streams K/V once and is bandwidth bound: a 64-key tile keeps enough loads in flight per program with
+# 4 warps; at D=256 a 32-key tile keeps the K/V registers (and the fp32 [16, D] accumulator) from spilling.
+# Three stages let the next tiles' loads overlap the current tile's math inside a chunk.
+#   head_dim: (BLOCK_N, num_warps, num_stages)
+DECODE_CONFIGS = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
+# Prefill is tensor-core bound: 128-query tiles amortise each K/V tile over many rows (the Hopper shape of
+# Triton's flash-attention tutorial); D=128 needs 8 warps for the [128, 128] fp32 accumulator; D=256 halves
+# BLOCK_M and uses 2 stages so Q + two stages of K/V fit in shared memory (32 + 2 * 64 KiB).
+#   head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+PREFILL_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
+
+MAX_SPLITS = 512  # bounds the decode scratch for long contexts; the chunk grows instead
+MIN_CHUNK = 128
+
+
+class DecodeScratch(NamedTuple):
+    """Per-split partial results of decode_attention, laid out [max_batch, Hq, n_splits(, D)]."""
+
+    acc: torch.Tensor  # fp32, unnormalised sum of p * v
+    m: torch.Tensor  # fp32, running max of the (log2-domain) scores
+    l: torch.Tensor  # fp32, sum of exp2(score - m)
+    chunk: int  # keys per split
+
+
+def decode_scratch(max_batch: int, n_heads: int, head_dim: int, max_ctx: int, device, chunk: int | None = None
+                   ) -> DecodeScratch:
+    if chunk is None:
+        chunk = max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(max_ctx, MAX_SPLITS)))
+    splits = triton.cdiv(max_ctx, chunk)
+    f32 = dict(device=device, dtype=torch.float32)
+    return DecodeScratch(
+        torch.empty(max_batch, n_heads, splits, head_dim, **f32),
+        torch.empty(max_batch, n_heads, splits, **f32),
+        torch.empty(max_batch, n_heads, splits, **f32),
+        chunk,
+    )
+
+
+def _check_cache(k_cache, v_cache, d):
+    if k_cache.dtype != torch.float16 or v_cache.dtype != torch.float16:
+        raise TypeError("the KV cache must be float16")
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[3] != d:
+        raise ValueError(f"K/V caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not match head dim {d}")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("the KV cache's head dim must be contiguous")
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim {d} is not supported (16..256, a power of two)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decode
+
+
+# Window and lengths stay runtime values: specialising on 1 would turn them into constants.
+@triton.jit(do_not_specialize=["window"])
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, seq_lens_ptr, slots_ptr, acc_ptr, m_ptr, l_ptr,
+    qk_scale, window, n_heads, n_splits,
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, USE_DOT: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)  # first visible key
+    c0 = split * CHUNK
+    # The grid covers max_ctx; splits past this row's length or wholly before its window have nothing to do.
+    if (c0 >= seq_len) | (c0 + CHUNK <= lo):
+        return
+    start = tl.maximum(c0, lo)
+    end = tl.minimum(c0 + CHUNK, seq_len)
+
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    k_base = k_ptr + slot * stride_kb + kvh * stride_kh
+    v_base = v_ptr + slot * stride_vb + kvh * stride_vh
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * G + offs_g
+    g_ok = offs_g < G
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+    # G query heads share this KV head: one pass over K/V serves all of them (tl.dot needs >= 16 rows, so
+    # groups are padded to 16; a group of one uses plain fp32 dot products instead).
+    if USE_DOT:
+        q = q.to(tl.float16)
+    else:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        ok = pos < end
+        # Masked keys read as 0, never as whatever stale (possibly NaN) data sits in the cache.
+        k = tl.load(k_base + pos[:, None] * stride_kt + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_base + pos[:, None] * stride_vt + offs_d[None, :], mask=ok[:, None], other=0.0)
+        if USE_DOT:
+            s = tl.dot(q, tl.trans(k))
+        else:
+            s = tl.sum(k.to(tl.float32) * q, axis=1)[None, :]
+        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+        # Every tile holds at least one visible key, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_DOT:
+            pv = tl.dot(p.to(tl.float16), v)
+        else:
+            pv = tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    row = (b * n_heads + heads) * n_splits + split
+    tl.store(acc_ptr + row[:, None].to(tl.int64) * D + offs_d[None, :], acc, mask=g_ok[:, None])
+    tl.store(m_ptr + row, m_i, mask=g_ok)
+    tl.store(l_ptr + row, l_i, mask=g_ok)
+
+
+@triton.jit(do_not_specialize=["window"])
+def _decode_reduce_kernel(
+    acc_ptr, m_ptr, l_ptr, seq_lens_ptr, out_ptr,
+    window, n_heads, n_splits, stride_ob, stride_oh,
+    D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    # Exactly the splits the split kernel did not skip.
+    s_lo = lo // CHUNK
+    s_hi = (seq_len + CHUNK - 1) // CHUNK
+    base = (b * n_heads + h) * n_splits
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+
+    mx = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        sp = s0 + offs_s
+        mx = tl.maximum(mx, tl.load(m_ptr + base + sp, mask=sp < s_hi, other=float("-inf")))
+    m_all = tl.max(mx, 0)
+
+    den = tl.zeros([BLOCK_S], tl.float32)
+    num = tl.zeros([BLOCK_S, D], tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        sp = s0 + offs_s
+        ok = sp < s_hi
+        m = tl.load(m_ptr + base + sp, mask=ok, other=float("-inf"))
+        w = tl.where(ok, tl.exp2(m - m_all), 0.0)
+        den += w * tl.load(l_ptr + base + sp, mask=ok, other=0.0)
+        a = tl.load(acc_ptr + (base + sp)[:, None].to(tl.int64) * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        num += w[:, None] * a
+    total = tl.sum(den, 0)
+    o = tl.sum(num, 0) / tl.where(total > 0, total, 1.0)  # an empty row (seq_len 0) comes out as zeros
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, window: int = 0, out=None,
+                     scratch: DecodeScratch | None = None, block_n: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None):
+    """Attention of one new token per row: q [B, Hq, D] (fp32/fp16) against the cache slots[b], positions
+    0..seq_lens[b]-1 (seq_lens and slots int32 on device). Returns out [B, Hq, D] (fp32 unless out says)."""
+    B, hq, d = q.shape
+    _check_cache(k_cache, v_cache, d)
+    max_ctx, hkv = k_cache.shape[1], k_cache.shape[2]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if q.stride(2) != 1:
+        raise ValueError("q's head dim must be contiguous")
+    if scratch is None:
+        scratch = decode_scratch(B, hq, d, max_ctx, q.device)
+    n_splits = scratch.m.shape[2]
+    if scratch.m.shape[0] < B or scratch.m.shape[1] != hq or n_splits * scratch.chunk < max_ctx:
+        raise ValueError("decode scratch is too small for this batch, head count or context")
+    if out is None:
+        out = torch.empty(B, hq, d, device=q.device, dtype=torch.float32)
+    if out.shape != (B, hq, d) or out.stride(2) != 1:
+        raise ValueError(f"out must be [{B}, {hq}, {d}] with a contiguous head dim")
+
+    g = hq // hkv
+    dn, dw, ds = DECODE_CONFIGS.get(d, (64, 4, 2))
+    block_n = block_n or min(dn, scratch.chunk)
+    grid = (B, hkv, triton.cdiv(max_ctx, scratch.chunk))
+    _decode_split_kernel[grid](
+        q, k_cache, v_cache, seq_lens, slots, scratch.acc, scratch.m, scratch.l,
+        scale * LOG2E, window, hq, n_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        G=g, BLOCK_G=1 if g == 1 else max(16, triton.next_power_of_2(g)), USE_DOT=g > 1, D=d, CHUNK=scratch.chunk,
+        BLOCK_N=block_n, num_warps=num_warps or dw, num_stages=num_stages or ds,
+    )
+    _decode_reduce_kernel[(B, hq)](
+        scratch.acc, scratch.m, scratch.l, seq_lens, out,
+        window, hq, n_splits, out.stride(0), out.stride(1),
+        D=d, CHUNK=scratch.chunk, BLOCK_S=16, num_warps=4,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prefill
+
+
+@triton.jit
+def _prefill_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, lo, hi, kv_end, window,
+                   MASKED: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    for n0 in range(lo, hi, BLOCK_N):
+        kpos = n0 + offs_n
+        if MASKED:
+            ok = kpos < kv_end
+            k = tl.load(k_base + kpos[:, None] * stride_kt + offs_d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(v_base + kpos[:, None] * stride_vt + offs_d[None, :], mask=ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + kpos[:, None] * stride_kt + offs_d[None, :])
+            v = tl.load(v_base + kpos[:, None] * stride_vt + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k))
+        if MASKED:
+            vis = (kpos[None, :] <= qpos[:, None]) & ok[None, :]
+            vis &= ((qpos[:, None] - kpos[None, :]) < window) | (window == 0)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row may see nothing in a boundary tile yet: keep its max at -inf without producing NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["start", "T", "window"])
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    qk_scale, start, T, window, G,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Heads vary fastest so the heads sharing a KV head run together and hit the same K/V in L2; query tiles
+    # run last-first because the last ones see the most keys.
+    h = tl.program_id(0)
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    kvh = h // G
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < T
+    # The softmax scale rides on q (once per row) rather than on every score.
+    q = tl.load(q_ptr + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
+    q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+    qpos = start + offs_m
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+
+    kv_end = start + T
+    q_first = start + m0
+    q_last = q_first + BLOCK_M - 1
+    hi = tl.minimum(q_last + 1, kv_end)  # causal: no key after the tile's last query
+    lo = tl.where(window > 0, tl.maximum(q_first - window + 1, 0), 0) // BLOCK_N * BLOCK_N
+    # Key tiles in [full_lo, full_hi) are visible to every query of the tile and need no mask.
+    full_lo = tl.where(window > 0, (tl.maximum(q_last - window + 1, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, 0)
+    full_hi = (q_first + 1) // BLOCK_N * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, lo, full_lo,
+                                   kv_end, window, True, D, BLOCK_N)
+    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, full_lo, full_hi,
+                                   kv_end, window, False, D, BLOCK_N)
+    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, full_hi, hi,
+                                   kv_end, window, True, D, BLOCK_N)
+    # Every real row sees at least its own key; only padding rows can have l_i == 0.
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def prefill_attention(q, k_cache, v_cache, slot: int, start: int, *, scale: float, window: int = 0, out=None,
+                      block_m: int | None = None, block_n: int | None = None,
+                      num_warps: int | None = None, num_stages: int | None = None):
+    """Causal attention of T queries at positions start..start+T-1 (q [T, Hq, D], fp16/fp32) against the
+    cache at `slot`, whose positions 0..start+T-1 are filled. Returns out [T, Hq, D] (fp32 unless out says)."""
+    T, hq, d = q.shape
+    _check_cache(k_cache, v_cache, d)
+    max_ctx, hkv = k_cache.shape[1], k_cache.shape[2]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if start + T > max_ctx:
+        raise ValueError(f"positions up to {start + T} exceed the cache's {max_ctx}")
+    if q.stride(2) != 1:
+        raise ValueError("q's head dim must be contiguous")
+    if out is None:
+        out = torch.empty(T, hq, d, device=q.device, dtype=torch.float32)
+    if out.shape != (T, hq, d) or out.stride(2) != 1:
+        raise ValueError(f"out must be [{T}, {hq}, {d}] with a contiguous head dim")
+    if T == 0:
+        return out
+    k, v = k_cache[slot], v_cache[slot]
+    bm, bn, nw, ns = PREFILL_CONFIGS.get(d, (64, 64, 4, 2))
+    block_m, block_n = block_m or bm, block_n or bn
+    grid = (hq, triton.cdiv(T, block_m))
+    _prefill_kernel[grid](
+        q, k, v, out,
+        scale * LOG2E, start, T, window, hq // hkv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or nw, num_stages=num_stages or ns,
+    )
+    return out

@@ -1,0 +1,145 @@
+"""Decode and prefill attention against a plain-torch reference (float64 math on the fp16 cache values),
+under the interpreter on machines without a GPU.
+
+Cache positions a call must not read hold NaN, so a stray read shows up in the output. Queries go through
+fp16 on the tensor cores, so results are compared by relative error of the whole output (norm).
+INGOT_TEST_SEED fixes the otherwise fresh random inputs.
+"""
+
+import os
+
+import pytest
+import torch
+
+from ingot.backends.cuda.attention import decode_attention, decode_scratch, prefill_attention
+
+SEED = int(os.environ.get("INGOT_TEST_SEED", torch.seed() % 2**31))
+print(f"test_cuda_attention seed: INGOT_TEST_SEED={SEED}")
+TOL = 2e-3
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(SEED)
+
+
+def reference(q, k, v, qpos, scale, window):
+    """q [T, Hq, D] at positions qpos [T]; k, v [S, Hkv, D] hold positions 0..S-1."""
+    g = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(g, dim=1)
+    v = v.double().repeat_interleave(g, dim=1)
+    scores = torch.einsum("thd,shd->hts", q.double(), k) * scale
+    kpos = torch.arange(k.shape[0])
+    allowed = kpos[None, :] <= qpos[:, None]
+    if window:
+        allowed &= qpos[:, None] - kpos[None, :] < window
+    scores = scores.masked_fill(~allowed[None], float("-inf"))
+    return torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+
+
+def rel_err(got, want):
+    return ((got.double().cpu() - want).norm() / want.norm()).item()
+
+
+def make_cache(gen, max_batch, max_ctx, hkv, d, device):
+    """Random fp16 K/V (with a spread of key norms so the softmax is not flat), all NaN until filled."""
+    shape = (max_batch, max_ctx, hkv, d)
+    k = (torch.randn(shape, generator=gen) * torch.rand(shape[:3] + (1,), generator=gen) * 2).half()
+    v = torch.randn(shape, generator=gen).half()
+    nan = torch.full(shape, float("nan"), dtype=torch.float16)
+    return k, v, nan.clone().to(device), nan.clone().to(device)
+
+
+# (head_dim, kv heads, group, window, seq_lens, slots); seq_lens cross the 32-key chunks in the small config.
+DECODE_CASES = [
+    (64, 2, 1, 0, [1, 33, 96], [2, 0, 3]),
+    (128, 2, 4, 0, [70], [1]),
+    (256, 1, 8, 0, [32, 5, 64], [3, 1, 2]),
+    (64, 1, 8, 20, [1, 41, 96], [1, 3, 0]),
+    (128, 2, 1, 13, [12, 50, 77], [0, 2, 1]),
+    (64, 2, 3, 0, [17, 65, 31], [3, 2, 1]),
+    (128, 1, 4, 40, [90], [2]),
+]
+
+
+@pytest.mark.parametrize("d,hkv,g,window,lens,slots", DECODE_CASES)
+@pytest.mark.parametrize("config", ["small", "default"])
+def test_decode(kernel_device, gen, d, hkv, g, window, lens, slots, config):
+    max_batch, max_ctx, B, hq = 4, 96, len(lens), hkv * g
+    scale = 0.07 if d == 256 else d**-0.5  # Gemma-style scales are not 1/sqrt(D)
+    k_full, v_full, k_cache, v_cache = make_cache(gen, max_batch, max_ctx, hkv, d, kernel_device)
+    for s, n in zip(slots, lens):
+        k_cache[s, :n], v_cache[s, :n] = k_full[s, :n].to(kernel_device), v_full[s, :n].to(kernel_device)
+    dtype = torch.float16 if d == 128 else torch.float32
+    q = torch.randn(B, hq, d, generator=gen).to(dtype)
+    chunk, block_n = (32, 16) if config == "small" else (None, None)
+    scratch = decode_scratch(max_batch, hq, d, max_ctx, kernel_device, chunk=chunk)
+    out = torch.full((B, hq, d), float("nan"), device=kernel_device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=kernel_device)
+    slot_t = torch.tensor(slots, dtype=torch.int32, device=kernel_device)
+    got = decode_attention(q.to(kernel_device), k_cache, v_cache, seq_lens, slot_t, scale=scale, window=window,
+                           out=out, scratch=scratch, block_n=block_n)
+    assert got is out and not out.isnan().any()
+    for b, (s, n) in enumerate(zip(slots, lens)):
+        want = reference(q[b : b + 1], k_full[s, :n], v_full[s, :n], torch.tensor([n - 1]), scale, window)
+        err = rel_err(out[b : b + 1], want)
+        assert err < TOL, f"row {b} (len {n}): relative error {err:.2e} (seed {SEED})"
+
+
+def test_decode_steps_reuse_buffers(kernel_device, gen):
+    """Growing lengths through the same out/scratch, as a replayed CUDA graph would; an empty row gives 0."""
+    d, hkv, g, max_ctx = 64, 1, 4, 48
+    k_full, v_full, k_cache, v_cache = make_cache(gen, 2, max_ctx, hkv, d, kernel_device)
+    scratch = decode_scratch(2, hkv * g, d, max_ctx, kernel_device, chunk=16)
+    out = torch.empty(2, hkv * g, d, device=kernel_device)
+    seq_lens = torch.zeros(2, dtype=torch.int32, device=kernel_device)
+    slots = torch.tensor([1, 0], dtype=torch.int32, device=kernel_device)
+    for n in (15, 16, 17, 40):
+        k_cache[1, :n], v_cache[1, :n] = k_full[1, :n].to(kernel_device), v_full[1, :n].to(kernel_device)
+        seq_lens.copy_(torch.tensor([n, 0]))
+        q = torch.randn(2, hkv * g, d, generator=gen)
+        decode_attention(q.to(kernel_device), k_cache, v_cache, seq_lens, slots, scale=0.125, window=24,
+                         out=out, scratch=scratch, block_n=16)
+        want = reference(q[:1], k_full[1, :n], v_full[1, :n], torch.tensor([n - 1]), 0.125, 24)
+        assert rel_err(out[:1], want) < TOL, f"len {n} (seed {SEED})"
+        assert (out[1] == 0).all()
+
+
+# (head_dim, kv heads, group, window, start, T, block_m, block_n)
+PREFILL_CASES = [
+    (64, 2, 1, 0, 0, 37, 16, 16),  # first chunk, T not a multiple of the tile
+    (128, 1, 4, 0, 29, 40, 16, 16),  # second chunk
+    (64, 1, 8, 20, 0, 53, 16, 16),  # window wider than a tile: masked, unmasked and diagonal key tiles
+    (64, 2, 4, 5, 31, 33, 16, 16),  # window narrower than a tile
+    (256, 1, 2, 0, 20, 19, 16, 16),
+    (128, 2, 3, 24, 50, 46, 32, 16),
+    (64, 1, 4, 0, 11, 70, None, None),  # H100 tiles
+    (128, 1, 2, 30, 40, 50, None, None),
+]
+
+
+@pytest.mark.parametrize("d,hkv,g,window,start,T,block_m,block_n", PREFILL_CASES)
+def test_prefill(kernel_device, gen, d, hkv, g, window, start, T, block_m, block_n):
+    max_batch, max_ctx, slot, hq, end = 3, 96, 2, hkv * g, start + T
+    scale = 0.07 if d == 256 else d**-0.5
+    k_full, v_full, k_cache, v_cache = make_cache(gen, max_batch, max_ctx, hkv, d, kernel_device)
+    k_cache[slot, :end], v_cache[slot, :end] = k_full[slot, :end].to(kernel_device), v_full[slot, :end].to(kernel_device)
+    in_dtype = torch.float16 if start else torch.float32
+    q = torch.randn(T, hq, d, generator=gen).to(in_dtype)
+    out_dtype = torch.float16 if d == 256 else torch.float32
+    out = torch.full((T, hq, d), float("nan"), dtype=out_dtype, device=kernel_device)
+    got = prefill_attention(q.to(kernel_device), k_cache, v_cache, slot, start, scale=scale, window=window, out=out,
+                            block_m=block_m, block_n=block_n)
+    assert got is out and not out.isnan().any()
+    want = reference(q, k_full[slot, :end], v_full[slot, :end], torch.arange(start, end), scale, window)
+    err = rel_err(out, want)
+    assert err < TOL, f"relative error {err:.2e} (seed {SEED})"
+
+
+def test_prefill_default_out(kernel_device, gen):
+    k_full, v_full, k_cache, v_cache = make_cache(gen, 1, 32, 1, 64, kernel_device)
+    k_cache[0, :9], v_cache[0, :9] = k_full[0, :9].to(kernel_device), v_full[0, :9].to(kernel_device)
+    q = torch.randn(9, 2, 64, generator=gen)
+    out = prefill_attention(q.to(kernel_device), k_cache, v_cache, 0, 0, scale=0.125)
+    assert out.dtype == torch.float32 and out.shape == (9, 2, 64)
+    assert rel_err(out, reference(q, k_full[0, :9], v_full[0, :9], torch.arange(9), 0.125, 0)) < TOL
