@@ -111,6 +111,12 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from ingot.bench.bench import run_cli
+
+    return run_cli(args)
+
+
 def cmd_models(args) -> int:
     from ingot.registry import embedded_models
 
@@ -153,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="llama-bench-style prefill (ppN) and decode (tgN) throughput",
+                       description="Prefill and decode throughput, mean and sd over repetitions, like llama-bench.")
+    from ingot.bench.bench import add_arguments as _bench_arguments
+
+    _bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", help="the embedded models and where their files are",
                        description="List the models that installed Python packages ship.")
