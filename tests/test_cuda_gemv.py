@@ -1,0 +1,172 @@
+"""Decode GEMV kernels against x @ W.dequantize().T in fp32 (after the same norm / activation in torch).
+
+Shapes are odd on purpose: N not a multiple of BLOCK_N, K a multiple of the group but not of BLOCK_K. The
+interpreter is slow, so the (kind, mins, group) x M matrix is covered with two shapes rather than all four.
+Random data every run; the seed is printed (replay: INGOT_TEST_SEED).
+"""
+
+import os
+
+import pytest
+import torch
+
+from ingot.backends import reference
+from ingot.backends.cuda.gemv import GemvConfig, embed_rows, linear, plan, workspace_numel
+from ingot.quant.pack import PackedLinear, quantize
+
+
+@pytest.fixture
+def gen():
+    seed = int(os.environ.get("INGOT_TEST_SEED", torch.seed() % (1 << 31)))
+    print(f"INGOT_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def packed(gen, kind, n, k, group, mins):
+    """Random packed weights with scales of a realistic size; quants cover their whole range."""
+    if kind == "f16":
+        return PackedLinear("f16", n, k, 0, (torch.randn(n, k, generator=gen) * 0.05).half())
+    s = (torch.rand(n, k // group, generator=gen) * 0.01 + 0.002).half()
+    m = (torch.randn(n, k // group, generator=gen) * 0.02).half() if mins else None
+    if kind == "q4":
+        qw = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    else:
+        qw = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    return PackedLinear(kind, n, k, group, qw, s, m)
+
+
+def to(p: PackedLinear, dev) -> PackedLinear:
+    from ingot.quant.pack import to_device
+
+    return to_device(p, dev)
+
+
+def expected(x, w, norm_weight=None, eps=1e-6, residual=None, gated=None):
+    h = x.float()
+    if norm_weight is not None:
+        h = reference.rms_norm(h, norm_weight.float(), eps)
+    y = h @ w.dequantize().T
+    if gated:
+        f = w.n // 2
+        y = reference.activation(gated, y[:, :f]) * y[:, f:]
+    return y + residual if residual is not None else y
+
+
+def check(out, ref, tol):
+    out = out.cpu()
+    assert not torch.isnan(out).any(), "an output element was never written"
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < tol, f"relative error {err:.3g}"
+
+
+def poison(m, n, dev):
+    return torch.full((m, n), float("nan"), device=dev)
+
+
+VARIANTS = [("q4", False), ("q4", True), ("q8", False), ("q8", True)]
+
+
+@pytest.mark.parametrize("kind,mins", VARIANTS)
+@pytest.mark.parametrize("group", [16, 32, 64, 128])
+def test_kinds_groups_rows(kind, mins, group, gen, kernel_device):
+    # K: a multiple of the group, not of BLOCK_K (except q8 with group 128, where BLOCK_K = 128 = group).
+    k_small = {16: 96, 32: 96, 64: 192, 128: 384}[group]
+    for m, n, k, dtype in ((1, 200, k_small + 2 * group, torch.float32), (3, 72, k_small, torch.float16),
+                           (17, 24, k_small, torch.float32)):
+        w = packed(gen, kind, n, k, group, mins)
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        out = linear(x.to(kernel_device), to(w, kernel_device), out=poison(m, n, kernel_device))
+        check(out, expected(x, w), 1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_f16_rows(gen, kernel_device):
+    for m, n, k in ((1, 200, 100), (3, 72, 40), (17, 24, 72)):  # f16 K needs no group multiple
+        w = packed(gen, "f16", n, k, 0, False)
+        x = torch.randn(m, k, generator=gen)
+        check(linear(x.to(kernel_device), to(w, kernel_device), out=poison(m, n, kernel_device)), expected(x, w), 1e-5)
+
+
+FUSIONS = {
+    "norm": dict(norm=True),
+    "residual": dict(residual=True),
+    "silu": dict(gated="silu"),
+    "gelu": dict(gated="gelu_tanh"),
+    "norm+silu": dict(norm=True, gated="silu"),
+    "norm+residual": dict(norm=True, residual=True),
+    "norm+residual-in-place": dict(norm=True, residual=True, in_place=True),
+    "norm+gelu+residual": dict(norm=True, gated="gelu_tanh", residual=True),
+}
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole-k", "split-k"])
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_fusions(fusion, split, gen, kernel_device):
+    f = FUSIONS[fusion]
+    kind, group = ("q4", 32) if split else ("q8", 64)
+    m, n, k = (3, 72, 640) if fusion.startswith("norm+r") else (1, 130, 640)
+    w = packed(gen, kind, n, k, group, mins=split)
+    f_out = n // 2 if f.get("gated") else n
+    x = torch.randn(m, k, generator=gen) * 3
+    nw = torch.randn(k, generator=gen) if f.get("norm") else None
+    res = torch.randn(m, f_out, generator=gen) if f.get("residual") else None
+    dev = kernel_device
+    out = res.clone().to(dev) if f.get("in_place") else poison(m, f_out, dev)
+    cfg = plan(f_out, k, m, kind, group, bool(f.get("gated")))
+    if split:
+        cfg = GemvConfig(cfg.block_m, cfg.block_n, cfg.block_k, split=2)
+    ws = torch.full((workspace_numel(w, m, f.get("gated"), cfg),), float("nan"), device=dev)
+    assert (ws.numel() > 0) == split
+    got = linear(x.to(dev), to(w, dev), out=out, norm_weight=None if nw is None else nw.to(dev), eps=1e-5,
+                 residual=out if f.get("in_place") else (None if res is None else res.to(dev)),
+                 gated=f.get("gated"), workspace=ws, config=cfg)
+    assert got is out
+    check(out, expected(x, w, nw, 1e-5, res, f.get("gated")), 1e-5)
+
+
+@pytest.mark.parametrize("kind,mins,group", [("q4", False, 16), ("q8", True, 128), ("f16", False, 0)])
+def test_split_k_kinds(kind, mins, group, gen, kernel_device):
+    for m, n, k, split in ((1, 40, 1152, 3), (17, 24, 384, 2)):
+        w = packed(gen, kind, n, k, group, mins)
+        x = torch.randn(m, k, generator=gen)
+        base = plan(n, k, m, kind, group, False)
+        cfg = GemvConfig(base.block_m, base.block_n, base.block_k, split)
+        out = linear(x.to(kernel_device), to(w, kernel_device), out=poison(m, n, kernel_device), config=cfg)
+        check(out, expected(x, w), 1e-5)
+
+
+def test_plan_heuristic():
+    # Few output rows, long K: split so that the grid covers the SMs several times over.
+    c = plan(4096, 4096, 1, "q4", 32, False)
+    assert c.split > 1 and c.block_m == 1 and 4096 // c.block_n * c.split >= 3 * 132
+    assert plan(128256, 4096, 1, "q4", 32, False).split == 1  # lm_head: rows alone fill the GPU
+    assert plan(200, 320, 17, "q8", 128, False).block_m == 32
+    for k in (96, 4096, 14336):
+        c = plan(4096, k, 1, "q8", 16, False)
+        assert c.block_k >= 16 and triton_cdiv(k, c.block_k) >= c.split
+    with pytest.raises(ValueError):
+        plan(64, 64, 33, "q4", 32, False)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_quantized_float_weights(gen, kernel_device):
+    """The HF path: quantize() output through the kernel matches its own dequantization."""
+    w = quantize(torch.randn(72, 320, generator=gen), "q4", group=64)
+    x = torch.randn(2, 320, generator=gen)
+    check(linear(x.to(kernel_device), to(w, kernel_device)), expected(x, w), 1e-5)
+
+
+@pytest.mark.parametrize("kind,mins,group", [("q4", False, 32), ("q4", True, 128), ("q8", True, 16),
+                                             ("f16", False, 0)])
+def test_embed_rows(kind, mins, group, gen, kernel_device):
+    vocab, k = 50, 384 if group == 128 else 608 if kind == "f16" else 640 + group
+    w = packed(gen, kind, vocab, k, group, mins)
+    ids = torch.tensor([7, 0, 49, 7, 23], dtype=torch.int64 if mins else torch.int32)
+    out = poison(len(ids), k, kernel_device)
+    embed_rows(ids.to(kernel_device), to(w, kernel_device), 1.5, out=out)
+    ref = w.dequantize()[ids.long()] * 1.5
+    out = out.cpu()
+    assert not torch.isnan(out).any()
+    assert torch.allclose(out, ref, rtol=1e-6, atol=0)
