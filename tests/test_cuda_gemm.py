@@ -5,14 +5,13 @@ output (norm), not elementwise. INGOT_TEST_SEED fixes the otherwise fresh random
 """
 
 import os
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ingot.backends import reference
 from ingot.backends.cuda.gemm import matmul, pick_tiles, rms_norm_fp16
+from ingot.quant.pack import PackedLinear, quantize, to_device
 
 SEED = int(os.environ.get("INGOT_TEST_SEED", torch.seed() % 2**31))
 print(f"test_cuda_gemm seed: INGOT_TEST_SEED={SEED}")
@@ -21,49 +20,23 @@ print(f"test_cuda_gemm seed: INGOT_TEST_SEED={SEED}")
 SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2)
 
 
-@dataclass
-class Packed:
-    """Stand-in for ingot.quant.pack.PackedLinear, following its layout exactly."""
-
-    kind: str
-    n: int
-    k: int
-    group: int
-    qweight: torch.Tensor
-    scales: torch.Tensor | None
-    mins: torch.Tensor | None
-
-    def dequantize(self) -> torch.Tensor:
-        if self.kind == "f16":
-            return self.qweight.float()
-        G = self.group
-        if self.kind == "q4":
-            b = self.qweight.view(self.n, self.k // G, G // 2).to(torch.int32)
-            q = torch.cat((b & 0xF, b >> 4), dim=-1).reshape(self.n, self.k).float()
-        else:
-            q = self.qweight.float()
-        s = self.scales.float().repeat_interleave(G, dim=1)
-        if self.mins is None:
-            return s * (q - 8) if self.kind == "q4" else s * q
-        return s * q + self.mins.float().repeat_interleave(G, dim=1)
-
-
-def make_weight(kind, n, k, group, mins, gen, scale_dtype=torch.float16) -> Packed:
+def make_weight(kind, n, k, group, mins, gen, scale_dtype=torch.float16, unsigned=False) -> PackedLinear:
+    """Random quants and scales straight in the packed layout (quantize() only makes a few of the forms)."""
     if kind == "f16":
-        return Packed("f16", n, k, 0, (torch.randn(n, k, generator=gen) * 0.1).half(), None, None)
+        return PackedLinear("f16", n, k, 0, (torch.randn(n, k, generator=gen) * 0.1).half())
     ng = k // group
     scales = (torch.rand(n, ng, generator=gen) * 0.02 + 0.005).to(scale_dtype)
     mn = (torch.randn(n, ng, generator=gen) * 0.05).to(scale_dtype) if mins else None
-    if kind == "q4":
-        qw = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.int32).to(torch.uint8)
+    if kind == "q4" or unsigned:
+        size = (n, k // 2) if kind == "q4" else (n, k)
+        qw = torch.randint(0, 256, size, generator=gen, dtype=torch.int32).to(torch.uint8)
     else:
         qw = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int32).to(torch.int8)
-    return Packed(kind, n, k, group, qw, scales, mn)
+    return PackedLinear(kind, n, k, group, qw, scales, mn)
 
 
-def to(w: Packed, device) -> Packed:
-    t = lambda v: None if v is None else v.to(device)
-    return Packed(w.kind, w.n, w.k, w.group, t(w.qweight), t(w.scales), t(w.mins))
+def to(w: PackedLinear, device) -> PackedLinear:
+    return to_device(w, device)
 
 
 def rel_err(got, want):
@@ -113,6 +86,18 @@ def test_tile_spans_groups(kind, group, block_k, K, gen, kernel_device):
     x = torch.randn(M, K, generator=gen).half()
     got = matmul(x.to(kernel_device), to(w, kernel_device), tiles=dict(SMALL, BLOCK_K=block_k))
     check(got, x.float() @ w.dequantize().T)
+
+
+def test_quantized_real_weights(gen, kernel_device):
+    """quantize()'s output (affine q4, symmetric q8) and MLX-style uint8 q8 with mins, via the real type."""
+    M, N, K = 40, 72, 192
+    x = torch.randn(M, K, generator=gen)
+    dense = torch.randn(N, K, generator=gen) * 0.05
+    for w in (quantize(dense, "q4", 64), quantize(dense, "q4", 32, sym=True), quantize(dense, "q8", 32),
+              make_weight("q8", N, K, 64, True, gen, unsigned=True)):
+        got = matmul(x.to(kernel_device), to(w, kernel_device), out=poisoned((M, N), kernel_device),
+                     tiles=dict(SMALL, BLOCK_K=64))
+        check(got, x @ w.dequantize().T)
 
 
 @pytest.mark.parametrize("kind", ["q4", "q8", "f16"])
