@@ -62,8 +62,12 @@ DECODE_CASES = [
 ]
 
 
+# small: one 32-key split per program; strided: 6 splits of 16 keys shared by 4 programs; default: H100 sizes.
+CONFIGS = {"small": (32, 16, 64), "strided": (16, 16, 4), "default": (128, None, 64)}
+
+
 @pytest.mark.parametrize("d,hkv,g,window,lens,slots", DECODE_CASES)
-@pytest.mark.parametrize("config", ["small", "default"])
+@pytest.mark.parametrize("config", list(CONFIGS))
 def test_decode(kernel_device, gen, d, hkv, g, window, lens, slots, config):
     max_batch, max_ctx, B, hq = 4, 96, len(lens), hkv * g
     scale = 0.07 if d == 256 else d**-0.5  # Gemma-style scales are not 1/sqrt(D)
@@ -72,8 +76,8 @@ def test_decode(kernel_device, gen, d, hkv, g, window, lens, slots, config):
         k_cache[s, :n], v_cache[s, :n] = k_full[s, :n].to(kernel_device), v_full[s, :n].to(kernel_device)
     dtype = torch.float16 if d == 128 else torch.float32
     q = torch.randn(B, hq, d, generator=gen).to(dtype)
-    chunk, block_n = (32, 16) if config == "small" else (None, None)
-    scratch = decode_scratch(max_batch, hq, d, max_ctx, kernel_device, chunk=chunk)
+    chunk, block_n, programs = CONFIGS[config]
+    scratch = decode_scratch(max_batch, hq, d, max_ctx, kernel_device, chunk=chunk, programs=programs)
     out = torch.full((B, hq, d), float("nan"), device=kernel_device)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=kernel_device)
     slot_t = torch.tensor(slots, dtype=torch.int32, device=kernel_device)
@@ -90,7 +94,7 @@ def test_decode_steps_reuse_buffers(kernel_device, gen):
     """Growing lengths through the same out/scratch, as a replayed CUDA graph would; an empty row gives 0."""
     d, hkv, g, max_ctx = 64, 1, 4, 48
     k_full, v_full, k_cache, v_cache = make_cache(gen, 2, max_ctx, hkv, d, kernel_device)
-    scratch = decode_scratch(2, hkv * g, d, max_ctx, kernel_device, chunk=16)
+    scratch = decode_scratch(2, hkv * g, d, max_ctx, kernel_device, chunk=16, programs=2)
     out = torch.empty(2, hkv * g, d, device=kernel_device)
     seq_lens = torch.zeros(2, dtype=torch.int32, device=kernel_device)
     slots = torch.tensor([1, 0], dtype=torch.int32, device=kernel_device)
@@ -123,7 +127,8 @@ def test_prefill(kernel_device, gen, d, hkv, g, window, start, T, block_m, block
     max_batch, max_ctx, slot, hq, end = 3, 96, 2, hkv * g, start + T
     scale = 0.07 if d == 256 else d**-0.5
     k_full, v_full, k_cache, v_cache = make_cache(gen, max_batch, max_ctx, hkv, d, kernel_device)
-    k_cache[slot, :end], v_cache[slot, :end] = k_full[slot, :end].to(kernel_device), v_full[slot, :end].to(kernel_device)
+    k_cache[slot, :end] = k_full[slot, :end].to(kernel_device)
+    v_cache[slot, :end] = v_full[slot, :end].to(kernel_device)
     in_dtype = torch.float16 if start else torch.float32
     q = torch.randn(T, hq, d, generator=gen).to(in_dtype)
     out_dtype = torch.float16 if d == 256 else torch.float32

@@ -29,29 +29,29 @@ DECODE_CONFIGS = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
 #   head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)
 PREFILL_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
 
-MAX_SPLITS = 512  # bounds the decode scratch for long contexts; the chunk grows instead
-MIN_CHUNK = 128
+CHUNK = 128  # keys per split: two or four K/V tiles, so the loads pipeline inside a split
+MAX_PROGRAMS = 64  # decode programs per (row, KV head) at most: bounds the grid and the scratch
+TARGET_PROGRAMS = 1024  # enough programs to fill 132 SMs several times over at batch 1
 
 
 class DecodeScratch(NamedTuple):
-    """Per-split partial results of decode_attention, laid out [max_batch, Hq, n_splits(, D)]."""
+    """Partial results of the decode programs, one entry per program: [max_batch, Hq, programs(, D)]."""
 
     acc: torch.Tensor  # fp32, unnormalised sum of p * v
-    m: torch.Tensor  # fp32, running max of the (log2-domain) scores
+    m: torch.Tensor  # fp32, max of the (log2-domain) scores
     l: torch.Tensor  # fp32, sum of exp2(score - m)
     chunk: int  # keys per split
 
 
-def decode_scratch(max_batch: int, n_heads: int, head_dim: int, max_ctx: int, device, chunk: int | None = None
-                   ) -> DecodeScratch:
-    if chunk is None:
-        chunk = max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(max_ctx, MAX_SPLITS)))
-    splits = triton.cdiv(max_ctx, chunk)
+def decode_scratch(max_batch: int, n_heads: int, head_dim: int, max_ctx: int, device, chunk: int = CHUNK,
+                   programs: int = MAX_PROGRAMS) -> DecodeScratch:
+    """Buffers for decode_attention, allocated once for every batch size up to max_batch."""
+    programs = max(1, min(programs, triton.cdiv(max_ctx, chunk)))
     f32 = dict(device=device, dtype=torch.float32)
     return DecodeScratch(
-        torch.empty(max_batch, n_heads, splits, head_dim, **f32),
-        torch.empty(max_batch, n_heads, splits, **f32),
-        torch.empty(max_batch, n_heads, splits, **f32),
+        torch.empty(max_batch, n_heads, programs, head_dim, **f32),
+        torch.empty(max_batch, n_heads, programs, **f32),
+        torch.empty(max_batch, n_heads, programs, **f32),
         chunk,
     )
 
@@ -69,13 +69,26 @@ def _check_cache(k_cache, v_cache, d):
 
 # ---------------------------------------------------------------------------------------------------------
 # decode
+#
+# The KV range of a row is cut into CHUNK-key splits; the grid has P programs per (row, KV head), fixed at
+# launch, and program p takes splits p, p+P, p+2P, ... that hold visible keys (P is the number of splits when
+# max_ctx is short, so each program then has one split). Each program writes one partial (m, l, acc); the
+# reduce kernel merges the partials of the programs that had work. Which ones did is recomputed from seq_len
+# on both sides, so nothing depends on host values and the pair replays in a CUDA graph.
+
+
+@triton.jit
+def _split_range(seq_len, window, CHUNK: tl.constexpr):
+    """First visible key, and the half-open range of splits that hold visible keys."""
+    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    return lo, lo // CHUNK, (seq_len + CHUNK - 1) // CHUNK
 
 
 # Window and lengths stay runtime values: specialising on 1 would turn them into constants.
 @triton.jit(do_not_specialize=["window"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, seq_lens_ptr, slots_ptr, acc_ptr, m_ptr, l_ptr,
-    qk_scale, window, n_heads, n_splits,
+    qk_scale, window, n_heads, n_entries, n_progs,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -84,15 +97,12 @@ def _decode_split_kernel(
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    prog = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)  # first visible key
-    c0 = split * CHUNK
-    # The grid covers max_ctx; splits past this row's length or wholly before its window have nothing to do.
-    if (c0 >= seq_len) | (c0 + CHUNK <= lo):
+    lo, s_lo, s_hi = _split_range(seq_len, window, CHUNK)
+    first = prog + (tl.maximum(s_lo - prog, 0) + n_progs - 1) // n_progs * n_progs
+    if first >= s_hi:  # nothing visible for this program at this row's length
         return
-    start = tl.maximum(c0, lo)
-    end = tl.minimum(c0 + CHUNK, seq_len)
 
     slot = tl.load(slots_ptr + b).to(tl.int64)
     k_base = k_ptr + slot * stride_kb + kvh * stride_kh
@@ -113,68 +123,70 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + offs_n
-        ok = pos < end
-        # Masked keys read as 0, never as whatever stale (possibly NaN) data sits in the cache.
-        k = tl.load(k_base + pos[:, None] * stride_kt + offs_d[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(v_base + pos[:, None] * stride_vt + offs_d[None, :], mask=ok[:, None], other=0.0)
-        if USE_DOT:
-            s = tl.dot(q, tl.trans(k))
-        else:
-            s = tl.sum(k.to(tl.float32) * q, axis=1)[None, :]
-        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
-        # Every tile holds at least one visible key, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_DOT:
-            pv = tl.dot(p.to(tl.float16), v)
-        else:
-            pv = tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    for split in range(first, s_hi, n_progs):
+        start = tl.maximum(split * CHUNK, lo)
+        end = tl.minimum(split * CHUNK + CHUNK, seq_len)
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + offs_n
+            ok = pos < end
+            # Masked keys read as 0, never as whatever stale (possibly NaN) data sits in the cache.
+            k = tl.load(k_base + pos[:, None] * stride_kt + offs_d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(v_base + pos[:, None] * stride_vt + offs_d[None, :], mask=ok[:, None], other=0.0)
+            if USE_DOT:
+                s = tl.dot(q, tl.trans(k))
+            else:
+                s = tl.sum(k.to(tl.float32) * q, axis=1)[None, :]
+            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+            # Every tile holds at least one visible key, so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if USE_DOT:
+                pv = tl.dot(p.to(tl.float16), v)
+            else:
+                pv = tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
 
-    row = (b * n_heads + heads) * n_splits + split
-    tl.store(acc_ptr + row[:, None].to(tl.int64) * D + offs_d[None, :], acc, mask=g_ok[:, None])
-    tl.store(m_ptr + row, m_i, mask=g_ok)
-    tl.store(l_ptr + row, l_i, mask=g_ok)
+    entry = (b * n_heads + heads) * n_entries + prog
+    tl.store(acc_ptr + entry[:, None].to(tl.int64) * D + offs_d[None, :], acc, mask=g_ok[:, None])
+    tl.store(m_ptr + entry, m_i, mask=g_ok)
+    tl.store(l_ptr + entry, l_i, mask=g_ok)
 
 
 @triton.jit(do_not_specialize=["window"])
 def _decode_reduce_kernel(
     acc_ptr, m_ptr, l_ptr, seq_lens_ptr, out_ptr,
-    window, n_heads, n_splits, stride_ob, stride_oh,
+    window, n_heads, n_entries, n_progs, stride_ob, stride_oh,
     D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
-    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
-    # Exactly the splits the split kernel did not skip.
-    s_lo = lo // CHUNK
-    s_hi = (seq_len + CHUNK - 1) // CHUNK
-    base = (b * n_heads + h) * n_splits
+    lo, s_lo, s_hi = _split_range(seq_len, window, CHUNK)
+    # The programs that had work own splits s_lo .. s_lo+P-1 (mod P), or fewer when the row is short.
+    s_end = tl.minimum(s_hi, s_lo + n_progs)
+    base = (b * n_heads + h) * n_entries
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D)
 
     mx = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
+    for s0 in range(s_lo, s_end, BLOCK_S):
         sp = s0 + offs_s
-        mx = tl.maximum(mx, tl.load(m_ptr + base + sp, mask=sp < s_hi, other=float("-inf")))
+        mx = tl.maximum(mx, tl.load(m_ptr + base + sp % n_progs, mask=sp < s_end, other=float("-inf")))
     m_all = tl.max(mx, 0)
 
     den = tl.zeros([BLOCK_S], tl.float32)
     num = tl.zeros([BLOCK_S, D], tl.float32)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
+    for s0 in range(s_lo, s_end, BLOCK_S):
         sp = s0 + offs_s
-        ok = sp < s_hi
-        m = tl.load(m_ptr + base + sp, mask=ok, other=float("-inf"))
-        w = tl.where(ok, tl.exp2(m - m_all), 0.0)
-        den += w * tl.load(l_ptr + base + sp, mask=ok, other=0.0)
-        a = tl.load(acc_ptr + (base + sp)[:, None].to(tl.int64) * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-        num += w[:, None] * a
+        ok = sp < s_end
+        e = base + sp % n_progs
+        w = tl.where(ok, tl.exp2(tl.load(m_ptr + e, mask=ok, other=float("-inf")) - m_all), 0.0)
+        den += w * tl.load(l_ptr + e, mask=ok, other=0.0)
+        num += w[:, None] * tl.load(acc_ptr + e[:, None].to(tl.int64) * D + offs_d[None, :], mask=ok[:, None],
+                                    other=0.0)
     total = tl.sum(den, 0)
     o = tl.sum(num, 0) / tl.where(total > 0, total, 1.0)  # an empty row (seq_len 0) comes out as zeros
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
@@ -194,21 +206,22 @@ def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, wind
         raise ValueError("q's head dim must be contiguous")
     if scratch is None:
         scratch = decode_scratch(B, hq, d, max_ctx, q.device)
-    n_splits = scratch.m.shape[2]
-    if scratch.m.shape[0] < B or scratch.m.shape[1] != hq or n_splits * scratch.chunk < max_ctx:
-        raise ValueError("decode scratch is too small for this batch, head count or context")
+    n_entries = scratch.m.shape[2]
+    if scratch.m.shape[0] < B or scratch.m.shape[1] != hq or scratch.acc.shape[3] != d:
+        raise ValueError("decode scratch is too small for this batch, or made for other heads")
     if out is None:
         out = torch.empty(B, hq, d, device=q.device, dtype=torch.float32)
     if out.shape != (B, hq, d) or out.stride(2) != 1:
         raise ValueError(f"out must be [{B}, {hq}, {d}] with a contiguous head dim")
 
     g = hq // hkv
+    # Big batches already fill the GPU with rows; fewer programs per row then keep empty ones off the grid.
+    n_progs = min(n_entries, triton.cdiv(max_ctx, scratch.chunk), max(1, triton.cdiv(TARGET_PROGRAMS, B * hkv)))
     dn, dw, ds = DECODE_CONFIGS.get(d, (64, 4, 2))
     block_n = block_n or min(dn, scratch.chunk)
-    grid = (B, hkv, triton.cdiv(max_ctx, scratch.chunk))
-    _decode_split_kernel[grid](
+    _decode_split_kernel[(B, hkv, n_progs)](
         q, k_cache, v_cache, seq_lens, slots, scratch.acc, scratch.m, scratch.l,
-        scale * LOG2E, window, hq, n_splits,
+        scale * LOG2E, window, hq, n_entries, n_progs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -217,7 +230,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, wind
     )
     _decode_reduce_kernel[(B, hq)](
         scratch.acc, scratch.m, scratch.l, seq_lens, out,
-        window, hq, n_splits, out.stride(0), out.stride(1),
+        window, hq, n_entries, n_progs, out.stride(0), out.stride(1),
         D=d, CHUNK=scratch.chunk, BLOCK_S=16, num_warps=4,
     )
     return out
