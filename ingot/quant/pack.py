@@ -292,7 +292,8 @@ def quantize(w: torch.Tensor, kind: str = "q4", group: int = 32, sym: bool | Non
         qw = pack_q4(q.to(torch.uint8), group)
     else:
         qw = q.to(torch.int8)
-    return PackedLinear(kind, n, k, group, qw, s, m, source=f"float -> {kind} g{group} {'sym' if sym else 'affine'} (lossy)")
+    how = "sym" if sym else "affine"
+    return PackedLinear(kind, n, k, group, qw, s, m, source=f"float -> {kind} g{group} {how} (lossy)")
 
 
 # ---------------------------------------------------------------- MLX
