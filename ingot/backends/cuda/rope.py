@@ -45,9 +45,9 @@ def _qk_norm_rope_store_kernel(
         x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
         y1, y2 = _norm_rope(x1, x2, qn_ptr, inv_freq_ptr, pos, offs, mask, D, eps, Q_NORM, HALF)
-        dst = q_ptr + t * q_s0 + head * q_s1
-        tl.store(dst + offs, y1.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + HALF + offs, y2.to(q_ptr.dtype.element_ty), mask=mask)
+        q_dst = q_ptr + t * q_s0 + head * q_s1
+        tl.store(q_dst + offs, y1.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_dst + HALF + offs, y2.to(q_ptr.dtype.element_ty), mask=mask)
     else:
         kv = head - n_heads
         src = row + (n_heads + kv) * D
@@ -56,9 +56,9 @@ def _qk_norm_rope_store_kernel(
         y1, y2 = _norm_rope(x1, x2, kn_ptr, inv_freq_ptr, pos, offs, mask, D, eps, K_NORM, HALF)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         p64 = pos.to(tl.int64)
-        dst = k_ptr + slot * k_s0 + p64 * k_s1 + kv * k_s2
-        tl.store(dst + offs, y1.to(k_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + HALF + offs, y2.to(k_ptr.dtype.element_ty), mask=mask)
+        k_dst = k_ptr + slot * k_s0 + p64 * k_s1 + kv * k_s2
+        tl.store(k_dst + offs, y1.to(k_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_dst + HALF + offs, y2.to(k_ptr.dtype.element_ty), mask=mask)
         vsrc = row + (n_heads + n_kv_heads + kv) * D
         vdst = v_ptr + slot * v_s0 + p64 * v_s1 + kv * v_s2
         tl.store(vdst + offs, tl.load(vsrc + offs, mask=mask).to(v_ptr.dtype.element_ty), mask=mask)
