@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ingot.backends import reference
-from ingot.backends.cuda.gemm import matmul, pick_tiles, rms_norm_fp16
+from ingot.backends.cuda.gemm import matmul, pick_tiles, rms_norm_half
 from ingot.quant.pack import PackedLinear, quantize, to_device
 
 SEED = int(os.environ.get("INGOT_TEST_SEED", torch.seed() % 2**31))
@@ -152,11 +152,30 @@ def test_norm_prologue(x_dtype, gen, kernel_device):
     check(got, F.silu(normed @ dq[:36].T) * (normed @ dq[36:].T))
 
 
-def test_rms_norm_fp16_multi_block(gen, kernel_device):
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_rms_norm_half_multi_block(dtype, tol, gen, kernel_device):
     x = torch.randn(5, 200, generator=gen)
     nw = torch.randn(200, generator=gen)
-    got = rms_norm_fp16(x.to(kernel_device), nw.to(kernel_device), 1e-6, block=64)
-    torch.testing.assert_close(got.cpu().float(), reference.rms_norm(x, nw, 1e-6), rtol=2e-3, atol=2e-3)
+    got = rms_norm_half(x.to(kernel_device), nw.to(kernel_device), 1e-6, dtype=dtype, block=64)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.cpu().float(), reference.rms_norm(x, nw, 1e-6), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="triton 3.6's interpreter multiplies bf16 bit patterns as uint16 in tl.dot")
+def test_bf16_operands(gen, kernel_device):
+    """dot_dtype=bf16 keeps activations beyond fp16's range finite (here 1e5, which fp16 would make inf)."""
+    M, N, K = 17, 40, 128
+    w = make_weight("q4", 2 * N, K, 32, True, gen)
+    x = torch.randn(M, K, generator=gen) * 1e5
+    dq = w.dequantize()
+    got = matmul(x.to(kernel_device), to(w, kernel_device), gated="silu", dot_dtype=torch.bfloat16, tiles=SMALL)
+    check(got, F.silu(x @ dq[:N].T) * (x @ dq[N:].T), tol=2e-2)
+    nw = torch.rand(K, generator=gen) + 0.5
+    buf = torch.empty(M, K, device=kernel_device, dtype=torch.bfloat16)
+    got = matmul(x.to(kernel_device), to(w, kernel_device), norm_weight=nw.to(kernel_device), norm_out=buf,
+                 dot_dtype=torch.bfloat16, tiles=SMALL)
+    check(got, reference.rms_norm(x, nw, 1e-6) @ dq.T, tol=1e-2)
 
 
 def test_bad_arguments(gen, kernel_device):
@@ -170,6 +189,8 @@ def test_bad_arguments(gen, kernel_device):
         matmul(x, w, tiles=dict(SMALL, BLOCK_K=16))
     with pytest.raises(ValueError, match="out"):
         matmul(x, w, out=torch.empty(17, 8, device=kernel_device, dtype=torch.float16))
+    with pytest.raises(ValueError, match="dot_dtype"):
+        matmul(x, w, dot_dtype=torch.float32)
 
 
 def test_pick_tiles_h100_shapes():

@@ -2,22 +2,22 @@
 
 Each program owns a [BLOCK_M, BLOCK_N] output tile and walks K in BLOCK_K steps: it loads the packed weight
 tile, dequantizes it in registers (scales/mins in fp32, the product rounded to fp16) and feeds tl.dot with
-an fp16 activation tile, accumulating in fp32. fp16 rather than bf16 because its 10-bit mantissa keeps the
-result within ~1e-3 of the fp32 oracle; the range is not a concern for the weights (|w| is O(1)), nor for the
-activations a prefill GEMM sees (normed hidden states, attention outputs, MLP products): an activation beyond
-65504 would saturate to inf, which is why x is converted in the kernel rather than trusted blindly to be
-small — callers with an unnormed, huge residual stream must normalize first (norm_weight does that).
+an fp16 activation tile (fp32 x is converted in the kernel, sparing a pass), accumulating in fp32. fp16
+rather than bf16 by default because its 10-bit mantissa keeps the result within ~1e-3 of the fp32 oracle;
+the weights are O(1), and the activations a prefill GEMM sees (normed hidden states, attention outputs, MLP
+products) normally are far below fp16's 65504. A model whose MLP products can pass that (Gemma-style
+activations are the known risk) passes dot_dtype=torch.bfloat16: same kernel, bf16 operands, ~4e-3 error.
 
 q4 tiles always cover whole scale groups. Byte i of a group holds element i (low nibble) and i + G/2 (high
 nibble), so the low nibbles of a tile form a [BLOCK_N, BLOCK_K/2] matrix whose columns are the first halves of
 the tile's groups, and the high nibbles one over the second halves. Rather than re-interleave them, the
 kernel gathers the matching activation columns and issues two dots (x_lo @ w_lo^T + x_hi @ w_hi^T): the x
-gather reads runs of G/2 contiguous fp16 values, which is coalesced enough, and no register shuffle is needed.
+gather reads runs of G/2 contiguous values, which is coalesced enough, and no register shuffle is needed.
 
 Epilogues: residual add (residual may alias out: every element is read and written by the same program) and a
 gated activation, where W has 2F rows [gate; up] and each program computes the matching gate and up tiles so
 out[M, F] = act(x @ Wg^T) * (x @ Wu^T) never round-trips through memory. The optional RMSNorm prologue is a
-separate small kernel writing normalized fp16 rows into a buffer: prefill is not graph-captured, and a pass
+separate small kernel writing normalized fp16 (bf16) rows into a buffer: prefill is not graph-captured, and a pass
 over M x K activations is negligible next to the M x N x K GEMM.
 """
 
@@ -29,6 +29,7 @@ import triton.language as tl
 
 _KINDS = {"q4": 0, "q8": 1, "f16": 2}
 _ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}
+_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -56,7 +57,7 @@ def _group_params(ptr, row_s, k0, K, n_mask, GROUP: tl.constexpr, STEP: tl.const
 def _dot_tile(acc, x_ptr, stride_xm, offs_m, m_mask, k0, K,
               qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn, rows, n_mask,
               KIND: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, HAS_MINS: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += x[offs_m, k0:k0+BLOCK_K] @ W[rows, k0:k0+BLOCK_K]^T, dequantizing W on the fly."""
     row_off = rows.to(tl.int64)
     s_row = row_off[:, None] * stride_sn
@@ -74,14 +75,14 @@ def _dot_tile(acc, x_ptr, stride_xm, offs_m, m_mask, k0, K,
         q_hi = (q >> 4).to(tl.float32)
         if HAS_MINS:
             mn = _group_params(mn_ptr, s_row, k0, K, n_mask, GROUP, GROUP, SPAN, BLOCK_K // GROUP, BLOCK_N)
-            w_lo = (q_lo * scale + mn).to(tl.float16)
-            w_hi = (q_hi * scale + mn).to(tl.float16)
+            w_lo = (q_lo * scale + mn).to(DOT)
+            w_hi = (q_hi * scale + mn).to(DOT)
         else:
-            w_lo = ((q_lo - 8.0) * scale).to(tl.float16)
-            w_hi = ((q_hi - 8.0) * scale).to(tl.float16)
+            w_lo = ((q_lo - 8.0) * scale).to(DOT)
+            w_hi = ((q_hi - 8.0) * scale).to(DOT)
         x_mask = m_mask[:, None] & k_mask[None, :]
-        x_lo = tl.load(x_row + lo_k[None, :], mask=x_mask, other=0.0).to(tl.float16)
-        x_hi = tl.load(x_row + (lo_k + GROUP // 2)[None, :], mask=x_mask, other=0.0).to(tl.float16)
+        x_lo = tl.load(x_row + lo_k[None, :], mask=x_mask, other=0.0).to(DOT)
+        x_hi = tl.load(x_row + (lo_k + GROUP // 2)[None, :], mask=x_mask, other=0.0).to(DOT)
         acc = tl.dot(x_lo, tl.trans(w_lo), acc)
         acc = tl.dot(x_hi, tl.trans(w_hi), acc)
     else:
@@ -93,12 +94,12 @@ def _dot_tile(acc, x_ptr, stride_xm, offs_m, m_mask, k0, K,
             scale = _group_params(s_ptr, s_row, k0, K, n_mask, GROUP, SPAN, SPAN, BLOCK_K // SPAN, BLOCK_N)
             if HAS_MINS:
                 mn = _group_params(mn_ptr, s_row, k0, K, n_mask, GROUP, SPAN, SPAN, BLOCK_K // SPAN, BLOCK_N)
-                w = (w.to(tl.float32) * scale + mn).to(tl.float16)
+                w = (w.to(tl.float32) * scale + mn).to(DOT)
             else:
-                w = (w.to(tl.float32) * scale).to(tl.float16)
+                w = (w.to(tl.float32) * scale).to(DOT)
         else:
-            w = w.to(tl.float16)
-        x = tl.load(x_row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float16)
+            w = w.to(DOT)
+        x = tl.load(x_row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(DOT)
         acc = tl.dot(x, tl.trans(w), acc)
     return acc
 
@@ -107,7 +108,7 @@ def _dot_tile(acc, x_ptr, stride_xm, offs_m, m_mask, k0, K,
 def _gemm_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, res_ptr, out_ptr,
                  M, N_OUT, K, stride_xm, stride_qn, stride_sn, stride_rm, stride_om,
                  KIND: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, HAS_MINS: tl.constexpr,
-                 ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                 ACT: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # M varies fastest across consecutive programs: those running together share one weight tile, so W
     # streams from DRAM about once while the (much smaller) activations stay resident in L2.
@@ -125,11 +126,11 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, res_ptr, out_ptr,
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         acc = _dot_tile(acc, x_ptr, stride_xm, offs_m, m_mask, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr,
-                        stride_sn, offs_n, n_mask, KIND, GROUP, SPAN, HAS_MINS, BLOCK_N, BLOCK_K)
+                        stride_sn, offs_n, n_mask, KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K)
         if ACT != 0:
             # Up rows sit N_OUT (= F) rows below the gate rows.
             acc_up = _dot_tile(acc_up, x_ptr, stride_xm, offs_m, m_mask, k0, K, qw_ptr, stride_qn, s_ptr,
-                               mn_ptr, stride_sn, offs_n + N_OUT, n_mask, KIND, GROUP, SPAN, HAS_MINS, BLOCK_N, BLOCK_K)
+                               mn_ptr, stride_sn, offs_n + N_OUT, n_mask, KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K)
 
     if ACT != 0:
         acc = _act(acc, ACT) * acc_up
@@ -155,16 +156,17 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, K, stride_xm, stride_ym, eps, BLOCK: t
         mask = offs < K
         v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * stride_ym + offs, (v * inv * w).to(tl.float16), mask=mask)
+        tl.store(y_ptr + row * stride_ym + offs, (v * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm_fp16(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
-                  block: int = 1024) -> torch.Tensor:
-    """fp16 rows of rms_norm(x) * weight (math in fp32), the prologue of matmul(norm_weight=...)."""
+def rms_norm_half(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float16, block: int = 1024) -> torch.Tensor:
+    """rms_norm(x) * weight (math in fp32) rounded to fp16/bf16 rows: the prologue of matmul(norm_weight=)."""
     M, K = x.shape
     if out is None:
-        out = torch.empty((M, K), device=x.device, dtype=torch.float16)
-    assert out.dtype == torch.float16 and out.shape == (M, K) and out.stride(1) == 1
+        out = torch.empty((M, K), device=x.device, dtype=dtype)
+    if out.dtype not in _DOT or out.shape != (M, K) or out.stride(1) != 1:
+        raise ValueError(f"norm_out must be fp16/bf16 {(M, K)} with contiguous rows")
     x = x if x.stride(1) == 1 else x.contiguous()
     block = min(block, triton.next_power_of_2(K))
     _rms_norm_kernel[(M,)](x, weight, out, K, x.stride(0), out.stride(0), float(eps), BLOCK=block)
@@ -207,17 +209,21 @@ def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_byt
 
 def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
            eps: float = 1e-6, residual: torch.Tensor | None = None, gated: str | None = None,
-           norm_out: torch.Tensor | None = None, tiles: dict | None = None) -> torch.Tensor:
+           norm_out: torch.Tensor | None = None, dot_dtype: torch.dtype = torch.float16,
+           tiles: dict | None = None) -> torch.Tensor:
     """out = [residual +] x' @ W^T, or act(x' @ Wg^T) * (x' @ Wu^T) [+ residual] with gated="silu" or
-    "gelu_tanh", where x' is x, or rms_norm(x) * norm_weight rounded to fp16 when norm_weight is given
+    "gelu_tanh", where x' is x, or rms_norm(x) * norm_weight rounded to dot_dtype when norm_weight is given
     (written into norm_out, allocated if None).
 
     x: [M, K] fp16/fp32, rows contiguous. w: PackedLinear (q4/q8/f16). out: fp32 [M, N], [M, N/2] when
-    gated. residual: same shape as out, may be out itself. tiles: overrides of pick_tiles' choices (the
+    gated. residual: same shape as out, may be out itself. dot_dtype: the tensor-core operand type, fp16
+    (default, ~5e-4 relative error) or bf16 (~4e-3, for activations that may pass 65504). tiles: overrides of pick_tiles' choices (the
     interpreter tests use small tiles).
     """
     if w.kind not in _KINDS:
         raise ValueError(f"unknown weight kind {w.kind!r}")
+    if dot_dtype not in _DOT:
+        raise ValueError(f"dot_dtype must be float16 or bfloat16, not {dot_dtype}")
     if gated not in _ACTS:
         raise ValueError(f"gated must be None, 'silu' or 'gelu_tanh', not {gated!r}")
     M, K = x.shape
@@ -232,7 +238,7 @@ def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: 
         raise ValueError(f"K={K} is not a multiple of the group {group}")
 
     if norm_weight is not None:
-        x = rms_norm_fp16(x, norm_weight, eps, out=norm_out)
+        x = rms_norm_half(x, norm_weight, eps, out=norm_out, dtype=dot_dtype)
     elif x.stride(1) != 1:
         x = x.contiguous()
     if out is None:
@@ -266,6 +272,6 @@ def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: 
         x, w.qweight, scales, mins, res, out,
         M, n_out, K, x.stride(0), w.qweight.stride(0), scales.stride(0), res.stride(0), out.stride(0),
         KIND=_KINDS[w.kind], GROUP=group, SPAN=span, HAS_MINS=w.mins is not None, ACT=_ACTS[gated],
-        HAS_RES=residual is not None, **cfg,
+        HAS_RES=residual is not None, DOT=_DOT[dot_dtype], **cfg,
     )
     return out
