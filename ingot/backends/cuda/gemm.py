@@ -54,20 +54,45 @@ def _group_params(ptr, row_s, k0, K, n_mask, GROUP: tl.constexpr, STEP: tl.const
 
 
 @triton.jit
-def _dot_tile(acc, x_ptr, stride_xm, offs_m, m_mask, k0, K,
-              qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn, rows, n_mask,
-              KIND: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, HAS_MINS: tl.constexpr,
-              DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += x[offs_m, k0:k0+BLOCK_K] @ W[rows, k0:k0+BLOCK_K]^T, dequantizing W on the fly."""
-    row_off = rows.to(tl.int64)
-    s_row = row_off[:, None] * stride_sn
-    x_row = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+def _tile_cols(k0, K, KIND: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K columns of this tile's dot operand and their mask. q4: the low-nibble columns of each group (the
+    high ones are G/2 further on); K is a multiple of GROUP, so a group is wholly in or out."""
     if KIND == 0:
         j = tl.arange(0, BLOCK_K // 2)
-        # Byte j of the tile belongs to group j // (G/2); its nibbles are columns lo_k and lo_k + G/2.
-        lo_k = k0 + (j // (GROUP // 2)) * GROUP + (j % (GROUP // 2))
-        k_mask = lo_k < K  # K is a multiple of GROUP, so a group is wholly in or out.
-        w_mask = n_mask[:, None] & k_mask[None, :]
+        cols = k0 + (j // (GROUP // 2)) * GROUP + (j % (GROUP // 2))
+    else:
+        cols = k0 + tl.arange(0, BLOCK_K)
+    return cols, cols < K
+
+
+@triton.jit
+def _x_tiles(x_ptr, stride_xm, offs_m, m_mask, k0, K,
+             KIND: tl.constexpr, GROUP: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The activation operand(s) for one K step: (low-half columns, high-half columns) for q4, else the
+    tile twice. Loaded once per step even when the gated path runs two dots on it."""
+    cols, k_mask = _tile_cols(k0, K, KIND, GROUP, BLOCK_K)
+    ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+    mask = m_mask[:, None] & k_mask[None, :]
+    x_a = tl.load(ptrs, mask=mask, other=0.0).to(DOT)
+    if KIND == 0:
+        x_b = tl.load(ptrs + GROUP // 2, mask=mask, other=0.0).to(DOT)
+    else:
+        x_b = x_a
+    return x_a, x_b
+
+
+@triton.jit
+def _dot_tile(acc, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn, rows, n_mask,
+              KIND: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, HAS_MINS: tl.constexpr,
+              DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x_tile @ W[rows, k0:k0+BLOCK_K]^T, dequantizing W on the fly."""
+    row_off = rows.to(tl.int64)
+    s_row = row_off[:, None] * stride_sn
+    cols, k_mask = _tile_cols(k0, K, KIND, GROUP, BLOCK_K)
+    w_mask = n_mask[:, None] & k_mask[None, :]
+    if KIND == 0:
+        # Byte j of the tile holds columns cols[j] (low nibble) and cols[j] + G/2 (high nibble).
+        j = tl.arange(0, BLOCK_K // 2)
         q = tl.load(qw_ptr + row_off[:, None] * stride_qn + (k0 // 2 + j)[None, :], mask=w_mask, other=0)
         q = q.to(tl.int32)
         scale = _group_params(s_ptr, s_row, k0, K, n_mask, GROUP, GROUP, SPAN, BLOCK_K // GROUP, BLOCK_N)
@@ -80,17 +105,12 @@ def _dot_tile(acc, x_ptr, stride_xm, offs_m, m_mask, k0, K,
         else:
             w_lo = ((q_lo - 8.0) * scale).to(DOT)
             w_hi = ((q_hi - 8.0) * scale).to(DOT)
-        x_mask = m_mask[:, None] & k_mask[None, :]
-        x_lo = tl.load(x_row + lo_k[None, :], mask=x_mask, other=0.0).to(DOT)
-        x_hi = tl.load(x_row + (lo_k + GROUP // 2)[None, :], mask=x_mask, other=0.0).to(DOT)
-        acc = tl.dot(x_lo, tl.trans(w_lo), acc)
-        acc = tl.dot(x_hi, tl.trans(w_hi), acc)
+        acc = tl.dot(x_a, tl.trans(w_lo), acc)
+        acc = tl.dot(x_b, tl.trans(w_hi), acc)
     else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        w = tl.load(qw_ptr + row_off[:, None] * stride_qn + offs_k[None, :], mask=w_mask, other=0)
+        w = tl.load(qw_ptr + row_off[:, None] * stride_qn + cols[None, :], mask=w_mask, other=0)
         if KIND == 1:
+            # A tile spans several groups (SPAN = G < BLOCK_K) or sits inside one (SPAN = BLOCK_K).
             scale = _group_params(s_ptr, s_row, k0, K, n_mask, GROUP, SPAN, SPAN, BLOCK_K // SPAN, BLOCK_N)
             if HAS_MINS:
                 mn = _group_params(mn_ptr, s_row, k0, K, n_mask, GROUP, SPAN, SPAN, BLOCK_K // SPAN, BLOCK_N)
@@ -99,8 +119,7 @@ def _dot_tile(acc, x_ptr, stride_xm, offs_m, m_mask, k0, K,
                 w = (w.to(tl.float32) * scale).to(DOT)
         else:
             w = w.to(DOT)
-        x = tl.load(x_row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(DOT)
-        acc = tl.dot(x, tl.trans(w), acc)
+        acc = tl.dot(x_a, tl.trans(w), acc)
     return acc
 
 
@@ -125,12 +144,13 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, res_ptr, out_ptr,
     if ACT != 0:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        acc = _dot_tile(acc, x_ptr, stride_xm, offs_m, m_mask, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr,
-                        stride_sn, offs_n, n_mask, KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K)
+        x_a, x_b = _x_tiles(x_ptr, stride_xm, offs_m, m_mask, k0, K, KIND, GROUP, DOT, BLOCK_K)
+        acc = _dot_tile(acc, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn, offs_n, n_mask,
+                        KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K)
         if ACT != 0:
             # Up rows sit N_OUT (= F) rows below the gate rows.
-            acc_up = _dot_tile(acc_up, x_ptr, stride_xm, offs_m, m_mask, k0, K, qw_ptr, stride_qn, s_ptr,
-                               mn_ptr, stride_sn, offs_n + N_OUT, n_mask, KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K)
+            acc_up = _dot_tile(acc_up, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn,
+                               offs_n + N_OUT, n_mask, KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K)
 
     if ACT != 0:
         acc = _act(acc, ACT) * acc_up
