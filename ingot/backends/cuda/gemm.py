@@ -237,8 +237,8 @@ def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: 
 
     x: [M, K] fp16/fp32, rows contiguous. w: PackedLinear (q4/q8/f16). out: fp32 [M, N], [M, N/2] when
     gated. residual: same shape as out, may be out itself. dot_dtype: the tensor-core operand type, fp16
-    (default, ~5e-4 relative error) or bf16 (~4e-3, for activations that may pass 65504). tiles: overrides of pick_tiles' choices (the
-    interpreter tests use small tiles).
+    (default, ~5e-4 relative error) or bf16 (~4e-3, for activations that may pass 65504). tiles: overrides
+    of pick_tiles' choices (the interpreter tests use small tiles).
     """
     if w.kind not in _KINDS:
         raise ValueError(f"unknown weight kind {w.kind!r}")
