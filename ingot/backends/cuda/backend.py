@@ -48,6 +48,12 @@ class DecodeState:
         self.ff = torch.zeros(1, spec.intermediate_size, **f32)
         self.logits = torch.zeros(1, weights.lm_head.n, **f32)
         self.scratch = attention.decode_scratch(1, hq, hd, max_context, device)
+        # One split-K workspace, big enough for the largest decode GEMV, so no call allocates.
+        need = [gemv.workspace_numel(weights.lm_head, 1)]
+        for lw in weights.layers:
+            need += [gemv.workspace_numel(lw.qkv, 1), gemv.workspace_numel(lw.o, 1),
+                     gemv.workspace_numel(lw.gate_up, 1, gated="silu"), gemv.workspace_numel(lw.down, 1)]
+        self.workspace = torch.empty(max(max(need), 1), **f32)
 
     def set_inputs(self, token: int, position: int) -> None:
         i = self.step % len(self.host_in)
@@ -98,7 +104,11 @@ class CudaBackend:
         """Every transformer block on activation rows x (fp32 [rows, hidden]), updating x in place."""
         spec = self.spec
         decode = s is not None
-        lin = gemv.linear if rows <= DECODE_ROWS else gemm.matmul
+        if decode:
+            def lin(*a, **kw):
+                return gemv.linear(*a, workspace=s.workspace, **kw)
+        else:
+            lin = gemv.linear if rows <= DECODE_ROWS else gemm.matmul
         hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         for i, (layer, lw) in enumerate(zip(spec.layers, self.w.layers)):
             qkv = lin(x, lw.qkv, norm_weight=lw.attn_norm, eps=spec.norm_eps, out=s.qkv if decode else None)
@@ -137,7 +147,8 @@ class CudaBackend:
         s = self._state
         gemv.embed_rows(s.token, self.w.embed, self.spec.embed_scale, out=s.x)
         self._layers(s.x, cache, s.positions, s.seq_lens, s.slots, 1, s)
-        gemv.linear(s.x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps, out=s.logits)
+        gemv.linear(s.x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps, out=s.logits,
+                    workspace=s.workspace)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: CudaKVCache, last_only: bool = False) -> torch.Tensor:
