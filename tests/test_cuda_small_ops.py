@@ -205,6 +205,8 @@ def test_sample_greedy_and_top_k_1_are_argmax(g, kernel_device):
         assert out.cpu().tolist() == expected.tolist()
         out = sampling.sample(x, **_params(M, kernel_device, temperature=2.0, top_k=1, seed=3), block=block)
         assert out.cpu().tolist() == expected.tolist()
+        out = sampling.sample(x, **_params(M, kernel_device, temperature=1.0, top_p=0.0, seed=3), block=block)
+        assert out.cpu().tolist() == expected.tolist()  # top-p 0 still keeps one token, like llama.cpp
 
 
 def test_sample_reproducible(g, kernel_device):
