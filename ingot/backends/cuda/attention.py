@@ -17,19 +17,22 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-# H100 defaults per head dim.
-# Decode streams K/V once and is bandwidth bound: a 64-key tile keeps enough loads in flight per program with
-# 4 warps; at D=256 a 32-key tile keeps the K/V registers (and the fp32 [16, D] accumulator) from spilling.
-# Three stages let the next tiles' loads overlap the current tile's math inside a chunk.
-#   head_dim: (BLOCK_N, num_warps, num_stages)
-DECODE_CONFIGS = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
-# Prefill is tensor-core bound: 128-query tiles amortise each K/V tile over many rows (the Hopper shape of
-# Triton's flash-attention tutorial); D=128 needs 8 warps for the [128, 128] fp32 accumulator; D=256 halves
-# BLOCK_M and uses 2 stages so Q + two stages of K/V fit in shared memory (32 + 2 * 64 KiB).
+# H100 defaults, chosen from ptxas register/spill counts for sm_90a (to be confirmed by timing on the H100).
+# Decode is bandwidth bound and its nested, data-dependent loops are not software-pipelined, so loads are kept
+# in flight by occupancy: the tiles below keep ~32-96 KiB of K/V loads per SM outstanding without spills.
+# Groups of one (no tl.dot) hold K/V as fp32 in registers and want smaller tiles.
+#   (head_dim, uses tl.dot): (BLOCK_N, num_warps, num_stages)
+DECODE_CONFIGS = {
+    (64, True): (64, 4, 2), (128, True): (64, 4, 2), (256, True): (32, 4, 2),
+    (64, False): (64, 8, 2), (128, False): (32, 4, 2), (256, False): (32, 4, 2),
+}
+# Prefill is tensor-core bound (wgmma): 128-query tiles amortise each K/V tile over many rows with 8 warps
+# (two warpgroups) and 3 stages, no spills at D=64 (4 bytes at D=128). D=256's [128, 256] fp32 accumulator
+# alone is half the register file: 16-key tiles and 2 stages keep the spill small (~100 bytes).
 #   head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)
-PREFILL_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
+PREFILL_CONFIGS = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (128, 16, 8, 2)}
 
-CHUNK = 128  # keys per split: two or four K/V tiles, so the loads pipeline inside a split
+CHUNK = 128  # keys per split: a few K/V tiles, small enough that short rows still spread over many SMs
 MAX_PROGRAMS = 64  # decode programs per (row, KV head) at most: bounds the grid and the scratch
 TARGET_PROGRAMS = 1024  # enough programs to fill 132 SMs several times over at batch 1
 
@@ -217,7 +220,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, wind
     g = hq // hkv
     # Big batches already fill the GPU with rows; fewer programs per row then keep empty ones off the grid.
     n_progs = min(n_entries, triton.cdiv(max_ctx, scratch.chunk), max(1, triton.cdiv(TARGET_PROGRAMS, B * hkv)))
-    dn, dw, ds = DECODE_CONFIGS.get(d, (64, 4, 2))
+    dn, dw, ds = DECODE_CONFIGS.get((d, g > 1), (32, 4, 2))
     block_n = block_n or min(dn, scratch.chunk)
     _decode_split_kernel[(B, hkv, n_progs)](
         q, k_cache, v_cache, seq_lens, slots, scratch.acc, scratch.m, scratch.l,
