@@ -59,7 +59,7 @@ case "$mode" in
       for quant in q4_0 q8_0; do
         f="$MODELS/$key-$quant.gguf"
         [ -e "$f" ] || $PY -m ingot.bench.synthetic "$key" --quant "$quant" -o "$f" || continue
-        $PY -m ingot.cli bench "$f" -p 512 -n 128 -r 5 -o csv 2>>"$OUT/bench.err" | tee -a "$OUT/bench.csv"
+        $PY -m ingot.cli bench "$f" -p 512 -n 128 -r 5 --roofline -o csv 2>>"$OUT/bench.err" | tee -a "$OUT/bench.csv"
       done
     done
     ;;

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import statistics
+import os
 import subprocess
 import sys
 import time
@@ -196,7 +197,10 @@ def model_bytes(model, ckpt=None) -> dict:
 
 
 def git_commit() -> str | None:
-    """The commit of the checkout Ingot runs from (with '-dirty' for uncommitted changes), if any."""
+    """The commit of the checkout Ingot runs from (with '-dirty' for uncommitted changes), if any.
+    INGOT_COMMIT names it where the code runs from a copy without .git (the GPU machine's working tree)."""
+    if os.environ.get("INGOT_COMMIT"):
+        return os.environ["INGOT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
