@@ -6,6 +6,7 @@ Random data every run; the seed is printed (replay: INGOT_TEST_SEED).
 """
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -109,9 +110,7 @@ def test_fusions(fusion, split, gen, kernel_device):
     res = torch.randn(m, f_out, generator=gen) if f.get("residual") else None
     dev = kernel_device
     out = res.clone().to(dev) if f.get("in_place") else poison(m, f_out, dev)
-    cfg = plan(f_out, k, m, kind, group, bool(f.get("gated")))
-    if split:
-        cfg = GemvConfig(cfg.block_m, cfg.block_n, cfg.block_k, split=2)
+    cfg = replace(plan(f_out, k, m, kind, group, bool(f.get("gated"))), split=2 if split else 1)
     ws = torch.full((workspace_numel(w, m, f.get("gated"), cfg),), float("nan"), device=dev)
     assert (ws.numel() > 0) == split
     got = linear(x.to(dev), to(w, dev), out=out, norm_weight=None if nw is None else nw.to(dev), eps=1e-5,
@@ -164,3 +163,44 @@ def test_embed_rows(kind, mins, group, gen, kernel_device):
     out = out.cpu()
     assert not torch.isnan(out).any()
     assert torch.allclose(out, ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("unpack", [0, 1])
+@pytest.mark.parametrize("kind,mins,group", [("q4", False, 16), ("q4", True, 32), ("q4", False, 128),
+                                             ("q8", False, 32), ("q8", True, 16), ("q8", "u8", 64)])
+def test_word_kernel(kind, mins, group, unpack, gen, kernel_device):
+    """The M = 1 word path (both unpack forms), whole-K and split-K, with a K tail; q8 "u8": 0..255 + mins."""
+    n, k = 70, 3 * 256 + 2 * group
+    w = packed(gen, kind, n, k, group, bool(mins))
+    if mins == "u8":
+        w = PackedLinear("q8", n, k, group, torch.randint(0, 256, (n, k), generator=gen, dtype=torch.uint8),
+                         w.scales, w.mins)
+    x = torch.randn(1, k, generator=gen)
+    for block_n, split in ((32, 1), (64, 2)):
+        cfg = GemvConfig(1, block_n, max(256 if kind == "q4" else 128, group), split, kernel="word", unpack=unpack)
+        out = linear(x.to(kernel_device), to(w, kernel_device), out=poison(1, n, kernel_device), config=cfg)
+        check(out, expected(x, w), 1e-5)
+
+
+def test_word_kernel_fused_gated(gen, kernel_device):
+    """Gated + norm + residual on the word path, split-K, fp16 x."""
+    n, k = 2 * 40, 512
+    w = packed(gen, "q4", n, k, 32, False)
+    x = (torch.randn(1, k, generator=gen) * 3).half()
+    nw = torch.randn(k, generator=gen)
+    res = torch.randn(1, n // 2, generator=gen)
+    dev = kernel_device
+    for split in (1, 2):
+        cfg = GemvConfig(1, 16, 256, split, kernel="word", unpack=1)
+        ws = torch.empty(workspace_numel(w, 1, "silu", cfg), device=dev)
+        out = linear(x.to(dev), to(w, dev), out=poison(1, n // 2, dev), norm_weight=nw.to(dev), eps=1e-5,
+                     residual=res.to(dev), gated="silu", workspace=ws, config=cfg)
+        check(out, expected(x, w, nw, 1e-5, res, "silu"), 2e-3)
+
+
+def test_plan_word():
+    for n, k, kind in ((3072, 2048, "q4"), (128256, 2048, "q4"), (4096, 12288, "q8")):
+        c = plan(n, k, 1, kind, 32, False)
+        assert c.kernel == "word" and c.block_m == 1
+        assert -(-n // c.block_n) * c.split >= 2 * 132 and -(-k // c.block_k) >= c.split
+    assert plan(128256, 2048, 1, "q4", 32, False).split == 1

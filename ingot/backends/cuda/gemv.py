@@ -175,6 +175,179 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr
                 HAS_NORM, GATED, HAS_RES)
 
 
+# ---------------------------------------------------------------- M = 1: int32 words, scales factored out
+#
+# The byte kernel above spends most of its instructions per weight on dequantization: extract the byte, an
+# int -> float conversion (a quarter-rate instruction on sm_90), the -8, the scale multiply (and the min add),
+# then the FMA; and every thread holds one weight row, so it reloads x for each 16-byte weight load. The word
+# kernel below (M = 1, q4/q8) instead:
+# - loads the weight as int32 words, [BLOCK_N, groups, words per group], 16 bytes per thread, several rows per
+#   thread (BLOCK_N larger than the warps' row coverage), so each x value a thread loads serves several rows;
+# - turns a nibble/byte into fp32 without a conversion instruction: OR it into the mantissa of 2^23 and
+#   subtract 2^23 (and the -8 / -128 offset in the same subtraction, exactly: Sterbenz);
+# - factors the scale out: per group, t = sum q_i x_i, then acc[n, g] += s[n, g] * t (+ m[n, g] * sum x_i,
+#   the group sum of x computed once per program), so no per-weight scale multiply or min add;
+# - keeps the accumulator [BLOCK_N, groups] across K steps and reduces over groups once, at the end.
+# UNPACK 0 shifts each field down to bit 0 ((w >> s) & mask | 2^23 bits: shift, LOP3, FADD, FFMA per weight).
+# UNPACK 1 masks most fields in place ((w & (mask << b)) | 2^23 bits is 2^23 + q * 2^b, exact while b + width
+# <= 23) and scales the matching x by 2^-b instead, once per program rather than once per weight row:
+# one shift per word, then LOP3, FADD, FFMA per weight.
+
+MAGIC = 0x4B000000  # fp32 bits of 2^23: mantissa bit b has weight 2^b
+_TWO23 = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _word_field(wd, w_hi, magic, SHIFT: tl.constexpr, WIDTH: tl.constexpr, UNPACK: tl.constexpr,
+                OFFSET: tl.constexpr, SIGNED: tl.constexpr):
+    """fp32 (q - OFFSET) * 2^b of the field at bit SHIFT of each word (b: where UNPACK left it)."""
+    MASK: tl.constexpr = (1 << WIDTH) - 1
+    if UNPACK == 0:
+        f = (wd >> SHIFT) & MASK
+        if SIGNED:
+            f = f ^ (1 << (WIDTH - 1))
+        v = (f | magic).to(tl.float32, bitcast=True)
+        return v - (_TWO23 + OFFSET)
+    else:
+        # Fields that end above bit 23 come from w_hi = w >> 12 (q4) / w >> 16 (q8), where they end at <= 23.
+        DOWN: tl.constexpr = 12 if WIDTH == 4 else 16
+        B: tl.constexpr = SHIFT - DOWN if SHIFT + WIDTH > 23 else SHIFT
+        if SHIFT + WIDTH > 23:
+            src = w_hi
+        else:
+            src = wd
+        # One LOP3 (and-or) since `magic` is a register: as an immediate it would take a second LOP3.
+        v = ((src & (MASK << B)) | magic).to(tl.float32, bitcast=True)  # signed q8: w was xor-ed with 0x80..
+        return v - (_TWO23 + OFFSET * (1 << B))
+
+
+@triton.jit
+def _word_x(x_ptr, nw_ptr, xk, ok, SHIFT: tl.constexpr, WIDTH: tl.constexpr, UNPACK: tl.constexpr,
+            HAS_NORM: tl.constexpr):
+    """x (times norm_weight) at element indices xk, and the same scaled by 2^-b for the matching field."""
+    x = tl.load(x_ptr + xk, mask=ok, other=0.0).to(tl.float32)
+    sq = x * x
+    if HAS_NORM:
+        x = x * tl.load(nw_ptr + xk, mask=ok, other=0.0).to(tl.float32)
+    xs = x
+    if UNPACK == 1:
+        DOWN: tl.constexpr = 12 if WIDTH == 4 else 16
+        B: tl.constexpr = SHIFT - DOWN if SHIFT + WIDTH > 23 else SHIFT
+        if B > 0:
+            xs = x * (1.0 / (1 << B))
+    return x, xs, sq
+
+
+@triton.jit
+def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr,
+                      N, K, k_split, stride_rm, stride_om, eps, magic,
+                      WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
+                      HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
+                      UNPACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    NG: tl.constexpr = BLOCK_K // GROUP
+    EPW: tl.constexpr = 32 // WIDTH  # elements per int32 word
+    WPG: tl.constexpr = GROUP // EPW  # words per group
+    HALF: tl.constexpr = GROUP // 2
+    # q4 sym: q - 8; q8 signed: (q + 128) after the xor, - 128; unsigned q8 / q4 with mins: q.
+    OFFSET: tl.constexpr = (8 if not HAS_MIN else 0) if WIDTH == 4 else (128 if SIGNED else 0)
+    k_begin = pid_k * k_split
+    k_end = tl.minimum(K, k_begin + k_split)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    gi = tl.arange(0, NG)
+    wi = tl.arange(0, WPG)
+    # K is a multiple of GROUP: rows start on whole groups of words (the hints let loads be 16-byte vectors).
+    words_per_row = tl.multiple_of(K // EPW, WPG)
+    # Tiles are [groups, rows, words of a group]: with the groups dimension ahead of the rows, the layout
+    # puts a row's consecutive words in neighbouring threads (16 bytes each) and a warp's remaining threads
+    # on further rows; each thread then holds BLOCK_N / (4 * num_warps)-ish rows of the same columns.
+    acc = tl.zeros((NG, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((NG, BLOCK_N), tl.float32)
+    ssv = tl.zeros((NG, WPG), tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        g_ok = k0 + gi * GROUP < k_end  # K is a multiple of GROUP: groups are whole
+        w_ok = tl.broadcast_to(g_ok[:, None], (NG, WPG))  # constant along a group's words: no split vectors
+        wcol = gi[:, None] * WPG + wi[None, :]  # [NG, WPG] word index from k0's
+        w0 = tl.multiple_of(k0 // EPW, WPG)
+        # element index of byte j (q8) / low nibble of byte j (q4) of each word
+        e0 = k0 + gi[:, None] * GROUP + wi[None, :] * 4
+        # x for each field of a word, in the order of the fields' bit positions.
+        if WIDTH == 4:
+            x0, xs0, q0 = _word_x(x_ptr, nw_ptr, e0, w_ok, 0, WIDTH, UNPACK, HAS_NORM)
+            x1, xs1, q1 = _word_x(x_ptr, nw_ptr, e0 + HALF, w_ok, 4, WIDTH, UNPACK, HAS_NORM)
+            x2, xs2, q2 = _word_x(x_ptr, nw_ptr, e0 + 1, w_ok, 8, WIDTH, UNPACK, HAS_NORM)
+            x3, xs3, q3 = _word_x(x_ptr, nw_ptr, e0 + 1 + HALF, w_ok, 12, WIDTH, UNPACK, HAS_NORM)
+            x4, xs4, q4 = _word_x(x_ptr, nw_ptr, e0 + 2, w_ok, 16, WIDTH, UNPACK, HAS_NORM)
+            x5, xs5, q5 = _word_x(x_ptr, nw_ptr, e0 + 2 + HALF, w_ok, 20, WIDTH, UNPACK, HAS_NORM)
+            x6, xs6, q6 = _word_x(x_ptr, nw_ptr, e0 + 3, w_ok, 24, WIDTH, UNPACK, HAS_NORM)
+            x7, xs7, q7 = _word_x(x_ptr, nw_ptr, e0 + 3 + HALF, w_ok, 28, WIDTH, UNPACK, HAS_NORM)
+            xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+            sq = ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
+        else:
+            x0, xs0, q0 = _word_x(x_ptr, nw_ptr, e0, w_ok, 0, WIDTH, UNPACK, HAS_NORM)
+            x1, xs1, q1 = _word_x(x_ptr, nw_ptr, e0 + 1, w_ok, 8, WIDTH, UNPACK, HAS_NORM)
+            x2, xs2, q2 = _word_x(x_ptr, nw_ptr, e0 + 2, w_ok, 16, WIDTH, UNPACK, HAS_NORM)
+            x3, xs3, q3 = _word_x(x_ptr, nw_ptr, e0 + 3, w_ok, 24, WIDTH, UNPACK, HAS_NORM)
+            xsum = (x0 + x1) + (x2 + x3)
+            sq = (q0 + q1) + (q2 + q3)
+        if HAS_NORM:
+            ssv += sq
+        s_off = rows64[None, :] * (K // GROUP) + (k0 // GROUP + gi)[:, None]
+        s_ok = row_ok[None, :] & g_ok[:, None]
+        for half in tl.static_range(2 if GATED != 0 else 1):
+            r_off = half * N
+            wrow = qw_ptr + (rows64 + r_off) * words_per_row + w0
+            wd = tl.load(wrow[None, :, None] + wcol[:, None, :],
+                         mask=row_ok[None, :, None] & w_ok[:, None, :], other=0)
+            if UNPACK == 1 and SIGNED:
+                wd = wd ^ -2139062144  # 0x80808080: q + 128 in every byte
+            wd = wd.to(tl.uint32, bitcast=True)  # logical shifts
+            w_hi = wd >> (12 if WIDTH == 4 else 16)
+            if WIDTH == 4:
+                p = _word_field(wd, w_hi, magic, 0, 4, UNPACK, OFFSET, SIGNED) * xs0[:, None, :]
+                p += _word_field(wd, w_hi, magic, 4, 4, UNPACK, OFFSET, SIGNED) * xs1[:, None, :]
+                p += _word_field(wd, w_hi, magic, 8, 4, UNPACK, OFFSET, SIGNED) * xs2[:, None, :]
+                p += _word_field(wd, w_hi, magic, 12, 4, UNPACK, OFFSET, SIGNED) * xs3[:, None, :]
+                p += _word_field(wd, w_hi, magic, 16, 4, UNPACK, OFFSET, SIGNED) * xs4[:, None, :]
+                p += _word_field(wd, w_hi, magic, 20, 4, UNPACK, OFFSET, SIGNED) * xs5[:, None, :]
+                p += _word_field(wd, w_hi, magic, 24, 4, UNPACK, OFFSET, SIGNED) * xs6[:, None, :]
+                p += _word_field(wd, w_hi, magic, 28, 4, UNPACK, OFFSET, SIGNED) * xs7[:, None, :]
+            else:
+                p = _word_field(wd, w_hi, magic, 0, 8, UNPACK, OFFSET, SIGNED) * xs0[:, None, :]
+                p += _word_field(wd, w_hi, magic, 8, 8, UNPACK, OFFSET, SIGNED) * xs1[:, None, :]
+                p += _word_field(wd, w_hi, magic, 16, 8, UNPACK, OFFSET, SIGNED) * xs2[:, None, :]
+                p += _word_field(wd, w_hi, magic, 24, 8, UNPACK, OFFSET, SIGNED) * xs3[:, None, :]
+            t = tl.sum(p, axis=2)
+            s = tl.load(s_ptr + r_off * (K // GROUP) + s_off, mask=s_ok, other=0.0).to(tl.float32)
+            if HAS_MIN:
+                mn = tl.load(m_ptr + r_off * (K // GROUP) + s_off, mask=s_ok, other=0.0).to(tl.float32)
+                c = s * t + mn * tl.sum(xsum, axis=1)[:, None]
+            else:
+                c = s * t
+            if half == 0:
+                acc += c
+            else:
+                acc_u += c
+    res = tl.sum(acc, axis=0)[None, :]
+    res_u = tl.sum(acc_u, axis=0)[None, :]
+    ss = tl.sum(tl.sum(ssv, axis=1), axis=0) + tl.zeros((1,), tl.float32)
+    mi = tl.arange(0, 1)
+    if SPLIT:
+        n_w = N * (2 if GATED != 0 else 1)
+        p_out = part_ptr + pid_k.to(tl.int64) * n_w + rows
+        tl.store(p_out, tl.sum(acc, axis=0), mask=row_ok)
+        if GATED != 0:
+            tl.store(p_out + N, tl.sum(acc_u, axis=0), mask=row_ok)
+        if HAS_NORM:
+            tl.store(ss_ptr + pid_k + mi, ss, mask=pid_n == 0)
+    else:
+        _finish(res, res_u, ss, mi, rows, 1, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
+                HAS_NORM, GATED, HAS_RES)
+
+
 @triton.jit
 def _split_reduce_kernel(part_ptr, ss_ptr, res_ptr, out_ptr, M, N, K, n_split, stride_rm, stride_om, eps,
                          HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
@@ -204,6 +377,9 @@ class GemvConfig:
     block_k: int
     split: int  # programs along K (1: no split, no workspace)
     num_warps: int = 4
+    # "word": the M = 1 int32-word kernel for q4/q8 (other calls fall back to "byte", the general kernel)
+    kernel: str = "word"
+    unpack: int = 1  # word kernel: 0 shift every field down, 1 mask in place and pre-scale x
 
 
 def _block_k(kind: str, group: int) -> int:
@@ -223,6 +399,8 @@ def plan(n_out: int, k: int, m: int, kind: str, group: int, gated: bool) -> Gemv
     if not 1 <= m <= MAX_M:
         raise ValueError(f"gemv takes 1..{MAX_M} activation rows, got {m}")
     block_m = triton.next_power_of_2(m)
+    if m == 1 and kind in ("q4", "q8"):
+        return _plan_word(n_out, k, kind, group, gated)
     block_k = _block_k(kind, group)
     block_n = 16 if gated or m > 2 else 32
     tiles_n = triton.cdiv(n_out, block_n)
@@ -230,6 +408,24 @@ def plan(n_out: int, k: int, m: int, kind: str, group: int, gated: bool) -> Gemv
     split = max(1, min(triton.cdiv(4 * N_SMS, tiles_n), k_tiles // 4))
     split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty splits
     return GemvConfig(block_m, block_n, block_k, split)
+
+
+def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvConfig:
+    """M = 1 word kernel: 128 weight bytes per row per K step (32 words: 8 per thread of a row's 4 threads...
+    4 words, i.e. one 16-byte load, per thread per row), BLOCK_N rows per program so that each thread holds
+    BLOCK_N / 16 rows (4 warps) and reuses every x value it loads that many times. Small N (attention
+    projections, down): smaller tiles and K split until the grid has >= 4 programs per SM, even down to one
+    K step per program, so that all of a program's loads are in flight at once."""
+    block_k = max(256 if kind == "q4" else 128, group)
+    block_n = 32 if gated else 64
+    tiles_n = triton.cdiv(n_out, block_n)
+    if tiles_n < 2 * N_SMS:
+        block_n //= 2
+        tiles_n = triton.cdiv(n_out, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    split = max(1, min(triton.cdiv(4 * N_SMS, tiles_n), k_tiles))
+    split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty splits
+    return GemvConfig(1, block_n, block_k, split, num_warps=4, kernel="word", unpack=1)
 
 
 def _k_split(k: int, cfg: GemvConfig) -> int:
@@ -277,10 +473,33 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
             workspace = torch.empty(need, device=x.device, dtype=torch.float32)
         assert workspace.dtype == torch.float32 and workspace.numel() >= need, "workspace too small"
         part, ss = workspace, workspace[splits * m * w.n:]
+    res = residual if residual is not None else out
+    if m == 1 and w.kind != "f16" and cfg.kernel == "word":
+        assert cfg.block_k % w.group == 0 and w.qweight.is_contiguous()
+        flags = dict(HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
+        _gemv_word_kernel[(triton.cdiv(n_out, cfg.block_n), splits)](
+            x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales,
+            norm_weight if norm_weight is not None else x, res, out, part, ss,
+            n_out, k, k_split, res.stride(0), out.stride(0), eps, MAGIC,
+            WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
+            SIGNED=w.qweight.dtype == torch.int8, SPLIT=splits > 1, UNPACK=cfg.unpack,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **flags)
+    else:
+        _launch_byte(x, w, cfg, out, norm_weight, eps, residual, res, gated, part, ss, m, n_out, k, k_split,
+                     splits)
+    if splits > 1:
+        reduce_n = 128 if cfg.block_m <= 4 else 32
+        flags = dict(HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
+        _split_reduce_kernel[(triton.cdiv(n_out, reduce_n),)](
+            part, ss, res, out, m, n_out, k, splits, res.stride(0), out.stride(0), eps,
+            BLOCK_M=cfg.block_m, BLOCK_N=reduce_n, num_warps=4, **flags)
+    return out
+
+
+def _launch_byte(x, w, cfg, out, norm_weight, eps, residual, res, gated, part, ss, m, n_out, k, k_split, splits):
     group = w.group if w.kind != "f16" else F16_PSEUDO_GROUP
     flags = dict(KIND=KIND_IDS[w.kind], GROUP=group, HAS_MIN=w.mins is not None,
                  HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
-    res = residual if residual is not None else out
     grid = (triton.cdiv(n_out, cfg.block_n), splits)
     _gemv_kernel[grid](
         x, w.qweight, w.scales if w.scales is not None else w.qweight, w.mins if w.mins is not None else w.qweight,
@@ -288,13 +507,6 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
         m, n_out, k, k_split, x.stride(0), res.stride(0), out.stride(0), eps,
         SPLIT=splits > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, **flags)
-    if splits > 1:
-        reduce_n = 128 if cfg.block_m <= 4 else 32
-        del flags["KIND"], flags["GROUP"], flags["HAS_MIN"]
-        _split_reduce_kernel[(triton.cdiv(n_out, reduce_n),)](
-            part, ss, res, out, m, n_out, k, splits, res.stride(0), out.stride(0), eps,
-            BLOCK_M=cfg.block_m, BLOCK_N=reduce_n, num_warps=4, **flags)
-    return out
 
 
 @triton.jit
