@@ -398,16 +398,21 @@ def plan(n_out: int, k: int, m: int, kind: str, group: int, gated: bool) -> Gemv
     """
     if not 1 <= m <= MAX_M:
         raise ValueError(f"gemv takes 1..{MAX_M} activation rows, got {m}")
-    block_m = triton.next_power_of_2(m)
     if m == 1 and kind in ("q4", "q8"):
         return _plan_word(n_out, k, kind, group, gated)
+    return _plan_byte(n_out, k, m, kind, group, gated)
+
+
+def _plan_byte(n_out: int, k: int, m: int, kind: str, group: int, gated: bool) -> GemvConfig:
+    """The general (byte) kernel's tiles: any M, any kind."""
+    block_m = triton.next_power_of_2(m)
     block_k = _block_k(kind, group)
     block_n = 16 if gated or m > 2 else 32
     tiles_n = triton.cdiv(n_out, block_n)
     k_tiles = triton.cdiv(k, block_k)
     split = max(1, min(triton.cdiv(4 * N_SMS, tiles_n), k_tiles // 4))
     split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty splits
-    return GemvConfig(block_m, block_n, block_k, split)
+    return GemvConfig(block_m, block_n, block_k, split, kernel="byte")
 
 
 def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvConfig:
