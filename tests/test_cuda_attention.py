@@ -68,7 +68,8 @@ CONFIGS = {"small": (32, 16, 64), "strided": (16, 16, 4), "default": (128, None,
 
 @pytest.mark.parametrize("d,hkv,g,window,lens,slots", DECODE_CASES)
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_decode(kernel_device, gen, d, hkv, g, window, lens, slots, config):
+@pytest.mark.parametrize("fused", [True, False], ids=["one_launch", "split_reduce"])
+def test_decode(kernel_device, gen, d, hkv, g, window, lens, slots, config, fused):
     max_batch, max_ctx, B, hq = 4, 96, len(lens), hkv * g
     scale = 0.07 if d == 256 else d**-0.5  # Gemma-style scales are not 1/sqrt(D)
     k_full, v_full, k_cache, v_cache = make_cache(gen, max_batch, max_ctx, hkv, d, kernel_device)
@@ -82,8 +83,9 @@ def test_decode(kernel_device, gen, d, hkv, g, window, lens, slots, config):
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=kernel_device)
     slot_t = torch.tensor(slots, dtype=torch.int32, device=kernel_device)
     got = decode_attention(q.to(kernel_device), k_cache, v_cache, seq_lens, slot_t, scale=scale, window=window,
-                           out=out, scratch=scratch, block_n=block_n)
+                           out=out, scratch=scratch, block_n=block_n, fused=fused)
     assert got is out and not out.isnan().any()
+    assert (scratch.count == 0).all(), "the single-launch counters must be back at zero for the next launch"
     for b, (s, n) in enumerate(zip(slots, lens)):
         want = reference(q[b : b + 1], k_full[s, :n], v_full[s, :n], torch.tensor([n - 1]), scale, window)
         err = rel_err(out[b : b + 1], want)
@@ -107,6 +109,35 @@ def test_decode_steps_reuse_buffers(kernel_device, gen):
         want = reference(q[:1], k_full[1, :n], v_full[1, :n], torch.tensor([n - 1]), 0.125, 24)
         assert rel_err(out[:1], want) < TOL, f"len {n} (seed {SEED})"
         assert (out[1] == 0).all()
+        assert (scratch.count == 0).all()
+
+
+@pytest.mark.parametrize("d,g,window", [(128, 2, 0), (64, 4, 0), (128, 1, 0), (64, 4, 700)])
+def test_decode_long_and_short_same_capture(kernel_device, gen, d, g, window):
+    """H100 defaults (128-key splits, up to 64 programs) with a long max_ctx: the grid is fixed as a captured
+    graph's would be, and the device picks the path per length: one program writing the output directly
+    (short rows), several programs each holding many strided splits merged by the last one (long rows)."""
+    hkv, max_ctx = 2, 9000
+    hq = hkv * g
+    k_full, v_full, k_cache, v_cache = make_cache(gen, 2, max_ctx, hkv, d, kernel_device)
+    lens_seq = [[40, 8999], [128, 129], [1, 8192], [2000, 7]]
+    n_max = max(max(l) for l in lens_seq)
+    for s in (0, 1):
+        k_cache[s, :n_max], v_cache[s, :n_max] = k_full[s, :n_max].to(kernel_device), v_full[s, :n_max].to(kernel_device)
+    scratch = decode_scratch(2, hq, d, max_ctx, kernel_device)
+    assert scratch.m.shape[2] == 64
+    out = torch.empty(2, hq, d, device=kernel_device)
+    seq_lens = torch.zeros(2, dtype=torch.int32, device=kernel_device)
+    slots = torch.tensor([1, 0], dtype=torch.int32, device=kernel_device)
+    for lens in lens_seq:
+        seq_lens.copy_(torch.tensor(lens))
+        q = torch.randn(2, hq, d, generator=gen)
+        decode_attention(q.to(kernel_device), k_cache, v_cache, seq_lens, slots, scale=d**-0.5, window=window,
+                         out=out, scratch=scratch)
+        assert (scratch.count == 0).all()
+        for b, (s, n) in enumerate(zip([1, 0], lens)):
+            want = reference(q[b : b + 1], k_full[s, :n], v_full[s, :n], torch.tensor([n - 1]), d**-0.5, window)
+            assert rel_err(out[b : b + 1], want) < TOL, f"len {n} (seed {SEED})"
 
 
 # (head_dim, kv heads, group, window, start, T, block_m, block_n)

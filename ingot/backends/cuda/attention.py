@@ -44,6 +44,9 @@ class DecodeScratch(NamedTuple):
     m: torch.Tensor  # fp32, max of the (log2-domain) scores
     l: torch.Tensor  # fp32, sum of exp2(score - m)
     chunk: int  # keys per split
+    # int32 [max_batch, Hq], zero between launches: per (row, KV head), how many programs have stored their
+    # partials in the current launch (the last one merges them and puts the counter back to zero).
+    count: torch.Tensor | None = None
 
 
 def decode_scratch(max_batch: int, n_heads: int, head_dim: int, max_ctx: int, device, chunk: int = CHUNK,
@@ -56,6 +59,7 @@ def decode_scratch(max_batch: int, n_heads: int, head_dim: int, max_ctx: int, de
         torch.empty(max_batch, n_heads, programs, **f32),
         torch.empty(max_batch, n_heads, programs, **f32),
         chunk,
+        torch.zeros(max_batch, n_heads, device=device, dtype=torch.int32),
     )
 
 
@@ -75,9 +79,16 @@ def _check_cache(k_cache, v_cache, d):
 #
 # The KV range of a row is cut into CHUNK-key splits; the grid has P programs per (row, KV head), fixed at
 # launch, and program p takes splits p, p+P, p+2P, ... that hold visible keys (P is the number of splits when
-# max_ctx is short, so each program then has one split). Each program writes one partial (m, l, acc); the
-# reduce kernel merges the partials of the programs that had work. Which ones did is recomputed from seq_len
-# on both sides, so nothing depends on host values and the pair replays in a CUDA graph.
+# max_ctx is short, so each program then has one split). Which programs have work is recomputed from seq_len
+# on the device, so nothing depends on host values and the launch replays in a CUDA graph.
+#
+# Single launch (the default): a program that finds itself the only one with work (the row fits in one split:
+# every short context) normalises and writes the output directly, with no scratch traffic at all. Otherwise
+# each program stores its partial (m, l, acc), bumps a per-(row, KV head) counter, and the last to arrive
+# merges all partials of its G heads, always in split order (so the result does not depend on which program
+# finished last), and resets the counter for the next launch.
+# Two launches (fused=False, the previous scheme): every program stores a partial; _decode_reduce_kernel
+# merges them.
 
 
 @triton.jit
@@ -87,34 +98,70 @@ def _split_range(seq_len, window, CHUNK: tl.constexpr):
     return lo, lo // CHUNK, (seq_len + CHUNK - 1) // CHUNK
 
 
+@triton.jit
+def _merge_partials(acc_ptr, m_ptr, l_ptr, base, s_lo, s_end, n_progs,
+                    D: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
+    """Normalised output [D] of one head from the partials of splits s_lo..s_end-1 (entry base + split % P);
+    zeros when there are none."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    mx = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(s_lo, s_end, BLOCK_S):
+        sp = s0 + offs_s
+        mx = tl.maximum(mx, tl.load(m_ptr + base + sp % n_progs, mask=sp < s_end, other=float("-inf"),
+                                    cache_modifier=CACHE))
+    m_all = tl.max(mx, 0)
+
+    den = tl.zeros([BLOCK_S], tl.float32)
+    num = tl.zeros([BLOCK_S, D], tl.float32)
+    for s0 in range(s_lo, s_end, BLOCK_S):
+        sp = s0 + offs_s
+        ok = sp < s_end
+        e = base + sp % n_progs
+        w = tl.where(ok, tl.exp2(tl.load(m_ptr + e, mask=ok, other=float("-inf"), cache_modifier=CACHE) - m_all),
+                     0.0)
+        den += w * tl.load(l_ptr + e, mask=ok, other=0.0, cache_modifier=CACHE)
+        num += w[:, None] * tl.load(acc_ptr + e[:, None].to(tl.int64) * D + offs_d[None, :], mask=ok[:, None],
+                                    other=0.0, cache_modifier=CACHE)
+    total = tl.sum(den, 0)
+    return tl.sum(num, 0) / tl.where(total > 0, total, 1.0)  # an empty row (seq_len 0) comes out as zeros
+
+
 # Window and lengths stay runtime values: specialising on 1 would turn them into constants.
 @triton.jit(do_not_specialize=["window"])
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, seq_lens_ptr, slots_ptr, acc_ptr, m_ptr, l_ptr,
+    q_ptr, k_ptr, v_ptr, seq_lens_ptr, slots_ptr, acc_ptr, m_ptr, l_ptr, out_ptr, count_ptr,
     qk_scale, window, n_heads, n_entries, n_progs,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_oh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, USE_DOT: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, FUSED: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     prog = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
+    slot = tl.load(slots_ptr + b).to(tl.int64)  # issued together with seq_len: one round trip, not two
     lo, s_lo, s_hi = _split_range(seq_len, window, CHUNK)
+    n_active = tl.minimum(s_hi - s_lo, n_progs)  # programs with visible keys: 0 .. n_active-1 (mod P)
     first = prog + (tl.maximum(s_lo - prog, 0) + n_progs - 1) // n_progs * n_progs
-    if first >= s_hi:  # nothing visible for this program at this row's length
-        return
-
-    slot = tl.load(slots_ptr + b).to(tl.int64)
-    k_base = k_ptr + slot * stride_kb + kvh * stride_kh
-    v_base = v_ptr + slot * stride_vb + kvh * stride_vh
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
     heads = kvh * G + offs_g
     g_ok = offs_g < G
+    out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    if first >= s_hi:  # nothing visible for this program at this row's length
+        if FUSED:
+            if (n_active <= 0) & (prog == 0):  # an empty row (seq_len 0) comes out as zeros
+                tl.store(out_ptrs, tl.zeros([BLOCK_G, D], tl.float32).to(out_ptr.dtype.element_ty),
+                         mask=g_ok[:, None])
+        return
+
+    k_base = k_ptr + slot * stride_kb + kvh * stride_kh
+    v_base = v_ptr + slot * stride_vb + kvh * stride_vh
+    offs_n = tl.arange(0, BLOCK_N)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
     # G query heads share this KV head: one pass over K/V serves all of them (tl.dot needs >= 16 rows, so
     # groups are padded to 16; a group of one uses plain fp32 dot products instead).
@@ -152,10 +199,27 @@ def _decode_split_kernel(
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
-    entry = (b * n_heads + heads) * n_entries + prog
-    tl.store(acc_ptr + entry[:, None].to(tl.int64) * D + offs_d[None, :], acc, mask=g_ok[:, None])
-    tl.store(m_ptr + entry, m_i, mask=g_ok)
-    tl.store(l_ptr + entry, l_i, mask=g_ok)
+    if FUSED and n_active == 1:  # the only program with work: the output is this program's alone
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        entry = (b * n_heads + heads) * n_entries + prog
+        tl.store(acc_ptr + entry[:, None].to(tl.int64) * D + offs_d[None, :], acc, mask=g_ok[:, None])
+        tl.store(m_ptr + entry, m_i, mask=g_ok)
+        tl.store(l_ptr + entry, l_i, mask=g_ok)
+        if FUSED:
+            # All threads' partial stores precede the (one-thread) release of the ticket; the last arrival
+            # acquires everyone's partials and reads them from L2 (.cg), never from a stale L1 line.
+            tl.debug_barrier()
+            counter = count_ptr + b * n_heads + kvh
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == n_active - 1:
+                tl.store(counter, 0)  # the next launch (stream-ordered after this one) starts from zero
+                s_end = tl.minimum(s_hi, s_lo + n_progs)
+                for g in tl.static_range(G):
+                    h = kvh * G + g
+                    o = _merge_partials(acc_ptr, m_ptr, l_ptr, (b * n_heads + h) * n_entries, s_lo, s_end,
+                                        n_progs, D, BLOCK_S, ".cg")
+                    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["window"])
@@ -170,36 +234,18 @@ def _decode_reduce_kernel(
     lo, s_lo, s_hi = _split_range(seq_len, window, CHUNK)
     # The programs that had work own splits s_lo .. s_lo+P-1 (mod P), or fewer when the row is short.
     s_end = tl.minimum(s_hi, s_lo + n_progs)
-    base = (b * n_heads + h) * n_entries
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, D)
-
-    mx = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    for s0 in range(s_lo, s_end, BLOCK_S):
-        sp = s0 + offs_s
-        mx = tl.maximum(mx, tl.load(m_ptr + base + sp % n_progs, mask=sp < s_end, other=float("-inf")))
-    m_all = tl.max(mx, 0)
-
-    den = tl.zeros([BLOCK_S], tl.float32)
-    num = tl.zeros([BLOCK_S, D], tl.float32)
-    for s0 in range(s_lo, s_end, BLOCK_S):
-        sp = s0 + offs_s
-        ok = sp < s_end
-        e = base + sp % n_progs
-        w = tl.where(ok, tl.exp2(tl.load(m_ptr + e, mask=ok, other=float("-inf")) - m_all), 0.0)
-        den += w * tl.load(l_ptr + e, mask=ok, other=0.0)
-        num += w[:, None] * tl.load(acc_ptr + e[:, None].to(tl.int64) * D + offs_d[None, :], mask=ok[:, None],
-                                    other=0.0)
-    total = tl.sum(den, 0)
-    o = tl.sum(num, 0) / tl.where(total > 0, total, 1.0)  # an empty row (seq_len 0) comes out as zeros
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+    o = _merge_partials(acc_ptr, m_ptr, l_ptr, (b * n_heads + h) * n_entries, s_lo, s_end, n_progs, D, BLOCK_S, "")
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + tl.arange(0, D), o.to(out_ptr.dtype.element_ty))
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, window: int = 0, out=None,
                      scratch: DecodeScratch | None = None, block_n: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None):
+                     num_warps: int | None = None, num_stages: int | None = None, fused: bool = True):
     """Attention of one new token per row: q [B, Hq, D] (fp32/fp16) against the cache slots[b], positions
-    0..seq_lens[b]-1 (seq_lens and slots int32 on device). Returns out [B, Hq, D] (fp32 unless out says)."""
+    0..seq_lens[b]-1 (seq_lens and slots int32 on device). Returns out [B, Hq, D] (fp32 unless out says).
+
+    fused (default): one launch, merging split partials in the last-arriving program (needs scratch.count,
+    zero between launches, as decode_scratch makes it); fused=False: split kernel plus reduce kernel."""
     B, hq, d = q.shape
     _check_cache(k_cache, v_cache, d)
     max_ctx, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -212,6 +258,8 @@ def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, wind
     n_entries = scratch.m.shape[2]
     if scratch.m.shape[0] < B or scratch.m.shape[1] != hq or scratch.acc.shape[3] != d:
         raise ValueError("decode scratch is too small for this batch, or made for other heads")
+    if fused and (scratch.count is None or scratch.count.shape[0] < B or scratch.count.shape[1] < hkv):
+        raise ValueError("the single-launch decode needs the scratch's counters (make it with decode_scratch)")
     if out is None:
         out = torch.empty(B, hq, d, device=q.device, dtype=torch.float32)
     if out.shape != (B, hq, d) or out.stride(2) != 1:
@@ -222,20 +270,23 @@ def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, wind
     n_progs = min(n_entries, triton.cdiv(max_ctx, scratch.chunk), max(1, triton.cdiv(TARGET_PROGRAMS, B * hkv)))
     dn, dw, ds = DECODE_CONFIGS.get((d, g > 1), (32, 4, 2))
     block_n = block_n or min(dn, scratch.chunk)
+    count = scratch.count if scratch.count is not None else scratch.m  # unused when not fused
     _decode_split_kernel[(B, hkv, n_progs)](
-        q, k_cache, v_cache, seq_lens, slots, scratch.acc, scratch.m, scratch.l,
+        q, k_cache, v_cache, seq_lens, slots, scratch.acc, scratch.m, scratch.l, out, count,
         scale * LOG2E, window, hq, n_entries, n_progs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
         G=g, BLOCK_G=1 if g == 1 else max(16, triton.next_power_of_2(g)), USE_DOT=g > 1, D=d, CHUNK=scratch.chunk,
-        BLOCK_N=block_n, num_warps=num_warps or dw, num_stages=num_stages or ds,
+        BLOCK_N=block_n, FUSED=fused, BLOCK_S=16, num_warps=num_warps or dw, num_stages=num_stages or ds,
     )
-    _decode_reduce_kernel[(B, hq)](
-        scratch.acc, scratch.m, scratch.l, seq_lens, out,
-        window, hq, n_entries, n_progs, out.stride(0), out.stride(1),
-        D=d, CHUNK=scratch.chunk, BLOCK_S=16, num_warps=4,
-    )
+    if not fused:
+        _decode_reduce_kernel[(B, hq)](
+            scratch.acc, scratch.m, scratch.l, seq_lens, out,
+            window, hq, n_entries, n_progs, out.stride(0), out.stride(1),
+            D=d, CHUNK=scratch.chunk, BLOCK_S=16, num_warps=4,
+        )
     return out
 
 
