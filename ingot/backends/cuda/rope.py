@@ -1,8 +1,9 @@
 """Everything between the fused QKV projection and attention, in one launch: per-head q/k RMSNorm
 (Qwen3, Gemma 3), half-split RoPE, and the fp16 KV-cache write.
 
-One program per (token, q head) and per (token, kv head); a kv program also copies its v head, so the
-whole qkv row is read exactly once. Positions and cache slots come from device tensors, so the launch
+One program per token handles all its heads at once (q heads, k heads and the v copy as [heads, D/2]
+tiles), so the qkv row is read exactly once, cos/sin are computed once per position and shared by every
+head, and a decode step is a single small program: no grid of tiny per-head programs to schedule. Positions and cache slots come from device tensors, so the launch
 can be captured in a CUDA graph and replayed for every decode step.
 """
 
@@ -14,62 +15,72 @@ import triton.language as tl
 
 
 @triton.jit
-def _norm_rope(x1, x2, w_ptr, inv_freq_ptr, pos, offs, mask, D, eps, NORM: tl.constexpr, HALF: tl.constexpr):
+def _rope_heads(x1, x2, w_ptr, c, s, offs, mask, D, eps, NORM: tl.constexpr, HALF: tl.constexpr):
+    """Rows of x1, x2 [H, BLOCK] are the two halves of H heads: per-head RMSNorm (optional), then rotation by
+    the position's c, s [BLOCK], shared by every head."""
     if NORM:
-        inv = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
-        x1 = x1 * inv * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = x2 * inv * tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    # The angle is the same single fp32 product as torch's pos.float() * inv_freq; cos/sin of it need a
-    # full-range reduction because angles reach tens of thousands of radians at long contexts.
-    angle = pos.to(tl.float32) * tl.load(inv_freq_ptr + offs, mask=mask, other=0.0)
-    c = tl.cos(angle)
-    s = tl.sin(angle)
-    return x1 * c - x2 * s, x2 * c + x1 * s
+        inv = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)[:, None]
+        x1 = x1 * inv * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)[None, :]
+        x2 = x2 * inv * tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)[None, :]
+    return x1 * c[None, :] - x2 * s[None, :], x2 * c[None, :] + x1 * s[None, :]
 
 
 @triton.jit
 def _qk_norm_rope_store_kernel(
         qkv_ptr, qkv_stride, pos_ptr, slot_ptr, inv_freq_ptr, qn_ptr, kn_ptr,
         q_ptr, q_s0, q_s1, k_ptr, k_s0, k_s1, k_s2, v_ptr, v_s0, v_s1, v_s2,
-        n_heads, n_kv_heads, eps,
+        eps,
+        N_HEADS: tl.constexpr, N_KV: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr,
         HALF: tl.constexpr, BLOCK: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    D = 2 * HALF
+    D: tl.constexpr = 2 * HALF
     offs = tl.arange(0, BLOCK)
     mask = offs < HALF
+    # Every independent load goes out first (position, slot, the whole qkv row, the rope frequencies), so the
+    # program waits about one memory round trip before the arithmetic.
     pos = tl.load(pos_ptr + t)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
     row = qkv_ptr + t * qkv_stride
-    if head < n_heads:
-        src = row + head * D
-        x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-        y1, y2 = _norm_rope(x1, x2, qn_ptr, inv_freq_ptr, pos, offs, mask, D, eps, Q_NORM, HALF)
-        q_dst = q_ptr + t * q_s0 + head * q_s1
-        tl.store(q_dst + offs, y1.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(q_dst + HALF + offs, y2.to(q_ptr.dtype.element_ty), mask=mask)
-    else:
-        kv = head - n_heads
-        src = row + (n_heads + kv) * D
-        x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-        y1, y2 = _norm_rope(x1, x2, kn_ptr, inv_freq_ptr, pos, offs, mask, D, eps, K_NORM, HALF)
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        p64 = pos.to(tl.int64)
-        k_dst = k_ptr + slot * k_s0 + p64 * k_s1 + kv * k_s2
-        tl.store(k_dst + offs, y1.to(k_ptr.dtype.element_ty), mask=mask)
-        tl.store(k_dst + HALF + offs, y2.to(k_ptr.dtype.element_ty), mask=mask)
-        vsrc = row + (n_heads + n_kv_heads + kv) * D
-        vdst = v_ptr + slot * v_s0 + p64 * v_s1 + kv * v_s2
-        tl.store(vdst + offs, tl.load(vsrc + offs, mask=mask).to(v_ptr.dtype.element_ty), mask=mask)
-        tl.store(vdst + HALF + offs, tl.load(vsrc + HALF + offs, mask=mask).to(v_ptr.dtype.element_ty), mask=mask)
+    hq = tl.arange(0, BLOCK_H)
+    hk = tl.arange(0, BLOCK_KV)
+    q_ok = (hq < N_HEADS)[:, None] & mask[None, :]
+    k_ok = (hk < N_KV)[:, None] & mask[None, :]
+    q_src = row + hq[:, None] * D + offs[None, :]
+    k_src = row + (N_HEADS + hk[:, None]) * D + offs[None, :]
+    v_src = row + (N_HEADS + N_KV + hk[:, None]) * D + offs[None, :]
+    q1 = tl.load(q_src, mask=q_ok, other=0.0).to(tl.float32)
+    q2 = tl.load(q_src + HALF, mask=q_ok, other=0.0).to(tl.float32)
+    k1 = tl.load(k_src, mask=k_ok, other=0.0).to(tl.float32)
+    k2 = tl.load(k_src + HALF, mask=k_ok, other=0.0).to(tl.float32)
+    v1 = tl.load(v_src, mask=k_ok, other=0.0)
+    v2 = tl.load(v_src + HALF, mask=k_ok, other=0.0)
+    freq = tl.load(inv_freq_ptr + offs, mask=mask, other=0.0)
+    # The angle is the same single fp32 product as torch's pos.float() * inv_freq; cos/sin of it need a
+    # full-range reduction because angles reach tens of thousands of radians at long contexts. Computed once
+    # per position, for all heads.
+    angle = pos.to(tl.float32) * freq
+    c = tl.cos(angle)
+    s = tl.sin(angle)
+
+    p64 = pos.to(tl.int64)
+    vdst = v_ptr + slot * v_s0 + p64 * v_s1 + hk[:, None] * v_s2 + offs[None, :]
+    tl.store(vdst, v1.to(v_ptr.dtype.element_ty), mask=k_ok)
+    tl.store(vdst + HALF, v2.to(v_ptr.dtype.element_ty), mask=k_ok)
+    y1, y2 = _rope_heads(q1, q2, qn_ptr, c, s, offs, mask, D, eps, Q_NORM, HALF)
+    q_dst = q_ptr + t * q_s0 + hq[:, None] * q_s1 + offs[None, :]
+    tl.store(q_dst, y1.to(q_ptr.dtype.element_ty), mask=q_ok)
+    tl.store(q_dst + HALF, y2.to(q_ptr.dtype.element_ty), mask=q_ok)
+    y1, y2 = _rope_heads(k1, k2, kn_ptr, c, s, offs, mask, D, eps, K_NORM, HALF)
+    k_dst = k_ptr + slot * k_s0 + p64 * k_s1 + hk[:, None] * k_s2 + offs[None, :]
+    tl.store(k_dst, y1.to(k_ptr.dtype.element_ty), mask=k_ok)
+    tl.store(k_dst + HALF, y2.to(k_ptr.dtype.element_ty), mask=k_ok)
 
 
 def qk_norm_rope_store(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, head_dim: int,
                        q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
                        inv_freq: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       q_out: torch.Tensor | None = None) -> torch.Tensor:
+                       q_out: torch.Tensor | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Split qkv [T, (Hq + 2 Hkv) * D] (q heads, then k heads, then v heads), RMSNorm q and k per head when
     q_norm / k_norm [D] are given, rotate both by positions[t] * inv_freq (half-split, like
     reference.apply_rope), write q to q_out [T, Hq, D] and k, v to k_cache / v_cache
@@ -99,13 +110,18 @@ def qk_norm_rope_store(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, head
         return q_out
     half = D // 2
     block = triton.next_power_of_2(half)
-    _qk_norm_rope_store_kernel[(T, n_heads + n_kv_heads)](
+    block_h, block_kv = triton.next_power_of_2(n_heads), triton.next_power_of_2(n_kv_heads)
+    if num_warps is None:  # ~16 fp32 elements of the padded q/k/v tiles per thread, 1..8 warps
+        elems = (block_h + 2 * block_kv) * 2 * block
+        num_warps = max(1, min(8, triton.next_power_of_2(elems // 512)))
+    _qk_norm_rope_store_kernel[(T,)](
         qkv, qkv.stride(0), positions, slots, inv_freq,
         q_norm if q_norm is not None else inv_freq, k_norm if k_norm is not None else inv_freq,
         q_out, q_out.stride(0), q_out.stride(1),
         k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        n_heads, n_kv_heads, float(eps),
+        float(eps),
+        N_HEADS=n_heads, N_KV=n_kv_heads, BLOCK_H=block_h, BLOCK_KV=block_kv,
         HALF=half, BLOCK=block, Q_NORM=q_norm is not None, K_NORM=k_norm is not None,
-        num_warps=max(1, min(4, block // 32)))
+        num_warps=num_warps)
     return q_out
