@@ -100,6 +100,38 @@ def test_quantized_real_weights(gen, kernel_device):
         check(got, x @ w.dequantize().T)
 
 
+@pytest.mark.parametrize("fast,swap", [(0, 0), (1, 0), (0, 1), (1, 1), (2, 1)])
+@pytest.mark.parametrize("kind,group,mins,scale_dtype,unsigned", [
+    ("q4", 32, False, torch.float16, False), ("q4", 64, True, torch.float32, False),
+    ("q8", 32, False, torch.float16, False), ("q8", 16, False, torch.float32, False),
+    ("q8", 32, True, torch.float16, False), ("q8", 64, True, torch.float16, True),
+])
+def test_dequant_paths(kind, group, mins, scale_dtype, unsigned, fast, swap, gen, kernel_device):
+    """Every dequantization path (FAST 0: through fp32, 1: fp16 bit tricks, 2: the same in PTX, run as 1 by
+    the interpreter) with W as the dot's right operand or, swapped, its left one; plain and gated."""
+    M, N, K = 40, 72, 192
+    w = make_weight(kind, N, K, group, mins, gen, scale_dtype=scale_dtype, unsigned=unsigned)
+    x = torch.randn(M, K, generator=gen)
+    tiles = dict(SMALL, BLOCK_K=64, FAST=fast, SWAP=swap)
+    got = matmul(x.to(kernel_device), to(w, kernel_device), out=poisoned((M, N), kernel_device), tiles=tiles)
+    dq = w.dequantize()
+    check(got, x @ dq.T)
+    res = torch.randn(M, N // 2, generator=gen)
+    got = matmul(x.to(kernel_device), to(w, kernel_device), gated="silu", residual=res.to(kernel_device),
+                 tiles=tiles)
+    check(got, F.silu(x @ dq[:N // 2].T) * (x @ dq[N // 2:].T) + res)
+
+
+def test_fast_q4_bit_trick_exact(gen, kernel_device):
+    """The fp16 bit trick reproduces every nibble pair: weights that are the quants themselves (scale 1)."""
+    N, K = 32, 256
+    q = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(2, 128).repeat(16, 1)
+    w = PackedLinear("q4", N, K, 32, q, torch.ones(N, K // 32, dtype=torch.float16))
+    x = torch.eye(K)[:40]
+    got = matmul(x.to(kernel_device), to(w, kernel_device), tiles=dict(SMALL, BLOCK_K=64, FAST=1, SWAP=1))
+    assert torch.equal(got.cpu(), (x @ w.dequantize().T))
+
+
 @pytest.mark.parametrize("kind", ["q4", "q8", "f16"])
 def test_residual_aliases_out(kind, gen, kernel_device):
     M, N, K = 40, 72, 128
@@ -202,4 +234,5 @@ def test_pick_tiles_h100_shapes():
             assert t["BLOCK_M"] in (64, 128) and t["BLOCK_N"] in (64, 128) and t["BLOCK_K"] >= 64
             assert kind != "q4" or t["BLOCK_K"] % group == 0
             assert 2 <= t["num_stages"] <= 4 and t["num_warps"] in (4, 8)
+            assert t["FAST"] in (0, 1, 2) and t["SWAP"] in (0, 1)
     assert pick_tiles(2048, 4096, 4096, "q4", 32, False)["BLOCK_M"] == 128

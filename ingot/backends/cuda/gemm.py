@@ -23,6 +23,8 @@ over M x K activations is negligible next to the M x N x K GEMM.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -43,13 +45,13 @@ def _act(g, ACT: tl.constexpr):
 
 @triton.jit
 def _group_params(ptr, row_s, k0, K, n_mask, GROUP: tl.constexpr, STEP: tl.constexpr, SPAN: tl.constexpr,
-                  NS: tl.constexpr, BLOCK_N: tl.constexpr):
+                  NS: tl.constexpr, BLOCK_N: tl.constexpr, TY: tl.constexpr = tl.float32):
     """Per-group scales (or mins) for NS runs of SPAN tile columns, run i starting at K column k0 + i*STEP,
     loaded once per group and broadcast in registers to [BLOCK_N, NS * SPAN]: gathering them per element
     would cost a load per weight."""
     g = (k0 + tl.arange(0, NS) * STEP) // GROUP
     v = tl.load(ptr + row_s + g[None, :], mask=n_mask[:, None] & (g < K // GROUP)[None, :], other=0.0)
-    v = tl.broadcast_to(v.to(tl.float32)[:, :, None], (BLOCK_N, NS, SPAN))
+    v = tl.broadcast_to(v.to(TY)[:, :, None], (BLOCK_N, NS, SPAN))
     return tl.reshape(v, (BLOCK_N, NS * SPAN))
 
 
@@ -81,45 +83,174 @@ def _x_tiles(x_ptr, stride_xm, offs_m, m_mask, k0, K,
     return x_a, x_b
 
 
+# fp16 bit tricks (FAST >= 1): an fp16 whose exponent field reads 0x64.. is 1024 + its 10-bit mantissa, so OR-ing a
+# nibble (or adding a biased byte) into 0x6400 and subtracting 1024 (+ the bias) gives the quant as an exact fp16
+# with integer-ALU ops alone: no int->float conversion (quarter-rate on the H100) and no fp32 round trip. The
+# scale (and min) are then applied in fp16 (one rounding: exact for fp16 scales, fp32 scales are rounded to fp16).
+# FAST == 2 does the same on 32-bit words in inline PTX: prmt spreads 2 bytes into the halves of a word, one lop3
+# masks and ORs in the exponent, and sub/mul/fma.f16x2 do two weights per instruction.
+
+_ASM_Q4 = """{
+.reg .b32 t, u, c;
+mov.b32 c, %(bias)s;
+prmt.b32 t, $4, 0, 0x4140;
+shr.b32 u, t, 4;
+lop3.b32 $0, t, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 $2, u, 0x000f000f, 0x64006400, 0xea;
+prmt.b32 t, $4, 0, 0x4342;
+shr.b32 u, t, 4;
+lop3.b32 $1, t, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 $3, u, 0x000f000f, 0x64006400, 0xea;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+sub.f16x2 $2, $2, c;
+sub.f16x2 $3, $3, c;
+%(apply)s
+}"""
+_ASM_Q4_SYM = tl.constexpr(_ASM_Q4 % dict(bias="0x64086408", apply="""mul.rn.f16x2 $0, $0, $5;
+mul.rn.f16x2 $1, $1, $6;
+mul.rn.f16x2 $2, $2, $5;
+mul.rn.f16x2 $3, $3, $6;"""))
+_ASM_Q4_MINS = tl.constexpr(_ASM_Q4 % dict(bias="0x64006400", apply="""fma.rn.f16x2 $0, $0, $5, $7;
+fma.rn.f16x2 $1, $1, $6, $8;
+fma.rn.f16x2 $2, $2, $5, $7;
+fma.rn.f16x2 $3, $3, $6, $8;"""))
+_ASM_Q8 = """{
+.reg .b32 t, c;
+mov.b32 c, %(bias)s;
+%(flip)s
+prmt.b32 $0, t, 0x64646464, 0x5150;
+prmt.b32 $1, t, 0x64646464, 0x5352;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+%(apply)s
+}"""
+_ASM_Q8_SYM = tl.constexpr(_ASM_Q8 % dict(flip="xor.b32 t, $2, 0x80808080;", bias="0x64806480", apply="""mul.rn.f16x2 $0, $0, $3;
+mul.rn.f16x2 $1, $1, $4;"""))
+_ASM_Q8_SYM_MINS = tl.constexpr(_ASM_Q8 % dict(flip="xor.b32 t, $2, 0x80808080;", bias="0x64806480", apply="""fma.rn.f16x2 $0, $0, $3, $5;
+fma.rn.f16x2 $1, $1, $4, $6;"""))
+_ASM_Q8_U_MINS = tl.constexpr(_ASM_Q8 % dict(flip="mov.b32 t, $2;", bias="0x64006400", apply="""fma.rn.f16x2 $0, $0, $3, $5;
+fma.rn.f16x2 $1, $1, $4, $6;"""))
+
+
+@triton.jit
+def _q4_fast(q, scale, mn, HAS_MINS: tl.constexpr, FAST: tl.constexpr):
+    """uint8 nibble pairs -> (low, high) fp16 weights; scale/mn are fp16 of q's shape."""
+    if FAST == 2:
+        if HAS_MINS:
+            w_lo, w_hi = tl.inline_asm_elementwise(_ASM_Q4_MINS, "=r,=r,=r,=r,r,r,r,r,r", [q, scale, mn],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            w_lo, w_hi = tl.inline_asm_elementwise(_ASM_Q4_SYM, "=r,=r,=r,=r,r,r,r", [q, scale],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        q16 = q.to(tl.uint16)
+        lo = ((q16 & 0xF) | 0x6400).to(tl.float16, bitcast=True)
+        hi = ((q16 >> 4) | 0x6400).to(tl.float16, bitcast=True)
+        if HAS_MINS:
+            w_lo = (lo - 1024.0) * scale + mn
+            w_hi = (hi - 1024.0) * scale + mn
+        else:
+            w_lo = (lo - 1032.0) * scale
+            w_hi = (hi - 1032.0) * scale
+    return w_lo, w_hi
+
+
+@triton.jit
+def _q8_fast(q, scale, mn, HAS_MINS: tl.constexpr, FAST: tl.constexpr):
+    """int8 (or uint8 with mins) -> fp16 weights; scale/mn are fp16 of q's shape."""
+    signed: tl.constexpr = q.dtype == tl.int8
+    if FAST == 2:
+        if HAS_MINS:
+            if signed:
+                w = tl.inline_asm_elementwise(_ASM_Q8_SYM_MINS, "=r,=r,r,r,r,r,r", [q, scale, mn],
+                                              dtype=tl.float16, is_pure=True, pack=4)
+            else:
+                w = tl.inline_asm_elementwise(_ASM_Q8_U_MINS, "=r,=r,r,r,r,r,r", [q, scale, mn],
+                                              dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            w = tl.inline_asm_elementwise(_ASM_Q8_SYM, "=r,=r,r,r,r", [q, scale],
+                                          dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        if signed:
+            # q + 128 in the mantissa: bits 0x6400 + q + 128, value 1152 + q.
+            v = (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+        else:
+            v = (q.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        if HAS_MINS:
+            w = v * scale + mn
+        else:
+            w = v * scale
+    return w
+
+
 @triton.jit
 def _dot_tile(acc, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn, rows, n_mask,
               KIND: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, HAS_MINS: tl.constexpr,
-              DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += x_tile @ W[rows, k0:k0+BLOCK_K]^T, dequantizing W on the fly."""
+              DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              FAST: tl.constexpr, SWAP: tl.constexpr):
+    """acc += x_tile @ W[rows, k0:k0+BLOCK_K]^T, dequantizing W on the fly (SWAP: acc^T += W_tile @ x_tile^T,
+    so the dequantized W is wgmma's register operand A and never goes through shared memory)."""
     row_off = rows.to(tl.int64)
     s_row = row_off[:, None] * stride_sn
     cols, k_mask = _tile_cols(k0, K, KIND, GROUP, BLOCK_K)
     w_mask = n_mask[:, None] & k_mask[None, :]
+    fast: tl.constexpr = FAST != 0 and DOT == tl.float16
     if KIND == 0:
         # Byte j of the tile holds columns cols[j] (low nibble) and cols[j] + G/2 (high nibble).
         j = tl.arange(0, BLOCK_K // 2)
         q = tl.load(qw_ptr + row_off[:, None] * stride_qn + (k0 // 2 + j)[None, :], mask=w_mask, other=0)
-        q = q.to(tl.int32)
-        scale = _group_params(s_ptr, s_row, k0, K, n_mask, GROUP, GROUP, SPAN, BLOCK_K // GROUP, BLOCK_N)
-        q_lo = (q & 0xF).to(tl.float32)
-        q_hi = (q >> 4).to(tl.float32)
-        if HAS_MINS:
-            mn = _group_params(mn_ptr, s_row, k0, K, n_mask, GROUP, GROUP, SPAN, BLOCK_K // GROUP, BLOCK_N)
-            w_lo = (q_lo * scale + mn).to(DOT)
-            w_hi = (q_hi * scale + mn).to(DOT)
+        if fast:
+            scale = _group_params(s_ptr, s_row, k0, K, n_mask, GROUP, GROUP, SPAN, BLOCK_K // GROUP, BLOCK_N,
+                                  tl.float16)
+            mn = scale
+            if HAS_MINS:
+                mn = _group_params(mn_ptr, s_row, k0, K, n_mask, GROUP, GROUP, SPAN, BLOCK_K // GROUP, BLOCK_N,
+                                   tl.float16)
+            w_lo, w_hi = _q4_fast(q, scale, mn, HAS_MINS, FAST)
         else:
-            w_lo = ((q_lo - 8.0) * scale).to(DOT)
-            w_hi = ((q_hi - 8.0) * scale).to(DOT)
-        acc = tl.dot(x_a, tl.trans(w_lo), acc)
-        acc = tl.dot(x_b, tl.trans(w_hi), acc)
+            q = q.to(tl.int32)
+            scale = _group_params(s_ptr, s_row, k0, K, n_mask, GROUP, GROUP, SPAN, BLOCK_K // GROUP, BLOCK_N)
+            q_lo = (q & 0xF).to(tl.float32)
+            q_hi = (q >> 4).to(tl.float32)
+            if HAS_MINS:
+                mn = _group_params(mn_ptr, s_row, k0, K, n_mask, GROUP, GROUP, SPAN, BLOCK_K // GROUP, BLOCK_N)
+                w_lo = (q_lo * scale + mn).to(DOT)
+                w_hi = (q_hi * scale + mn).to(DOT)
+            else:
+                w_lo = ((q_lo - 8.0) * scale).to(DOT)
+                w_hi = ((q_hi - 8.0) * scale).to(DOT)
+        if SWAP:
+            acc = tl.dot(w_lo, tl.trans(x_a), acc)
+            acc = tl.dot(w_hi, tl.trans(x_b), acc)
+        else:
+            acc = tl.dot(x_a, tl.trans(w_lo), acc)
+            acc = tl.dot(x_b, tl.trans(w_hi), acc)
     else:
         w = tl.load(qw_ptr + row_off[:, None] * stride_qn + cols[None, :], mask=w_mask, other=0)
         if KIND == 1:
             # A tile spans several groups (SPAN = G < BLOCK_K) or sits inside one (SPAN = BLOCK_K).
-            scale = _group_params(s_ptr, s_row, k0, K, n_mask, GROUP, SPAN, SPAN, BLOCK_K // SPAN, BLOCK_N)
-            if HAS_MINS:
-                mn = _group_params(mn_ptr, s_row, k0, K, n_mask, GROUP, SPAN, SPAN, BLOCK_K // SPAN, BLOCK_N)
-                w = (w.to(tl.float32) * scale + mn).to(DOT)
+            if fast:
+                scale = _group_params(s_ptr, s_row, k0, K, n_mask, GROUP, SPAN, SPAN, BLOCK_K // SPAN, BLOCK_N,
+                                      tl.float16)
+                mn = scale
+                if HAS_MINS:
+                    mn = _group_params(mn_ptr, s_row, k0, K, n_mask, GROUP, SPAN, SPAN, BLOCK_K // SPAN, BLOCK_N,
+                                       tl.float16)
+                w = _q8_fast(w, scale, mn, HAS_MINS, FAST)
             else:
-                w = (w.to(tl.float32) * scale).to(DOT)
+                scale = _group_params(s_ptr, s_row, k0, K, n_mask, GROUP, SPAN, SPAN, BLOCK_K // SPAN, BLOCK_N)
+                if HAS_MINS:
+                    mn = _group_params(mn_ptr, s_row, k0, K, n_mask, GROUP, SPAN, SPAN, BLOCK_K // SPAN, BLOCK_N)
+                    w = (w.to(tl.float32) * scale + mn).to(DOT)
+                else:
+                    w = (w.to(tl.float32) * scale).to(DOT)
         else:
             w = w.to(DOT)
-        acc = tl.dot(x_a, tl.trans(w), acc)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(x_a), acc)
+        else:
+            acc = tl.dot(x_a, tl.trans(w), acc)
     return acc
 
 
@@ -128,7 +259,8 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, res_ptr, out_ptr,
                  M, N_OUT, K, stride_xm, stride_qn, stride_sn, stride_rm, stride_om,
                  KIND: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, HAS_MINS: tl.constexpr,
                  ACT: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 FAST: tl.constexpr = 0, SWAP: tl.constexpr = 0):
     # M varies fastest across consecutive programs: those running together share one weight tile, so W
     # streams from DRAM about once while the (much smaller) activations stay resident in L2.
     num_m = tl.cdiv(M, BLOCK_M)
@@ -140,20 +272,25 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, res_ptr, out_ptr,
     m_mask = offs_m < M
     n_mask = offs_n < N_OUT
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if ACT != 0:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = acc
     for k0 in range(0, K, BLOCK_K):
         x_a, x_b = _x_tiles(x_ptr, stride_xm, offs_m, m_mask, k0, K, KIND, GROUP, DOT, BLOCK_K)
         acc = _dot_tile(acc, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn, offs_n, n_mask,
-                        KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K)
+                        KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K, FAST, SWAP)
         if ACT != 0:
             # Up rows sit N_OUT (= F) rows below the gate rows.
             acc_up = _dot_tile(acc_up, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn,
-                               offs_n + N_OUT, n_mask, KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K)
+                               offs_n + N_OUT, n_mask, KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K,
+                               FAST, SWAP)
 
     if ACT != 0:
         acc = _act(acc, ACT) * acc_up
+    if SWAP:
+        acc = tl.trans(acc)
     o_mask = m_mask[:, None] & n_mask[None, :]
     m64 = offs_m.to(tl.int64)[:, None]
     if HAS_RES:
@@ -193,6 +330,7 @@ def rms_norm_half(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.
     return out
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SMEM_BUDGET = 200 * 1024  # of the H100's 227 KiB per block, leaving room for the epilogue's layout shuffles
 _W_BYTES = {"q4": 0.5, "q8": 1.0, "f16": 2.0}
 
@@ -212,6 +350,14 @@ def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_byt
     flight behind the current dots; fp32 activations double the x tile, hence x_bytes. Compiled offline for
     sm_90 with triton 3.6, every kind/epilogue lowers to wgmma with async-copied x and W tiles, 72-196
     registers, no spills, 53-188 KiB of shared memory. Untimed so far: the numbers are a starting point.
+
+    FAST: 0 = dequantize through fp32 (int->float conversions, the original path), 1 = fp16 bit tricks in
+    Triton ops, 2 = the same in inline PTX on 32-bit words (the interpreter runs 1 instead). Offline for
+    sm_90 a q4 128x128x128 tile drops from 64 int->float conversions per step (223 cvt in all) to none (29
+    cvt, 32 lop3, 16 prmt). SWAP=1 computes out^T = W @ x^T so the dequantized W feeds wgmma from
+    registers (no shared-memory round trip) and BLOCK_M (wgmma's N) can reach 256, halving the times each
+    weight is dequantized at M=512; ptxas warns its wgmmas serialize, so it is off until
+    benchmarks/prefill_sweep.py says otherwise.
     """
     bm = 128 if M > 64 else 64
     bn = 64 if gated else 128
@@ -224,7 +370,7 @@ def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_byt
     if kind != "f16":
         per_stage += w_tiles * bn * max(1, bk // group) * 4  # scales and mins
     stages = int(max(2, min(4, _SMEM_BUDGET // per_stage)))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, FAST=2, SWAP=0)
 
 
 def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
@@ -272,6 +418,8 @@ def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: 
         return out
     cfg = pick_tiles(M, n_out, K, w.kind, group, gated is not None, x.element_size())
     cfg.update(tiles or {})
+    if cfg.get("FAST") == 2 and (_INTERPRET or x.device.type != "cuda"):
+        cfg["FAST"] = 1  # the interpreter runs no PTX; FAST 1 is the same arithmetic in Triton ops
     bk = cfg["BLOCK_K"]
     if w.kind == "q4":
         if bk % group or bk < 32:
