@@ -48,16 +48,18 @@ class Generator:
                 "which leaves no room to generate"
             )
         sampler = Sampler(params)
+        greedy = params.temperature == 0.0 and not (params.repeat_penalty and params.repeat_penalty != 1.0)
         stats = self.stats = Stats(prompt_tokens=len(prompt), finish_reason="length")
         t0 = time.perf_counter()
         logits = self.runner.prefill(prompt)
         history = list(prompt)
         stats.prefill_s = time.perf_counter() - t0
+        if max_tokens <= 0:
+            return
+        token = sampler(logits, history)
+        stats.ttft_s = time.perf_counter() - t0
         t_decode = time.perf_counter()
-        while stats.generated_tokens < max_tokens:
-            token = sampler(logits, history)
-            if stats.generated_tokens == 0:
-                stats.ttft_s = time.perf_counter() - t0
+        while True:
             if token in stop_ids:
                 stats.finish_reason = "stop"
                 break
@@ -66,7 +68,10 @@ class Generator:
             yield token
             if stats.generated_tokens >= max_tokens or len(self.runner.tokens) >= self.runner.max_context:
                 break
-            logits = self.runner.decode(token)
+            if greedy:  # the argmax happens where the logits are: no logits copy to the host
+                token = self.runner.decode_greedy(token)
+            else:
+                token = sampler(self.runner.decode(token), history)
             stats.decode_s = time.perf_counter() - t_decode
 
     def text(self, prompt: list[int], tokenizer, max_tokens: int, params: SamplingParams,

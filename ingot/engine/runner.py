@@ -48,6 +48,16 @@ class Runner:
         self.tokens.append(token)
         return logits[-1]
 
+    def decode_greedy(self, token: int) -> int:
+        """decode(token) then argmax, on the device when the backend can (no logits leave it)."""
+        if len(self.tokens) >= self.max_context:
+            raise ContextLengthError(f"the sequence reached the context of {self.max_context} tokens")
+        fast = getattr(self.backend, "decode_greedy", None)
+        nxt = fast(token, self.cache) if fast else int(self.backend.forward(
+            torch.tensor([token], dtype=torch.long), self.cache)[-1].argmax())
+        self.tokens.append(token)
+        return nxt
+
     def forward_all(self, ids: list[int]) -> torch.Tensor:
         """Logits for every position of ids from an empty cache (for tests and perplexity)."""
         self.tokens, self.cache.length = [], 0

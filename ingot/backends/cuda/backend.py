@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ingot.backends.cuda import attention, gemm, gemv, norm, rope
+from ingot.backends.cuda import attention, gemm, gemv, norm, rope, sampling
 from ingot.backends.cuda.weights import ModelWeights
 from ingot.models.base import ModelSpec
 
@@ -47,6 +47,9 @@ class DecodeState:
         self.attn = torch.zeros(1, hq, hd, **f32)
         self.ff = torch.zeros(1, spec.intermediate_size, **f32)
         self.logits = torch.zeros(1, weights.lm_head.n, **f32)
+        # Greedy decoding picks the next token inside the graph: one 8-byte copy to the host per step.
+        self.next_ids = torch.zeros(1, device=device, dtype=torch.int64)
+        self.argmax_ws = sampling.argmax_workspace(1, weights.lm_head.n, device)
         self.scratch = attention.decode_scratch(1, hq, hd, max_context, device)
         # One split-K workspace, big enough for the largest decode GEMV, so no call allocates.
         need = [gemv.workspace_numel(weights.lm_head, 1)]
@@ -149,6 +152,7 @@ class CudaBackend:
         self._layers(s.x, cache, s.positions, s.seq_lens, s.slots, 1, s)
         gemv.linear(s.x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps, out=s.logits,
                     workspace=s.workspace)
+        sampling.argmax(s.logits, out=s.next_ids, workspace=s.argmax_ws)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: CudaKVCache, last_only: bool = False) -> torch.Tensor:
@@ -169,6 +173,12 @@ class CudaBackend:
             x = x[-1:]
         lin = gemv.linear if x.shape[0] <= DECODE_ROWS else gemm.matmul
         return lin(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps)
+
+    @torch.inference_mode()
+    def decode_greedy(self, token: int, cache: CudaKVCache) -> int:
+        """Run token through the model and return the most likely next token, chosen on the GPU."""
+        self._decode(token, cache)
+        return int(self._state.next_ids[0])
 
     def _decode(self, token: int, cache: CudaKVCache) -> torch.Tensor:
         s = self._state
