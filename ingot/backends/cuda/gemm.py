@@ -365,7 +365,8 @@ def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_byt
     while bn > 64 and triton.cdiv(M, bm) * triton.cdiv(N, bn) < 264:
         bn //= 2
     w_tiles = 2 if gated else 1
-    warps = 8 if bm * bn * w_tiles >= 128 * 128 else 4
+    # fp32 activations (o, down) are converted in registers: with 4 warps a 128x64 q4 tile spills (255 regs).
+    warps = 8 if bm * bn * w_tiles >= 128 * 128 or (bm >= 128 and x_bytes == 4) else 4
     per_stage = bm * bk * x_bytes + w_tiles * bn * bk * _W_BYTES[kind]
     if kind != "f16":
         per_stage += w_tiles * bn * max(1, bk // group) * 4  # scales and mins
