@@ -11,8 +11,8 @@ layers) at context lengths 64, 512, 4096 and 32768 in a 32768-position cache, ti
     against the per-token kernel at each num_warps.
 Every variant is first checked against a torch reference; times are medians over replays of a CUDA graph of 50
 launches (CUDA events), per launch, which is how the decode step runs them. Each model gets an equal share of
---budget-s to start tile variants (old/new defaults always run), which keeps the run under ~3 minutes. Prints the best variant per case and writes
-DIR/small_ops_sweep.csv.
+--budget-s to start tile variants (old/new defaults always run), which keeps the run under ~3 minutes.
+Prints the best variant per case and writes DIR/small_ops_sweep.csv.
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def test_decode_long_and_short_same_capture(kernel_device, gen, d, g, window):
     lens_seq = [[40, 8999], [128, 129], [1, 8192], [2000, 7]]
     n_max = max(max(l) for l in lens_seq)
     for s in (0, 1):
-        k_cache[s, :n_max], v_cache[s, :n_max] = k_full[s, :n_max].to(kernel_device), v_full[s, :n_max].to(kernel_device)
+        k_cache[s, :n_max] = k_full[s, :n_max].to(kernel_device)
+        v_cache[s, :n_max] = v_full[s, :n_max].to(kernel_device)
     scratch = decode_scratch(2, hq, d, max_ctx, kernel_device)
     assert scratch.m.shape[2] == 64
     out = torch.empty(2, hq, d, device=kernel_device)

@@ -99,8 +99,7 @@ def _split_range(seq_len, window, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _merge_partials(acc_ptr, m_ptr, l_ptr, base, s_lo, s_end, n_progs,
-                    D: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
+def _merge_partials(acc_ptr, m_ptr, l_ptr, base, s_lo, s_end, n_progs, D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Normalised output [D] of one head from the partials of splits s_lo..s_end-1 (entry base + split % P);
     zeros when there are none."""
     offs_s = tl.arange(0, BLOCK_S)
@@ -108,8 +107,7 @@ def _merge_partials(acc_ptr, m_ptr, l_ptr, base, s_lo, s_end, n_progs,
     mx = tl.full([BLOCK_S], float("-inf"), tl.float32)
     for s0 in range(s_lo, s_end, BLOCK_S):
         sp = s0 + offs_s
-        mx = tl.maximum(mx, tl.load(m_ptr + base + sp % n_progs, mask=sp < s_end, other=float("-inf"),
-                                    cache_modifier=CACHE))
+        mx = tl.maximum(mx, tl.load(m_ptr + base + sp % n_progs, mask=sp < s_end, other=float("-inf")))
     m_all = tl.max(mx, 0)
 
     den = tl.zeros([BLOCK_S], tl.float32)
@@ -118,13 +116,43 @@ def _merge_partials(acc_ptr, m_ptr, l_ptr, base, s_lo, s_end, n_progs,
         sp = s0 + offs_s
         ok = sp < s_end
         e = base + sp % n_progs
-        w = tl.where(ok, tl.exp2(tl.load(m_ptr + e, mask=ok, other=float("-inf"), cache_modifier=CACHE) - m_all),
-                     0.0)
-        den += w * tl.load(l_ptr + e, mask=ok, other=0.0, cache_modifier=CACHE)
+        w = tl.where(ok, tl.exp2(tl.load(m_ptr + e, mask=ok, other=float("-inf")) - m_all), 0.0)
+        den += w * tl.load(l_ptr + e, mask=ok, other=0.0)
         num += w[:, None] * tl.load(acc_ptr + e[:, None].to(tl.int64) * D + offs_d[None, :], mask=ok[:, None],
-                                    other=0.0, cache_modifier=CACHE)
+                                    other=0.0)
     total = tl.sum(den, 0)
     return tl.sum(num, 0) / tl.where(total > 0, total, 1.0)  # an empty row (seq_len 0) comes out as zeros
+
+
+@triton.jit
+def _merge_group(acc_ptr, m_ptr, l_ptr, base, s_lo, s_end, n_progs, n_entries,
+                 G: tl.constexpr, RG: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Normalised outputs [RG, D] of the G heads at entries base + g * n_entries + split % P, from the
+    partials of splits s_lo..s_end-1 (at least one), merged for all heads at once in split order: one pass,
+    each step loading m, l and acc together (one L2 round trip per BLOCK_S splits; .cg: never a stale L1)."""
+    offs_g = tl.arange(0, RG)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    g_ok = offs_g < G
+    m_run = tl.full([RG], float("-inf"), tl.float32)
+    den = tl.zeros([RG], tl.float32)
+    num = tl.zeros([RG, D], tl.float32)
+    for s0 in range(s_lo, s_end, BLOCK_S):
+        sp = s0 + offs_s
+        ok = g_ok[:, None] & (sp < s_end)[None, :]
+        e = base + offs_g[:, None] * n_entries + (sp % n_progs)[None, :]
+        m = tl.load(m_ptr + e, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(l_ptr + e, mask=ok, other=0.0, cache_modifier=".cg")
+        a = tl.load(acc_ptr + e[:, :, None].to(tl.int64) * D + offs_d[None, None, :], mask=ok[:, :, None],
+                    other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, 1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded heads only: keeps them NaN-free
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.exp2(m - m_new[:, None])
+        den = den * alpha + tl.sum(w * l, 1)
+        num = num * alpha[:, None] + tl.sum(w[:, :, None] * a, 1)
+        m_run = m_new
+    return num / tl.where(den > 0, den, 1.0)[:, None]
 
 
 # Window and lengths stay runtime values: specialising on 1 would turn them into constants.
@@ -137,7 +165,7 @@ def _decode_split_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_oh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, USE_DOT: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_N: tl.constexpr, FUSED: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, FUSED: tl.constexpr, RG: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -215,11 +243,11 @@ def _decode_split_kernel(
             if ticket == n_active - 1:
                 tl.store(counter, 0)  # the next launch (stream-ordered after this one) starts from zero
                 s_end = tl.minimum(s_hi, s_lo + n_progs)
-                for g in tl.static_range(G):
-                    h = kvh * G + g
-                    o = _merge_partials(acc_ptr, m_ptr, l_ptr, (b * n_heads + h) * n_entries, s_lo, s_end,
-                                        n_progs, D, BLOCK_S, ".cg")
-                    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+                offs_r = tl.arange(0, RG)
+                o = _merge_group(acc_ptr, m_ptr, l_ptr, (b * n_heads + kvh * G) * n_entries, s_lo, s_end,
+                                 n_progs, n_entries, G, RG, D, BLOCK_S)
+                tl.store(out_ptr + b * stride_ob + (kvh * G + offs_r)[:, None] * stride_oh + offs_d[None, :],
+                         o.to(out_ptr.dtype.element_ty), mask=(offs_r < G)[:, None])
 
 
 @triton.jit(do_not_specialize=["window"])
@@ -234,7 +262,7 @@ def _decode_reduce_kernel(
     lo, s_lo, s_hi = _split_range(seq_len, window, CHUNK)
     # The programs that had work own splits s_lo .. s_lo+P-1 (mod P), or fewer when the row is short.
     s_end = tl.minimum(s_hi, s_lo + n_progs)
-    o = _merge_partials(acc_ptr, m_ptr, l_ptr, (b * n_heads + h) * n_entries, s_lo, s_end, n_progs, D, BLOCK_S, "")
+    o = _merge_partials(acc_ptr, m_ptr, l_ptr, (b * n_heads + h) * n_entries, s_lo, s_end, n_progs, D, BLOCK_S)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + tl.arange(0, D), o.to(out_ptr.dtype.element_ty))
 
 
@@ -271,6 +299,9 @@ def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, wind
     dn, dw, ds = DECODE_CONFIGS.get((d, g > 1), (32, 4, 2))
     block_n = block_n or min(dn, scratch.chunk)
     count = scratch.count if scratch.count is not None else scratch.m  # unused when not fused
+    # The last program merges [G, splits, D] partials in steps of merge_s splits (~32 fp32 a thread at 4 warps).
+    rg = triton.next_power_of_2(g)
+    merge_s = max(1, min(triton.next_power_of_2(n_progs), 4096 // (rg * d)))
     _decode_split_kernel[(B, hkv, n_progs)](
         q, k_cache, v_cache, seq_lens, slots, scratch.acc, scratch.m, scratch.l, out, count,
         scale * LOG2E, window, hq, n_entries, n_progs,
@@ -279,7 +310,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, wind
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         G=g, BLOCK_G=1 if g == 1 else max(16, triton.next_power_of_2(g)), USE_DOT=g > 1, D=d, CHUNK=scratch.chunk,
-        BLOCK_N=block_n, FUSED=fused, BLOCK_S=16, num_warps=num_warps or dw, num_stages=num_stages or ds,
+        BLOCK_N=block_n, FUSED=fused, RG=rg, BLOCK_S=merge_s, num_warps=num_warps or dw, num_stages=num_stages or ds,
     )
     if not fused:
         _decode_reduce_kernel[(B, hq)](

@@ -3,8 +3,9 @@
 
 One program per token handles all its heads at once (q heads, k heads and the v copy as [heads, D/2]
 tiles), so the qkv row is read exactly once, cos/sin are computed once per position and shared by every
-head, and a decode step is a single small program: no grid of tiny per-head programs to schedule. Positions and cache slots come from device tensors, so the launch
-can be captured in a CUDA graph and replayed for every decode step.
+head, and a decode step is a single small program: no grid of tiny per-head programs to schedule.
+Positions and cache slots come from device tensors, so the launch can be captured in a CUDA graph and
+replayed for every decode step.
 """
 
 from __future__ import annotations
