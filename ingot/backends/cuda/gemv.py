@@ -415,20 +415,20 @@ def _plan_byte(n_out: int, k: int, m: int, kind: str, group: int, gated: bool) -
     return GemvConfig(block_m, block_n, block_k, split, kernel="byte")
 
 
+TARGET_PROGRAMS = 320
+
+
 def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvConfig:
-    """M = 1 word kernel: 128 weight bytes per row per K step (32 words: 8 per thread of a row's 4 threads...
-    4 words, i.e. one 16-byte load, per thread per row), BLOCK_N rows per program so that each thread holds
-    BLOCK_N / 16 rows (4 warps) and reuses every x value it loads that many times. Small N (attention
-    projections, down): smaller tiles and K split until the grid has >= 4 programs per SM, even down to one
-    K step per program, so that all of a program's loads are in flight at once."""
+    """M = 1 word kernel: 128 weight bytes per row per K step (one 16-byte load per thread per row), 128 rows
+    per program (64 for gated q4, whose gate and up tiles double the registers), so each thread reuses every
+    x value it loads across its rows. K is split until the grid holds ~320 programs (~2.4 per SM): the
+    benchmarks/gemv_sweep.py winners on the H100 (2026-11-24) sit there for every shape from 2048x2048 to
+    151936x4096, where small shapes are latency-bound and want all their loads in flight at once."""
     block_k = max(256 if kind == "q4" else 128, group)
-    block_n = 32 if gated else 64
+    block_n = 64 if gated and kind == "q4" else 128
     tiles_n = triton.cdiv(n_out, block_n)
-    if tiles_n < 2 * N_SMS:
-        block_n //= 2
-        tiles_n = triton.cdiv(n_out, block_n)
     k_tiles = triton.cdiv(k, block_k)
-    split = max(1, min(triton.cdiv(4 * N_SMS, tiles_n), k_tiles))
+    split = max(1, min(round(TARGET_PROGRAMS / tiles_n), k_tiles))
     split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty splits
     return GemvConfig(1, block_n, block_k, split, num_warps=4, kernel="word", unpack=1)
 
