@@ -297,7 +297,7 @@ def table(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
-    ap.add_argument("--budget-s", type=float, default=100.0,
+    ap.add_argument("--budget-s", type=float, default=80.0,
                     help="time for starting attention tile variants, shared by the models")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
