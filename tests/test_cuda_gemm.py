@@ -231,7 +231,7 @@ def test_pick_tiles_h100_shapes():
                                         (40, 4096, 4096, "q8", 32, False), (1024, 151936, 2048, "f16", 1, False)]:
         for x_bytes in (2, 4):
             t = pick_tiles(M, N, K, kind, group, gated, x_bytes)
-            assert t["BLOCK_M"] in (64, 128) and t["BLOCK_N"] in (64, 128) and t["BLOCK_K"] >= 64
+            assert t["BLOCK_M"] in (64, 128, 256) and t["BLOCK_N"] in (64, 128) and t["BLOCK_K"] >= 64
             assert kind != "q4" or t["BLOCK_K"] % group == 0
             assert 2 <= t["num_stages"] <= 4 and t["num_warps"] in (4, 8)
             assert t["FAST"] in (0, 1, 2) and t["SWAP"] in (0, 1)

@@ -335,6 +335,33 @@ _SMEM_BUDGET = 200 * 1024  # of the H100's 227 KiB per block, leaving room for t
 _W_BYTES = {"q4": 0.5, "q8": 1.0, "f16": 2.0}
 
 
+def _tiles(bm, bn, bk, warps, stages, swap=0):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, FAST=2, SWAP=swap)
+
+
+def _swept_tiles(M: int, N: int, kind: str, group: int, gated: bool, x_bytes: int) -> dict | None:
+    """Full prefill chunks (M >= 256): the winners of benchmarks/prefill_sweep.py on the H100 (2026-11-24,
+    M=512, the Llama-3.2-1B/3B and Qwen3-8B matrices), by the role the shape plays. None where the sweep
+    had no clear winner (short chunks; q8 group-16 except gated): pick_tiles' general rule applies."""
+    if M < 256 or kind not in ("q4", "q8"):
+        return None
+    q6k = kind == "q8" and group < 32  # GGUF Q6_K's exact form: q8, group 16, fp32 scales
+    if gated:  # gate/up: fp16 activations, two weight tiles
+        if kind == "q4":
+            return _tiles(128, 64, max(128, group), 4, 3, swap=1)
+        return _tiles(256, 64, 64, 8, 3, swap=1 if q6k else 0)
+    if q6k:
+        return None
+    if x_bytes == 2:  # qkv: fp16 activations from the norm pre-pass
+        if kind == "q4" and N >= 5000:
+            return _tiles(256, 128, 64, 8, 3)
+        return _tiles(128, 64, max(128, group) if kind == "q4" else 64, 4, 3, swap=1)
+    # o / down: fp32 activations plus the residual epilogue
+    if kind == "q4":
+        return _tiles(128, 128, max(128, group), 8, 3) if N >= 3072 else _tiles(64, 128, max(128, group), 4, 4)
+    return _tiles(64, 128, 64, 4, 4)
+
+
 def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_bytes: int = 2) -> dict:
     """H100 tiles: BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages.
 
@@ -359,6 +386,9 @@ def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_byt
     weight is dequantized at M=512; ptxas warns its wgmmas serialize, so it is off until
     benchmarks/prefill_sweep.py says otherwise.
     """
+    swept = _swept_tiles(M, N, kind, group, gated, x_bytes)
+    if swept:
+        return swept
     bm = 128 if M > 64 else 64
     bn = 64 if gated else 128
     bk = max(128, group) if kind == "q4" else 64
