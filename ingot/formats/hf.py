@@ -261,7 +261,7 @@ def load_hf(path: str | Path) -> Checkpoint:
             raise FormatError(f"{file}: truncated or corrupt safetensors file ({e})") from None
         for key in keys:
             module, _, kind = key.rpartition(".")
-            if kind == "bias" and module.endswith("_proj"):
+            if kind == "bias" and module.endswith("_proj") and _strip(module).startswith("layers."):
                 # The families here have no linear biases; dropping one would silently change the model.
                 raise UnsupportedError(f"{file}: '{key}': linear layers with a bias are not supported")
             if kind not in ("weight", "scales", "biases"):
