@@ -18,12 +18,12 @@ import argparse
 import csv
 import dataclasses
 import math
-import statistics
 import time
 
 import torch
 import triton
 
+from graph_timing import time_graph
 from ingot.backends.cuda import gemv
 from ingot.backends.cuda.gemv import GemvConfig
 from ingot.bench.roofline import copy_bandwidth
@@ -41,26 +41,6 @@ KINDS = {"q4-sym": ("q4", True), "q4-affine": ("q4", False), "q8-sym": ("q8", Tr
 GROUP = 32
 # word-kernel shapes: (unpack, block_n, num_warps)
 WORD_TILES = [(1, 32, 4), (1, 64, 4), (1, 128, 4), (1, 128, 8), (1, 256, 8), (0, 64, 4), (0, 128, 8)]
-
-
-def time_graph(fn, reps, trials=11):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(reps):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(trials):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1000 / reps)
-    return statistics.median(times)
 
 
 def no_empty(split: int, k_tiles: int) -> int:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 
 import torch
 
+from graph_timing import time_graph
 from ingot.backends.cuda import gemv
 from ingot.bench.roofline import copy_bandwidth
 from ingot.quant import pack
@@ -23,24 +23,6 @@ SHAPES = {  # (name, N, K)
     "qwen8b.down": (4096, 12288), "qwen8b.lm_head": (151936, 4096),
 }
 KINDS = [("q4", dict(sym=True)), ("q4", dict(sym=False)), ("q8", dict(sym=True)), ("f16", {})]
-
-
-def time_graph(fn, reps=20, trials=15):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(trials):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1000 / reps)
-    return statistics.median(times)
 
 
 def main():
@@ -59,12 +41,10 @@ def main():
                                      else pack.quantize(w, "f16"), dev) for _ in range(copies)]
             x = torch.randn(1, k, device=dev)
             out = torch.empty(1, n, device=dev)
-            it = iter(range(10**9))
+            def step(i):
+                gemv.linear(x, packed[i % copies], out=out)
 
-            def step():
-                gemv.linear(x, packed[next(it) % copies], out=out)
-
-            t = time_graph(step)
+            t = time_graph(step, launches=20, trials=15)
             nbytes = packed[0].nbytes
             label = kind + ("" if kind == "f16" else ("-sym" if opts.get("sym") else "-affine"))
             rows.append(dict(shape=name, n=n, k=k, kind=label, us=t * 1e6, gbps=nbytes / t / 1e9,

@@ -21,7 +21,6 @@ import argparse
 import csv
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -31,6 +30,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from graph_timing import time_graph
 from ingot.backends.cuda import attention, rope  # noqa: E402
 
 MODELS = {  # name: (q heads, kv heads, head_dim, qk norm, rope theta, window)
@@ -44,27 +44,6 @@ CONTEXTS = [64, 512, 4096, 32768]
 MAX_CTX = 32768
 LAUNCHES = 50
 TRIALS = 15
-
-
-def time_graph(fn):
-    """Median seconds per launch over replays of a graph of LAUNCHES calls."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(LAUNCHES):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(TRIALS):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3 / LAUNCHES)
-    return statistics.median(times)
 
 
 def rel_err(got, want):
@@ -136,7 +115,7 @@ def sweep_attention(dev, rows, budget_s):
                     torch.cuda.synchronize()
                     err = rel_err(out[0], want)
                     ok = err < 2e-3 and bool((scratch.count == 0).all())
-                    sec = time_graph(fn) if ok else math.nan
+                    sec = time_graph(lambda i: fn(), LAUNCHES, TRIALS) if ok else math.nan
                     # The graph replays must leave the same (deterministic) result and clean counters.
                     ok = ok and rel_err(out[0], want) < 2e-3 and bool((scratch.count == 0).all())
                 except Exception as e:  # a config that does not compile (e.g. out of shared memory)
@@ -266,7 +245,7 @@ def sweep_rope(dev, rows):
                 torch.cuda.synchronize()
                 err = max(rel_err(q_out[0], wq), rel_err(k_cache[0, ctx - 1], wk))
                 ok = err < 2e-3 and torch.equal(v_cache[0, ctx - 1], wv.half())
-                sec = time_graph(fn) if ok else math.nan
+                sec = time_graph(lambda i: fn(), LAUNCHES, TRIALS) if ok else math.nan
                 rows.append(dict(op="rope", model=model, ctx=ctx, variant=name, chunk="", block_n="",
                                  num_warps=nw or "", programs="", fused="", us=sec * 1e6, rel_err=err, ok=int(ok)))
         del k_cache, v_cache

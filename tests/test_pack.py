@@ -12,7 +12,7 @@ from ingot.formats.checkpoint import GGMLTensor
 from ingot.quant import ggml
 from ingot.quant.mlx import dequantize_mlx, quantize_mlx
 from ingot.quant.pack import PackedLinear, concat_rows, from_ggml, from_mlx, quantize, to_device
-from tests.test_quant import random_fp16_bits, random_tensor_bytes
+from tests.test_quant import random_tensor_bytes
 
 EXACT = ("F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 import time

@@ -8,7 +8,6 @@ Scores are kept in the log2 domain (scale * log2(e) folded in) so the softmax us
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
