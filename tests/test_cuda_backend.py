@@ -44,3 +44,14 @@ def test_memory_is_reported(pair):
     fast, _ = pair
     mem = fast.memory
     assert mem["weights"] > 0 and mem["kv_cache"] > 0 and mem["total"] == mem["weights"] + mem["kv_cache"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU sampler runs where the logits are: on a GPU")
+def test_gpu_sampling_through_the_api(pair):
+    fast, _ = pair
+    prompt = [3, 17, 42, 5, 9]
+    args = dict(max_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=11)
+    first = fast.generate_ids(prompt, **args)
+    assert first == fast.generate_ids(prompt, **args)  # a seed reproduces the run
+    assert fast.generate_ids(prompt, max_tokens=8, temperature=1.0, top_k=1, seed=3) == \
+        fast.generate_ids(prompt, max_tokens=8)  # top-k 1 is greedy
