@@ -65,6 +65,15 @@ def _argmax_final_kernel(pv_ptr, pi_ptr, p_stride, NB, V, out_ptr, BLOCK_NB: tl.
     tl.store(out_ptr + row, first.to(tl.int64))
 
 
+def _ids_out(out: torch.Tensor | None, M: int, device) -> torch.Tensor:
+    """The int64 [M] token-id output both selectors write: the caller's buffer, checked, or a new one."""
+    if out is None:
+        return torch.empty(M, device=device, dtype=torch.int64)
+    if out.shape != (M,) or out.dtype != torch.int64:
+        raise ValueError(f"out must be int64 [{M}], got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
 def argmax_workspace(M: int, V: int, device, block: int = ARGMAX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     nb = triton.cdiv(V, block)
     return (torch.empty((M, nb), device=device, dtype=torch.float32),
@@ -87,10 +96,7 @@ def argmax(logits: torch.Tensor, out: torch.Tensor | None = None,
     pv, pi = workspace
     if pv.shape != (M, nb) or pi.shape != (M, nb) or pi.dtype != torch.int32 or pv.stride(0) != pi.stride(0):
         raise ValueError(f"argmax workspace must be float32 and int32 [{M}, {nb}] of equal strides")
-    if out is None:
-        out = torch.empty(M, device=logits.device, dtype=torch.int64)
-    if out.shape != (M,) or out.dtype != torch.int64:
-        raise ValueError(f"out must be int64 [{M}], got {out.dtype} {tuple(out.shape)}")
+    out = _ids_out(out, M, logits.device)
     if M == 0:
         return out
     _argmax_partial_kernel[(nb, M)](logits, logits.stride(0), V, pv, pi, pv.stride(0), BLOCK=block,
@@ -217,10 +223,7 @@ def sample(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tens
     vals, order = workspace
     if vals.shape != (M, V) or order.shape != (M, V) or vals.dtype != torch.float32 or order.dtype != torch.int64:
         raise ValueError(f"sample workspace must be float32 and int64 [{M}, {V}]")
-    if out is None:
-        out = torch.empty(M, device=logits.device, dtype=torch.int64)
-    if out.shape != (M,) or out.dtype != torch.int64:
-        raise ValueError(f"out must be int64 [{M}], got {out.dtype} {tuple(out.shape)}")
+    out = _ids_out(out, M, logits.device)
     if M == 0:
         return out
     torch.sort(logits, dim=-1, descending=True, stable=True, out=(vals, order))
