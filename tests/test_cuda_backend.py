@@ -55,3 +55,17 @@ def test_gpu_sampling_through_the_api(pair):
     assert first == fast.generate_ids(prompt, **args)  # a seed reproduces the run
     assert fast.generate_ids(prompt, max_tokens=8, temperature=1.0, top_k=1, seed=3) == \
         fast.generate_ids(prompt, max_tokens=8)  # top-k 1 is greedy
+
+
+def test_a_model_that_does_not_fit_fails_with_the_numbers(pair):
+    from ingot.backends.cuda.backend import CudaKVCache
+    from ingot.backends.cuda.weights import check_fits, kv_cache_bytes
+    from ingot.errors import IngotError
+
+    fast, _ = pair
+    assert kv_cache_bytes(fast.spec, 48) == CudaKVCache(fast.spec, 48, "cpu").nbytes
+    need = {"weights": 3 * 2**30, "KV cache": 2 * 2**30}
+    check_fits(need, 6 * 2**30, "cuda:0")
+    with pytest.raises(IngotError, match=r"needs 5.00 GiB on cuda:0 \(weights 3.00 GiB, KV cache 2.00 GiB\); "
+                                         r"only 4.00 GiB is free"):
+        check_fits(need, 4 * 2**30, "cuda:0")

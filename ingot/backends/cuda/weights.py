@@ -73,7 +73,24 @@ def pack_tensor(ref, quant: str | None) -> pack.PackedLinear:
     return pack.quantize(values, "f16")
 
 
-def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progress: bool | None = None):
+def check_fits(need: dict[str, int], free: int, device) -> None:
+    """Refuse, with the numbers, a model whose weights, cache and buffers exceed the device's free memory."""
+    total = sum(need.values())
+    if total > free:
+        parts = ", ".join(f"{name} {n / 2**30:.2f} GiB" for name, n in need.items())
+        raise IngotError(f"the model needs {total / 2**30:.2f} GiB on {device} ({parts}); only "
+                         f"{free / 2**30:.2f} GiB is free. A smaller max_context shrinks the KV cache.")
+
+
+def kv_cache_bytes(spec: ModelSpec, max_context: int, max_batch: int = 1) -> int:
+    """fp16 keys and values for every layer, as CudaKVCache allocates them."""
+    return 2 * spec.n_layers * max_batch * max_context * spec.n_kv_heads * spec.head_dim * 2
+
+
+def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progress: bool | None = None,
+                 reserve: dict[str, int] | None = None):
+    """Packed weights in one device arena. `reserve`: other allocations (KV cache, buffers) the fit check
+    counts before anything is allocated."""
     from tqdm import tqdm
 
     if any(l.moe for l in spec.layers):
@@ -114,7 +131,7 @@ def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progre
             post_ffn_norm=norm(p + "post_ffw_norm.weight"),
         ))
     bar.close()
-    return _to_arena(w, torch.device(device))
+    return _to_arena(w, torch.device(device), reserve or {})
 
 
 def _tensors(w: ModelWeights):
@@ -128,16 +145,14 @@ def _tensors(w: ModelWeights):
                 yield owner, attr, value
 
 
-def _to_arena(w: ModelWeights, device: torch.device) -> ModelWeights:
+def _to_arena(w: ModelWeights, device: torch.device, reserve: dict[str, int]) -> ModelWeights:
     """Copy every tensor into one device allocation, 256-byte aligned, through pinned staging."""
     align = 256
     items = list(_tensors(w))
     sizes = [-(-v.numel() * v.element_size() // align) * align for _, _, v in items]
     total = sum(sizes)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if total > free:
-            raise IngotError(f"the weights need {total / 2**30:.2f} GiB on {device}; only {free / 2**30:.2f} GiB is free")
+        check_fits({"weights": total, **reserve}, torch.cuda.mem_get_info(device)[0], device)
     arena = torch.empty(total, dtype=torch.uint8, device=device)
     at = 0
     for (owner, attr, value), size in zip(items, sizes):
