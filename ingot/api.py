@@ -87,11 +87,7 @@ class Model:
     @property
     def memory(self) -> dict:
         """Bytes held on the device: weights, KV cache, and their total."""
-        b = self.backend
-        weights = getattr(getattr(b, "w", None), "arena_bytes", 0) or sum(
-            t.numel() * t.element_size() for t in getattr(b, "w", {}).values()
-        )
-        kv = self.runner.cache.nbytes
+        weights, kv = self.backend.weight_bytes, self.runner.cache.nbytes
         return {"weights": weights, "kv_cache": kv, "total": weights + kv}
 
     def __repr__(self) -> str:

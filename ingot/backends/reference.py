@@ -43,6 +43,10 @@ class ReferenceBackend:
             freqs.setdefault(id(l.rope), l.rope.inv_freq(freq_factors).to(self.device)) for l in spec.layers
         ]
 
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.w.values())
+
     def new_cache(self, max_context: int) -> KVCache:
         s = self.spec
         return KVCache(s.n_layers, s.n_kv_heads, s.head_dim, max_context, self.device, self.dtype)
@@ -122,13 +126,11 @@ class ReferenceBackend:
 
 def load_weights(ckpt, spec: ModelSpec, device, dtype, progress: bool | None = None) -> dict[str, torch.Tensor]:
     """Dequantize every tensor the spec names into dtype on device, with a progress bar for big files."""
-    from tqdm import tqdm
+    from ingot.progress import byte_bar
 
     names = list(spec.weights())
-    total = sum(ckpt.tensors[n].nbytes for n in names)
-    show = progress if progress is not None else total > 100 * 2**20
     weights = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not show, leave=False) as bar:
+    with byte_bar(sum(ckpt.tensors[n].nbytes for n in names), "loading", progress) as bar:
         for n in names:
             ref = ckpt.tensors[n]
             weights[n] = ref.dequantize().to(device=device, dtype=dtype)

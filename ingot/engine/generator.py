@@ -82,7 +82,7 @@ class Generator:
         pending = ""  # text held back because it could be the start of a stop string
         for token in self.tokens(prompt, max_tokens, params, tokenizer.stop_ids):
             pending += decoder.push(token)
-            hit = min((pending.find(s) for s in stop if s in pending), default=-1)
+            hit = _first_stop(pending, stop)
             if hit >= 0:
                 self.stats.finish_reason = "stop"
                 if pending[:hit]:
@@ -93,12 +93,17 @@ class Generator:
                 yield pending[:safe]
                 pending = pending[safe:]
         pending += decoder.flush()
-        hit = min((pending.find(s) for s in stop if s in pending), default=-1)
+        hit = _first_stop(pending, stop)
         if hit >= 0:
             self.stats.finish_reason = "stop"
             pending = pending[:hit]
         if pending:
             yield pending
+
+
+def _first_stop(text: str, stops: list[str]) -> int:
+    """Where the earliest stop string starts in text, or -1."""
+    return min((text.find(s) for s in stops if s in text), default=-1)
 
 
 def _longest_stop_prefix(text: str, stops: list[str]) -> int:

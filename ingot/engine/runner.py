@@ -42,21 +42,22 @@ class Runner:
         return logits[-1]
 
     def decode(self, token: int) -> torch.Tensor:
-        if len(self.tokens) >= self.max_context:
-            raise ContextLengthError(f"the sequence reached the context of {self.max_context} tokens")
-        logits = self.backend.forward(torch.tensor([token], dtype=torch.long), self.cache)
-        self.tokens.append(token)
-        return logits[-1]
+        return self._step(token, lambda: self.backend.forward(torch.tensor([token], dtype=torch.long),
+                                                              self.cache)[-1])
 
     def decode_greedy(self, token: int) -> int:
         """decode(token) then argmax, on the device when the backend can (no logits leave it)."""
+        fast = getattr(self.backend, "decode_greedy", None)
+        if fast is None:
+            return int(self.decode(token).argmax())
+        return self._step(token, lambda: fast(token, self.cache))
+
+    def _step(self, token: int, run):
         if len(self.tokens) >= self.max_context:
             raise ContextLengthError(f"the sequence reached the context of {self.max_context} tokens")
-        fast = getattr(self.backend, "decode_greedy", None)
-        nxt = fast(token, self.cache) if fast else int(self.backend.forward(
-            torch.tensor([token], dtype=torch.long), self.cache)[-1].argmax())
+        result = run()
         self.tokens.append(token)
-        return nxt
+        return result
 
     def forward_all(self, ids: list[int]) -> torch.Tensor:
         """Logits for every position of ids from an empty cache (for tests and perplexity)."""

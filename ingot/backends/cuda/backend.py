@@ -91,6 +91,7 @@ class CudaBackend:
         self.dtype = torch.float16
         self.inv_freq = [l.rope.inv_freq(freq_factors).to(self.device) for l in spec.layers]
         self.weight_bytes_per_token = weights.decode_bytes_per_token()
+        self.weight_bytes = weights.arena_bytes
         self._state: DecodeState | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self.use_graph = self.device.type == "cuda"

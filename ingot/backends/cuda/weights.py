@@ -91,14 +91,12 @@ def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progre
                  reserve: dict[str, int] | None = None):
     """Packed weights in one device arena. `reserve`: other allocations (KV cache, buffers) the fit check
     counts before anything is allocated."""
-    from tqdm import tqdm
+    from ingot.progress import byte_bar
 
     if any(l.moe for l in spec.layers):
         raise UnsupportedError("mixture-of-experts layers have no CUDA kernels yet; use backend='reference'")
     t = ckpt.tensors
-    total = sum(t[n].nbytes for n in spec.weights())
-    show = progress if progress is not None else total > 100 * 2**20
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="packing", disable=not show, leave=False)
+    bar = byte_bar(sum(t[n].nbytes for n in spec.weights()), "packing", progress)
 
     def linear(*names):
         parts = []
