@@ -47,7 +47,7 @@ def main():
     m.runner.prefill(list(range(100, 108)))
     m.runner.decode(5)
     m.runner.decode(6)
-    g = b._graph
+    g = b._graphs[1]
     torch.cuda.synchronize()
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()

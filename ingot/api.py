@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -9,7 +11,7 @@ import torch
 
 from ingot.engine.generator import Generator, Stats
 from ingot.engine.runner import Runner
-from ingot.engine.sampler import SamplingParams
+from ingot.engine.sampler import Sampler, SamplingParams
 from ingot.errors import IngotError
 
 DEFAULT_MAX_CONTEXT = 4096  # like llama.cpp's default; pass max_context for more
@@ -25,11 +27,13 @@ def _pick_device(device) -> torch.device:
 
 
 def load(path_or_name, device=None, max_context: int | None = None, dtype=None, progress: bool | None = None,
-         backend: str | None = None, quant: str | None = None):
+         backend: str | None = None, quant: str | None = None, max_batch: int = 1):
     """Load a GGUF file, a Hugging Face or MLX folder, or an embedded model name (see `ingot models`).
 
     backend: "cuda" (Triton kernels; the default on a GPU) or "reference" (plain torch ops, the default on
-    the CPU). quant: for float checkpoints on the CUDA backend, "q4" or "q8" quantizes at load."""
+    the CPU). quant: for float checkpoints on the CUDA backend, "q4" or "q8" quantizes at load.
+    max_batch: sequences the CUDA backend decodes together (1..32; `Model.generate_batch`); the KV cache
+    and buffers are sized for it at load."""
     from ingot.formats import open_checkpoint
     from ingot.models import build_spec
     from ingot.registry import resolve
@@ -45,14 +49,20 @@ def load(path_or_name, device=None, max_context: int | None = None, dtype=None, 
     factors = ckpt.tensors.get("rope_freqs.weight")
     factors = factors.dequantize() if factors else None
     backend = backend or _default_backend(device, spec)
+    if max_batch != 1 and backend != "cuda":
+        raise IngotError(f"max_batch={max_batch}: only the CUDA backend decodes several sequences at once")
     if backend == "cuda":
-        from ingot.backends.cuda.backend import CudaBackend
+        from ingot.backends.cuda.backend import BATCH_BUCKETS, CudaBackend, cache_slots
         from ingot.backends.cuda.weights import kv_cache_bytes
         from ingot.backends.cuda.weights import load_weights as pack_weights
 
-        # buffers: the decode step's static buffers plus a prefill chunk's temporaries, a generous margin
-        reserve = {"KV cache": kv_cache_bytes(spec, context), "buffers": 256 * 2**20}
-        engine = CudaBackend(spec, pack_weights(ckpt, spec, device, quant, progress, reserve), device, factors)
+        if not 1 <= max_batch <= BATCH_BUCKETS[-1]:
+            raise IngotError(f"max_batch must be between 1 and {BATCH_BUCKETS[-1]}, got {max_batch}")
+        # buffers: the decode steps' static buffers plus a prefill chunk's temporaries, a generous margin
+        reserve = {"KV cache": kv_cache_bytes(spec, context, cache_slots(max_batch)),
+                   "buffers": (256 + 64 * max_batch) * 2**20}
+        weights = pack_weights(ckpt, spec, device, quant, progress, reserve)
+        engine = CudaBackend(spec, weights, device, factors, max_batch=max_batch)
     elif backend == "reference":
         from ingot.backends.reference import ReferenceBackend, load_weights
 
@@ -86,9 +96,10 @@ class Model:
 
     @property
     def memory(self) -> dict:
-        """Bytes held on the device: weights, KV cache, and their total."""
+        """Bytes held on the device: weights, KV cache, the decode steps' static buffers, and their total."""
         weights, kv = self.backend.weight_bytes, self.runner.cache.nbytes
-        return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+        buffers = getattr(self.backend, "buffer_bytes", 0)
+        return {"weights": weights, "kv_cache": kv, "buffers": buffers, "total": weights + kv + buffers}
 
     def __repr__(self) -> str:
         return f"<ingot.Model {self.arch} from {self.path.name} on {self.device}, context {self.max_context}>"
@@ -140,6 +151,65 @@ class Model:
             return list(gen.tokens(ids, _check_max_tokens(max_tokens), params, self._stop_ids()))
         finally:
             self.last_stats = gen.stats
+
+    def generate_batch(self, prompts: list[str], max_tokens: int = 256, temperature: float = 0.0, top_k=None,
+                       top_p=None, min_p=None, seed=None) -> list[str]:
+        """The new text of each prompt, decoded together in one batch (load with max_batch >= len(prompts))."""
+        tok = self._need_tokenizer()
+        ids = [self._prompt_ids(p, None) for p in prompts]
+        outs = self.generate_batch_ids(ids, max_tokens, temperature, top_k, top_p, min_p, seed)
+        return [tok.decode(o) for o in outs]
+
+    def generate_batch_ids(self, prompts: list[list[int]], max_tokens: int = 256, temperature: float = 0.0,
+                           top_k=None, top_p=None, min_p=None, seed=None) -> list[list[int]]:
+        """Generated ids of each prompt, decoded together: one step of the model advances every sequence.
+        Each sequence stops at its end-of-sequence token; the batch runs until all have stopped."""
+        if not prompts or len(prompts) > self.runner.max_batch:
+            raise IngotError(f"generate_batch takes 1..{self.runner.max_batch} prompts (the max_batch given to "
+                             f"ingot.load), got {len(prompts)}")
+        prompts = [[int(i) for i in p] for p in prompts]
+        for p in prompts:
+            if not p:
+                raise IngotError("a prompt is empty")
+            if max(p) >= self.spec.vocab_size or min(p) < 0:
+                raise IngotError(f"token ids must be in [0, {self.spec.vocab_size})")
+        max_tokens = _check_max_tokens(max_tokens)
+        params = SamplingParams(temperature, top_k, top_p, min_p, None, seed).validate()
+        # One sampler per row, each with its own stream of random numbers (seed + row when seeded).
+        samplers = [Sampler(replace(params, seed=None if seed is None else seed + i)) for i in range(len(prompts))]
+        stop, runner = self._stop_ids(), self.runner
+        stats = Stats(prompt_tokens=sum(map(len, prompts)), finish_reason="length")
+        t0 = time.perf_counter()
+        logits = runner.prefill_batch(prompts)
+        stats.prefill_s = time.perf_counter() - t0
+        history = [list(p) for p in prompts]
+        nxt = [samplers[i](logits[i], history[i]) for i in range(len(prompts))]
+        outs: list[list[int]] = [[] for _ in prompts]
+        running = [max_tokens > 0] * len(prompts)
+        stopped = [False] * len(prompts)
+        t1 = time.perf_counter()
+        while True:
+            for i, t in enumerate(nxt):
+                if running[i]:
+                    if t in stop:
+                        running[i], stopped[i] = False, True
+                        continue
+                    outs[i].append(t)
+                    history[i].append(t)
+                    running[i] = len(outs[i]) < max_tokens
+            if not any(running) or any(len(r) >= runner.max_context for r in runner.batch_tokens):
+                break
+            if params.temperature == 0.0:
+                nxt = runner.decode_batch_greedy(nxt)
+            else:
+                rows = runner.decode_batch(nxt)
+                nxt = [samplers[i](rows[i], history[i]) for i in range(len(prompts))]
+        stats.decode_s = time.perf_counter() - t1
+        stats.generated_tokens = sum(map(len, outs))
+        if all(stopped):
+            stats.finish_reason = "stop"
+        self.last_stats = stats
+        return outs
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Float32 logits (len(ids), vocab) for every position, from an empty cache."""

@@ -43,7 +43,8 @@ def test_greedy_tokens_match_reference(pair):
 def test_memory_is_reported(pair):
     fast, _ = pair
     mem = fast.memory
-    assert mem["weights"] > 0 and mem["kv_cache"] > 0 and mem["total"] == mem["weights"] + mem["kv_cache"]
+    assert mem["weights"] > 0 and mem["kv_cache"] > 0 and mem["buffers"] > 0
+    assert mem["total"] == mem["weights"] + mem["kv_cache"] + mem["buffers"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU sampler runs where the logits are: on a GPU")

@@ -57,7 +57,7 @@ def add_arguments(p) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=5, metavar="R", help="timed repetitions per test (5)")
     p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed repetitions before those (1)")
     p.add_argument("--batch", type=int, default=1, metavar="B",
-                   help="sequences decoded together; needs a backend that supports batching (1)")
+                   help="sequences prefilled and decoded together, 1..32; the CUDA backend only (1)")
     p.add_argument("-o", "--output", default="table", choices=["table", "csv", "json"], help="output format")
     p.add_argument("--roofline", action="store_true",
                    help="also measure the device's copy bandwidth and show each tg test's share of it")
@@ -95,12 +95,6 @@ def _timed(device, fn) -> float:
     return time.perf_counter() - t
 
 
-def _greedy_step(runner):
-    """token -> next token: the runner's own greedy step if it has one, else argmax of decode's logits."""
-    own = getattr(runner, "decode_greedy", None)
-    if own is not None:
-        return own
-    return lambda token: int(runner.decode(token).argmax())
 
 
 def _batch_api(model, batch: int):
@@ -110,13 +104,10 @@ def _batch_api(model, batch: int):
     if batch < 1:
         raise IngotError(f"--batch must be at least 1, got {batch}")
     if batch > most:
-        raise IngotError(f"--batch {batch}: the {name} backend runs one sequence at a time (max_batch {most})")
+        raise IngotError(f"--batch {batch}: the {name} backend was loaded with max_batch {most}")
     if batch == 1:
         return None
     runner = model.runner
-    if not all(hasattr(runner, m) for m in ("prefill_batch", "decode_batch")):
-        raise IngotError(f"--batch {batch}: the {name} backend reports max_batch {most}, but the runner has no "
-                         "prefill_batch / decode_batch")
     return runner
 
 
@@ -141,7 +132,6 @@ def bench_decode(model, n: int, reps: int, warmup: int, rng, batch: int = 1) -> 
     """Tokens/s of n greedy decode steps after a TG_PROMPT-token prompt, one sample per timed repetition."""
     runner, vocab, device = model.runner, model.spec.vocab_size, model.device
     batched = _batch_api(model, batch)
-    step = _greedy_step(runner)
     samples = []
     for rep in range(warmup + reps):
         seqs = [[int(i) for i in rng.integers(0, vocab, TG_PROMPT)] for _ in range(batch)]
@@ -149,17 +139,16 @@ def bench_decode(model, n: int, reps: int, warmup: int, rng, batch: int = 1) -> 
             _reset(runner)
             first = int(runner.prefill(seqs[0]).argmax())
 
-            def loop():
-                tok = first
-                for _ in range(n):
-                    tok = step(tok)
+            def loop():  # the generator's greedy path: each step queued before the previous one is read
+                for _ in runner.greedy(first, n):
+                    pass
         else:
             toks = [int(t) for t in batched.prefill_batch(seqs).argmax(-1)]
 
             def loop():
                 cur = toks
                 for _ in range(n):
-                    cur = [int(t) for t in batched.decode_batch(cur).argmax(-1)]
+                    cur = batched.decode_batch_greedy(cur)
 
         _sync(device)
         dt = _timed(device, loop)
@@ -237,7 +226,7 @@ def run_bench(model, n_prompt=(512,), n_gen=(128,), reps: int = 5, warmup: int =
     if not isinstance(model, Model):
         if log:
             print(f"loading {model} ...", file=log, flush=True)
-        model = ingot.load(model, device=device, max_context=need)
+        model = ingot.load(model, device=device, max_context=need, max_batch=batch)
     elif model.max_context < need:
         raise IngotError(f"the model was loaded with a context of {model.max_context}; the tests need {need}")
     _batch_api(model, batch)  # a clear error before any test runs

@@ -59,20 +59,27 @@ class Generator:
         token = sampler(logits, history)
         stats.ttft_s = time.perf_counter() - t0
         t_decode = time.perf_counter()
-        while True:
-            if token in stop_ids:
-                stats.finish_reason = "stop"
-                break
-            stats.generated_tokens += 1
-            history.append(token)
-            yield token
-            if stats.generated_tokens >= max_tokens or len(self.runner.tokens) >= self.runner.max_context:
-                break
-            if greedy:  # the argmax happens where the logits are: no logits copy to the host
-                token = self.runner.decode_greedy(token)
-            else:
-                token = sampler(self.runner.decode(token), history)
-            stats.decode_s = time.perf_counter() - t_decode
+        greedy_steps = None  # the greedy continuation, started at the first decode step
+        try:
+            while True:
+                if token in stop_ids:
+                    stats.finish_reason = "stop"
+                    break
+                stats.generated_tokens += 1
+                history.append(token)
+                yield token
+                if stats.generated_tokens >= max_tokens or len(self.runner.tokens) >= self.runner.max_context:
+                    break
+                if greedy:  # the argmax happens where the logits are: no logits copy to the host
+                    if greedy_steps is None:
+                        greedy_steps = self.runner.greedy(token, max_tokens - stats.generated_tokens)
+                    token = next(greedy_steps)
+                else:
+                    token = sampler(self.runner.decode(token), history)
+                stats.decode_s = time.perf_counter() - t_decode
+        finally:
+            if greedy_steps is not None:
+                greedy_steps.close()
 
     def text(self, prompt: list[int], tokenizer, max_tokens: int, params: SamplingParams,
              stop: list[str] | None = None) -> Iterator[str]:

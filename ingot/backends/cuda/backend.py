@@ -4,6 +4,8 @@ once as a CUDA graph and replayed, every buffer allocated once up front."""
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ingot.backends.cuda import attention, gemm, gemv, norm, rope, sampling
 from ingot.backends.cuda.weights import ModelWeights
@@ -12,99 +14,194 @@ from ingot.models.base import ModelSpec
 DECODE_ROWS = 16  # up to this many rows use the GEMV kernels; more go to the tensor-core GEMM
 
 
-class CudaKVCache:
-    """fp16 keys and values, [max_batch, max_ctx, kv_heads, head_dim] per layer, sized once."""
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)  # decode batch sizes that get their own buffers and captured graph
 
-    def __init__(self, spec: ModelSpec, max_context: int, device, max_batch: int = 1):
-        shape = (max_batch, max_context, spec.n_kv_heads, spec.head_dim)
+
+def buckets_for(max_batch: int) -> tuple[int, ...]:
+    """The batch buckets a backend of max_batch sequences uses: the powers of two below, then max_batch."""
+    if not 1 <= max_batch <= BATCH_BUCKETS[-1]:
+        raise ValueError(f"max_batch must be between 1 and {BATCH_BUCKETS[-1]}, got {max_batch}")
+    return tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
+
+
+def cache_slots(max_batch: int) -> int:
+    """KV-cache slots: one per sequence, plus a scratch slot that the padding rows of a bucket write to."""
+    return max_batch + (max_batch > 1)
+
+
+class CudaKVCache:
+    """fp16 keys and values, [slots, max_ctx, kv_heads, head_dim] per layer, sized once; `lengths` holds
+    how many positions of each slot are filled (`length` is slot 0's, the single-sequence view)."""
+
+    def __init__(self, spec: ModelSpec, max_context: int, device, slots: int = 1):
+        shape = (slots, max_context, spec.n_kv_heads, spec.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=torch.float16) for _ in range(spec.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=torch.float16) for _ in range(spec.n_layers)]
         self.max_context = max_context
-        self.length = 0
+        self.lengths = [0] * slots
+
+    @property
+    def length(self) -> int:
+        return self.lengths[0]
+
+    @length.setter
+    def length(self, n: int) -> None:
+        self.lengths[0] = n
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-class DecodeState:
-    """The static buffers one decode step reads and writes; a captured graph refers to exactly these."""
+@triton.jit
+def _advance_kernel(step_ptr, next_ptr, B, BLOCK: tl.constexpr):
+    """Make the step's own output the next step's input: token <- chosen id, position and length + 1."""
+    i = tl.arange(0, BLOCK)
+    ok = i < B
+    tl.store(step_ptr + i, tl.load(next_ptr + i, mask=ok).to(tl.int32), mask=ok)
+    for r in tl.static_range(1, 3):
+        p = step_ptr + r * B + i
+        tl.store(p, tl.load(p, mask=ok) + 1, mask=ok)
 
-    def __init__(self, spec: ModelSpec, weights: ModelWeights, max_context: int, device):
+
+class DecodeState:
+    """The static buffers one decode step of `batch` rows reads and writes; a captured graph refers to
+    exactly these."""
+
+    RING = 4  # pinned staging slots: an async copy never reads or writes a slot being reused
+
+    def __init__(self, spec: ModelSpec, weights: ModelWeights, max_context: int, device, batch: int = 1):
         f32, i32 = dict(device=device, dtype=torch.float32), dict(device=device, dtype=torch.int32)
         hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
-        self.step_in = torch.zeros(3, **i32)  # token id, position, sequence length
-        # Pinned staging for step_in, a ring so that an async copy never reads a slot being rewritten.
+        self.batch = batch
+        self.step_in = torch.zeros(4, batch, **i32)  # rows: token ids, positions, sequence lengths, cache slots
         pinned = device.type == "cuda"
-        self.host_in = [torch.zeros(3, dtype=torch.int32, pin_memory=pinned) for _ in range(4)]
-        self.copied = [None] * 4
+        self.host_in = [torch.zeros(4, batch, dtype=torch.int32, pin_memory=pinned) for _ in range(self.RING)]
+        self.host_out = [torch.zeros(batch, dtype=torch.int64, pin_memory=pinned) for _ in range(self.RING)]
+        self.copied = [None] * self.RING
         self.step = 0
-        self.slots = torch.zeros(1, **i32)
-        self.x = torch.zeros(1, spec.hidden_size, **f32)
-        self.h = torch.zeros(1, spec.hidden_size, **f32)
-        self.qkv = torch.zeros(1, (hq + 2 * hkv) * hd, **f32)
-        self.q = torch.zeros(1, hq, hd, **f32)
-        self.attn = torch.zeros(1, hq, hd, **f32)
-        self.ff = torch.zeros(1, spec.intermediate_size, **f32)
-        self.logits = torch.zeros(1, weights.lm_head.n, **f32)
-        # Greedy decoding picks the next token inside the graph: one 8-byte copy to the host per step.
-        self.next_ids = torch.zeros(1, device=device, dtype=torch.int64)
-        self.argmax_ws = sampling.argmax_workspace(1, weights.lm_head.n, device)
-        self.scratch = attention.decode_scratch(1, hq, hd, max_context, device)
+        self.x = torch.zeros(batch, spec.hidden_size, **f32)
+        self.h = torch.zeros(batch, spec.hidden_size, **f32)
+        self.qkv = torch.zeros(batch, (hq + 2 * hkv) * hd, **f32)
+        self.q = torch.zeros(batch, hq, hd, **f32)
+        self.attn = torch.zeros(batch, hq, hd, **f32)
+        self.ff = torch.zeros(batch, spec.intermediate_size, **f32)
+        self.logits = torch.zeros(batch, weights.lm_head.n, **f32)
+        # Greedy decoding picks the next tokens inside the graph: one small copy to the host per step.
+        self.next_ids = torch.zeros(batch, device=device, dtype=torch.int64)
+        self.argmax_ws = sampling.argmax_workspace(batch, weights.lm_head.n, device)
+        self.scratch = attention.decode_scratch(batch, hq, hd, max_context, device)
         # One split-K workspace, big enough for the largest decode GEMV, so no call allocates.
-        need = [gemv.workspace_numel(weights.lm_head, 1)]
+        need = [gemv.workspace_numel(weights.lm_head, batch)]
         for lw in weights.layers:
-            need += [gemv.workspace_numel(lw.qkv, 1), gemv.workspace_numel(lw.o, 1),
-                     gemv.workspace_numel(lw.gate_up, 1, gated="silu"), gemv.workspace_numel(lw.down, 1)]
+            need += [gemv.workspace_numel(lw.qkv, batch), gemv.workspace_numel(lw.o, batch),
+                     gemv.workspace_numel(lw.gate_up, batch, gated="silu"), gemv.workspace_numel(lw.down, batch)]
         self.workspace = torch.empty(max(max(need), 1), **f32)
 
-    def set_inputs(self, token: int, position: int) -> None:
-        i = self.step % len(self.host_in)
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _tensors(self):
+        yield from (self.step_in, self.x, self.h, self.qkv, self.q, self.attn, self.ff, self.logits,
+                    self.next_ids, self.workspace, *self.argmax_ws)
+        yield from (t for t in self.scratch if isinstance(t, torch.Tensor))
+
+    def _ring_slot(self) -> int:
+        """The next staging slot, once the copy that last used it has finished."""
+        i = self.step % self.RING
         self.step += 1
         if self.copied[i] is not None:
             self.copied[i].synchronize()
+            self.copied[i] = None
+        return i
+
+    def set_inputs(self, tokens, positions, slots) -> None:
+        """Rows past len(tokens) are padding: token 0 at position 0 of the scratch slot (the last one)."""
+        n, scratch = len(tokens), self.scratch_slot
+        i = self._ring_slot()
         host = self.host_in[i]
-        host[0], host[1], host[2] = token, position, position + 1
+        host[0, :n] = torch.tensor(tokens, dtype=torch.int32)
+        host[1, :n] = torch.tensor(positions, dtype=torch.int32)
+        host[2, :n] = host[1, :n] + 1
+        host[3, :n] = torch.tensor(slots, dtype=torch.int32)
+        host[:, n:] = torch.tensor([0, 0, 1, scratch], dtype=torch.int32)[:, None]
         self.step_in.copy_(host, non_blocking=True)
-        if host.is_pinned():
+        self._record(i)
+
+    scratch_slot = 0  # set by the backend: the cache's last slot
+
+    def fetch_ids(self) -> int:
+        """Start copying next_ids to a pinned host slot; returns the slot for read_ids."""
+        i = self._ring_slot()
+        self.host_out[i].copy_(self.next_ids, non_blocking=True)
+        self._record(i)
+        return i
+
+    def _record(self, i: int) -> None:
+        if self.host_out[i].is_pinned():
             self.copied[i] = torch.cuda.Event()
             self.copied[i].record()
 
+    def read_ids(self, i: int) -> list[int]:
+        if self.copied[i] is not None:
+            self.copied[i].synchronize()
+            self.copied[i] = None
+        return self.host_out[i].tolist()
+
+    def advance(self) -> None:
+        _advance_kernel[(1,)](self.step_in, self.next_ids, self.batch,
+                              BLOCK=triton.next_power_of_2(self.batch), num_warps=1)
+
     @property
-    def token(self):
-        return self.step_in[0:1]
+    def tokens(self):
+        return self.step_in[0]
 
     @property
     def positions(self):
-        return self.step_in[1:2]
+        return self.step_in[1]
 
     @property
     def seq_lens(self):
-        return self.step_in[2:3]
+        return self.step_in[2]
+
+    @property
+    def slots(self):
+        return self.step_in[3]
 
 
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, spec: ModelSpec, weights: ModelWeights, device, freq_factors=None):
+    def __init__(self, spec: ModelSpec, weights: ModelWeights, device, freq_factors=None, max_batch: int = 1):
         self.spec, self.w, self.device = spec, weights, torch.device(device)
         self.dtype = torch.float16
         self.inv_freq = [l.rope.inv_freq(freq_factors).to(self.device) for l in spec.layers]
         self.weight_bytes_per_token = weights.decode_bytes_per_token()
         self.weight_bytes = weights.arena_bytes
-        self._state: DecodeState | None = None
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self.max_batch = max_batch
+        self.buckets = buckets_for(max_batch)
+        self._states: dict[int, DecodeState] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.use_graph = self.device.type == "cuda"
 
     def new_cache(self, max_context: int) -> CudaKVCache:
-        self._state, self._graph = None, None  # a new cache means new buffers for the graph to read
-        cache = CudaKVCache(self.spec, max_context, self.device)
-        self._state = DecodeState(self.spec, self.w, max_context, self.device)
+        self._states, self._graphs = {}, {}  # a new cache means new buffers for the graphs to read
+        cache = CudaKVCache(self.spec, max_context, self.device, cache_slots(self.max_batch))
+        for b in self.buckets:
+            self._states[b] = DecodeState(self.spec, self.w, max_context, self.device, b)
+            self._states[b].scratch_slot = len(cache.lengths) - 1
         self._cache = cache
         return cache
 
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the decode steps' static buffers, every bucket."""
+        return sum(st.nbytes for st in self._states.values())
+
     # -- the model -------------------------------------------------------------------------------------------
-    def _layers(self, x, cache, positions, seq_lens, slots, rows: int, s: DecodeState | None):
+    def _layers(self, x, cache, positions, seq_lens, slots, rows: int, s: DecodeState | None, start: int = 0,
+                slot: int = 0):
         """Every transformer block on activation rows x (fp32 [rows, hidden]), updating x in place."""
         spec = self.spec
         decode = s is not None
@@ -128,7 +225,7 @@ class CudaBackend:
                                            window=window, out=s.attn, scratch=s.scratch)
                 a = s.attn
             else:
-                a = attention.prefill_attention(q, cache.k[i], cache.v[i], 0, int(cache.length),
+                a = attention.prefill_attention(q, cache.k[i], cache.v[i], slot, start,
                                                 scale=spec.softmax_scale, window=window)
             a = a.reshape(rows, hq * hd)
             if spec.sandwich_norm:
@@ -146,61 +243,110 @@ class CudaBackend:
                 lin(ff, lw.down, residual=x, out=x)
         return x
 
-    def _decode_step(self, cache):
-        """One token through the model, entirely from the static buffers (what the graph captures)."""
-        s = self._state
-        gemv.embed_rows(s.token, self.w.embed, self.spec.embed_scale, out=s.x)
-        self._layers(s.x, cache, s.positions, s.seq_lens, s.slots, 1, s)
+    def _decode_step(self, s: DecodeState, cache):
+        """One token per row through the model, entirely from the static buffers (what a graph captures);
+        it ends by making its chosen tokens the next step's inputs, so steps can be queued back to back."""
+        gemv.embed_rows(s.tokens, self.w.embed, self.spec.embed_scale, out=s.x)
+        self._layers(s.x, cache, s.positions, s.seq_lens, s.slots, s.batch, s)
         gemv.linear(s.x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps, out=s.logits,
                     workspace=s.workspace)
         sampling.argmax(s.logits, out=s.next_ids, workspace=s.argmax_ws)
+        s.advance()
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: CudaKVCache, last_only: bool = False) -> torch.Tensor:
-        start, T = cache.length, tokens.shape[0]
+    def forward(self, tokens: torch.Tensor, cache: CudaKVCache, last_only: bool = False, slot: int = 0
+                ) -> torch.Tensor:
+        start, T = cache.lengths[slot], tokens.shape[0]
         if start + T > cache.max_context:
             raise ValueError(f"{start + T} positions exceed the cache's {cache.max_context}")
         if T == 1:
-            return self._decode(int(tokens[0]), cache)
+            return self._decode([int(tokens[0])], cache, [slot])
         dev = self.device
         ids = tokens.to(dev)
         x = gemv.embed_rows(ids, self.w.embed, self.spec.embed_scale,
                             out=torch.empty(T, self.spec.hidden_size, device=dev, dtype=torch.float32))
         positions = torch.arange(start, start + T, device=dev, dtype=torch.int32)
-        slots = torch.zeros(T, device=dev, dtype=torch.int32)
-        self._layers(x, cache, positions, None, slots, T, None)
-        cache.length = start + T
+        slots = torch.full((T,), slot, device=dev, dtype=torch.int32)
+        self._layers(x, cache, positions, None, slots, T, None, start, slot)
+        cache.lengths[slot] = start + T
         if last_only:
             x = x[-1:]
         lin = gemv.linear if x.shape[0] <= DECODE_ROWS else gemm.matmul
         return lin(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps)
 
+    # -- decode ------------------------------------------------------------------------------------------------
+    def _bucket(self, n: int) -> DecodeState:
+        for b in self.buckets:
+            if b >= n:
+                return self._states[b]
+        raise ValueError(f"{n} sequences exceed max_batch={self.max_batch}")
+
+    def _run(self, s: DecodeState, cache) -> None:
+        if not self.use_graph:
+            self._decode_step(s, cache)
+            return
+        graph = self._graphs.get(s.batch)
+        if graph is None:
+            graph = self._graphs[s.batch] = self._capture(s, cache)
+        graph.replay()
+
+    def _decode(self, tokens: list[int], cache: CudaKVCache, slots: list[int]) -> torch.Tensor:
+        """Logits [n, vocab] after one step of each (token, slot) row; the slots' lengths grow by one."""
+        n = len(tokens)
+        s = self._bucket(n)
+        s.set_inputs(tokens, [cache.lengths[i] for i in slots], slots)
+        self._run(s, cache)
+        for i in slots:
+            cache.lengths[i] += 1
+        return s.logits[:n]
+
+    @torch.inference_mode()
+    def decode_batch(self, tokens: list[int], cache: CudaKVCache, slots: list[int]) -> torch.Tensor:
+        return self._decode(tokens, cache, slots)
+
+    @torch.inference_mode()
+    def decode_batch_greedy(self, tokens: list[int], cache: CudaKVCache, slots: list[int]) -> list[int]:
+        """One step of each row, returning each row's most likely next token, chosen on the GPU."""
+        self._decode(tokens, cache, slots)
+        s = self._bucket(len(tokens))
+        return s.read_ids(s.fetch_ids())[: len(tokens)]
+
     @torch.inference_mode()
     def decode_greedy(self, token: int, cache: CudaKVCache) -> int:
         """Run token through the model and return the most likely next token, chosen on the GPU."""
-        self._decode(token, cache)
-        return int(self._state.next_ids[0])
+        return self.decode_batch_greedy([token], cache, [0])[0]
 
-    def _decode(self, token: int, cache: CudaKVCache) -> torch.Tensor:
-        s = self._state
-        s.set_inputs(token, cache.length)
-        if not self.use_graph:
-            self._decode_step(cache)
-        else:
-            if self._graph is None:
-                self._capture(cache)
-            self._graph.replay()
-        cache.length += 1
-        return s.logits
+    def greedy_stream(self, token: int, cache: CudaKVCache, steps: int):
+        """Up to `steps` greedy tokens after `token` (slot 0). The step after the one being read is already
+        queued on the GPU, which reads its input token from the previous step's output, so the host's work
+        per token (the copy's wait, detokenizing, stop checks) overlaps the GPU's next step. A step queued
+        past where the caller stops writes the cache beyond `cache.length`, where nothing reads it."""
+        s = self._states[1]
+        if steps <= 0:
+            return
+        with torch.inference_mode():
+            s.set_inputs([token], [cache.length], [0])
+            self._run(s, cache)
+            pending = [s.fetch_ids()]
+            for done in range(steps):
+                if done + 1 < steps:
+                    self._run(s, cache)
+                    pending.append(s.fetch_ids())
+                token = s.read_ids(pending.pop(0))[0]
+                cache.length += 1
+                yield token
 
-    def _capture(self, cache):
+    def _capture(self, s: DecodeState, cache) -> torch.cuda.CUDAGraph:
         # Warm up on a side stream (compiles the kernels, lets Triton cache its launchers), then capture.
+        # The warm-up's advance() is undone so the graph's first replay sees the inputs set for it.
+        saved = s.step_in.clone()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._decode_step(cache)
+            self._decode_step(s, cache)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._decode_step(cache)
-        self._graph = graph
+            self._decode_step(s, cache)
+        s.step_in.copy_(saved)
+        return graph
