@@ -4,6 +4,7 @@
 #   benchmarks/device_check.sh check          GPU kernel tests + correctness at real shapes + real models
 #   benchmarks/device_check.sh bench [KEYS]   synthetic models (GGUF q4_0/q8_0) and `ingot bench` on each
 #   benchmarks/device_check.sh kernels        per-kernel bandwidth at real shapes
+#   benchmarks/device_check.sh batch [KEYS]   `ingot bench --batch B` for B = 1..32 (q4_0), throughput per batch
 #
 # On this workplace's device tool the machine has no network: missing wheels travel in .whl/ and model
 # files in .carry/ (split by benchmarks/carry_split.sh; parts from consecutive calls are collected in
@@ -63,5 +64,16 @@ case "$mode" in
       done
     done
     ;;
-  *) echo "usage: $0 check|kernels|bench [model keys]"; exit 2;;
+  batch)
+    gpu_info
+    keys=${*:-"llama-3.2-1b qwen3-8b"}
+    for key in $keys; do
+      f="$MODELS/$key-q4_0.gguf"
+      [ -e "$f" ] || $PY -m ingot.bench.synthetic "$key" --quant q4_0 -o "$f" || continue
+      for b in ${BATCHES:-1 2 4 8 16 32}; do
+        $PY -m ingot.cli bench "$f" -p 512 -n 128 -r 3 --batch "$b" -o csv 2>>"$OUT/bench.err" | tee -a "$OUT/batch.csv"
+      done
+    done
+    ;;
+  *) echo "usage: $0 check|kernels|bench|batch [model keys]"; exit 2;;
 esac
