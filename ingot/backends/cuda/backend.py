@@ -3,6 +3,7 @@ once as a CUDA graph and replayed, every buffer allocated once up front."""
 
 from __future__ import annotations
 
+import functools
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +28,16 @@ def buckets_for(max_batch: int) -> tuple[int, ...]:
 def cache_slots(max_batch: int) -> int:
     """KV-cache slots: one per sequence, plus a scratch slot that the padding rows of a bucket write to."""
     return max_batch + (max_batch > 1)
+
+
+def _linear_for(rows: int, s: "DecodeState | None" = None):
+    """The projection kernel for `rows` activation rows: the GEMV (split-K workspace from the decode state,
+    so a captured step never allocates) up to DECODE_ROWS, the tensor-core GEMM above."""
+    if rows > DECODE_ROWS:
+        return gemm.matmul
+    if s is None:
+        return gemv.linear
+    return functools.partial(gemv.linear, workspace=s.workspace)
 
 
 class CudaKVCache:
@@ -205,11 +216,7 @@ class CudaBackend:
         """Every transformer block on activation rows x (fp32 [rows, hidden]), updating x in place."""
         spec = self.spec
         decode = s is not None
-        if decode:
-            def lin(*a, **kw):
-                return gemv.linear(*a, workspace=s.workspace, **kw)
-        else:
-            lin = gemv.linear if rows <= DECODE_ROWS else gemm.matmul
+        lin = _linear_for(rows, s)
         hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         for i, (layer, lw) in enumerate(zip(spec.layers, self.w.layers)):
             qkv = lin(x, lw.qkv, norm_weight=lw.attn_norm, eps=spec.norm_eps, out=s.qkv if decode else None)
@@ -248,8 +255,8 @@ class CudaBackend:
         it ends by making its chosen tokens the next step's inputs, so steps can be queued back to back."""
         gemv.embed_rows(s.tokens, self.w.embed, self.spec.embed_scale, out=s.x)
         self._layers(s.x, cache, s.positions, s.seq_lens, s.slots, s.batch, s)
-        gemv.linear(s.x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps, out=s.logits,
-                    workspace=s.workspace)
+        _linear_for(s.batch, s)(s.x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps,
+                                out=s.logits)
         sampling.argmax(s.logits, out=s.next_ids, workspace=s.argmax_ws)
         s.advance()
 
@@ -271,8 +278,7 @@ class CudaBackend:
         cache.lengths[slot] = start + T
         if last_only:
             x = x[-1:]
-        lin = gemv.linear if x.shape[0] <= DECODE_ROWS else gemm.matmul
-        return lin(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps)
+        return _linear_for(x.shape[0])(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps)
 
     # -- decode ------------------------------------------------------------------------------------------------
     def _bucket(self, n: int) -> DecodeState:
