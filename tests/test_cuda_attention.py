@@ -180,3 +180,49 @@ def test_prefill_default_out(kernel_device, gen):
     out = prefill_attention(q.to(kernel_device), k_cache, v_cache, 0, 0, scale=0.125)
     assert out.dtype == torch.float32 and out.shape == (9, 2, 64)
     assert rel_err(out, reference(q, k_full[0, :9], v_full[0, :9], torch.arange(9), 0.125, 0)) < TOL
+
+
+# (head_dim, kv heads, group, window, seq_lens, slots, q/k norm)
+ROPE_CASES = [
+    (64, 2, 1, 0, [1, 33, 70], [2, 0, 3], False),
+    (128, 2, 4, 0, [70, 5], [1, 0], True),
+    (256, 1, 8, 20, [32, 41], [3, 1], True),
+    (64, 1, 4, 13, [12, 50, 77], [0, 2, 1], False),
+]
+
+
+@pytest.mark.parametrize("d,hkv,g,window,lens,slots,qk_norm", ROPE_CASES)
+@pytest.mark.parametrize("config", ["small", "strided"])
+def test_decode_with_rope_from_qkv(kernel_device, gen, d, hkv, g, window, lens, slots, qk_norm, config):
+    """Decode straight from the qkv rows equals rope.qk_norm_rope_store then decode_attention on q, and
+    leaves the same keys and values in the cache (the new ones at position seq_len - 1)."""
+    from ingot.backends.cuda.attention import DecodeRope
+    from ingot.backends.cuda.rope import qk_norm_rope_store
+
+    max_batch, max_ctx, B, hq = 4, 96, len(lens), hkv * g
+    k_full, v_full, k_a, v_a = make_cache(gen, max_batch, max_ctx, hkv, d, kernel_device)
+    for s, n in zip(slots, lens):  # everything before the new token's position
+        k_a[s, : n - 1], v_a[s, : n - 1] = k_full[s, : n - 1].to(kernel_device), v_full[s, : n - 1].to(kernel_device)
+    k_b, v_b = k_a.clone(), v_a.clone()
+    qkv = torch.randn(B, (hq + 2 * hkv) * d, generator=gen).to(kernel_device)
+    inv_freq = (10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)).to(kernel_device)
+    qn = (1 + 0.3 * torch.randn(d, generator=gen)).to(kernel_device) if qk_norm else None
+    kn = (1 + 0.3 * torch.randn(d, generator=gen)).to(kernel_device) if qk_norm else None
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=kernel_device)
+    slot_t = torch.tensor(slots, dtype=torch.int32, device=kernel_device)
+    chunk, block_n, programs = CONFIGS[config]
+
+    q = qk_norm_rope_store(qkv, n_heads=hq, n_kv_heads=hkv, head_dim=d, q_norm=qn, k_norm=kn, eps=1e-6,
+                           inv_freq=inv_freq, positions=seq_lens - 1, slots=slot_t, k_cache=k_b, v_cache=v_b)
+    want = decode_attention(q, k_b, v_b, seq_lens, slot_t, scale=d**-0.5, window=window, block_n=block_n,
+                            scratch=decode_scratch(max_batch, hq, d, max_ctx, kernel_device, chunk=chunk,
+                                                   programs=programs))
+    scratch = decode_scratch(max_batch, hq, d, max_ctx, kernel_device, chunk=chunk, programs=programs)
+    got = decode_attention(qkv, k_a, v_a, seq_lens, slot_t, scale=d**-0.5, window=window, block_n=block_n,
+                           scratch=scratch, rope=DecodeRope(inv_freq, qn, kn, 1e-6), n_heads=hq)
+    assert (scratch.count == 0).all()
+    err = rel_err(got, want.double().cpu())
+    assert err < 1e-4, f"relative error {err:.2e} (seed {SEED})"
+    for s, n in zip(slots, lens):  # the same math in another kernel: equal up to fp16 rounding
+        torch.testing.assert_close(k_a[s, :n].cpu(), k_b[s, :n].cpu(), atol=2e-3, rtol=2e-3)
+        assert torch.equal(v_a[s, :n].cpu(), v_b[s, :n].cpu())

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.backends.cuda.rope import _rope_heads
+
 LOG2E = 1.4426950408889634
 
 # H100 defaults, chosen from ptxas register/spill counts for sm_90a (to be confirmed by timing on the H100).
@@ -46,6 +48,18 @@ class DecodeScratch(NamedTuple):
     # int32 [max_batch, Hq], zero between launches: per (row, KV head), how many programs have stored their
     # partials in the current launch (the last one merges them and puts the counter back to zero).
     count: torch.Tensor | None = None
+
+
+class DecodeRope(NamedTuple):
+    """Decode attention straight from the QKV projection: q is then the qkv rows [B, (Hq + 2 Hkv) * D], and
+    the kernel does what rope.qk_norm_rope_store does for one token per row (per-head q/k RMSNorm when the
+    weights are given, half-split RoPE at position seq_len - 1, the fp16 K/V write into the cache), so a decode
+    step needs no separate launch for it."""
+
+    inv_freq: torch.Tensor  # float32 [D / 2]
+    q_norm: torch.Tensor | None = None  # [D]
+    k_norm: torch.Tensor | None = None  # [D]
+    eps: float = 1e-6
 
 
 def decode_scratch(max_batch: int, n_heads: int, head_dim: int, max_ctx: int, device, chunk: int = CHUNK,
@@ -154,17 +168,52 @@ def _merge_group(acc_ptr, m_ptr, l_ptr, base, s_lo, s_end, n_progs, n_entries,
     return num / tl.where(den > 0, den, 1.0)[:, None]
 
 
+@triton.jit
+def _rope_q_and_store_kv(row_ptr, k_base, v_base, stride_kt, stride_vt, inv_freq_ptr, qn_ptr, kn_ptr, eps, pos,
+                         heads, g_ok, n_heads, n_kv_heads, kvh, WRITER, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                         Q_NORM: tl.constexpr, K_NORM: tl.constexpr):
+    """From one qkv row: the G query heads normalised and rotated ([BLOCK_G, D] fp32). The program that owns
+    the last split (WRITER) also writes this row's new key and value at `pos` and, after a block barrier,
+    reads them back with the rest of its split; no other program's keys include `pos`."""
+    HALF: tl.constexpr = D // 2
+    offs = tl.arange(0, HALF)
+    angle = pos.to(tl.float32) * tl.load(inv_freq_ptr + offs)
+    c = tl.cos(angle)
+    sn = tl.sin(angle)
+    src = row_ptr + heads[:, None] * D + offs[None, :]
+    q1 = tl.load(src, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(src + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    y1, y2 = _rope_heads(q1, q2, qn_ptr, c, sn, offs, offs < HALF, D, eps, Q_NORM, HALF)
+    if WRITER:
+        k_src = row_ptr + (n_heads + kvh) * D + offs[None, :]
+        v_src = row_ptr + (n_heads + n_kv_heads + kvh) * D + offs
+        k1, k2 = _rope_heads(tl.load(k_src).to(tl.float32), tl.load(k_src + HALF).to(tl.float32), kn_ptr, c, sn,
+                             offs, offs < HALF, D, eps, K_NORM, HALF)
+        p64 = pos.to(tl.int64)
+        k_dst = k_base + p64 * stride_kt + offs[None, :]
+        tl.store(k_dst, k1.to(k_base.dtype.element_ty))
+        tl.store(k_dst + HALF, k2.to(k_base.dtype.element_ty))
+        v_dst = v_base + p64 * stride_vt + offs
+        tl.store(v_dst, tl.load(v_src).to(v_base.dtype.element_ty))
+        tl.store(v_dst + HALF, tl.load(v_src + HALF).to(v_base.dtype.element_ty))
+        tl.debug_barrier()  # the block's later loads of position pos see these stores
+    # [BLOCK_G, HALF] x 2 -> [BLOCK_G, D]: the halves side by side along the head dim
+    return tl.reshape(tl.permute(tl.join(y1, y2), (0, 2, 1)), (BLOCK_G, D))
+
+
 # Window and lengths stay runtime values: specialising on 1 would turn them into constants.
 @triton.jit(do_not_specialize=["window"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, seq_lens_ptr, slots_ptr, acc_ptr, m_ptr, l_ptr, out_ptr, count_ptr,
-    qk_scale, window, n_heads, n_entries, n_progs,
+    inv_freq_ptr, qn_ptr, kn_ptr, eps,
+    qk_scale, window, n_heads, n_kv_heads, n_entries, n_progs,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_oh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, USE_DOT: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr, FUSED: tl.constexpr, RG: tl.constexpr, BLOCK_S: tl.constexpr,
+    ROPE: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -189,7 +238,13 @@ def _decode_split_kernel(
     k_base = k_ptr + slot * stride_kb + kvh * stride_kh
     v_base = v_ptr + slot * stride_vb + kvh * stride_vh
     offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+    if ROPE:
+        q = _rope_q_and_store_kv(q_ptr + b * stride_qb, k_base, v_base, stride_kt, stride_vt, inv_freq_ptr, qn_ptr,
+                                 kn_ptr, eps, seq_len - 1, heads, g_ok, n_heads, n_kv_heads, kvh,
+                                 prog == (s_hi - 1) % n_progs, BLOCK_G, D, Q_NORM, K_NORM)
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None],
+                    other=0.0)
     # G query heads share this KV head: one pass over K/V serves all of them (tl.dot needs >= 16 rows, so
     # groups are padded to 16; a group of one uses plain fp32 dot products instead).
     if USE_DOT:
@@ -265,20 +320,45 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + tl.arange(0, D), o.to(out_ptr.dtype.element_ty))
 
 
+def _rope_args(rope: DecodeRope | None, q: torch.Tensor):
+    """inv_freq, q_norm, k_norm, eps for the kernel (any tensor stands in for the ones it will not read)."""
+    if rope is None:
+        return q, q, q, 0.0
+    return (rope.inv_freq, rope.q_norm if rope.q_norm is not None else rope.inv_freq,
+            rope.k_norm if rope.k_norm is not None else rope.inv_freq, float(rope.eps))
+
+
 def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, window: int = 0, out=None,
                      scratch: DecodeScratch | None = None, block_n: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None, fused: bool = True):
+                     num_warps: int | None = None, num_stages: int | None = None, fused: bool = True,
+                     rope: DecodeRope | None = None, n_heads: int | None = None):
     """Attention of one new token per row: q [B, Hq, D] (fp32/fp16) against the cache slots[b], positions
     0..seq_lens[b]-1 (seq_lens and slots int32 on device). Returns out [B, Hq, D] (fp32 unless out says).
 
+    With `rope`, q is instead the QKV projection's rows [B, (Hq + 2 Hkv) * D] (give n_heads = Hq): the kernel
+    normalises and rotates q and k itself and writes the new key and value at position seq_lens[b] - 1.
     fused (default): one launch, merging split partials in the last-arriving program (needs scratch.count,
     zero between launches, as decode_scratch makes it); fused=False: split kernel plus reduce kernel."""
-    B, hq, d = q.shape
+    d = k_cache.shape[3] if k_cache.dim() == 4 else -1
+    if rope is not None:
+        if n_heads is None or q.dim() != 2 or q.shape[1] != (n_heads + 2 * k_cache.shape[2]) * d:
+            raise ValueError(f"with rope, q must be the qkv rows [B, (n_heads + 2 * kv_heads) * {d}], "
+                             f"got {tuple(q.shape)} and n_heads={n_heads}")
+        if rope.inv_freq.shape != (d // 2,) or rope.inv_freq.dtype != torch.float32:
+            raise ValueError(f"inv_freq must be float32 [{d // 2}]")
+        for w in (rope.q_norm, rope.k_norm):
+            if w is not None and (w.shape != (d,) or not w.is_contiguous()):
+                raise ValueError(f"q/k norm weights must be contiguous [{d}]")
+        B, hq = q.shape[0], n_heads
+        q_strides = (q.stride(0), d)
+    else:
+        B, hq, d = q.shape
+        q_strides = (q.stride(0), q.stride(1))
     _check_cache(k_cache, v_cache, d)
     max_ctx, hkv = k_cache.shape[1], k_cache.shape[2]
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
-    if q.stride(2) != 1:
+    if q.stride(-1) != 1:
         raise ValueError("q's head dim must be contiguous")
     if scratch is None:
         scratch = decode_scratch(B, hq, d, max_ctx, q.device)
@@ -303,13 +383,16 @@ def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, wind
     merge_s = max(1, min(triton.next_power_of_2(n_progs), 4096 // (rg * d)))
     _decode_split_kernel[(B, hkv, n_progs)](
         q, k_cache, v_cache, seq_lens, slots, scratch.acc, scratch.m, scratch.l, out, count,
-        scale * LOG2E, window, hq, n_entries, n_progs,
-        q.stride(0), q.stride(1),
+        *_rope_args(rope, q),
+        scale * LOG2E, window, hq, hkv, n_entries, n_progs,
+        *q_strides,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         G=g, BLOCK_G=1 if g == 1 else max(16, triton.next_power_of_2(g)), USE_DOT=g > 1, D=d, CHUNK=scratch.chunk,
         BLOCK_N=block_n, FUSED=fused, RG=rg, BLOCK_S=merge_s, num_warps=num_warps or dw, num_stages=num_stages or ds,
+        ROPE=rope is not None, Q_NORM=rope is not None and rope.q_norm is not None,
+        K_NORM=rope is not None and rope.k_norm is not None,
     )
     if not fused:
         _decode_reduce_kernel[(B, hq)](

@@ -69,13 +69,11 @@ class CudaKVCache:
 
 @triton.jit
 def _advance_kernel(step_ptr, next_ptr, B, BLOCK: tl.constexpr):
-    """Make the step's own output the next step's input: token <- chosen id, position and length + 1."""
+    """Make the step's own output the next step's input: token <- chosen id, length + 1."""
     i = tl.arange(0, BLOCK)
     ok = i < B
     tl.store(step_ptr + i, tl.load(next_ptr + i, mask=ok).to(tl.int32), mask=ok)
-    for r in tl.static_range(1, 3):
-        p = step_ptr + r * B + i
-        tl.store(p, tl.load(p, mask=ok) + 1, mask=ok)
+    tl.store(step_ptr + B + i, tl.load(step_ptr + B + i, mask=ok) + 1, mask=ok)
 
 
 class DecodeState:
@@ -88,16 +86,16 @@ class DecodeState:
         f32, i32 = dict(device=device, dtype=torch.float32), dict(device=device, dtype=torch.int32)
         hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         self.batch = batch
-        self.step_in = torch.zeros(4, batch, **i32)  # rows: token ids, positions, sequence lengths, cache slots
+        # rows: token ids, sequence lengths (the new token sits at length - 1), cache slots
+        self.step_in = torch.zeros(3, batch, **i32)
         pinned = device.type == "cuda"
-        self.host_in = [torch.zeros(4, batch, dtype=torch.int32, pin_memory=pinned) for _ in range(self.RING)]
+        self.host_in = [torch.zeros(3, batch, dtype=torch.int32, pin_memory=pinned) for _ in range(self.RING)]
         self.host_out = [torch.zeros(batch, dtype=torch.int64, pin_memory=pinned) for _ in range(self.RING)]
         self.copied = [None] * self.RING
         self.step = 0
         self.x = torch.zeros(batch, spec.hidden_size, **f32)
         self.h = torch.zeros(batch, spec.hidden_size, **f32)
         self.qkv = torch.zeros(batch, (hq + 2 * hkv) * hd, **f32)
-        self.q = torch.zeros(batch, hq, hd, **f32)
         self.attn = torch.zeros(batch, hq, hd, **f32)
         self.ff = torch.zeros(batch, spec.intermediate_size, **f32)
         self.logits = torch.zeros(batch, weights.lm_head.n, **f32)
@@ -117,7 +115,7 @@ class DecodeState:
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def _tensors(self):
-        yield from (self.step_in, self.x, self.h, self.qkv, self.q, self.attn, self.ff, self.logits,
+        yield from (self.step_in, self.x, self.h, self.qkv, self.attn, self.ff, self.logits,
                     self.next_ids, self.workspace, *self.argmax_ws)
         yield from (t for t in self.scratch if isinstance(t, torch.Tensor))
 
@@ -136,10 +134,9 @@ class DecodeState:
         i = self._ring_slot()
         host = self.host_in[i]
         host[0, :n] = torch.tensor(tokens, dtype=torch.int32)
-        host[1, :n] = torch.tensor(positions, dtype=torch.int32)
-        host[2, :n] = host[1, :n] + 1
-        host[3, :n] = torch.tensor(slots, dtype=torch.int32)
-        host[:, n:] = torch.tensor([0, 0, 1, scratch], dtype=torch.int32)[:, None]
+        host[1, :n] = torch.tensor(positions, dtype=torch.int32) + 1
+        host[2, :n] = torch.tensor(slots, dtype=torch.int32)
+        host[:, n:] = torch.tensor([0, 1, scratch], dtype=torch.int32)[:, None]
         self.step_in.copy_(host, non_blocking=True)
         self._record(i)
 
@@ -172,16 +169,12 @@ class DecodeState:
         return self.step_in[0]
 
     @property
-    def positions(self):
+    def seq_lens(self):
         return self.step_in[1]
 
     @property
-    def seq_lens(self):
-        return self.step_in[2]
-
-    @property
     def slots(self):
-        return self.step_in[3]
+        return self.step_in[2]
 
 
 class CudaBackend:
@@ -223,18 +216,19 @@ class CudaBackend:
         hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         for i, (layer, lw) in enumerate(zip(spec.layers, self.w.layers)):
             qkv = lin(x, lw.qkv, norm_weight=lw.attn_norm, eps=spec.norm_eps, out=s.qkv if decode else None)
-            q = s.q if decode else torch.empty(rows, hq, hd, device=x.device, dtype=torch.float32)
-            rope.qk_norm_rope_store(
-                qkv, n_heads=hq, n_kv_heads=hkv, head_dim=hd, q_norm=lw.q_norm, k_norm=lw.k_norm,
-                eps=spec.norm_eps, inv_freq=self.inv_freq[i], positions=positions, slots=slots,
-                k_cache=cache.k[i], v_cache=cache.v[i], q_out=q,
-            )
             window = layer.sliding_window or 0
-            if decode:
-                attention.decode_attention(q, cache.k[i], cache.v[i], seq_lens, slots, scale=spec.softmax_scale,
-                                           window=window, out=s.attn, scratch=s.scratch)
-                a = s.attn
+            if decode:  # q/k norm, RoPE and the KV write happen inside the attention kernel
+                rope_args = attention.DecodeRope(self.inv_freq[i], lw.q_norm, lw.k_norm, spec.norm_eps)
+                a = attention.decode_attention(qkv, cache.k[i], cache.v[i], seq_lens, slots,
+                                               scale=spec.softmax_scale, window=window, out=s.attn,
+                                               scratch=s.scratch, rope=rope_args, n_heads=hq)
             else:
+                q = torch.empty(rows, hq, hd, device=x.device, dtype=torch.float32)
+                rope.qk_norm_rope_store(
+                    qkv, n_heads=hq, n_kv_heads=hkv, head_dim=hd, q_norm=lw.q_norm, k_norm=lw.k_norm,
+                    eps=spec.norm_eps, inv_freq=self.inv_freq[i], positions=positions, slots=slots,
+                    k_cache=cache.k[i], v_cache=cache.v[i], q_out=q,
+                )
                 a = attention.prefill_attention(q, cache.k[i], cache.v[i], slot, start,
                                                 scale=spec.softmax_scale, window=window)
             a = a.reshape(rows, hq * hd)
@@ -257,7 +251,7 @@ class CudaBackend:
         """One token per row through the model, entirely from the static buffers (what a graph captures);
         it ends by making its chosen tokens the next step's inputs, so steps can be queued back to back."""
         gemv.embed_rows(s.tokens, self.w.embed, self.spec.embed_scale, out=s.x)
-        self._layers(s.x, cache, s.positions, s.seq_lens, s.slots, s.batch, s)
+        self._layers(s.x, cache, None, s.seq_lens, s.slots, s.batch, s)
         _linear_for(s.batch, s)(s.x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps,
                                 out=s.logits)
         sampling.argmax(s.logits, out=s.next_ids, workspace=s.argmax_ws)
