@@ -20,8 +20,8 @@ PY=${PYTHON:-python3}
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
-  export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PYTHONPATH  # wheels carried by an earlier call
 if [ -d .carry ]; then
   mkdir -p /tmp/ingot-carry && cp -n .carry/* /tmp/ingot-carry/ 2>/dev/null
 fi
@@ -75,5 +75,6 @@ case "$mode" in
       done
     done
     ;;
-  *) echo "usage: $0 check|kernels|bench|batch [model keys]"; exit 2;;
+  collect) ;;  # only gather carried files (the model parts above)
+  *) echo "usage: $0 check|kernels|bench|batch|collect [model keys]"; exit 2;;
 esac
