@@ -111,13 +111,15 @@ def test_fusions(fusion, split, gen, kernel_device):
     dev = kernel_device
     out = res.clone().to(dev) if f.get("in_place") else poison(m, f_out, dev)
     cfg = replace(plan(f_out, k, m, kind, group, bool(f.get("gated"))), split=2 if split else 1)
-    ws = torch.full((workspace_numel(w, m, f.get("gated"), cfg),), float("nan"), device=dev)
+    ws = torch.zeros(workspace_numel(w, m, f.get("gated"), cfg), device=dev)
     assert (ws.numel() > 0) == split
     got = linear(x.to(dev), to(w, dev), out=out, norm_weight=None if nw is None else nw.to(dev), eps=1e-5,
                  residual=out if f.get("in_place") else (None if res is None else res.to(dev)),
                  gated=f.get("gated"), workspace=ws, config=cfg)
     assert got is out
     check(out, expected(x, w, nw, 1e-5, res, f.get("gated")), 1e-5)
+    tiles_n = -(-f_out // cfg.block_n)  # the workspace starts with one ticket counter per column tile
+    assert not ws[:tiles_n].view(torch.int32).any(), "a split-K ticket counter was not reset"
 
 
 @pytest.mark.parametrize("kind,mins,group", [("q4", False, 16), ("q8", True, 128), ("f16", False, 0)])
@@ -192,7 +194,7 @@ def test_word_kernel_fused_gated(gen, kernel_device):
     dev = kernel_device
     for split in (1, 2):
         cfg = GemvConfig(1, 16, 256, split, kernel="word", unpack=1)
-        ws = torch.empty(workspace_numel(w, 1, "silu", cfg), device=dev)
+        ws = torch.zeros(workspace_numel(w, 1, "silu", cfg), device=dev)
         out = linear(x.to(dev), to(w, dev), out=poison(1, n // 2, dev), norm_weight=nw.to(dev), eps=1e-5,
                      residual=res.to(dev), gated="silu", workspace=ws, config=cfg)
         check(out, expected(x, w, nw, 1e-5, res, "silu"), 2e-3)
@@ -205,3 +207,30 @@ def test_plan_word():
         tiles, k_tiles = -(-n // c.block_n), -(-k // c.block_k)
         assert tiles * c.split >= min(TARGET_PROGRAMS // 2, tiles * k_tiles) and k_tiles >= c.split
     assert plan(128256, 2048, 1, "q4", 32, False).split == 1
+
+
+@pytest.mark.parametrize("m,kernel", [(1, "word"), (1, "byte"), (5, "byte")])
+def test_split_k_repeated_calls(m, kernel, gen, kernel_device):
+    """One-launch split-K: the last program of each column tile reduces in split order and resets its ticket
+    counter, so calls sharing a workspace (as the decode step's do) stay bit-identical, whatever the shape."""
+    dev = kernel_device
+    n, k = 2 * 37, 768
+    w = to(packed(gen, "q4", n, k, 32, False), dev)
+    x = torch.randn(m, k, generator=gen).to(dev)
+    nw = torch.randn(k, generator=gen).to(dev)
+    cfg_a = GemvConfig(triton_pow2(m), 16, 256, 3, kernel=kernel)
+    cfg_b = GemvConfig(triton_pow2(m), 32, 256, 2, kernel=kernel)
+    ws = torch.zeros(max(workspace_numel(w, m, "silu", cfg_a), workspace_numel(w, m, None, cfg_b)), device=dev)
+    first = linear(x, w, norm_weight=nw, gated="silu", workspace=ws, config=cfg_a)
+    other = linear(x, w, workspace=ws, config=cfg_b)  # a different tiling in between, same counters
+    again = linear(x, w, norm_weight=nw, gated="silu", workspace=ws, config=cfg_a)
+    assert torch.equal(first, again)
+    assert not ws[:-(-(n // 2) // 16)].view(torch.int32).any()  # the counters of cfg_a (3 tiles) and cfg_b (3)
+    check(first, expected(x.cpu(), w, nw.cpu(), gated="silu").to(first.device), 1e-5)
+    check(other, expected(x.cpu(), w), 1e-5)
+    unsplit = linear(x, w, config=replace(cfg_b, split=1))
+    check(unsplit, other.cpu(), 1e-6)
+
+
+def triton_pow2(m):
+    return 1 << (m - 1).bit_length()

@@ -56,7 +56,7 @@ class DecodeState:
         for lw in weights.layers:
             need += [gemv.workspace_numel(lw.qkv, 1), gemv.workspace_numel(lw.o, 1),
                      gemv.workspace_numel(lw.gate_up, 1, gated="silu"), gemv.workspace_numel(lw.down, 1)]
-        self.workspace = torch.empty(max(max(need), 1), **f32)
+        self.workspace = torch.zeros(max(max(need), 1), **f32)  # zeroed: split-K ticket counters
 
     def set_inputs(self, token: int, position: int) -> None:
         i = self.step % len(self.host_in)

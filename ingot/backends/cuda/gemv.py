@@ -19,10 +19,12 @@ in its two nibbles, so the low and high nibbles of a contiguous byte run pair wi
 q8 and f16 use the same split (f16 with a pseudo-group of 32), so one kernel body serves all kinds; KIND is
 a constexpr and each kind compiles to its own specialized kernel.
 
-When N alone gives too few programs to fill 132 SMs, K is split across programs: each writes fp32 partial
-dot products (and partial sums of squares) to a workspace, and a small kernel reduces them in a fixed order
-(deterministic) and applies the epilogue. Pass `workspace` (see workspace_numel) to keep the call
-allocation-free for CUDA graphs.
+When N alone gives too few programs to fill 132 SMs, K is split across programs, still in one launch: each
+program writes its fp32 partial dot products (and partial sum of squares) to a workspace and takes a ticket
+from its column tile's int32 counter; the program that draws the last ticket sums all splits' partials in
+split order (deterministic, whichever program comes last), applies the epilogue and puts the counter back to
+0 for the next call. Pass `workspace` (see workspace_numel; it must start zeroed, e.g. torch.zeros, and the
+counters stay zero between calls) to keep the call allocation-free for CUDA graphs.
 """
 
 from __future__ import annotations
@@ -105,8 +107,46 @@ def _finish(acc, acc_u, ss, mi, cols, M, N, K, eps, res_ptr, stride_rm, out_ptr,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr,
-                 M, N, K, k_split, stride_xm, stride_rm, stride_om, eps,
+def _split_finish(acc, acc_u, ss, mi, rows, pid_n, pid_k, n_split, M, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+                  res_ptr, stride_rm, out_ptr, stride_om,
+                  HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr):
+    """Split-K: store this program's partials; the column tile's last program reduces them and finishes.
+
+    Partials: [split, M, rows of W] (gate columns first, up at +N, as in W); sums of squares: [tile, split, M]
+    (every tile's programs compute the same ones, but only its own are ordered before its counter).
+    """
+    n_w = N * (2 if GATED != 0 else 1)
+    ok = (mi < M)[:, None] & (rows < N)[None, :]
+    p = part_ptr + (pid_k * M + mi.to(tl.int64))[:, None] * n_w + rows[None, :]
+    tl.store(p, acc, mask=ok)
+    if GATED != 0:
+        tl.store(p + N, acc_u, mask=ok)
+    ss_tile = ss_ptr + pid_n * n_split * M
+    if HAS_NORM:
+        tl.store(ss_tile + pid_k * M + mi, ss, mask=mi < M)
+    # Every thread's stores happen before the barrier, the barrier before the (one-thread) release.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_split - 1:
+        acc = tl.zeros_like(acc)
+        acc_u = tl.zeros_like(acc_u)
+        ss = tl.zeros_like(ss)
+        for s in range(0, n_split):
+            # .cg: from L2, where the other SMs' partials are; this SM's L1 may hold a stale neighbour line.
+            p = part_ptr + (s * M + mi.to(tl.int64))[:, None] * n_w + rows[None, :]
+            acc += tl.load(p, mask=ok, other=0.0, cache_modifier=".cg")
+            if GATED != 0:
+                acc_u += tl.load(p + N, mask=ok, other=0.0, cache_modifier=".cg")
+            if HAS_NORM:
+                ss += tl.load(ss_tile + s * M + mi, mask=mi < M, other=0.0, cache_modifier=".cg")
+        _finish(acc, acc_u, ss, mi, rows, M, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
+                HAS_NORM, GATED, HAS_RES)
+        tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call / graph replay
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr, cnt_ptr,
+                 M, N, K, k_split, n_split, stride_xm, stride_rm, stride_om, eps,
                  KIND: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_NORM: tl.constexpr,
                  GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -161,15 +201,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr
                 else:
                     acc_u += tl.where((mi == m)[:, None], cu[None, :], 0.0)
     if SPLIT:
-        # Partials: [split, M, rows of W]; gate columns first, up columns at +N, as in W.
-        n_w = N * (2 if GATED != 0 else 1)
-        ok = (mi < M)[:, None] & row_ok[None, :]
-        p = part_ptr + (pid_k * M + mi.to(tl.int64))[:, None] * n_w + rows[None, :]
-        tl.store(p, acc, mask=ok)
-        if GATED != 0:
-            tl.store(p + N, acc_u, mask=ok)
-        if HAS_NORM:
-            tl.store(ss_ptr + pid_k * M + mi, ss, mask=(mi < M) & (pid_n == 0))
+        _split_finish(acc, acc_u, ss, mi, rows, pid_n, pid_k, n_split, M, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+                      res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES)
     else:
         _finish(acc, acc_u, ss, mi, rows, M, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
                 HAS_NORM, GATED, HAS_RES)
@@ -239,8 +272,8 @@ def _word_x(x_ptr, nw_ptr, xk, ok, SHIFT: tl.constexpr, WIDTH: tl.constexpr, UNP
 
 
 @triton.jit
-def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr,
-                      N, K, k_split, stride_rm, stride_om, eps, magic,
+def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr, cnt_ptr,
+                      N, K, k_split, n_split, stride_rm, stride_om, eps, magic,
                       WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
                       HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
                       UNPACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -336,38 +369,11 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     ss = tl.sum(tl.sum(ssv, axis=1), axis=0) + tl.zeros((1,), tl.float32)
     mi = tl.arange(0, 1)
     if SPLIT:
-        n_w = N * (2 if GATED != 0 else 1)
-        p_out = part_ptr + pid_k.to(tl.int64) * n_w + rows
-        tl.store(p_out, tl.sum(acc, axis=0), mask=row_ok)
-        if GATED != 0:
-            tl.store(p_out + N, tl.sum(acc_u, axis=0), mask=row_ok)
-        if HAS_NORM:
-            tl.store(ss_ptr + pid_k + mi, ss, mask=pid_n == 0)
+        _split_finish(res, res_u, ss, mi, rows, pid_n, pid_k, n_split, 1, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+                      res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES)
     else:
         _finish(res, res_u, ss, mi, rows, 1, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
                 HAS_NORM, GATED, HAS_RES)
-
-
-@triton.jit
-def _split_reduce_kernel(part_ptr, ss_ptr, res_ptr, out_ptr, M, N, K, n_split, stride_rm, stride_om, eps,
-                         HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mi = tl.arange(0, BLOCK_M)
-    ok = (mi < M)[:, None] & (cols < N)[None, :]
-    n_w = N * (2 if GATED != 0 else 1)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    ss = tl.zeros((BLOCK_M,), tl.float32)
-    for s in range(0, n_split):
-        p = part_ptr + (s * M + mi.to(tl.int64))[:, None] * n_w + cols[None, :]
-        acc += tl.load(p, mask=ok, other=0.0)
-        if GATED != 0:
-            acc_u += tl.load(p + N, mask=ok, other=0.0)
-        if HAS_NORM:
-            ss += tl.load(ss_ptr + s * M + mi, mask=mi < M, other=0.0)
-    _finish(acc, acc_u, ss, mi, cols, M, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
-            HAS_NORM, GATED, HAS_RES)
 
 
 @dataclass(frozen=True)
@@ -437,12 +443,21 @@ def _k_split(k: int, cfg: GemvConfig) -> int:
     return triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split) * cfg.block_k
 
 
+def _split_layout(n_w: int, m: int, tiles_n: int, splits: int) -> tuple[int, int]:
+    """(where partials start, total fp32 elements) of a split call's workspace: the tiles' int32 counters
+    first, at offset 0 for every call (each call leaves them at 0), then sums of squares, then partials."""
+    head = tiles_n + tiles_n * splits * m
+    head = -(-head // 4) * 4  # partials 16-byte aligned
+    return head, head + splits * m * n_w
+
+
 def workspace_numel(w: PackedLinear, m: int, gated: str | None = None, config: GemvConfig | None = None) -> int:
-    """fp32 elements the split-K path needs for this call (0 when it does not split)."""
+    """fp32 elements the split-K path needs for this call (0 when it does not split). The workspace must be
+    allocated zeroed (torch.zeros): its first elements are ticket counters that every call leaves at 0."""
     n_out = w.n // 2 if gated else w.n
     cfg = config or plan(n_out, w.k, m, w.kind, w.group, bool(gated))
     splits = triton.cdiv(w.k, _k_split(w.k, cfg))
-    return 0 if splits == 1 else splits * m * (w.n + 1)
+    return 0 if splits == 1 else _split_layout(w.n, m, triton.cdiv(n_out, cfg.block_n), splits)[1]
 
 
 def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
@@ -450,7 +465,8 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
            gated: str | None = None, workspace: torch.Tensor | None = None,
            config: GemvConfig | None = None) -> torch.Tensor:
     """out[M, N] (fp32) = [residual +] x' @ W^T, or act(x' @ Wg^T) * (x' @ Wu^T) with `gated`;
-    x' = rms_norm(x, norm_weight, eps) when norm_weight is given. x: fp32 or fp16 [M, K], rows contiguous."""
+    x' = rms_norm(x, norm_weight, eps) when norm_weight is given. x: fp32 or fp16 [M, K], rows contiguous.
+    `workspace`: fp32, zeroed once when allocated (see workspace_numel); without it a split call allocates."""
     m, k = x.shape
     if k != w.k or x.stride(1) != 1:
         raise ValueError(f"x of shape {tuple(x.shape)} (row stride 1 needed) does not match weight k={w.k}")
@@ -471,47 +487,36 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
         assert norm_weight.shape == (k,) and norm_weight.is_contiguous()
     k_split = _k_split(k, cfg)
     splits = triton.cdiv(k, k_split)
+    tiles_n = triton.cdiv(n_out, cfg.block_n)
     part = ss = out
+    cnt = out.view(torch.int32)  # unsplit calls never touch it
     if splits > 1:
-        need = splits * m * (w.n + 1)
+        head, need = _split_layout(w.n, m, tiles_n, splits)
         if workspace is None:
-            workspace = torch.empty(need, device=x.device, dtype=torch.float32)
-        assert workspace.dtype == torch.float32 and workspace.numel() >= need, "workspace too small"
-        part, ss = workspace, workspace[splits * m * w.n:]
+            workspace = torch.zeros(need, device=x.device, dtype=torch.float32)
+        if workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous():
+            raise ValueError(f"workspace must be contiguous fp32 of >= {need} elements, zeroed when allocated")
+        cnt, ss, part = workspace[:tiles_n].view(torch.int32), workspace[tiles_n:head], workspace[head:]
     res = residual if residual is not None else out
+    flags = dict(HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
+    common = (norm_weight if norm_weight is not None else x, res, out, part, ss, cnt)
     if m == 1 and w.kind != "f16" and cfg.kernel == "word":
         assert cfg.block_k % w.group == 0 and w.qweight.is_contiguous()
-        flags = dict(HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
-        _gemv_word_kernel[(triton.cdiv(n_out, cfg.block_n), splits)](
-            x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales,
-            norm_weight if norm_weight is not None else x, res, out, part, ss,
-            n_out, k, k_split, res.stride(0), out.stride(0), eps, MAGIC,
+        _gemv_word_kernel[(tiles_n, splits)](
+            x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales, *common,
+            n_out, k, k_split, splits, res.stride(0), out.stride(0), eps, MAGIC,
             WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
             SIGNED=w.qweight.dtype == torch.int8, SPLIT=splits > 1, UNPACK=cfg.unpack,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **flags)
     else:
-        _launch_byte(x, w, cfg, out, norm_weight, eps, residual, res, gated, part, ss, m, n_out, k, k_split,
-                     splits)
-    if splits > 1:
-        reduce_n = 128 if cfg.block_m <= 4 else 32
-        flags = dict(HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
-        _split_reduce_kernel[(triton.cdiv(n_out, reduce_n),)](
-            part, ss, res, out, m, n_out, k, splits, res.stride(0), out.stride(0), eps,
-            BLOCK_M=cfg.block_m, BLOCK_N=reduce_n, num_warps=4, **flags)
+        group = w.group if w.kind != "f16" else F16_PSEUDO_GROUP
+        no_scale = w.qweight  # f16: any pointer, never read
+        _gemv_kernel[(tiles_n, splits)](
+            x, w.qweight, w.scales if w.scales is not None else no_scale, w.mins if w.mins is not None else no_scale,
+            *common, m, n_out, k, k_split, splits, x.stride(0), res.stride(0), out.stride(0), eps,
+            KIND=KIND_IDS[w.kind], GROUP=group, HAS_MIN=w.mins is not None, SPLIT=splits > 1,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **flags)
     return out
-
-
-def _launch_byte(x, w, cfg, out, norm_weight, eps, residual, res, gated, part, ss, m, n_out, k, k_split, splits):
-    group = w.group if w.kind != "f16" else F16_PSEUDO_GROUP
-    flags = dict(KIND=KIND_IDS[w.kind], GROUP=group, HAS_MIN=w.mins is not None,
-                 HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
-    grid = (triton.cdiv(n_out, cfg.block_n), splits)
-    _gemv_kernel[grid](
-        x, w.qweight, w.scales if w.scales is not None else w.qweight, w.mins if w.mins is not None else w.qweight,
-        norm_weight if norm_weight is not None else x, res, out, part, ss,
-        m, n_out, k, k_split, x.stride(0), res.stride(0), out.stride(0), eps,
-        SPLIT=splits > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, **flags)
 
 
 @triton.jit
