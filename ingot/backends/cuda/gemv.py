@@ -29,6 +29,7 @@ counters stay zero between calls) to keep the call allocation-free for CUDA grap
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -376,6 +377,150 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
                 HAS_NORM, GATED, HAS_RES)
 
 
+# ---------------------------------------------------------------- M = 1: int8 activations, dp4a
+#
+# Even the word kernel spends ~3 instructions per weight (mask, FADD, FFMA) for 2 weights per byte of DRAM,
+# which leaves big q4 matrices issue-bound. Here x is quantized to int8 instead, and four weights meet four
+# activations in one dp4a (int8 x 4 dot product into int32):
+# - x (times norm_weight; rstd stays the scalar applied at the end) is quantized per sub-group of a weight
+#   group, symmetric, scale absmax / 127: for q4 the group's low and high nibble halves (G/2 elements each,
+#   so the nibbles of a word line up with one x word), for q8 the whole group. Each program quantizes x for
+#   its own K steps: x is tiny and in L2, and the cost is shared by BLOCK_N weight rows.
+# - a q4 word gives its low nibbles (w & 0x0F0F0F0F) and high nibbles ((w >> 4) & 0x0F0F0F0F) as two words
+#   of four unsigned bytes; q8 words feed dp4a as they are (signed, or unsigned for mins + 0..255).
+# - per (row, sub-group) the int32 dot becomes fp32 once, times the x scale; q4's -8 (sym) or the min
+#   (affine) enters per group through the sum of the dequantized int8 x: sum s(q - 8)x = s(sum qx - 8 sum x).
+# Per 8 q4 weights: 3 unpack instructions and 2 dp4a (+ adds), against ~24 in the word kernel.
+# Activation quantization costs accuracy (~0.5% relative error per output), so this path is opt-in.
+# Under TRITON_INTERPRET=1 inline PTX cannot run: ASM=False computes the same integers with plain Triton ops.
+
+
+@triton.jit
+def _dp4a(a, b, A_SIGNED: tl.constexpr, ASM: tl.constexpr):
+    """int32 sum over the 4 bytes of a[i] * b[i] (b signed bytes; a signed or unsigned), elementwise."""
+    if ASM:
+        op: tl.constexpr = "dp4a.s32.s32 $0, $1, $2, $3;" if A_SIGNED else "dp4a.u32.s32 $0, $1, $2, $3;"
+        return tl.inline_asm_elementwise(op, "=r,r,r,r", [a, b, tl.zeros_like(a)], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        d = tl.zeros_like(a + b)
+        for j in tl.static_range(4):
+            bj = (b << (24 - 8 * j)) >> 24  # arithmetic shift: the signed byte j
+            if A_SIGNED:
+                aj = (a << (24 - 8 * j)) >> 24
+            else:
+                aj = (a >> (8 * j)) & 255
+            d += aj * bj
+        return d
+
+
+@triton.jit
+def _round_even(v, ASM: tl.constexpr):
+    """fp32 -> int32, to nearest, ties to even (cvt.rni; |v| <= 127.5 here, so v + 0.5 is exact)."""
+    if ASM:
+        return tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        r = tl.floor(v + 0.5)
+        tie_odd = ((r - v) == 0.5) & ((r.to(tl.int32) & 1) == 1)
+        return r.to(tl.int32) - tie_odd.to(tl.int32)
+
+
+@triton.jit
+def _quant_x(x_ptr, nw_ptr, xk, ok, HAS_NORM: tl.constexpr, ASM: tl.constexpr):
+    """x at element indices xk [groups, words, 4] as int8 words [groups, words], per-group scale and sum of
+    the dequantized values [groups], and the raw sum of squares [groups] (for the norm)."""
+    x = tl.load(x_ptr + xk, mask=ok, other=0.0).to(tl.float32)
+    sq = tl.sum(tl.sum(x * x, axis=2), axis=1)
+    if HAS_NORM:
+        x = x * tl.load(nw_ptr + xk, mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+    # div_rn: IEEE division, as the torch emulation in the tests does (plain / is approximate on the GPU)
+    c127 = tl.full(amax.shape, 127.0, tl.float32)
+    inv = tl.where(amax > 0, tl.math.div_rn(c127, tl.where(amax > 0, amax, 1.0)), 0.0)  # all-zero: q = 0
+    scale = tl.math.div_rn(amax, c127)
+    q = _round_even(x * inv[:, None, None], ASM)
+    shift = 8 * tl.arange(0, 4)
+    words = tl.sum((q & 255) << shift[None, None, :], axis=2)  # disjoint bytes: the sum is an OR
+    xsum = scale * tl.sum(tl.sum(q, axis=2), axis=1).to(tl.float32)
+    return words, scale, xsum, sq
+
+
+@triton.jit
+def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr, cnt_ptr,
+                      N, K, k_split, n_split, stride_rm, stride_om, eps,
+                      WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
+                      HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
+                      ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    NG: tl.constexpr = BLOCK_K // GROUP
+    EPW: tl.constexpr = 32 // WIDTH
+    WPG: tl.constexpr = GROUP // EPW
+    k_begin = pid_k * k_split
+    k_end = tl.minimum(K, k_begin + k_split)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    gi = tl.arange(0, NG)
+    wi = tl.arange(0, WPG)
+    ji = tl.arange(0, 4)
+    words_per_row = tl.multiple_of(K // EPW, WPG)
+    acc = tl.zeros((NG, BLOCK_N), tl.float32)  # tiles [groups, rows, words]: as in the word kernel
+    acc_u = tl.zeros((NG, BLOCK_N), tl.float32)
+    ssv = tl.zeros((NG,), tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        g_ok = k0 + gi * GROUP < k_end
+        w_ok = tl.broadcast_to(g_ok[:, None], (NG, WPG))
+        wcol = gi[:, None] * WPG + wi[None, :]
+        w0 = tl.multiple_of(k0 // EPW, WPG)
+        # element of byte j of x word wi: q4 low nibbles (and + G/2 for the high ones), q8 bytes
+        xk = (k0 + gi[:, None, None] * GROUP + wi[None, :, None] * 4) + ji[None, None, :]
+        x_ok = tl.broadcast_to(g_ok[:, None, None], (NG, WPG, 4))
+        xa, sa, suma, sqa = _quant_x(x_ptr, nw_ptr, xk, x_ok, HAS_NORM, ASM)
+        xsum = suma
+        ssv += sqa
+        if WIDTH == 4:
+            xb, sb, sumb, sqb = _quant_x(x_ptr, nw_ptr, xk + GROUP // 2, x_ok, HAS_NORM, ASM)
+            xsum += sumb
+            ssv += sqb
+        s_off = rows64[None, :] * (K // GROUP) + (k0 // GROUP + gi)[:, None]
+        s_ok = row_ok[None, :] & g_ok[:, None]
+        for half in tl.static_range(2 if GATED != 0 else 1):
+            r_off = half * N
+            wrow = qw_ptr + (rows64 + r_off) * words_per_row + w0
+            wd = tl.load(wrow[None, :, None] + wcol[:, None, :],
+                         mask=row_ok[None, :, None] & w_ok[:, None, :], other=0)
+            if WIDTH == 4:
+                ta = tl.sum(_dp4a(wd & 0x0F0F0F0F, xa[:, None, :], False, ASM), axis=2)
+                tb = tl.sum(_dp4a((wd >> 4) & 0x0F0F0F0F, xb[:, None, :], False, ASM), axis=2)
+                t = ta.to(tl.float32) * sa[:, None] + tb.to(tl.float32) * sb[:, None]
+                if not HAS_MIN:
+                    t -= 8.0 * xsum[:, None]
+            else:
+                ta = tl.sum(_dp4a(wd, xa[:, None, :], SIGNED, ASM), axis=2)
+                t = ta.to(tl.float32) * sa[:, None]
+            s = tl.load(s_ptr + r_off * (K // GROUP) + s_off, mask=s_ok, other=0.0).to(tl.float32)
+            c = s * t
+            if HAS_MIN:
+                mn = tl.load(m_ptr + r_off * (K // GROUP) + s_off, mask=s_ok, other=0.0).to(tl.float32)
+                c += mn * xsum[:, None]
+            if half == 0:
+                acc += c
+            else:
+                acc_u += c
+    res = tl.sum(acc, axis=0)[None, :]
+    res_u = tl.sum(acc_u, axis=0)[None, :]
+    ss = tl.sum(ssv, axis=0) + tl.zeros((1,), tl.float32)
+    mi = tl.arange(0, 1)
+    if SPLIT:
+        _split_finish(res, res_u, ss, mi, rows, pid_n, pid_k, n_split, 1, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+                      res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES)
+    else:
+        _finish(res, res_u, ss, mi, rows, 1, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
+                HAS_NORM, GATED, HAS_RES)
+
+
 @dataclass(frozen=True)
 class GemvConfig:
     block_m: int
@@ -383,7 +528,8 @@ class GemvConfig:
     block_k: int
     split: int  # programs along K (1: no split, no workspace)
     num_warps: int = 4
-    # "word": the M = 1 int32-word kernel for q4/q8 (other calls fall back to "byte", the general kernel)
+    # M = 1 q4/q8 only (other calls fall back to "byte", the general kernel): "word", the int32-word kernel
+    # on fp32 x, or "dp4a", int8 x and integer dot products
     kernel: str = "word"
     unpack: int = 1  # word kernel: 0 shift every field down, 1 mask in place and pre-scale x
 
@@ -422,6 +568,9 @@ def _plan_byte(n_out: int, k: int, m: int, kind: str, group: int, gated: bool) -
 
 
 TARGET_PROGRAMS = 320
+# plan() picks the int8-activation dp4a kernel for M = 1 q4/q8 once it is measured faster on the H100
+# (benchmarks/gemv_ab.py); until then the fp32-activation word kernel.
+DECODE_KERNEL = "word"
 
 
 def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvConfig:
@@ -436,7 +585,7 @@ def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvCo
     k_tiles = triton.cdiv(k, block_k)
     split = max(1, min(round(TARGET_PROGRAMS / tiles_n), k_tiles))
     split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty splits
-    return GemvConfig(1, block_n, block_k, split, num_warps=4, kernel="word", unpack=1)
+    return GemvConfig(1, block_n, block_k, split, num_warps=4, kernel=DECODE_KERNEL, unpack=1)
 
 
 def _k_split(k: int, cfg: GemvConfig) -> int:
@@ -500,7 +649,18 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
     res = residual if residual is not None else out
     flags = dict(HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
     common = (norm_weight if norm_weight is not None else x, res, out, part, ss, cnt)
-    if m == 1 and w.kind != "f16" and cfg.kernel == "word":
+    if cfg.kernel not in ("byte", "word", "dp4a"):
+        raise ValueError(f"unknown gemv kernel {cfg.kernel!r}")
+    word_like = m == 1 and w.kind != "f16"
+    if word_like and cfg.kernel == "dp4a":
+        assert cfg.block_k % w.group == 0 and w.qweight.is_contiguous()
+        _gemv_dp4a_kernel[(tiles_n, splits)](
+            x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales, *common,
+            n_out, k, k_split, splits, res.stride(0), out.stride(0), eps,
+            WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
+            SIGNED=w.qweight.dtype == torch.int8, SPLIT=splits > 1, ASM=os.environ.get("TRITON_INTERPRET") != "1",
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **flags)
+    elif word_like and cfg.kernel == "word":
         assert cfg.block_k % w.group == 0 and w.qweight.is_contiguous()
         _gemv_word_kernel[(tiles_n, splits)](
             x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales, *common,
