@@ -418,7 +418,7 @@ def _dp4a(a, b, A_SIGNED: tl.constexpr, ASM: tl.constexpr):
 def _round_even(v, ASM: tl.constexpr):
     """fp32 -> int32, to nearest, ties to even (cvt.rni; |v| <= 127.5 here, so v + 0.5 is exact)."""
     if ASM:
-        return tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=tl.int32,
+        return tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,f", [v], dtype=tl.int32,
                                          is_pure=True, pack=1)
     else:
         r = tl.floor(v + 0.5)
