@@ -111,13 +111,15 @@ def test_fusions(fusion, split, gen, kernel_device):
     dev = kernel_device
     out = res.clone().to(dev) if f.get("in_place") else poison(m, f_out, dev)
     cfg = replace(plan(f_out, k, m, kind, group, bool(f.get("gated"))), split=2 if split else 1)
-    ws = torch.full((workspace_numel(w, m, f.get("gated"), cfg),), float("nan"), device=dev)
+    ws = torch.zeros(workspace_numel(w, m, f.get("gated"), cfg), device=dev)
     assert (ws.numel() > 0) == split
     got = linear(x.to(dev), to(w, dev), out=out, norm_weight=None if nw is None else nw.to(dev), eps=1e-5,
                  residual=out if f.get("in_place") else (None if res is None else res.to(dev)),
                  gated=f.get("gated"), workspace=ws, config=cfg)
     assert got is out
     check(out, expected(x, w, nw, 1e-5, res, f.get("gated")), 1e-5)
+    tiles_n = -(-f_out // cfg.block_n)  # the workspace starts with one ticket counter per column tile
+    assert not ws[:tiles_n].view(torch.int32).any(), "a split-K ticket counter was not reset"
 
 
 @pytest.mark.parametrize("kind,mins,group", [("q4", False, 16), ("q8", True, 128), ("f16", False, 0)])
@@ -192,7 +194,7 @@ def test_word_kernel_fused_gated(gen, kernel_device):
     dev = kernel_device
     for split in (1, 2):
         cfg = GemvConfig(1, 16, 256, split, kernel="word", unpack=1)
-        ws = torch.empty(workspace_numel(w, 1, "silu", cfg), device=dev)
+        ws = torch.zeros(workspace_numel(w, 1, "silu", cfg), device=dev)
         out = linear(x.to(dev), to(w, dev), out=poison(1, n // 2, dev), norm_weight=nw.to(dev), eps=1e-5,
                      residual=res.to(dev), gated="silu", workspace=ws, config=cfg)
         check(out, expected(x, w, nw, 1e-5, res, "silu"), 2e-3)
@@ -205,3 +207,115 @@ def test_plan_word():
         tiles, k_tiles = -(-n // c.block_n), -(-k // c.block_k)
         assert tiles * c.split >= min(TARGET_PROGRAMS // 2, tiles * k_tiles) and k_tiles >= c.split
     assert plan(128256, 2048, 1, "q4", 32, False).split == 1
+
+
+@pytest.mark.parametrize("m,kernel", [(1, "word"), (1, "byte"), (5, "byte")])
+def test_split_k_repeated_calls(m, kernel, gen, kernel_device):
+    """One-launch split-K: the last program of each column tile reduces in split order and resets its ticket
+    counter, so calls sharing a workspace (as the decode step's do) stay bit-identical, whatever the shape."""
+    dev = kernel_device
+    n, k = 2 * 37, 768
+    w = to(packed(gen, "q4", n, k, 32, False), dev)
+    x = torch.randn(m, k, generator=gen).to(dev)
+    nw = torch.randn(k, generator=gen).to(dev)
+    cfg_a = GemvConfig(triton_pow2(m), 16, 256, 3, kernel=kernel)
+    cfg_b = GemvConfig(triton_pow2(m), 32, 256, 2, kernel=kernel)
+    ws = torch.zeros(max(workspace_numel(w, m, "silu", cfg_a), workspace_numel(w, m, None, cfg_b)), device=dev)
+    first = linear(x, w, norm_weight=nw, gated="silu", workspace=ws, config=cfg_a)
+    other = linear(x, w, workspace=ws, config=cfg_b)  # a different tiling in between, same counters
+    again = linear(x, w, norm_weight=nw, gated="silu", workspace=ws, config=cfg_a)
+    assert torch.equal(first, again)
+    assert not ws[:-(-(n // 2) // 16)].view(torch.int32).any()  # the counters of cfg_a (3 tiles) and cfg_b (3)
+    check(first, expected(x.cpu(), w, nw.cpu(), gated="silu").to(first.device), 1e-5)
+    check(other, expected(x.cpu(), w), 1e-5)
+    unsplit = linear(x, w, config=replace(cfg_b, split=1))
+    check(unsplit, other.cpu(), 1e-6)
+
+
+def triton_pow2(m):
+    return 1 << (m - 1).bit_length()
+
+
+# ---------------------------------------------------------------- int8-activation (dp4a) path, M = 1
+
+
+def int8_x(x, w, norm_weight=None):
+    """The dp4a kernel's activation quantization in torch: x (times norm_weight) per sub-group (q4: each half
+    group, q8: the group), symmetric absmax / 127, round half to even; returns the dequantized x."""
+    h = x.float() * (norm_weight.float() if norm_weight is not None else 1.0)
+    sub = h.reshape(-1, w.group // 2 if w.kind == "q4" else w.group)
+    amax = sub.abs().amax(dim=1, keepdim=True)
+    # tensor / tensor: correctly rounded, like the kernel's div_rn (torch's scalar / tensor is not)
+    c127 = torch.full_like(amax, 127.0)
+    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
+    return (torch.round(sub * inv) * (amax / c127)).reshape(h.shape)
+
+
+def expected_dp4a(x, w, norm_weight=None, eps=1e-6, residual=None, gated=None):
+    y = int8_x(x, w, norm_weight) @ w.dequantize().T
+    if norm_weight is not None:
+        y = y * torch.rsqrt(x.float().pow(2).mean(dim=1, keepdim=True) + eps)
+    if gated:
+        y = reference.activation(gated, y[:, : w.n // 2]) * y[:, w.n // 2:]
+    return y + residual if residual is not None else y
+
+
+DP4A_WEIGHTS = [("q4", False, 32), ("q4", True, 64), ("q4", False, 16), ("q8", False, 32), ("q8", True, 128),
+                ("q8", "u8", 16)]
+
+
+@pytest.mark.parametrize("kind,mins,group", DP4A_WEIGHTS)
+def test_dp4a_kernel(kind, mins, group, gen, kernel_device):
+    """Against a torch emulation of the same int8 quantization (fp32 rounding apart), and against the float
+    reference with a tolerance for 8-bit activations (~0.5% relative error per output, one rounding of x)."""
+    n, k = 70, 3 * 256 + 2 * group
+    w = packed(gen, kind, n, k, group, bool(mins))
+    if mins == "u8":
+        w = PackedLinear("q8", n, k, group, torch.randint(0, 256, (n, k), generator=gen, dtype=torch.uint8),
+                         w.scales, w.mins)
+    for dtype, block_n, split in ((torch.float32, 32, 1), (torch.float16, 64, 2)):
+        x = torch.randn(1, k, generator=gen).to(dtype)
+        cfg = GemvConfig(1, block_n, max(256 if kind == "q4" else 128, group), split, kernel="dp4a")
+        out = linear(x.to(kernel_device), to(w, kernel_device), out=poison(1, n, kernel_device), config=cfg)
+        check(out, expected_dp4a(x, w), 1e-5)
+        check(out, expected(x, w), 2e-2)
+
+
+@pytest.mark.parametrize("kind,mins", [("q4", False), ("q4", True), ("q8", False), ("q8", "u8")])
+def test_dp4a_integer_dot_exact(kind, mins, gen, kernel_device):
+    """x already on the int8 grid (each sub-group holds a +-127, so the x scale is 1) and power-of-two weight
+    scales: every step is exact in fp32, so the kernel must give the integer dot product bit for bit."""
+    n, k, group = 40, 512, 32
+    sub = group // 2 if kind == "q4" else group
+    x = torch.randint(-127, 128, (k // sub, sub), generator=gen)
+    x[torch.arange(k // sub), torch.randint(0, sub, (k // sub,), generator=gen)] = 127
+    x = x.reshape(1, k).float()
+    w = packed(gen, kind, n, k, group, bool(mins))
+    scales = torch.pow(2.0, -torch.randint(0, 3, w.scales.shape, generator=gen).float()).half()
+    qw = w.qweight
+    if mins == "u8":
+        qw = torch.randint(0, 256, (n, k), generator=gen, dtype=torch.uint8)
+    mn = torch.randint(-8, 9, w.scales.shape, generator=gen).half() / 4 if mins else None
+    w = PackedLinear(kind, n, k, group, qw, scales, mn)
+    cfg = GemvConfig(1, 16, 256 if kind == "q4" else 128, 2, kernel="dp4a")
+    out = linear(x.to(kernel_device), to(w, kernel_device), config=cfg).cpu()
+    exact = (x.double() @ w.dequantize().double().T).float()
+    assert torch.equal(out, exact)
+
+
+def test_dp4a_fused_repeated(gen, kernel_device):
+    """Norm + gated + residual on the dp4a path, whole-K and split-K; repeated split calls are bit-identical."""
+    dev = kernel_device
+    n, k = 2 * 45, 768
+    w = packed(gen, "q4", n, k, 32, False)
+    x = torch.randn(1, k, generator=gen) * 3
+    nw = torch.randn(k, generator=gen)
+    res = torch.randn(1, n // 2, generator=gen)
+    ref = expected_dp4a(x, w, nw, 1e-5, res, "silu")
+    for split in (1, 3):
+        cfg = GemvConfig(1, 16, 256, split, kernel="dp4a")
+        ws = torch.zeros(workspace_numel(w, 1, "silu", cfg), device=dev)
+        outs = [linear(x.to(dev), to(w, dev), norm_weight=nw.to(dev), eps=1e-5, residual=res.to(dev),
+                       gated="silu", workspace=ws, config=cfg) for _ in range(2)]
+        assert torch.equal(outs[0], outs[1])
+        check(outs[0], ref, 1e-5)

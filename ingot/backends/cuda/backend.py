@@ -108,7 +108,7 @@ class DecodeState:
         for lw in weights.layers:
             need += [gemv.workspace_numel(lw.qkv, batch), gemv.workspace_numel(lw.o, batch),
                      gemv.workspace_numel(lw.gate_up, batch, gated="silu"), gemv.workspace_numel(lw.down, batch)]
-        self.workspace = torch.empty(max(max(need), 1), **f32)
+        self.workspace = torch.zeros(max(max(need), 1), **f32)  # zeroed: split-K ticket counters
 
     @property
     def nbytes(self) -> int:

@@ -19,14 +19,17 @@ in its two nibbles, so the low and high nibbles of a contiguous byte run pair wi
 q8 and f16 use the same split (f16 with a pseudo-group of 32), so one kernel body serves all kinds; KIND is
 a constexpr and each kind compiles to its own specialized kernel.
 
-When N alone gives too few programs to fill 132 SMs, K is split across programs: each writes fp32 partial
-dot products (and partial sums of squares) to a workspace, and a small kernel reduces them in a fixed order
-(deterministic) and applies the epilogue. Pass `workspace` (see workspace_numel) to keep the call
-allocation-free for CUDA graphs.
+When N alone gives too few programs to fill 132 SMs, K is split across programs, still in one launch: each
+program writes its fp32 partial dot products (and partial sum of squares) to a workspace and takes a ticket
+from its column tile's int32 counter; the program that draws the last ticket sums all splits' partials in
+split order (deterministic, whichever program comes last), applies the epilogue and puts the counter back to
+0 for the next call. Pass `workspace` (see workspace_numel; it must start zeroed, e.g. torch.zeros, and the
+counters stay zero between calls) to keep the call allocation-free for CUDA graphs.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -105,8 +108,46 @@ def _finish(acc, acc_u, ss, mi, cols, M, N, K, eps, res_ptr, stride_rm, out_ptr,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr,
-                 M, N, K, k_split, stride_xm, stride_rm, stride_om, eps,
+def _split_finish(acc, acc_u, ss, mi, rows, pid_n, pid_k, n_split, M, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+                  res_ptr, stride_rm, out_ptr, stride_om,
+                  HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr):
+    """Split-K: store this program's partials; the column tile's last program reduces them and finishes.
+
+    Partials: [split, M, rows of W] (gate columns first, up at +N, as in W); sums of squares: [tile, split, M]
+    (every tile's programs compute the same ones, but only its own are ordered before its counter).
+    """
+    n_w = N * (2 if GATED != 0 else 1)
+    ok = (mi < M)[:, None] & (rows < N)[None, :]
+    p = part_ptr + (pid_k * M + mi.to(tl.int64))[:, None] * n_w + rows[None, :]
+    tl.store(p, acc, mask=ok)
+    if GATED != 0:
+        tl.store(p + N, acc_u, mask=ok)
+    ss_tile = ss_ptr + pid_n * n_split * M
+    if HAS_NORM:
+        tl.store(ss_tile + pid_k * M + mi, ss, mask=mi < M)
+    # Every thread's stores happen before the barrier, the barrier before the (one-thread) release.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_split - 1:
+        acc = tl.zeros_like(acc)
+        acc_u = tl.zeros_like(acc_u)
+        ss = tl.zeros_like(ss)
+        for s in range(0, n_split):
+            # .cg: from L2, where the other SMs' partials are; this SM's L1 may hold a stale neighbour line.
+            p = part_ptr + (s * M + mi.to(tl.int64))[:, None] * n_w + rows[None, :]
+            acc += tl.load(p, mask=ok, other=0.0, cache_modifier=".cg")
+            if GATED != 0:
+                acc_u += tl.load(p + N, mask=ok, other=0.0, cache_modifier=".cg")
+            if HAS_NORM:
+                ss += tl.load(ss_tile + s * M + mi, mask=mi < M, other=0.0, cache_modifier=".cg")
+        _finish(acc, acc_u, ss, mi, rows, M, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
+                HAS_NORM, GATED, HAS_RES)
+        tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call / graph replay
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr, cnt_ptr,
+                 M, N, K, k_split, n_split, stride_xm, stride_rm, stride_om, eps,
                  KIND: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_NORM: tl.constexpr,
                  GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -161,15 +202,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr
                 else:
                     acc_u += tl.where((mi == m)[:, None], cu[None, :], 0.0)
     if SPLIT:
-        # Partials: [split, M, rows of W]; gate columns first, up columns at +N, as in W.
-        n_w = N * (2 if GATED != 0 else 1)
-        ok = (mi < M)[:, None] & row_ok[None, :]
-        p = part_ptr + (pid_k * M + mi.to(tl.int64))[:, None] * n_w + rows[None, :]
-        tl.store(p, acc, mask=ok)
-        if GATED != 0:
-            tl.store(p + N, acc_u, mask=ok)
-        if HAS_NORM:
-            tl.store(ss_ptr + pid_k * M + mi, ss, mask=(mi < M) & (pid_n == 0))
+        _split_finish(acc, acc_u, ss, mi, rows, pid_n, pid_k, n_split, M, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+                      res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES)
     else:
         _finish(acc, acc_u, ss, mi, rows, M, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
                 HAS_NORM, GATED, HAS_RES)
@@ -239,8 +273,8 @@ def _word_x(x_ptr, nw_ptr, xk, ok, SHIFT: tl.constexpr, WIDTH: tl.constexpr, UNP
 
 
 @triton.jit
-def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr,
-                      N, K, k_split, stride_rm, stride_om, eps, magic,
+def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr, cnt_ptr,
+                      N, K, k_split, n_split, stride_rm, stride_om, eps, magic,
                       WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
                       HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
                       UNPACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -336,38 +370,155 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     ss = tl.sum(tl.sum(ssv, axis=1), axis=0) + tl.zeros((1,), tl.float32)
     mi = tl.arange(0, 1)
     if SPLIT:
-        n_w = N * (2 if GATED != 0 else 1)
-        p_out = part_ptr + pid_k.to(tl.int64) * n_w + rows
-        tl.store(p_out, tl.sum(acc, axis=0), mask=row_ok)
-        if GATED != 0:
-            tl.store(p_out + N, tl.sum(acc_u, axis=0), mask=row_ok)
-        if HAS_NORM:
-            tl.store(ss_ptr + pid_k + mi, ss, mask=pid_n == 0)
+        _split_finish(res, res_u, ss, mi, rows, pid_n, pid_k, n_split, 1, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+                      res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES)
     else:
         _finish(res, res_u, ss, mi, rows, 1, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
                 HAS_NORM, GATED, HAS_RES)
 
 
+# ---------------------------------------------------------------- M = 1: int8 activations, dp4a
+#
+# Even the word kernel spends ~3 instructions per weight (mask, FADD, FFMA) for 2 weights per byte of DRAM,
+# which leaves big q4 matrices issue-bound. Here x is quantized to int8 instead, and four weights meet four
+# activations in one dp4a (int8 x 4 dot product into int32):
+# - x (times norm_weight; rstd stays the scalar applied at the end) is quantized per sub-group of a weight
+#   group, symmetric, scale absmax / 127: for q4 the group's low and high nibble halves (G/2 elements each,
+#   so the nibbles of a word line up with one x word), for q8 the whole group. Each program quantizes x for
+#   its own K steps: x is tiny and in L2, and the cost is shared by BLOCK_N weight rows.
+# - a q4 word gives its low nibbles (w & 0x0F0F0F0F) and high nibbles ((w >> 4) & 0x0F0F0F0F) as two words
+#   of four unsigned bytes; q8 words feed dp4a as they are (signed, or unsigned for mins + 0..255).
+# - per (row, sub-group) the int32 dot becomes fp32 once, times the x scale; q4's -8 (sym) or the min
+#   (affine) enters per group through the sum of the dequantized int8 x: sum s(q - 8)x = s(sum qx - 8 sum x).
+# Per 8 q4 weights: 3 unpack instructions and 2 dp4a (+ adds), against ~24 in the word kernel.
+# Activation quantization costs accuracy (~0.5% relative error per output), so this path is opt-in.
+# Under TRITON_INTERPRET=1 inline PTX cannot run: ASM=False computes the same integers with plain Triton ops.
+
+
 @triton.jit
-def _split_reduce_kernel(part_ptr, ss_ptr, res_ptr, out_ptr, M, N, K, n_split, stride_rm, stride_om, eps,
-                         HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mi = tl.arange(0, BLOCK_M)
-    ok = (mi < M)[:, None] & (cols < N)[None, :]
-    n_w = N * (2 if GATED != 0 else 1)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    ss = tl.zeros((BLOCK_M,), tl.float32)
-    for s in range(0, n_split):
-        p = part_ptr + (s * M + mi.to(tl.int64))[:, None] * n_w + cols[None, :]
-        acc += tl.load(p, mask=ok, other=0.0)
-        if GATED != 0:
-            acc_u += tl.load(p + N, mask=ok, other=0.0)
-        if HAS_NORM:
-            ss += tl.load(ss_ptr + s * M + mi, mask=mi < M, other=0.0)
-    _finish(acc, acc_u, ss, mi, cols, M, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
-            HAS_NORM, GATED, HAS_RES)
+def _dp4a(a, b, A_SIGNED: tl.constexpr, ASM: tl.constexpr):
+    """int32 sum over the 4 bytes of a[i] * b[i] (b signed bytes; a signed or unsigned), elementwise."""
+    if ASM:
+        op: tl.constexpr = "dp4a.s32.s32 $0, $1, $2, $3;" if A_SIGNED else "dp4a.u32.s32 $0, $1, $2, $3;"
+        return tl.inline_asm_elementwise(op, "=r,r,r,r", [a, b, tl.zeros_like(a)], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        d = tl.zeros_like(a + b)
+        for j in tl.static_range(4):
+            bj = (b << (24 - 8 * j)) >> 24  # arithmetic shift: the signed byte j
+            if A_SIGNED:
+                aj = (a << (24 - 8 * j)) >> 24
+            else:
+                aj = (a >> (8 * j)) & 255
+            d += aj * bj
+        return d
+
+
+@triton.jit
+def _round_even(v, ASM: tl.constexpr):
+    """fp32 -> int32, to nearest, ties to even (cvt.rni; |v| <= 127.5 here, so v + 0.5 is exact)."""
+    if ASM:
+        return tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,f", [v], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        r = tl.floor(v + 0.5)
+        tie_odd = ((r - v) == 0.5) & ((r.to(tl.int32) & 1) == 1)
+        return r.to(tl.int32) - tie_odd.to(tl.int32)
+
+
+@triton.jit
+def _quant_x(x_ptr, nw_ptr, xk, ok, HAS_NORM: tl.constexpr, ASM: tl.constexpr):
+    """x at element indices xk [groups, words, 4] as int8 words [groups, words], per-group scale and sum of
+    the dequantized values [groups], and the raw sum of squares [groups] (for the norm)."""
+    x = tl.load(x_ptr + xk, mask=ok, other=0.0).to(tl.float32)
+    sq = tl.sum(tl.sum(x * x, axis=2), axis=1)
+    if HAS_NORM:
+        x = x * tl.load(nw_ptr + xk, mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+    # div_rn: IEEE division, as the torch emulation in the tests does (plain / is approximate on the GPU)
+    c127 = tl.full(amax.shape, 127.0, tl.float32)
+    inv = tl.where(amax > 0, tl.math.div_rn(c127, tl.where(amax > 0, amax, 1.0)), 0.0)  # all-zero: q = 0
+    scale = tl.math.div_rn(amax, c127)
+    q = _round_even(x * inv[:, None, None], ASM)
+    shift = 8 * tl.arange(0, 4)
+    words = tl.sum((q & 255) << shift[None, None, :], axis=2)  # disjoint bytes: the sum is an OR
+    xsum = scale * tl.sum(tl.sum(q, axis=2), axis=1).to(tl.float32)
+    return words, scale, xsum, sq
+
+
+@triton.jit
+def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr, cnt_ptr,
+                      N, K, k_split, n_split, stride_rm, stride_om, eps,
+                      WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
+                      HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
+                      ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    NG: tl.constexpr = BLOCK_K // GROUP
+    EPW: tl.constexpr = 32 // WIDTH
+    WPG: tl.constexpr = GROUP // EPW
+    k_begin = pid_k * k_split
+    k_end = tl.minimum(K, k_begin + k_split)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    gi = tl.arange(0, NG)
+    wi = tl.arange(0, WPG)
+    ji = tl.arange(0, 4)
+    words_per_row = tl.multiple_of(K // EPW, WPG)
+    acc = tl.zeros((NG, BLOCK_N), tl.float32)  # tiles [groups, rows, words]: as in the word kernel
+    acc_u = tl.zeros((NG, BLOCK_N), tl.float32)
+    ssv = tl.zeros((NG,), tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        g_ok = k0 + gi * GROUP < k_end
+        w_ok = tl.broadcast_to(g_ok[:, None], (NG, WPG))
+        wcol = gi[:, None] * WPG + wi[None, :]
+        w0 = tl.multiple_of(k0 // EPW, WPG)
+        # element of byte j of x word wi: q4 low nibbles (and + G/2 for the high ones), q8 bytes
+        xk = (k0 + gi[:, None, None] * GROUP + wi[None, :, None] * 4) + ji[None, None, :]
+        x_ok = tl.broadcast_to(g_ok[:, None, None], (NG, WPG, 4))
+        xa, sa, suma, sqa = _quant_x(x_ptr, nw_ptr, xk, x_ok, HAS_NORM, ASM)
+        xsum = suma
+        ssv += sqa
+        if WIDTH == 4:
+            xb, sb, sumb, sqb = _quant_x(x_ptr, nw_ptr, xk + GROUP // 2, x_ok, HAS_NORM, ASM)
+            xsum += sumb
+            ssv += sqb
+        s_off = rows64[None, :] * (K // GROUP) + (k0 // GROUP + gi)[:, None]
+        s_ok = row_ok[None, :] & g_ok[:, None]
+        for half in tl.static_range(2 if GATED != 0 else 1):
+            r_off = half * N
+            wrow = qw_ptr + (rows64 + r_off) * words_per_row + w0
+            wd = tl.load(wrow[None, :, None] + wcol[:, None, :],
+                         mask=row_ok[None, :, None] & w_ok[:, None, :], other=0)
+            if WIDTH == 4:
+                ta = tl.sum(_dp4a(wd & 0x0F0F0F0F, xa[:, None, :], False, ASM), axis=2)
+                tb = tl.sum(_dp4a((wd >> 4) & 0x0F0F0F0F, xb[:, None, :], False, ASM), axis=2)
+                t = ta.to(tl.float32) * sa[:, None] + tb.to(tl.float32) * sb[:, None]
+                if not HAS_MIN:
+                    t -= 8.0 * xsum[:, None]
+            else:
+                ta = tl.sum(_dp4a(wd, xa[:, None, :], SIGNED, ASM), axis=2)
+                t = ta.to(tl.float32) * sa[:, None]
+            s = tl.load(s_ptr + r_off * (K // GROUP) + s_off, mask=s_ok, other=0.0).to(tl.float32)
+            c = s * t
+            if HAS_MIN:
+                mn = tl.load(m_ptr + r_off * (K // GROUP) + s_off, mask=s_ok, other=0.0).to(tl.float32)
+                c += mn * xsum[:, None]
+            if half == 0:
+                acc += c
+            else:
+                acc_u += c
+    res = tl.sum(acc, axis=0)[None, :]
+    res_u = tl.sum(acc_u, axis=0)[None, :]
+    ss = tl.sum(ssv, axis=0) + tl.zeros((1,), tl.float32)
+    mi = tl.arange(0, 1)
+    if SPLIT:
+        _split_finish(res, res_u, ss, mi, rows, pid_n, pid_k, n_split, 1, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+                      res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES)
+    else:
+        _finish(res, res_u, ss, mi, rows, 1, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
+                HAS_NORM, GATED, HAS_RES)
 
 
 @dataclass(frozen=True)
@@ -377,7 +528,8 @@ class GemvConfig:
     block_k: int
     split: int  # programs along K (1: no split, no workspace)
     num_warps: int = 4
-    # "word": the M = 1 int32-word kernel for q4/q8 (other calls fall back to "byte", the general kernel)
+    # M = 1 q4/q8 only (other calls fall back to "byte", the general kernel): "word", the int32-word kernel
+    # on fp32 x, or "dp4a", int8 x and integer dot products
     kernel: str = "word"
     unpack: int = 1  # word kernel: 0 shift every field down, 1 mask in place and pre-scale x
 
@@ -416,6 +568,9 @@ def _plan_byte(n_out: int, k: int, m: int, kind: str, group: int, gated: bool) -
 
 
 TARGET_PROGRAMS = 320
+# plan() picks the int8-activation dp4a kernel for M = 1 q4/q8 once it is measured faster on the H100
+# (benchmarks/gemv_ab.py); until then the fp32-activation word kernel.
+DECODE_KERNEL = "word"
 
 
 def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvConfig:
@@ -430,19 +585,28 @@ def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvCo
     k_tiles = triton.cdiv(k, block_k)
     split = max(1, min(round(TARGET_PROGRAMS / tiles_n), k_tiles))
     split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty splits
-    return GemvConfig(1, block_n, block_k, split, num_warps=4, kernel="word", unpack=1)
+    return GemvConfig(1, block_n, block_k, split, num_warps=4, kernel=DECODE_KERNEL, unpack=1)
 
 
 def _k_split(k: int, cfg: GemvConfig) -> int:
     return triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split) * cfg.block_k
 
 
+def _split_layout(n_w: int, m: int, tiles_n: int, splits: int) -> tuple[int, int]:
+    """(where partials start, total fp32 elements) of a split call's workspace: the tiles' int32 counters
+    first, at offset 0 for every call (each call leaves them at 0), then sums of squares, then partials."""
+    head = tiles_n + tiles_n * splits * m
+    head = -(-head // 4) * 4  # partials 16-byte aligned
+    return head, head + splits * m * n_w
+
+
 def workspace_numel(w: PackedLinear, m: int, gated: str | None = None, config: GemvConfig | None = None) -> int:
-    """fp32 elements the split-K path needs for this call (0 when it does not split)."""
+    """fp32 elements the split-K path needs for this call (0 when it does not split). The workspace must be
+    allocated zeroed (torch.zeros): its first elements are ticket counters that every call leaves at 0."""
     n_out = w.n // 2 if gated else w.n
     cfg = config or plan(n_out, w.k, m, w.kind, w.group, bool(gated))
     splits = triton.cdiv(w.k, _k_split(w.k, cfg))
-    return 0 if splits == 1 else splits * m * (w.n + 1)
+    return 0 if splits == 1 else _split_layout(w.n, m, triton.cdiv(n_out, cfg.block_n), splits)[1]
 
 
 def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
@@ -450,7 +614,8 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
            gated: str | None = None, workspace: torch.Tensor | None = None,
            config: GemvConfig | None = None) -> torch.Tensor:
     """out[M, N] (fp32) = [residual +] x' @ W^T, or act(x' @ Wg^T) * (x' @ Wu^T) with `gated`;
-    x' = rms_norm(x, norm_weight, eps) when norm_weight is given. x: fp32 or fp16 [M, K], rows contiguous."""
+    x' = rms_norm(x, norm_weight, eps) when norm_weight is given. x: fp32 or fp16 [M, K], rows contiguous.
+    `workspace`: fp32, zeroed once when allocated (see workspace_numel); without it a split call allocates."""
     m, k = x.shape
     if k != w.k or x.stride(1) != 1:
         raise ValueError(f"x of shape {tuple(x.shape)} (row stride 1 needed) does not match weight k={w.k}")
@@ -471,47 +636,47 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
         assert norm_weight.shape == (k,) and norm_weight.is_contiguous()
     k_split = _k_split(k, cfg)
     splits = triton.cdiv(k, k_split)
+    tiles_n = triton.cdiv(n_out, cfg.block_n)
     part = ss = out
+    cnt = out.view(torch.int32)  # unsplit calls never touch it
     if splits > 1:
-        need = splits * m * (w.n + 1)
+        head, need = _split_layout(w.n, m, tiles_n, splits)
         if workspace is None:
-            workspace = torch.empty(need, device=x.device, dtype=torch.float32)
-        assert workspace.dtype == torch.float32 and workspace.numel() >= need, "workspace too small"
-        part, ss = workspace, workspace[splits * m * w.n:]
+            workspace = torch.zeros(need, device=x.device, dtype=torch.float32)
+        if workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous():
+            raise ValueError(f"workspace must be contiguous fp32 of >= {need} elements, zeroed when allocated")
+        cnt, ss, part = workspace[:tiles_n].view(torch.int32), workspace[tiles_n:head], workspace[head:]
     res = residual if residual is not None else out
-    if m == 1 and w.kind != "f16" and cfg.kernel == "word":
+    flags = dict(HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
+    common = (norm_weight if norm_weight is not None else x, res, out, part, ss, cnt)
+    if cfg.kernel not in ("byte", "word", "dp4a"):
+        raise ValueError(f"unknown gemv kernel {cfg.kernel!r}")
+    word_like = m == 1 and w.kind != "f16"
+    if word_like and cfg.kernel == "dp4a":
         assert cfg.block_k % w.group == 0 and w.qweight.is_contiguous()
-        flags = dict(HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
-        _gemv_word_kernel[(triton.cdiv(n_out, cfg.block_n), splits)](
-            x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales,
-            norm_weight if norm_weight is not None else x, res, out, part, ss,
-            n_out, k, k_split, res.stride(0), out.stride(0), eps, MAGIC,
+        _gemv_dp4a_kernel[(tiles_n, splits)](
+            x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales, *common,
+            n_out, k, k_split, splits, res.stride(0), out.stride(0), eps,
+            WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
+            SIGNED=w.qweight.dtype == torch.int8, SPLIT=splits > 1, ASM=os.environ.get("TRITON_INTERPRET") != "1",
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **flags)
+    elif word_like and cfg.kernel == "word":
+        assert cfg.block_k % w.group == 0 and w.qweight.is_contiguous()
+        _gemv_word_kernel[(tiles_n, splits)](
+            x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales, *common,
+            n_out, k, k_split, splits, res.stride(0), out.stride(0), eps, MAGIC,
             WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
             SIGNED=w.qweight.dtype == torch.int8, SPLIT=splits > 1, UNPACK=cfg.unpack,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **flags)
     else:
-        _launch_byte(x, w, cfg, out, norm_weight, eps, residual, res, gated, part, ss, m, n_out, k, k_split,
-                     splits)
-    if splits > 1:
-        reduce_n = 128 if cfg.block_m <= 4 else 32
-        flags = dict(HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
-        _split_reduce_kernel[(triton.cdiv(n_out, reduce_n),)](
-            part, ss, res, out, m, n_out, k, splits, res.stride(0), out.stride(0), eps,
-            BLOCK_M=cfg.block_m, BLOCK_N=reduce_n, num_warps=4, **flags)
+        group = w.group if w.kind != "f16" else F16_PSEUDO_GROUP
+        no_scale = w.qweight  # f16: any pointer, never read
+        _gemv_kernel[(tiles_n, splits)](
+            x, w.qweight, w.scales if w.scales is not None else no_scale, w.mins if w.mins is not None else no_scale,
+            *common, m, n_out, k, k_split, splits, x.stride(0), res.stride(0), out.stride(0), eps,
+            KIND=KIND_IDS[w.kind], GROUP=group, HAS_MIN=w.mins is not None, SPLIT=splits > 1,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **flags)
     return out
-
-
-def _launch_byte(x, w, cfg, out, norm_weight, eps, residual, res, gated, part, ss, m, n_out, k, k_split, splits):
-    group = w.group if w.kind != "f16" else F16_PSEUDO_GROUP
-    flags = dict(KIND=KIND_IDS[w.kind], GROUP=group, HAS_MIN=w.mins is not None,
-                 HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
-    grid = (triton.cdiv(n_out, cfg.block_n), splits)
-    _gemv_kernel[grid](
-        x, w.qweight, w.scales if w.scales is not None else w.qweight, w.mins if w.mins is not None else w.qweight,
-        norm_weight if norm_weight is not None else x, res, out, part, ss,
-        m, n_out, k, k_split, x.stride(0), res.stride(0), out.stride(0), eps,
-        SPLIT=splits > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, **flags)
 
 
 @triton.jit
