@@ -214,26 +214,28 @@ def _key(x):
 @triton.jit
 def _bisect_cut(x_row, V, m, floor_key, limit, BY_MASS: tl.constexpr, BLOCK: tl.constexpr):
     """The smallest key v with (count or mass of tokens of key > v and >= floor_key) < limit: the chain
-    keeps exactly the tokens at or above it (ties at the cut all kept)."""
+    keeps exactly the tokens at or above it (ties at the cut all kept). A 16-way search: each pass over
+    the row tries 16 keys, so 8 passes cover the 2**32 keys."""
     offs = tl.arange(0, BLOCK)
-    lo = floor_key - 1
+    way = tl.arange(0, 16).to(tl.int64)
+    lo = floor_key - 1  # the predicate is false here and true at hi
     hi = floor_key * 0 + 2147483647
     while hi - lo > 1:
-        mid = lo + (hi - lo) // 2
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        step = (hi - lo + 15) // 16
+        probe = tl.minimum(lo + (way + 1) * step, hi)
+        acc = tl.zeros([BLOCK, 16], dtype=tl.float32)
         for start in range(0, V, BLOCK):
             o = start + offs
             x = tl.load(x_row + o, mask=o < V, other=float("-inf"))
             k = _key(x)
-            above = (o < V) & (k > mid) & (k >= floor_key)
+            above = ((o < V) & (k >= floor_key))[:, None] & (k[:, None] > probe[None, :])
             if BY_MASS:
-                acc += tl.where(above, tl.exp(x - m), 0.0)
+                acc += tl.where(above, tl.exp(x - m)[:, None], 0.0)
             else:
                 acc += above.to(tl.float32)
-        if tl.sum(acc, axis=0) < limit:
-            hi = mid
-        else:
-            lo = mid
+        ok = tl.sum(acc, axis=0) < limit
+        hi = tl.min(tl.where(ok, probe, hi), axis=0)
+        lo = tl.max(tl.where(ok, lo, probe), axis=0)
     return hi
 
 
@@ -480,3 +482,71 @@ def sample(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tens
                                 KEY=_PHILOX_KEY, BLOCK=block, GIVEN_U=uniforms is not None,
                                 PREFILTERED=prefiltered, num_warps=4)
     return out
+
+
+# --- penalties ----------------------------------------------------------------------------------------
+#
+# llama.cpp's penalties over the last W tokens of each row: repeat_penalty divides a positive logit (and
+# multiplies a negative one) of every token seen; frequency and presence penalties subtract count *
+# frequency + presence. The window is a device ring of token ids (-1 = empty), so a step touches W logits,
+# not the vocabulary, and the counts come from the ring itself.
+
+@triton.jit
+def _penalize_kernel(x_ptr, x_stride, V, win_ptr, W, rep_ptr, pres_ptr, freq_ptr, BLOCK_W: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_W)
+    ids = tl.load(win_ptr + row * W + j, mask=j < W, other=-1)
+    same = (ids[:, None] == ids[None, :]) & (ids[:, None] >= 0)
+    count = tl.sum(same.to(tl.float32), axis=1)
+    # Each distinct token once: at its first slot in the ring.
+    first = tl.sum((same & (j[None, :] < j[:, None])).to(tl.int32), axis=1) == 0
+    act = (ids >= 0) & (ids < V) & first
+    rep = tl.load(rep_ptr + row)
+    ptr = x_ptr + row * x_stride + ids
+    x = tl.load(ptr, mask=act, other=0.0)
+    x = tl.where(x > 0.0, x / rep, x * rep)
+    x = x - count * tl.load(freq_ptr + row) - tl.load(pres_ptr + row)
+    tl.store(ptr, x, mask=act)
+
+
+@triton.jit
+def _push_kernel(win_ptr, W, pos_ptr, ids_ptr):
+    row = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + row)
+    tl.store(win_ptr + row * W + pos % W, tl.load(ids_ptr + row))
+    tl.store(pos_ptr + row, pos + 1)
+
+
+def _check_window(window: torch.Tensor, M: int) -> None:
+    if window.dim() != 2 or window.shape[0] != M or window.dtype != torch.int64 or not window.is_contiguous():
+        raise ValueError(f"window must be contiguous int64 [{M}, W], got {window.dtype} {tuple(window.shape)}")
+
+
+def apply_penalties(logits: torch.Tensor, window: torch.Tensor, *, repeat_penalty: torch.Tensor,
+                    presence_penalty: torch.Tensor, frequency_penalty: torch.Tensor) -> torch.Tensor:
+    """Penalise, in place, the logits [M, V] fp32 of the tokens in each row's window (int64 [M, W] token ids,
+    -1 for empty slots) with per-row float32 [M] penalties (1, 0, 0 switch them off); returns logits."""
+    if logits.dim() != 2 or logits.stride(1) != 1 or logits.dtype != torch.float32:
+        raise ValueError(f"logits must be float32 [M, V] with contiguous rows, got {logits.dtype} {tuple(logits.shape)}")
+    M, V = logits.shape
+    _check_window(window, M)
+    for name, t in (("repeat_penalty", repeat_penalty), ("presence_penalty", presence_penalty),
+                    ("frequency_penalty", frequency_penalty)):
+        if t.shape != (M,) or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 [{M}], got {t.dtype} {tuple(t.shape)}")
+    if M and window.shape[1]:
+        W = window.shape[1]
+        _penalize_kernel[(M,)](logits, logits.stride(0), V, window, W, repeat_penalty, presence_penalty,
+                               frequency_penalty, BLOCK_W=triton.next_power_of_2(W), num_warps=4)
+    return logits
+
+
+def push_window(window: torch.Tensor, position: torch.Tensor, ids: torch.Tensor) -> None:
+    """Write each row's new token (int64 [M], on the device: e.g. the sampler's output) into its ring at
+    position % W and advance the int64 [M] position: no host round trip, graph-safe."""
+    M = ids.shape[0]
+    _check_window(window, M)
+    if ids.shape != (M,) or ids.dtype != torch.int64 or position.shape != (M,) or position.dtype != torch.int64:
+        raise ValueError("ids and position must be int64 [M]")
+    if M and window.shape[1]:
+        _push_kernel[(M,)](window, window.shape[1], position, ids, num_warps=1)
