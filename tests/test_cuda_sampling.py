@@ -69,20 +69,24 @@ def test_candidates_are_the_sorted_head(g, kernel_device):
         assert float(ws["row"][r, 0]) == float(x[r].max())
 
 
-@pytest.mark.parametrize("chain", [dict(top_k=9, temperature=0.8), dict(top_p=0.6, temperature=1.2),
-                                   dict(min_p=0.2, temperature=1.0), dict(top_k=20, top_p=0.8, min_p=0.05),
-                                   dict(temperature=0.0, top_p=0.3)])
-def test_prefilter_draws_what_the_sort_draws(g, kernel_device, chain):
+CHAINS = [dict(top_k=9, temperature=0.8), dict(top_p=0.6, temperature=1.2), dict(min_p=0.2, temperature=1.0),
+          dict(top_k=20, top_p=0.8, min_p=0.05), dict(temperature=0.0, top_p=0.3)]
+
+
+def test_prefilter_draws_what_the_sort_draws(g, kernel_device):
     """Where the kept prefix lies inside the candidates, the same uniforms pick the same tokens as the old
-    whole-row sort: same prefix, same order, same inverse CDF."""
-    V, N = 1001, 24
+    whole-row sort: same prefix, same order, same inverse CDF. One launch, R rows per chain."""
+    V, R = 1001, 8
+    N = R * len(CHAINS)
     x = (torch.randn(V, generator=g) * 3).expand(N, V).contiguous().to(kernel_device)
-    u = _grid(N).to(kernel_device)
-    p = _params(N, kernel_device, **chain)
+    u = _grid(R).repeat(len(CHAINS)).to(kernel_device)
+    cols = [_params(R, "cpu", **c) for c in CHAINS]
+    p = {k: torch.cat([c[k] for c in cols]).to(kernel_device) for k in cols[0]}
     new = sampling.sample(x, **p, workspace=sampling.sample_workspace(N, V, kernel_device, candidates=200,
                                                                       block=256), uniforms=u, prefilter_block=256)
     old = sampling.sample(x, **p, workspace=sampling.sample_workspace(N, V, kernel_device, candidates=None), uniforms=u)
     assert new.tolist() == old.tolist()
+    assert len(set(new.tolist())) > len(CHAINS)  # the draws do spread
 
 
 def _fallback_configs(x):
@@ -196,3 +200,24 @@ def test_cpu_sampler_applies_presence_and_frequency():
     assert Sampler(SamplingParams(frequency_penalty=0.2))(x.clone(), [0, 0, 0]) == 1
     far = [0] + [2] * REPEAT_WINDOW  # token 0 left the window
     assert Sampler(SamplingParams(presence_penalty=2.0))(x.clone(), far) == 0
+
+
+def test_device_sampler_penalties_follow_the_history(g, kernel_device):
+    """The Sampler's device path (run here on the kernel device) against its CPU path over a few steps of
+    greedy with penalties: appended tokens are pushed from the device output, any other history is copied
+    over again; and the same seed reproduces a sampled run."""
+    V = 41
+    params = SamplingParams(repeat_penalty=1.5, presence_penalty=0.3, frequency_penalty=0.4)
+    dev, cpu = Sampler(params), Sampler(params)
+    history = [3, 3, 9]
+    for step in range(6):
+        x = torch.randn(V, generator=g)
+        x[history[-1]] += 1.0  # tempt a repeat
+        want = cpu(x.clone(), history)
+        assert dev._on_gpu(x.clone().to(kernel_device), history) == want, step
+        history = history + [want] if step != 3 else [5] + history  # step 3: a history that did not grow by one
+    runs = []
+    for _ in range(2):
+        s = Sampler(SamplingParams(temperature=1.0, top_p=0.9, seed=11, presence_penalty=0.2))
+        runs.append([s._on_gpu(torch.linspace(0, 2, V).to(kernel_device), [1, 2]) for _ in range(4)])
+    assert runs[0] == runs[1]
