@@ -1,12 +1,15 @@
-"""Token selection on the GPU for a batch of logits [M, V] fp32: greedy argmax, and sampling with
-llama.cpp's chain (top-k, top-p, min-p, temperature). Both are graph-safe: per-row parameters and the
+"""Token selection on the GPU for a batch of logits [M, V] fp32: llama.cpp's penalties, greedy argmax, and
+sampling with llama.cpp's chain (top-k, top-p, min-p, temperature). All are graph-safe: per-row parameters and the
 random stream are device tensors, nothing syncs with the host, and with the workspaces given nothing
 allocates; the caller copies the int64 ids [M] to the host once per step.
 
-Sampling sorts each row once (torch.sort, stable, descending: graph-capturable, and ties keep the lowest
-index first, so temperature 0 and top-k 1 agree with argmax exactly). Every filter of the chain then keeps
-a prefix of the sorted row, so one Triton program per row finds the prefix length and draws inside it by
-inverse CDF, touching only the prefix wherever top-k, top-p or min-p bound it.
+Sampling sorts only the head of each row: a prefilter picks at most CANDIDATES tokens (all those above a
+distance from the row max) without sorting, and one stable sort orders them, so ties keep the lowest index
+first and temperature 0 and top-k 1 agree with argmax exactly. Every filter of the chain then keeps a prefix
+of the sorted head, and one Triton program per row finds the prefix length and draws inside it by inverse
+CDF. When the prefix may run past the candidates, that program samples the unsorted row instead (see the
+sampling section). A workspace made with candidates=None sorts the whole row, as before: the A/B baseline.
+Penalties (apply_penalties) change the logits in place before either selector.
 
 Randomness: one Philox-4x32 draw per row, counter = the row's int64 `seed_offset`, key fixed. A row's
 token is then a pure function of (its logits, its parameters, its counter): it does not depend on which
