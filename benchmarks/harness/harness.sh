@@ -18,6 +18,8 @@ JOBS=${JOBS:-$(nproc)}
 CUDA_ARCH=${CUDA_ARCH:-90}
 mkdir -p "$STATE/incoming" "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT:$STATE/site${PYTHONPATH:+:$PYTHONPATH}
+# The commit `ingot bench` records; a copied working tree without .git should be given INGOT_COMMIT=<sha>.
+export INGOT_COMMIT=${INGOT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 LLAMA_BIN=$STATE/llama.cpp/build/bin
 
 log() { echo "[harness $(date +%T)] $*"; }
