@@ -94,19 +94,21 @@ ROWS=$STATE/rows.csv
 RAW=$STATE/raw
 MODELS=$STATE/models
 MLX_TRIALS=${MLX_TRIALS:-10}  # MLX on CUDA decodes about +-10% from trial to trial: more trials than 5
+# The method's sizes; smaller ones (and LAYERS=N, the first N layers only) check the pipeline on a CPU.
+PP=${PP:-512} TG=${TG:-128} REPS=${REPS:-5} LAYERS=${LAYERS:-}
 
 # One engine on one model file: raw output kept in $RAW, rows appended to $ROWS; a failure is logged and
 # the run goes on with the next engine.
 bench_llama() {  # key quant gguf
   local raw=$RAW/llamacpp-$1-$2.json
-  "$LLAMA_BIN/llama-bench" -m "$3" -p 512 -n 128 -r 5 -ngl 99 -fa 1 -ctk f16 -ctv f16 -o json > "$raw" 2> "$raw.err" \
+  "$LLAMA_BIN/llama-bench" -m "$3" -p "$PP" -n "$TG" -r "$REPS" -ngl 99 -fa 1 -ctk f16 -ctv f16 -o json > "$raw" 2> "$raw.err" \
     && $PY benchmarks/harness/report.py add "$ROWS" llama.cpp "$1" "${2^^}" "$raw" \
          --bytes-per-token "$($PY benchmarks/harness/weights.py "$3")" \
     || { log "llama.cpp failed on $1 $2"; tail -5 "$raw.err"; }
 }
 bench_ingot() {  # key quant gguf
   local raw=$RAW/ingot-$1-$2.csv
-  $PY -m ingot.cli bench "$3" -p 512 -n 128 -r 5 --roofline -o csv > "$raw" 2> "$raw.err" \
+  $PY -m ingot.cli bench "$3" -p "$PP" -n "$TG" -r "$REPS" --roofline -o csv > "$raw" 2> "$raw.err" \
     && $PY benchmarks/harness/report.py add "$ROWS" ingot "$1" "${2^^}" "$raw" \
     || { log "ingot failed on $1 $2"; tail -5 "$raw.err"; }
 }
@@ -117,7 +119,7 @@ bench_mlx() {  # key bits hf-folder
   $PY -m mlx_lm convert --hf-path "$3" --mlx-path "$dir" -q --q-bits "$2" --q-group-size 64 > "$raw.convert" 2>&1 \
     || { log "mlx_lm convert failed on $1 q$2"; tail -5 "$raw.convert"; return; }
   bits=$(sed -n 's/.*Quantized model with \([0-9.]*\) bits per weight.*/\1/p' "$raw.convert")
-  $PY -m mlx_lm benchmark --model "$dir" -p 512 -g 128 -n "$MLX_TRIALS" > "$raw" 2> "$raw.err" \
+  $PY -m mlx_lm benchmark --model "$dir" -p "$PP" -g "$TG" -n "$MLX_TRIALS" > "$raw" 2> "$raw.err" \
     && $PY benchmarks/harness/report.py add "$ROWS" mlx "$1" "mlx q$2 g64" "$raw" --version "$version" \
          ${bits:+--bits "$bits"} --bytes-per-token "$($PY benchmarks/harness/weights.py "$dir")" \
     || { log "mlx failed on $1 q$2"; tail -5 "$raw.err"; }
@@ -130,10 +132,10 @@ run_model() {  # key quants...
   hf=$MODELS/$key-hf
   for quant in "$@"; do
     [ -e "$STATE/done/$key-$quant" ] && { log "$key $quant already measured"; continue; }
-    [ -e "$hf/model.safetensors.index.json" ] || { log "$key: random HF weights"; $PY benchmarks/harness/hf_random.py "$key" -o "$hf" || return; }
+    [ -e "$hf/model.safetensors.index.json" ] || { log "$key: random HF weights"; $PY benchmarks/harness/hf_random.py "$key" -o "$hf" ${LAYERS:+--layers "$LAYERS"} || return; }
     gguf=$MODELS/$key-$quant.gguf
     log "$key $quant: GGUF"
-    $PY -m ingot.bench.synthetic "$key" --quant "$quant" -q -o "$gguf" || continue
+    $PY -m ingot.bench.synthetic "$key" --quant "$quant" -q -o "$gguf" ${LAYERS:+--layers "$LAYERS"} || continue
     log "$key $quant: llama.cpp"; bench_llama "$key" "$quant" "$gguf"
     log "$key $quant: ingot";     bench_ingot "$key" "$quant" "$gguf"
     rm -f "$gguf"
