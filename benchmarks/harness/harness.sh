@@ -103,6 +103,7 @@ bench_llama() {  # key quant gguf
   local raw=$RAW/llamacpp-$1-$2.json
   "$LLAMA_BIN/llama-bench" -m "$3" -p "$PP" -n "$TG" -r "$REPS" -ngl 99 -fa 1 -ctk f16 -ctv f16 -o json > "$raw" 2> "$raw.err" \
     && $PY benchmarks/harness/report.py add "$ROWS" llama.cpp "$1" "${2^^}" "$raw" \
+         --version "llama.cpp of llama-cpp-python $(cat "$STATE/llama.cpp/LLAMA_CPP_PYTHON_VERSION")" \
          --bytes-per-token "$($PY benchmarks/harness/weights.py "$3")" \
     || { log "llama.cpp failed on $1 $2"; tail -5 "$raw.err"; }
 }

@@ -26,8 +26,10 @@ def _mean_sd(samples: list[float]) -> tuple[float, float]:
     return statistics.fmean(samples), (statistics.stdev(samples) if len(samples) > 1 else 0.0)
 
 
-def llama_bench(text: str, model: str, quant: str, bytes_per_token: int | None = None) -> list[dict]:
-    """`llama-bench ... -o json` output: one row per test."""
+def llama_bench(text: str, model: str, quant: str, bytes_per_token: int | None = None,
+                version: str | None = None) -> list[dict]:
+    """`llama-bench ... -o json` output: one row per test. version: what to record where the build has no
+    git commit of its own (a tree from the llama-cpp-python sdist reports "unknown")."""
     start = text.find("[")
     if start < 0:
         raise ValueError("no JSON array in the llama-bench output")
@@ -36,14 +38,14 @@ def llama_bench(text: str, model: str, quant: str, bytes_per_token: int | None =
         pp, tg = int(r["n_prompt"]), int(r["n_gen"])
         if pp and tg:
             raise ValueError(f"llama-bench test with both n_prompt={pp} and n_gen={tg} is not pp or tg")
-        test = f"pp{pp}" if pp else f"tg{tg}"
+        test = (f"pp{pp}" if pp else f"tg{tg}") + (f" @ d{r['n_depth']}" if r.get("n_depth") else "")
         samples = [float(x) for x in r.get("samples_ts") or []]
         note = None
         if test.startswith("pp") and samples:
             # Its first prefill repetition runs slow (about 35% here); the mean keeps it, the note says so.
             note = f"first repetition {samples[0] / statistics.fmean(samples):.2f} of the mean"
         rows.append(_row(
-            engine="llama.cpp", engine_version=f"{r.get('build_commit', '?')} (b{r.get('build_number', '?')})",
+            engine="llama.cpp", engine_version=version or f"{r.get('build_commit')} (b{r.get('build_number')})",
             model=model, quant=quant, bits_per_weight=8 * int(r["model_size"]) / int(r["model_n_params"]),
             test=test, tok_s=float(r["avg_ts"]), sd=float(r["stddev_ts"]), n=len(samples) or None,
             bytes_per_token=bytes_per_token if test.startswith("tg") else None, note=note))

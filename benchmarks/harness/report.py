@@ -38,7 +38,7 @@ def add(rows_csv: Path, engine: str, model: str, quant: str, raw: Path, version:
     text = raw.read_text(encoding="utf-8", errors="replace")
     copy_bw = None
     if engine == "llama.cpp":
-        rows = parse.llama_bench(text, model, quant, bytes_per_token)
+        rows = parse.llama_bench(text, model, quant, bytes_per_token, version)
     elif engine == "mlx":
         rows = parse.mlx_benchmark(text, model, quant, version or "?", bits, bytes_per_token)
     elif engine == "ingot":
