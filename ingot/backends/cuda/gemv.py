@@ -17,7 +17,9 @@ call whatever M is. With M = 1 the inner step is a pure multiply-add reduction o
 Tiles are views of each scale group as [groups, 2, G/2]: a q4 byte holds element i and i + G/2 of its group
 in its two nibbles, so the low and high nibbles of a contiguous byte run pair with two contiguous runs of x.
 q8 and f16 use the same split (f16 with a pseudo-group of 32), so one kernel body serves all kinds; KIND is
-a constexpr and each kind compiles to its own specialized kernel.
+a constexpr and each kind compiles to its own specialized kernel. M = 1 with q4/q8 weights has two faster
+kernels below (GemvConfig.kernel): "word" (fp32 x, int32 weight words) and "dp4a" (x quantized to int8 per
+program, integer dot products; opt-in until measured, see DECODE_KERNEL).
 
 When N alone gives too few programs to fill 132 SMs, K is split across programs, still in one launch: each
 program writes its fp32 partial dot products (and partial sum of squares) to a workspace and takes a ticket
