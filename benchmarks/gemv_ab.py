@@ -11,7 +11,7 @@ q4 affine, q8; group 32) it times each variant with a few tile configs (block_n,
 qkv, gate_up and lm_head take the fused RMSNorm prologue, as in the decode step. Every result is first
 checked against rms_norm(x) @ w.dequantize().T in fp32 (then silu(gate) * up for gate_up):
 max rel err = max |out - ref| / max |ref|; the word kernels must be within 1e-4, dp4a (8-bit activations)
-within 3e-2, else the config is reported WRONG and not timed. Times are medians of CUDA-graph replays of
+within 5e-2, else the config is reported WRONG and not timed. Times are medians of CUDA-graph replays of
 20+ back-to-back calls rotating over weight copies of >= 160 MB in all (the 50 MB L2 cannot hold them, as
 in a real decode step). GB/s = packed weight bytes (quants + scales + mins) / time; share = of 3.0 TB/s,
 the H100's measured copy bandwidth. Writes DIR/gemv_ab.csv (every config) and DIR/gemv_ab_best.csv (best
@@ -59,7 +59,7 @@ OLD_COMMIT = "02e34b2"  # the last gemv.py with the separate _split_reduce_kerne
 # already (benchmarks/gemv_sweep.py), so it gets plan()'s pick and one alternative.
 DP4A_TILES = [(128, 4), (64, 4), (256, 8)]
 WORD_TILES = [(64, 4)]
-MAX_ERR = {"word-2launch": 1e-4, "word-fused": 1e-4, "dp4a": 3e-2}
+MAX_ERR = {"word-2launch": 1e-4, "word-fused": 1e-4, "dp4a": 5e-2}  # dp4a: 8-bit x, ~0.5-2% here
 
 
 def load_old_gemv(path: str | None):
