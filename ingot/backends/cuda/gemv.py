@@ -384,7 +384,8 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
                 acc += c
             else:
                 acc_u += c
-    _row_epilogue(acc, acc_u, tl.sum(tl.sum(ssv, axis=1), axis=0), rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+    ss = tl.sum(tl.sum(ssv, axis=1), axis=0)
+    _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
                   res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES, SPLIT)
 
 
@@ -520,7 +521,8 @@ def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
                 acc += c
             else:
                 acc_u += c
-    _row_epilogue(acc, acc_u, tl.sum(ssv, axis=0), rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+    ss = tl.sum(ssv, axis=0)
+    _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
                   res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES, SPLIT)
 
 
