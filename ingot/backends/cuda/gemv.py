@@ -17,7 +17,9 @@ call whatever M is. With M = 1 the inner step is a pure multiply-add reduction o
 Tiles are views of each scale group as [groups, 2, G/2]: a q4 byte holds element i and i + G/2 of its group
 in its two nibbles, so the low and high nibbles of a contiguous byte run pair with two contiguous runs of x.
 q8 and f16 use the same split (f16 with a pseudo-group of 32), so one kernel body serves all kinds; KIND is
-a constexpr and each kind compiles to its own specialized kernel.
+a constexpr and each kind compiles to its own specialized kernel. M = 1 with q4/q8 weights has two faster
+kernels below (GemvConfig.kernel): "word" (fp32 x, int32 weight words) and "dp4a" (x quantized to int8 per
+program, integer dot products; opt-in until measured, see DECODE_KERNEL).
 
 When N alone gives too few programs to fill 132 SMs, K is split across programs, still in one launch: each
 program writes its fp32 partial dot products (and partial sum of squares) to a workspace and takes a ticket
@@ -209,6 +211,23 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr
                 HAS_NORM, GATED, HAS_RES)
 
 
+@triton.jit
+def _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr, res_ptr,
+                  stride_rm, out_ptr, stride_om, HAS_NORM: tl.constexpr, GATED: tl.constexpr,
+                  HAS_RES: tl.constexpr, SPLIT: tl.constexpr):
+    """M = 1 kernels: per-(group, row) accumulators [groups, rows] -> the row results, then finish or split."""
+    res = tl.sum(acc, axis=0)[None, :]
+    res_u = tl.sum(acc_u, axis=0)[None, :]
+    ss1 = ss + tl.zeros((1,), tl.float32)
+    mi = tl.arange(0, 1)
+    if SPLIT:
+        _split_finish(res, res_u, ss1, mi, rows, pid_n, pid_k, n_split, 1, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+                      res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES)
+    else:
+        _finish(res, res_u, ss1, mi, rows, 1, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
+                HAS_NORM, GATED, HAS_RES)
+
+
 # ---------------------------------------------------------------- M = 1: int32 words, scales factored out
 #
 # The byte kernel above spends most of its instructions per weight on dequantization: extract the byte, an
@@ -365,16 +384,9 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
                 acc += c
             else:
                 acc_u += c
-    res = tl.sum(acc, axis=0)[None, :]
-    res_u = tl.sum(acc_u, axis=0)[None, :]
-    ss = tl.sum(tl.sum(ssv, axis=1), axis=0) + tl.zeros((1,), tl.float32)
-    mi = tl.arange(0, 1)
-    if SPLIT:
-        _split_finish(res, res_u, ss, mi, rows, pid_n, pid_k, n_split, 1, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
-                      res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES)
-    else:
-        _finish(res, res_u, ss, mi, rows, 1, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
-                HAS_NORM, GATED, HAS_RES)
+    ss = tl.sum(tl.sum(ssv, axis=1), axis=0)
+    _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+                  res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES, SPLIT)
 
 
 # ---------------------------------------------------------------- M = 1: int8 activations, dp4a
@@ -509,16 +521,9 @@ def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
                 acc += c
             else:
                 acc_u += c
-    res = tl.sum(acc, axis=0)[None, :]
-    res_u = tl.sum(acc_u, axis=0)[None, :]
-    ss = tl.sum(ssv, axis=0) + tl.zeros((1,), tl.float32)
-    mi = tl.arange(0, 1)
-    if SPLIT:
-        _split_finish(res, res_u, ss, mi, rows, pid_n, pid_k, n_split, 1, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
-                      res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES)
-    else:
-        _finish(res, res_u, ss, mi, rows, 1, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
-                HAS_NORM, GATED, HAS_RES)
+    ss = tl.sum(ssv, axis=0)
+    _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+                  res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES, SPLIT)
 
 
 @dataclass(frozen=True)
@@ -652,22 +657,18 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
     if cfg.kernel not in ("byte", "word", "dp4a"):
         raise ValueError(f"unknown gemv kernel {cfg.kernel!r}")
     word_like = m == 1 and w.kind != "f16"
-    if word_like and cfg.kernel == "dp4a":
+    if word_like and cfg.kernel in ("word", "dp4a"):
         assert cfg.block_k % w.group == 0 and w.qweight.is_contiguous()
-        _gemv_dp4a_kernel[(tiles_n, splits)](
+        if cfg.kernel == "word":
+            kernel, extra_args, extra = _gemv_word_kernel, (MAGIC,), dict(UNPACK=cfg.unpack)
+        else:  # inline PTX only on a GPU; the interpreter runs the same integer arithmetic in plain ops
+            kernel, extra_args, extra = _gemv_dp4a_kernel, (), dict(ASM=os.environ.get("TRITON_INTERPRET") != "1")
+        kernel[(tiles_n, splits)](
             x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales, *common,
-            n_out, k, k_split, splits, res.stride(0), out.stride(0), eps,
+            n_out, k, k_split, splits, res.stride(0), out.stride(0), eps, *extra_args,
             WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
-            SIGNED=w.qweight.dtype == torch.int8, SPLIT=splits > 1, ASM=os.environ.get("TRITON_INTERPRET") != "1",
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **flags)
-    elif word_like and cfg.kernel == "word":
-        assert cfg.block_k % w.group == 0 and w.qweight.is_contiguous()
-        _gemv_word_kernel[(tiles_n, splits)](
-            x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales, *common,
-            n_out, k, k_split, splits, res.stride(0), out.stride(0), eps, MAGIC,
-            WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
-            SIGNED=w.qweight.dtype == torch.int8, SPLIT=splits > 1, UNPACK=cfg.unpack,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **flags)
+            SIGNED=w.qweight.dtype == torch.int8, SPLIT=splits > 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, **extra, **flags)
     else:
         group = w.group if w.kind != "f16" else F16_PSEUDO_GROUP
         no_scale = w.qweight  # f16: any pointer, never read
