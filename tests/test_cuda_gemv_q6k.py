@@ -99,7 +99,10 @@ def test_plan_and_errors(gen):
     assert gemv_q6k.plan(128256, 2048, 1).split == 1  # an lm_head fills the GPU with rows alone
     c = gemv_q6k.plan(4096, 4096, 1)
     assert c.split > 1 and -(-4096 // c.block_n) * c.split >= gemv_q6k.TARGET_PROGRAMS // 2
-    assert gemv.workspace_numel(q6k_weight(gen, 4096, 4096), 1) > 0
+    big = q6k_weight(gen, 4096, 4096)
+    assert gemv_q6k.workspace_numel(big, 1, c) == c.split * (4096 + 1)
+    assert gemv.workspace_numel(big, 1) == gemv_q6k.workspace_numel(big, 1)  # CPU: the interpreter's plan
+    assert gemv_q6k.plan(4096, 4096, 1, interpreted=True).split == 1
     w = q6k_weight(gen, 8, 256)
     with pytest.raises(UnsupportedError):
         gemv_q6k.linear(torch.randn(1, 256), w, gated="silu")
@@ -124,8 +127,8 @@ def test_tiny_gguf_with_q6k_output_matches_reference(tmp_path, kernel_device):
     ref = ingot.load(path, device=kernel_device, backend="reference", dtype=torch.float32, max_context=32,
                      progress=False)
     assert fast.backend.w.lm_head is fast.backend.w.embed and fast.backend.w.embed.kind == "q6k"
-    ids = torch.randint(0, 8192, (22,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(0, 8192, (19,), generator=torch.Generator().manual_seed(0)).tolist()
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
-    assert rel(fast.runner.forward_all(ids[:20]), ref.runner.forward_all(ids[:20])) < 5e-3  # > DECODE_ROWS
-    for t in ids[20:]:
+    assert rel(fast.runner.forward_all(ids[:17]), ref.runner.forward_all(ids[:17])) < 5e-3  # > DECODE_ROWS
+    for t in ids[17:]:
         assert rel(fast.runner.decode(t), ref.runner.decode(t)) < 5e-3
