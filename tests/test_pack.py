@@ -11,7 +11,8 @@ from ingot.errors import UnsupportedError
 from ingot.formats.checkpoint import GGMLTensor
 from ingot.quant import ggml
 from ingot.quant.mlx import dequantize_mlx, quantize_mlx
-from ingot.quant.pack import PackedLinear, concat_rows, from_ggml, from_mlx, quantize, to_device
+from ingot.quant.pack import (PackedLinear, concat_rows, from_ggml, from_mlx, pack_q6k, q6k_as_q8, quantize,
+                              to_device, unpack_q6k)
 from tests.test_quant import random_tensor_bytes
 
 EXACT = ("F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
@@ -47,7 +48,7 @@ def test_ggml_kinds_and_3d(rng):
     kinds = {n: (from_ggml(ggml_tensor(rng, n)).kind, from_ggml(ggml_tensor(rng, n)).group) for n in EXACT}
     assert kinds == {"F16": ("f16", 0), "Q4_0": ("q4", 32), "Q4_1": ("q4", 32), "Q5_0": ("q8", 32),
                      "Q5_1": ("q8", 32), "Q8_0": ("q8", 32), "Q4_K": ("q4", 32), "Q5_K": ("q8", 32),
-                     "Q6_K": ("q8", 16)}
+                     "Q6_K": ("q6k", 16)}
     raw = random_tensor_bytes(rng, "Q4_K", 6, 256)
     t = GGMLTensor("experts", "Q4_K", (2, 3, 256), raw)  # stacked experts: rows are the leading dims
     p = from_ggml(t)
@@ -175,3 +176,31 @@ def test_nbytes_and_to_device(rng):
     assert p.nbytes == 4 * 64 + 2 * 4 * 4 * 2
     q = to_device(p, "cpu")
     assert q.source == p.source and bits_equal(q.dequantize(), p.dequantize())
+
+
+def test_q6k_layout_and_bytes(rng):
+    """Q6_K stays at 6.5625 bits per weight, matches gguf-py bit for bit, and its planes hold what the
+    layout note in pack.py says (checked on one element per (group, chunk, byte) position)."""
+    from gguf import GGMLQuantizationType
+    from gguf import quants as gq
+
+    t = ggml_tensor(rng, "Q6_K", rows=3, blocks=2)
+    p = from_ggml(t)
+    assert p.kind == "q6k" and p.nbytes * 8 == 3 * 512 * 6.5625
+    raw = np.ascontiguousarray(t.raw())
+    ref = torch.from_numpy(gq.dequantize(raw, GGMLQuantizationType.Q6_K).reshape(3, 512).astype(np.float32))
+    assert bits_equal(p.dequantize(), ref)
+    q = torch.from_numpy(rng.integers(0, 64, (3, 512))).to(torch.int16)
+    low, high = pack_q6k(q)
+    assert torch.equal(unpack_q6k(low, high).to(torch.int16), q)
+    for g, c, j in np.ndindex(4, 4, 4):
+        e = 64 + 16 * g + 4 * c + j  # in the second unit
+        lb = int(low[1, 32 + 16 * (c // 2) + 4 * g + j]) >> (4 * (c % 2)) & 15
+        hb = int(high[1, 16 + 4 * g + j]) >> (2 * c) & 3
+        assert lb | hb << 4 == int(q[1, e])
+    assert bits_equal(q6k_as_q8(p).dequantize(), ref)
+    moved = to_device(p, "cpu")
+    assert moved.kind == "q6k" and bits_equal(moved.dequantize(), ref)
+    fused = concat_rows([p, random_packed(rng, "q8", 2, 512, 32, False)])  # -> q8 group 16, exact
+    assert fused.kind == "q8" and fused.group == 16
+    assert bits_equal(fused.dequantize()[:3], ref)

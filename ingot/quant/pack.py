@@ -1,14 +1,25 @@
 """Packed weights: the one layout every CUDA kernel reads, and conversions into it.
 
-Three kinds (value of element (r, c), g = c // group):
+Four kinds (value of element (r, c), g = c // group):
   q4, mins None : scales[r,g] * (q - 8)        q4, mins: scales[r,g] * q + mins[r,g]
   q8, mins None : scales[r,g] * q  (q signed)  q8, mins: scales[r,g] * q + mins[r,g]
   f16           : qweight[r, c]
+  q6k           : (supers[r, c // 256] * scales[r,g]) * (q - 32), group 16, the product formed in float32
+                  (GGML Q6_K kept at its 6.5625 bits per weight; layout below)
 
 q4 stores two unsigned nibbles per byte; inside each group of G elements of a row, byte i holds element i in
 its low nibble and element i + G/2 in its high nibble (GGML Q4_0's order for G = 32), so a kernel reads a
 group's low halves and high halves as two contiguous runs. q8 is int8; uint8 is also allowed when mins are
 present and q spans 0..255 (MLX 8-bit), since no int8 form of that is exact.
+
+q6k splits each 6-bit quant into a low nibble (qweight, uint8 [n, k/2]) and a high pair (qhigh, uint8 [n, k/4]),
+with int8 sub-scales (scales [n, k/16]) and fp16 super-scales (supers [n, k/256]). Every 64 elements of a row
+form a unit of four 16-element groups; element 16g + 4c + j of a unit (chunk c, byte j) sits in
+  qweight: byte 16 * (c // 2) + 4g + j of the unit's 32, low nibble for even c, high nibble for odd c;
+  qhigh:   byte 4g + j of the unit's 16, bits 2c..2c+1.
+So int32 word g of the low plane (and word g + 4) and word g of the high plane hold one group, with chunk c of
+it in the four bytes' nibbles / pairs: a kernel merges them into one word of four 6-bit quants, one per byte,
+with a mask, a shift and an OR per four weights, and the sub-scales of a unit are one int32 word.
 
 Conversions say in `source` whether they are exact, i.e. `dequantize()` equals the source's own float32
 dequantization bit for bit. Exactness comes from doing the source's float32 operations in the source's order:
@@ -28,20 +39,23 @@ from ingot.errors import UnsupportedError
 from ingot.quant import ggml
 from ingot.quant.ggml import _bits_le, _fields, _k_scale_min  # the block-field decoders, shared
 
-KINDS = ("q4", "q8", "f16")
+KINDS = ("q4", "q8", "f16", "q6k")
+Q6K_SUPER = 256  # elements per q6k super-scale
 GROUPS = (16, 32, 64, 128)
 
 
 @dataclass
 class PackedLinear:
-    kind: str  # "q4" | "q8" | "f16"
+    kind: str  # "q4" | "q8" | "f16" | "q6k"
     n: int  # output features (rows)
     k: int  # input features
     group: int  # elements per scale group along k (q4/q8); 0 for f16
-    qweight: torch.Tensor  # q4: uint8 [n, k//2]; q8: int8 (or uint8 with mins) [n, k]; f16: float16 [n, k]
-    scales: torch.Tensor | None = None  # [n, k//group] float16 or float32
-    mins: torch.Tensor | None = None  # same shape and dtype as scales, or None
+    qweight: torch.Tensor  # q4, q6k: uint8 [n, k//2]; q8: int8 (or uint8 with mins) [n, k]; f16: float16 [n, k]
+    scales: torch.Tensor | None = None  # [n, k//group] float16 or float32; q6k: int8
+    mins: torch.Tensor | None = None  # same shape and dtype as scales, or None (always None for q6k)
     source: str = ""  # where it came from and whether exact
+    qhigh: torch.Tensor | None = None  # q6k only: uint8 [n, k//4], the quants' high bit pairs
+    supers: torch.Tensor | None = None  # q6k only: float16 [n, k//256]
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -49,6 +63,14 @@ class PackedLinear:
         if self.kind == "f16":
             assert self.group == 0 and self.scales is None and self.mins is None
             assert self.qweight.dtype == torch.float16 and tuple(self.qweight.shape) == (self.n, self.k)
+            return
+        assert (self.qhigh is None and self.supers is None) or self.kind == "q6k"
+        if self.kind == "q6k":
+            assert self.group == 16 and self.k % Q6K_SUPER == 0 and self.mins is None, (self.group, self.k)
+            assert self.qweight.dtype == torch.uint8 and tuple(self.qweight.shape) == (self.n, self.k // 2)
+            assert self.qhigh.dtype == torch.uint8 and tuple(self.qhigh.shape) == (self.n, self.k // 4)
+            assert self.scales.dtype == torch.int8 and tuple(self.scales.shape) == (self.n, self.k // 16)
+            assert self.supers.dtype == torch.float16 and tuple(self.supers.shape) == (self.n, self.k // Q6K_SUPER)
             return
         assert self.group in GROUPS and self.k % self.group == 0, (self.group, self.k)
         assert tuple(self.scales.shape) == (self.n, self.k // self.group)
@@ -71,10 +93,15 @@ class PackedLinear:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self._tensors() if t is not None)
+
+    def _tensors(self):
+        return (self.qweight, self.scales, self.mins, self.qhigh, self.supers)
 
     def q_values(self) -> torch.Tensor:
-        """Integer quants [n, k] as int16 in element order (q4: 0..15, before any -8)."""
+        """Integer quants [n, k] as int16 in element order (q4: 0..15, before any -8; q6k: 0..63)."""
+        if self.kind == "q6k":
+            return unpack_q6k(self.qweight, self.qhigh).to(torch.int16)
         if self.kind == "q4":
             return unpack_q4(self.qweight, self.group).to(torch.int16)
         if self.kind == "q8":
@@ -85,6 +112,8 @@ class PackedLinear:
         """float32 [n, k]: the reference every kernel is tested against."""
         if self.kind == "f16":
             return self.qweight.float()
+        if self.kind == "q6k":
+            return q6k_as_q8(self).dequantize()
         q = self.q_values().float()
         if self.kind == "q4" and self.mins is None:
             q = q - 8
@@ -108,9 +137,37 @@ def unpack_q4(qweight: torch.Tensor, group: int) -> torch.Tensor:
     return torch.cat((b & 0x0F, b >> 4), dim=2).reshape(n, half_k * 2)
 
 
+def pack_q6k(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, k] values 0..63 -> (low nibbles uint8 [n, k//2], high pairs uint8 [n, k//4]) in q6k's order."""
+    n, k = q.shape
+    u = q.to(torch.uint8).reshape(n, k // 64, 4, 4, 4)  # [n, unit, group g, chunk c, byte j]
+    lo = u & 15
+    low = torch.stack((lo[:, :, :, 0] | (lo[:, :, :, 1] << 4), lo[:, :, :, 2] | (lo[:, :, :, 3] << 4)), dim=2)
+    hi = u >> 4
+    high = hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6)
+    return low.reshape(n, k // 2), high.reshape(n, k // 4)
+
+
+def unpack_q6k(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    n, k = low.shape[0], low.shape[1] * 2
+    lw = low.reshape(n, k // 64, 2, 1, 4, 4)  # [n, unit, c // 2, -, group g, byte j]
+    nib = torch.cat((lw & 15, lw >> 4), dim=3).reshape(n, k // 64, 4, 4, 4).transpose(2, 3)  # [.., g, c, j]
+    pairs = torch.stack([(high >> (2 * c)) & 3 for c in range(4)], dim=-1)  # [n, k//4, c]
+    pairs = pairs.reshape(n, k // 64, 4, 4, 4).transpose(3, 4)  # [n, unit, g, j, c] -> [.., g, c, j]
+    return (nib | (pairs << 4)).reshape(n, k)
+
+
+def q6k_as_q8(p: PackedLinear) -> PackedLinear:
+    """The same values as q8 with group-16 float32 scales d * sc (10 bits per weight; exact)."""
+    sc = p.supers.float().repeat_interleave(Q6K_SUPER // 16, dim=1) * p.scales.float()
+    q = (p.q_values() - 32).to(torch.int8)
+    return PackedLinear("q8", p.n, p.k, 16, q, sc, source=p.source)
+
+
 def to_device(p: PackedLinear, device) -> PackedLinear:
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return replace(p, qweight=move(p.qweight), scales=move(p.scales), mins=move(p.mins))
+    return replace(p, qweight=move(p.qweight), scales=move(p.scales), mins=move(p.mins), qhigh=move(p.qhigh),
+                   supers=move(p.supers))
 
 
 # ---------------------------------------------------------------- GGUF
@@ -233,12 +290,12 @@ def _pack_q5_k(b, rows, k, nb):
 
 def _pack_q6_k(b, rows, k, nb):
     ql, qh = b[:, :128], b[:, 128:192]
-    sc = b[:, 192:208].contiguous().view(torch.int8).float()
-    d = b[:, 208:210].contiguous().view(torch.float16).float()
+    sc = b[:, 192:208].contiguous().view(torch.int8).reshape(rows, k // 16)
+    d = b[:, 208:210].contiguous().view(torch.float16).reshape(rows, k // Q6K_SUPER)
     lo = _fields(ql.reshape(nb, 2, 64), 4).reshape(nb, 8, 32)
     hi = _fields(qh.reshape(nb, 2, 32), 2).reshape(nb, 8, 32)
-    q = ((lo | (hi << 4)).to(torch.int16) - 32).to(torch.int8)
-    return PackedLinear("q8", rows, k, 16, q.reshape(rows, k), (d * sc).reshape(rows, -1))
+    low, high = pack_q6k((lo | (hi << 4)).reshape(rows, k))
+    return PackedLinear("q6k", rows, k, 16, low, sc.clone(), qhigh=high, supers=d.clone())
 
 
 _GGML_PACKERS = {
@@ -329,10 +386,13 @@ def from_mlx(weight, scales, biases, bits: int, group: int) -> PackedLinear:
 
 def concat_rows(parts: list[PackedLinear]) -> PackedLinear:
     """Stack along n (fused QKV, gate/up). Parts of different forms are first brought to a common exact form:
-    q4 -> q8 (q - 8, or q with the same min), larger groups -> the smallest by repeating scales, fp16 scales
-    -> fp32, and missing mins -> -0.0 (x + -0.0 == x bit for bit, even for x = -0.0)."""
+    q4 -> q8 (q - 8, or q with the same min), q6k -> q8 group 16, larger groups -> the smallest by repeating
+    scales, fp16 scales -> fp32, and missing mins -> -0.0 (x + -0.0 == x bit for bit, even for x = -0.0).
+    q6k always becomes q8 here, even when every part is q6k: the q6k GEMV has no gated epilogue (gate/up needs
+    one), and QKV parts mix Q6_K with other types in the usual K-quant mixes anyway."""
     if not parts:
         raise ValueError("nothing to concatenate")
+    parts = [q6k_as_q8(p) if p.kind == "q6k" else p for p in parts]
     k = parts[0].k
     if any(p.k != k for p in parts):
         raise ValueError(f"cannot stack rows of different widths {[p.k for p in parts]}")

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.backends.cuda import gemv_q6k
+
 _KINDS = {"q4": 0, "q8": 1, "f16": 2}
 _ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -417,6 +419,8 @@ def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: 
     (default, ~5e-4 relative error) or bf16 (~4e-3, for activations that may pass 65504). tiles: overrides
     of pick_tiles' choices (the interpreter tests use small tiles).
     """
+    if w.kind == "q6k":  # only the lm_head in practice (see gemv_q6k.matmul): no tensor-core path
+        return gemv_q6k.matmul(x, w, out=out, norm_weight=norm_weight, eps=eps, residual=residual, gated=gated)
     if w.kind not in _KINDS:
         raise ValueError(f"unknown weight kind {w.kind!r}")
     if dot_dtype not in _DOT:

@@ -608,6 +608,10 @@ def _split_layout(n_w: int, m: int, tiles_n: int, splits: int) -> tuple[int, int
 def workspace_numel(w: PackedLinear, m: int, gated: str | None = None, config: GemvConfig | None = None) -> int:
     """fp32 elements the split-K path needs for this call (0 when it does not split). The workspace must be
     allocated zeroed (torch.zeros): its first elements are ticket counters that every call leaves at 0."""
+    if w.kind == "q6k":
+        from ingot.backends.cuda import gemv_q6k  # it builds on this module's split-K helpers
+
+        return gemv_q6k.workspace_numel(w, m)
     n_out = w.n // 2 if gated else w.n
     cfg = config or plan(n_out, w.k, m, w.kind, w.group, bool(gated))
     splits = triton.cdiv(w.k, _k_split(w.k, cfg))
@@ -621,6 +625,11 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
     """out[M, N] (fp32) = [residual +] x' @ W^T, or act(x' @ Wg^T) * (x' @ Wu^T) with `gated`;
     x' = rms_norm(x, norm_weight, eps) when norm_weight is given. x: fp32 or fp16 [M, K], rows contiguous.
     `workspace`: fp32, zeroed once when allocated (see workspace_numel); without it a split call allocates."""
+    if w.kind == "q6k":  # GGML Q6_K at its own 6.56 bits per weight: its own kernel
+        from ingot.backends.cuda import gemv_q6k
+
+        return gemv_q6k.linear(x, w, out=out, norm_weight=norm_weight, eps=eps, residual=residual, gated=gated,
+                               workspace=workspace)
     m, k = x.shape
     if k != w.k or x.stride(1) != 1:
         raise ValueError(f"x of shape {tuple(x.shape)} (row stride 1 needed) does not match weight k={w.k}")
@@ -698,6 +707,10 @@ def _embed_kernel(ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, K, stride_om, scale,
 def embed_rows(ids: torch.Tensor, table: PackedLinear, scale: float = 1.0, *, out: torch.Tensor | None = None,
                block_k: int | None = None) -> torch.Tensor:
     """out[t] = scale * dequantized row ids[t] of the table (fp32 [T, k]); ids stay on the device."""
+    if table.kind == "q6k":
+        from ingot.backends.cuda import gemv_q6k
+
+        return gemv_q6k.embed_rows(ids, table, scale, out=out)
     (t,) = ids.shape
     if out is None:
         out = torch.empty(t, table.k, device=ids.device, dtype=torch.float32)
