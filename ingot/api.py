@@ -47,11 +47,13 @@ def load(path_or_name, device=None, max_context: int | None = None, dtype=None, 
     backend = backend or _default_backend(device, spec)
     if backend == "cuda":
         from ingot.backends.cuda.backend import CudaBackend
+        from ingot.backends.cuda.prefill import prefill_buffer_bytes
         from ingot.backends.cuda.weights import kv_cache_bytes
         from ingot.backends.cuda.weights import load_weights as pack_weights
 
-        # buffers: the decode step's static buffers plus a prefill chunk's temporaries, a generous margin
-        reserve = {"KV cache": kv_cache_bytes(spec, context), "buffers": 256 * 2**20}
+        # buffers: the decode step's static buffers and the GEMV workspaces, a generous margin
+        reserve = {"KV cache": kv_cache_bytes(spec, context), "prefill buffers": prefill_buffer_bytes(spec, context),
+                   "buffers": 256 * 2**20}
         engine = CudaBackend(spec, pack_weights(ckpt, spec, device, quant, progress, reserve), device, factors)
     elif backend == "reference":
         from ingot.backends.reference import ReferenceBackend, load_weights

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ingot.backends.cuda import attention, gemm, gemv, norm, rope, sampling
+from ingot.backends.cuda import attention, gemm, gemv, norm, prefill, rope, sampling
 from ingot.backends.cuda.weights import ModelWeights
 from ingot.models.base import ModelSpec
 
@@ -94,29 +94,38 @@ class CudaBackend:
         self.weight_bytes = weights.arena_bytes
         self._state: DecodeState | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._prefill: prefill.PrefillBuffers | None = None
+        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # bucket rows: graph
         self.use_graph = self.device.type == "cuda"
 
     def new_cache(self, max_context: int) -> CudaKVCache:
         self._state, self._graph = None, None  # a new cache means new buffers for the graph to read
         cache = CudaKVCache(self.spec, max_context, self.device)
         self._state = DecodeState(self.spec, self.w, max_context, self.device)
+        self._prefill_graphs = {}
+        self._prefill = prefill.PrefillBuffers(self.spec, self.w, max_context, self.device)
         self._cache = cache
         return cache
 
     # -- the model -------------------------------------------------------------------------------------------
-    def _layers(self, x, cache, positions, seq_lens, slots, rows: int, s: DecodeState | None):
-        """Every transformer block on activation rows x (fp32 [rows, hidden]), updating x in place."""
+    def _layers(self, x, cache, positions, seq_lens, slots, rows: int, s):
+        """Every transformer block on activation rows x (fp32 [rows, hidden]), updating x in place.
+        Decode (s a DecodeState): seq_lens [B]. Prefill: seq_lens is the chunk's span (start, count), s its
+        static buffers (a prefill view) or None to allocate temporaries."""
         spec = self.spec
-        decode = s is not None
-        if decode:
+        decode = isinstance(s, DecodeState)
+        if rows <= DECODE_ROWS:
             def lin(*a, **kw):
-                return gemv.linear(*a, workspace=s.workspace, **kw)
+                return gemv.linear(*a, workspace=s.workspace if s is not None else None, **kw)
+        elif s is not None:
+            def lin(*a, **kw):
+                return gemm.matmul(*a, norm_out=s.norm_out, **kw)
         else:
-            lin = gemv.linear if rows <= DECODE_ROWS else gemm.matmul
+            lin = gemm.matmul
         hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         for i, (layer, lw) in enumerate(zip(spec.layers, self.w.layers)):
-            qkv = lin(x, lw.qkv, norm_weight=lw.attn_norm, eps=spec.norm_eps, out=s.qkv if decode else None)
-            q = s.q if decode else torch.empty(rows, hq, hd, device=x.device, dtype=torch.float32)
+            qkv = lin(x, lw.qkv, norm_weight=lw.attn_norm, eps=spec.norm_eps, out=s.qkv if s is not None else None)
+            q = s.q if s is not None else torch.empty(rows, hq, hd, device=x.device, dtype=torch.float32)
             rope.qk_norm_rope_store(
                 qkv, n_heads=hq, n_kv_heads=hkv, head_dim=hd, q_norm=lw.q_norm, k_norm=lw.k_norm,
                 eps=spec.norm_eps, inv_freq=self.inv_freq[i], positions=positions, slots=slots,
@@ -128,19 +137,19 @@ class CudaBackend:
                                            window=window, out=s.attn, scratch=s.scratch)
                 a = s.attn
             else:
-                a = attention.prefill_attention(q, cache.k[i], cache.v[i], 0, int(cache.length),
-                                                scale=spec.softmax_scale, window=window)
+                a = attention.prefill_attention(q, cache.k[i], cache.v[i], 0, seq_lens, scale=spec.softmax_scale,
+                                                window=window, out=s.attn if s is not None else None)
             a = a.reshape(rows, hq * hd)
             if spec.sandwich_norm:
-                h = lin(a, lw.o, out=s.h if decode else None)
+                h = lin(a, lw.o, out=s.h if s is not None else None)
                 norm.add_rms_norm(x, h, lw.post_attn_norm, spec.norm_eps)
             else:
                 lin(a, lw.o, residual=x, out=x)
             act = "silu" if spec.activation == "silu" else "gelu_tanh"
             ff = lin(x, lw.gate_up, norm_weight=lw.ffn_norm, eps=spec.norm_eps, gated=act,
-                     out=s.ff if decode else None)
+                     out=s.ff if s is not None else None)
             if spec.sandwich_norm:
-                h = lin(ff, lw.down, out=s.h if decode else None)
+                h = lin(ff, lw.down, out=s.h if s is not None else None)
                 norm.add_rms_norm(x, h, lw.post_ffn_norm, spec.norm_eps)
             else:
                 lin(ff, lw.down, residual=x, out=x)
@@ -162,18 +171,51 @@ class CudaBackend:
             raise ValueError(f"{start + T} positions exceed the cache's {cache.max_context}")
         if T == 1:
             return self._decode(int(tokens[0]), cache)
+        p = self._prefill
+        if last_only and cache is self._cache and T <= p.rows:
+            rows = prefill.bucket_for(T, min(p.rows, cache.max_context - start)) if self.use_graph else None
+            return self._prefill_chunk(tokens, cache, rows or T, graph=rows is not None)
         dev = self.device
         ids = tokens.to(dev)
         x = gemv.embed_rows(ids, self.w.embed, self.spec.embed_scale,
                             out=torch.empty(T, self.spec.hidden_size, device=dev, dtype=torch.float32))
         positions = torch.arange(start, start + T, device=dev, dtype=torch.int32)
         slots = torch.zeros(T, device=dev, dtype=torch.int32)
-        self._layers(x, cache, positions, None, slots, T, None)
+        span = torch.tensor([start, T], device=dev, dtype=torch.int32)
+        self._layers(x, cache, positions, span, slots, T, None)
         cache.length = start + T
         if last_only:
             x = x[-1:]
         lin = gemv.linear if x.shape[0] <= DECODE_ROWS else gemm.matmul
         return lin(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps)
+
+    # -- prefill from static buffers and graphs -----------------------------------------------------------------
+    def _prefill_chunk(self, tokens: torch.Tensor, cache: CudaKVCache, rows: int, graph: bool) -> torch.Tensor:
+        """Logits [1, vocab] after the last of tokens, run as `rows` rows (the chunk, then padding) from the
+        prefill buffers: replaying the bucket's graph, or eagerly. The logits buffer is reused by the next
+        chunk."""
+        p, start, T = self._prefill, cache.length, tokens.shape[0]
+        if not T <= rows <= cache.max_context - start:
+            raise ValueError(f"{T} tokens at {start} cannot run as {rows} rows in a {cache.max_context} cache")
+        view = p.view(rows)
+        p.set_inputs(tokens, start)
+        if not graph:
+            self._prefill_step(view, cache)
+        else:
+            if rows not in self._prefill_graphs:
+                self._prefill_graphs[rows] = prefill.capture(lambda: self._prefill_step(view, cache), self.device)
+            self._prefill_graphs[rows].replay()
+        cache.length = start + T
+        return view.logits
+
+    def _prefill_step(self, b, cache):
+        """One chunk through the model from a prefill view: everything it varies by is read on the device."""
+        gemv.embed_rows(b.ids, self.w.embed, self.spec.embed_scale, out=b.x)
+        torch.add(b.arange, b.span[0], out=b.positions)
+        self._layers(b.x, cache, b.positions, b.span, b.slots, b.rows, b)
+        torch.index_select(b.x, 0, b.last, out=b.x_last)
+        gemv.linear(b.x_last, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps,
+                    out=b.logits, workspace=b.workspace)
 
     @torch.inference_mode()
     def decode_greedy(self, token: int, cache: CudaKVCache) -> int:
