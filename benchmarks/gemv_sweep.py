@@ -106,7 +106,7 @@ def main():
             cands = candidates(n_out, k, kind, gated)
             if time.time() - t_start > args.budget_s:
                 cands = cands[:2]
-            ws = torch.empty(max(gemv.workspace_numel(w0, 1, act, c) for _, c in cands) + 1, device=dev)
+            ws = torch.zeros(max(gemv.workspace_numel(w0, 1, act, c) for _, c in cands) + 1, device=dev)
             results = []
             for cname, cfg in cands:
                 def step(i=0, cfg=cfg):

@@ -53,13 +53,15 @@ def load(path_or_name, device=None, max_context: int | None = None, dtype=None, 
         raise IngotError(f"max_batch={max_batch}: only the CUDA backend decodes several sequences at once")
     if backend == "cuda":
         from ingot.backends.cuda.backend import BATCH_BUCKETS, CudaBackend, cache_slots
+        from ingot.backends.cuda.prefill import prefill_buffer_bytes
         from ingot.backends.cuda.weights import kv_cache_bytes
         from ingot.backends.cuda.weights import load_weights as pack_weights
 
         if not 1 <= max_batch <= BATCH_BUCKETS[-1]:
             raise IngotError(f"max_batch must be between 1 and {BATCH_BUCKETS[-1]}, got {max_batch}")
-        # buffers: the decode steps' static buffers plus a prefill chunk's temporaries, a generous margin
+        # buffers: the decode steps' static buffers and the GEMV workspaces, a generous margin
         reserve = {"KV cache": kv_cache_bytes(spec, context, cache_slots(max_batch)),
+                   "prefill buffers": prefill_buffer_bytes(spec, context),
                    "buffers": (256 + 64 * max_batch) * 2**20}
         weights = pack_weights(ckpt, spec, device, quant, progress, reserve)
         engine = CudaBackend(spec, weights, device, factors, max_batch=max_batch)

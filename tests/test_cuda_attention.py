@@ -226,3 +226,39 @@ def test_decode_with_rope_from_qkv(kernel_device, gen, d, hkv, g, window, lens, 
     for s, n in zip(slots, lens):  # the same math in another kernel: equal up to fp16 rounding
         torch.testing.assert_close(k_a[s, :n].cpu(), k_b[s, :n].cpu(), atol=2e-3, rtol=2e-3)
         assert torch.equal(v_a[s, :n].cpu(), v_b[s, :n].cpu())
+
+
+# (head_dim, kv heads, group, window, start, count, T rows launched, block_m): start and count come from
+# device memory; rows count..T-1 are padding, whole tiles of it and part of the last real one.
+DEVICE_SPAN_CASES = [
+    (64, 2, 4, 0, 0, 37, 64, 16),
+    (128, 1, 3, 0, 23, 29, 32, 16),
+    (64, 1, 8, 13, 41, 19, 48, 32),  # sliding window, start past the window
+    (64, 2, 1, 0, 5, 50, 50, 16),  # no padding
+]
+
+
+@pytest.mark.parametrize("d,hkv,g,window,start,count,T,block_m", DEVICE_SPAN_CASES)
+def test_prefill_device_span(kernel_device, gen, d, hkv, g, window, start, count, T, block_m):
+    max_ctx, hq, end = 96, hkv * g, start + count
+    k_full, v_full, k_cache, v_cache = make_cache(gen, 1, max_ctx, hkv, d, kernel_device)
+    k_cache[0, :end], v_cache[0, :end] = k_full[0, :end].to(kernel_device), v_full[0, :end].to(kernel_device)
+    q = torch.randn(T, hq, d, generator=gen)
+    out = torch.full((T, hq, d), float("nan"), device=kernel_device)
+    span = torch.tensor([start, count], dtype=torch.int32, device=kernel_device)
+    prefill_attention(q.to(kernel_device), k_cache, v_cache, 0, span, scale=d**-0.5, window=window, out=out,
+                      block_m=block_m, block_n=16)
+    # Real rows never read the padding's keys (NaN in the cache here); padding rows are not written at all.
+    assert out[count:].isnan().all()
+    want = reference(q[:count], k_full[0, :end], v_full[0, :end], torch.arange(start, end), d**-0.5, window)
+    err = rel_err(out[:count], want)
+    assert err < TOL, f"relative error {err:.2e} (seed {SEED})"
+
+
+def test_prefill_bad_span(kernel_device):
+    q = torch.zeros(4, 2, 64, device=kernel_device)
+    k = torch.zeros(1, 16, 1, 64, dtype=torch.float16, device=kernel_device)
+    with pytest.raises(ValueError, match="outside the cache"):
+        prefill_attention(q, k, k, 0, 13, scale=0.125)
+    with pytest.raises(ValueError, match="span must be an int32"):
+        prefill_attention(q, k, k, 0, torch.tensor([0, 4], device=kernel_device), scale=0.125)

@@ -70,3 +70,59 @@ def test_a_model_that_does_not_fit_fails_with_the_numbers(pair):
     with pytest.raises(IngotError, match=r"needs 5.00 GiB on cuda:0 \(weights 3.00 GiB, KV cache 2.00 GiB\); "
                                          r"only 4.00 GiB is free"):
         check_fits(need, 4 * 2**30, "cuda:0")
+
+
+# 3 rows run the GEMV, their 16-row bucket the fp16 tensor-core GEMM (~5e-4); 19 and 32 rows both the GEMM.
+@pytest.mark.parametrize("n,bucket,tol", [(3, 16, 3e-3), (19, 32, 1e-4)])
+def test_padded_prefill_chunk_matches_unpadded(pair, n, bucket, tol):
+    """The graph's form of a chunk (padded to its bucket, start and count read on the device) run eagerly:
+    the real rows' logits and cache entries are those of the chunk run at its own size."""
+    fast, _ = pair
+    backend, cache = fast.backend, fast.runner.cache
+    ids = torch.randint(0, fast.spec.vocab_size, (7 + n,), generator=torch.Generator().manual_seed(1))
+    results = []
+    for rows in (n, bucket):  # the chunk starts at 7
+        cache.length = 0
+        backend.forward(ids[:7], cache, last_only=True)
+        logits = backend._prefill_chunk(ids[7:], cache, rows, graph=False).clone()
+        assert cache.length == 7 + n
+        results.append((logits, [k[0, : 7 + n].clone() for k in cache.k + cache.v]))
+    (a, kv_a), (b, kv_b) = results
+    assert _rel(b, a) < tol
+    assert all(_rel(y, x) < max(tol, 1e-3) for x, y in zip(kv_a, kv_b))
+    fast.runner.tokens = []  # the cache no longer holds what the runner thinks
+
+
+def test_prefill_buffers_are_counted_and_check_their_input(pair):
+    from ingot.backends.cuda.prefill import prefill_buffer_bytes
+
+    fast, _ = pair
+    p = fast.backend._prefill
+    assert p.nbytes == prefill_buffer_bytes(fast.spec, 48) + p.workspace.numel() * 4
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        p.set_inputs(torch.tensor([1, fast.spec.vocab_size]), 0)
+    with pytest.raises(ValueError, match="exceeds the 48 rows"):
+        p.set_inputs(torch.zeros(49, dtype=torch.long), 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_graph_prefill_equals_eager(family, tmp_path):
+    """Prompts of many lengths, chunked when longer than 512, one that reaches the end of the cache (its last
+    chunk's bucket does not fit: eager), one extending a cached prompt: replayed prefill graphs give the
+    logits of eager prefill."""
+    save_hf(make_hf_model(family), tmp_path)
+    m = ingot.load(tmp_path, device="cuda", backend="cuda", max_context=1400)
+    long = torch.randint(0, m.spec.vocab_size, (1390,), generator=torch.Generator().manual_seed(2)).tolist()
+    cases = [(None, long[:n]) for n in (2, 16, 17, 37, 128, 300, 512, 513, 1100, 1390)]
+    cases.append((long[:1100], long[:1100] + long[1200:1390]))  # reuses 1100 cached tokens, then 190 at 1100
+    for prefix, ids in cases:
+        out = []
+        for graph in (False, True):
+            m.backend.use_graph = graph
+            m.runner.tokens, m.runner.cache.length = [], 0
+            if prefix:
+                m.runner.prefill(prefix)
+            out.append(m.runner.prefill(ids).clone())
+        assert _rel(out[1], out[0]) < 1e-3, f"{len(ids)} tokens"
+    assert set(m.backend._prefill_graphs) == {16, 32, 64, 128, 256, 384, 512}

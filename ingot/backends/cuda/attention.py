@@ -440,21 +440,28 @@ def _prefill_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos,
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["start", "T", "window"])
+@triton.jit(do_not_specialize=["T", "max_ctx", "window"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr,
-    qk_scale, start, T, window, G,
+    q_ptr, k_ptr, v_ptr, out_ptr, span_ptr,
+    qk_scale, T, max_ctx, window, G,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # The start position and the real row count come from device memory, so one captured launch (its grid
+    # sized for T rows) replays for any start and any count <= T. Rows past the count, and positions past
+    # the cache, are never computed.
+    start = tl.load(span_ptr)
+    count = tl.minimum(tl.minimum(tl.load(span_ptr + 1), T), max_ctx - start)
     # Heads vary fastest so the heads sharing a KV head run together and hit the same K/V in L2; query tiles
     # run last-first because the last ones see the most keys.
     h = tl.program_id(0)
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    if m0 >= count:  # a tile of padding rows only
+        return
     kvh = h // G
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < T
+    row_ok = offs_m < count
     # The softmax scale rides on q (once per row) rather than on every score.
     q = tl.load(q_ptr + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
@@ -463,7 +470,7 @@ def _prefill_kernel(
     k_base = k_ptr + kvh * stride_kh
     v_base = v_ptr + kvh * stride_vh
 
-    kv_end = start + T
+    kv_end = start + count
     q_first = start + m0
     q_last = q_first + BLOCK_M - 1
     hi = tl.minimum(q_last + 1, kv_end)  # causal: no key after the tile's last query
@@ -489,18 +496,30 @@ def _prefill_kernel(
              o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def prefill_attention(q, k_cache, v_cache, slot: int, start: int, *, scale: float, window: int = 0, out=None,
+def prefill_attention(q, k_cache, v_cache, slot: int, span, *, scale: float, window: int = 0, out=None,
                       block_m: int | None = None, block_n: int | None = None,
                       num_warps: int | None = None, num_stages: int | None = None):
-    """Causal attention of T queries at positions start..start+T-1 (q [T, Hq, D], fp16/fp32) against the
-    cache at `slot`, whose positions 0..start+T-1 are filled. Returns out [T, Hq, D] (fp32 unless out says)."""
+    """Causal attention of the queries q [T, Hq, D] (fp16/fp32) at positions start, start+1, ... against the
+    cache at `slot`, whose positions up to the last query's are filled. Returns out [T, Hq, D] (fp32 unless
+    out says).
+
+    span: the start position as an int (all T rows real), or an int32 device tensor [2] holding (start,
+    count): only the first count rows are real and computed (the rest of out is left as it was), and
+    neither value is baked into the launch, so a CUDA graph of it replays for any start and count <= T. The
+    caller keeps start + count within the cache (the kernel computes no row past it)."""
     T, hq, d = q.shape
     _check_cache(k_cache, v_cache, d)
     max_ctx, hkv = k_cache.shape[1], k_cache.shape[2]
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
-    if start + T > max_ctx:
-        raise ValueError(f"positions up to {start + T} exceed the cache's {max_ctx}")
+    if isinstance(span, torch.Tensor):
+        if span.shape != (2,) or span.dtype != torch.int32 or span.device != q.device:
+            raise ValueError(f"span must be an int32 [2] tensor (start, count) on {q.device}, "
+                             f"got {span.dtype} {tuple(span.shape)} on {span.device}")
+    else:
+        if span < 0 or span + T > max_ctx:
+            raise ValueError(f"positions {span}..{span + T - 1} are outside the cache's {max_ctx}")
+        span = torch.tensor([span, T], dtype=torch.int32, device=q.device)
     if q.stride(2) != 1:
         raise ValueError("q's head dim must be contiguous")
     if out is None:
@@ -514,8 +533,8 @@ def prefill_attention(q, k_cache, v_cache, slot: int, start: int, *, scale: floa
     block_m, block_n = block_m or bm, block_n or bn
     grid = (hq, triton.cdiv(T, block_m))
     _prefill_kernel[grid](
-        q, k, v, out,
-        scale * LOG2E, start, T, window, hq // hkv,
+        q, k, v, out, span,
+        scale * LOG2E, T, max_ctx, window, hq // hkv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or nw, num_stages=num_stages or ns,
     )

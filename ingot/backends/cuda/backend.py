@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.backends.cuda import attention, gemm, gemv, norm, rope, sampling
+from ingot.backends.cuda import attention, gemm, gemv, norm, prefill, rope, sampling
 from ingot.backends.cuda.weights import ModelWeights
 from ingot.models.base import ModelSpec
 
@@ -190,6 +190,8 @@ class CudaBackend:
         self.buckets = buckets_for(max_batch)
         self._states: dict[int, DecodeState] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._prefill: prefill.PrefillBuffers | None = None
+        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # bucket rows: graph
         self.use_graph = self.device.type == "cuda"
 
     def new_cache(self, max_context: int) -> CudaKVCache:
@@ -198,24 +200,32 @@ class CudaBackend:
         for b in self.buckets:
             self._states[b] = DecodeState(self.spec, self.w, max_context, self.device, b)
             self._states[b].scratch_slot = len(cache.lengths) - 1
+        self._prefill_graphs = {}
+        self._prefill = prefill.PrefillBuffers(self.spec, self.w, max_context, self.device)
         self._cache = cache
         return cache
 
     @property
     def buffer_bytes(self) -> int:
-        """Bytes of the decode steps' static buffers, every bucket."""
-        return sum(st.nbytes for st in self._states.values())
+        """Bytes of the decode steps' static buffers (every bucket) and the prefill chunks' buffers."""
+        return sum(st.nbytes for st in self._states.values()) + self._prefill.nbytes
 
     # -- the model -------------------------------------------------------------------------------------------
-    def _layers(self, x, cache, positions, seq_lens, slots, rows: int, s: DecodeState | None, start: int = 0,
-                slot: int = 0):
-        """Every transformer block on activation rows x (fp32 [rows, hidden]), updating x in place."""
+    def _layers(self, x, cache, positions, seq_lens, slots, rows: int, s, slot: int = 0):
+        """Every transformer block on activation rows x (fp32 [rows, hidden]), updating x in place.
+        Decode (s a DecodeState): seq_lens [B]. Prefill: seq_lens is the chunk's span (start, count) on the
+        device, s its static buffers (a prefill view) or None to allocate temporaries, `slot` its cache slot."""
         spec = self.spec
-        decode = s is not None
-        lin = _linear_for(rows, s)
+        decode = isinstance(s, DecodeState)
+        if rows <= DECODE_ROWS:
+            lin = functools.partial(gemv.linear, workspace=s.workspace if s is not None else None)
+        elif s is not None and not decode:
+            lin = functools.partial(gemm.matmul, norm_out=s.norm_out)
+        else:
+            lin = gemm.matmul
         hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         for i, (layer, lw) in enumerate(zip(spec.layers, self.w.layers)):
-            qkv = lin(x, lw.qkv, norm_weight=lw.attn_norm, eps=spec.norm_eps, out=s.qkv if decode else None)
+            qkv = lin(x, lw.qkv, norm_weight=lw.attn_norm, eps=spec.norm_eps, out=s.qkv if s is not None else None)
             window = layer.sliding_window or 0
             if decode:  # q/k norm, RoPE and the KV write happen inside the attention kernel
                 rope_args = attention.DecodeRope(self.inv_freq[i], lw.q_norm, lw.k_norm, spec.norm_eps)
@@ -223,25 +233,26 @@ class CudaBackend:
                                                scale=spec.softmax_scale, window=window, out=s.attn,
                                                scratch=s.scratch, rope=rope_args, n_heads=hq)
             else:
-                q = torch.empty(rows, hq, hd, device=x.device, dtype=torch.float32)
+                q = s.q if s is not None else torch.empty(rows, hq, hd, device=x.device, dtype=torch.float32)
                 rope.qk_norm_rope_store(
                     qkv, n_heads=hq, n_kv_heads=hkv, head_dim=hd, q_norm=lw.q_norm, k_norm=lw.k_norm,
                     eps=spec.norm_eps, inv_freq=self.inv_freq[i], positions=positions, slots=slots,
                     k_cache=cache.k[i], v_cache=cache.v[i], q_out=q,
                 )
-                a = attention.prefill_attention(q, cache.k[i], cache.v[i], slot, start,
-                                                scale=spec.softmax_scale, window=window)
+                a = attention.prefill_attention(q, cache.k[i], cache.v[i], slot, seq_lens,
+                                                scale=spec.softmax_scale, window=window,
+                                                out=s.attn if s is not None else None)
             a = a.reshape(rows, hq * hd)
             if spec.sandwich_norm:
-                h = lin(a, lw.o, out=s.h if decode else None)
+                h = lin(a, lw.o, out=s.h if s is not None else None)
                 norm.add_rms_norm(x, h, lw.post_attn_norm, spec.norm_eps)
             else:
                 lin(a, lw.o, residual=x, out=x)
             act = "silu" if spec.activation == "silu" else "gelu_tanh"
             ff = lin(x, lw.gate_up, norm_weight=lw.ffn_norm, eps=spec.norm_eps, gated=act,
-                     out=s.ff if decode else None)
+                     out=s.ff if s is not None else None)
             if spec.sandwich_norm:
-                h = lin(ff, lw.down, out=s.h if decode else None)
+                h = lin(ff, lw.down, out=s.h if s is not None else None)
                 norm.add_rms_norm(x, h, lw.post_ffn_norm, spec.norm_eps)
             else:
                 lin(ff, lw.down, residual=x, out=x)
@@ -265,17 +276,50 @@ class CudaBackend:
             raise ValueError(f"{start + T} positions exceed the cache's {cache.max_context}")
         if T == 1:
             return self._decode([int(tokens[0])], cache, [slot])
+        p = self._prefill
+        if last_only and slot == 0 and cache is self._cache and T <= p.rows:
+            rows = prefill.bucket_for(T, min(p.rows, cache.max_context - start)) if self.use_graph else None
+            return self._prefill_chunk(tokens, cache, rows or T, graph=rows is not None)
         dev = self.device
         ids = tokens.to(dev)
         x = gemv.embed_rows(ids, self.w.embed, self.spec.embed_scale,
                             out=torch.empty(T, self.spec.hidden_size, device=dev, dtype=torch.float32))
         positions = torch.arange(start, start + T, device=dev, dtype=torch.int32)
         slots = torch.full((T,), slot, device=dev, dtype=torch.int32)
-        self._layers(x, cache, positions, None, slots, T, None, start, slot)
+        span = torch.tensor([start, T], device=dev, dtype=torch.int32)
+        self._layers(x, cache, positions, span, slots, T, None, slot)
         cache.lengths[slot] = start + T
         if last_only:
             x = x[-1:]
         return _linear_for(x.shape[0])(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps)
+
+    # -- prefill from static buffers and graphs -----------------------------------------------------------------
+    def _prefill_chunk(self, tokens: torch.Tensor, cache: CudaKVCache, rows: int, graph: bool) -> torch.Tensor:
+        """Logits [1, vocab] after the last of tokens, run as `rows` rows (the chunk, then padding) from the
+        prefill buffers: replaying the bucket's graph, or eagerly. The logits buffer is reused by the next
+        chunk."""
+        p, start, T = self._prefill, cache.length, tokens.shape[0]
+        if not T <= rows <= cache.max_context - start:
+            raise ValueError(f"{T} tokens at {start} cannot run as {rows} rows in a {cache.max_context} cache")
+        view = p.view(rows)
+        p.set_inputs(tokens, start)
+        if not graph:
+            self._prefill_step(view, cache)
+        else:
+            if rows not in self._prefill_graphs:
+                self._prefill_graphs[rows] = prefill.capture(lambda: self._prefill_step(view, cache), self.device)
+            self._prefill_graphs[rows].replay()
+        cache.length = start + T
+        return view.logits
+
+    def _prefill_step(self, b, cache):
+        """One chunk through the model from a prefill view: everything it varies by is read on the device."""
+        gemv.embed_rows(b.ids, self.w.embed, self.spec.embed_scale, out=b.x)
+        torch.add(b.arange, b.span[0], out=b.positions)
+        self._layers(b.x, cache, b.positions, b.span, b.slots, b.rows, b)
+        torch.index_select(b.x, 0, b.last, out=b.x_last)
+        gemv.linear(b.x_last, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps,
+                    out=b.logits, workspace=b.workspace)
 
     # -- decode ------------------------------------------------------------------------------------------------
     def _bucket(self, n: int) -> DecodeState:
