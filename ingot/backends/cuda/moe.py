@@ -249,8 +249,10 @@ DOWN_BLOCK_N = 16  # 2048 / 16 = 128 programs for Qwen3-30B-A3B's hidden size at
 
 
 def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
-                 buffers: DecodeBuffers | None = None) -> torch.Tensor:
-    """x (fp32 [T, H], T <= 32) += the MoE block of x, reading only the selected experts' weights."""
+                 buffers: DecodeBuffers | None = None, block_n: tuple[int, int] = (GATE_UP_BLOCK_N, DOWN_BLOCK_N)
+                 ) -> torch.Tensor:
+    """x (fp32 [T, H], T <= 32) += the MoE block of x, reading only the selected experts' weights.
+    block_n: rows per program of the gate/up and the down kernel (the interpreter tests use larger ones)."""
     t, h = x.shape
     if not 1 <= t <= MAX_DECODE_ROWS:
         raise ValueError(f"the decode MoE path takes 1..{MAX_DECODE_ROWS} rows, got {t}")
@@ -264,13 +266,13 @@ def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps:
     route(x, w, norm_weight, eps, ids=ids, weights=wts)
     ff = buffers.ff[: t * k * f].view(t * k, f)
     ptrs, flags = _gemv_flags(w.gate_up)
-    _expert_gate_up_kernel[(t * k, triton.cdiv(f, GATE_UP_BLOCK_N))](
+    _expert_gate_up_kernel[(t * k, triton.cdiv(f, block_n[0]))](
         x, norm_weight, ids, *ptrs, ff, f, h, x.stride(0), float(eps),
-        TOP_K=k, ACT=_ACTS[act], BLOCK_N=GATE_UP_BLOCK_N, num_warps=4, **flags)
+        TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n[0], num_warps=4, **flags)
     ptrs, flags = _gemv_flags(w.down)
-    _expert_down_kernel[(t, triton.cdiv(h, DOWN_BLOCK_N))](
+    _expert_down_kernel[(t, triton.cdiv(h, block_n[1]))](
         ff, ids, wts, *ptrs, x, x, h, f, x.stride(0), x.stride(0),
-        TOP_K=k, BLOCK_N=DOWN_BLOCK_N, num_warps=4, **flags)
+        TOP_K=k, BLOCK_N=block_n[1], num_warps=4, **flags)
     return x
 
 
