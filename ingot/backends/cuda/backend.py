@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.backends.cuda import attention, gemm, gemv, norm, rope, sampling
+from ingot.backends.cuda import attention, gemm, gemv, moe, norm, rope, sampling
 from ingot.backends.cuda.weights import ModelWeights
 from ingot.models.base import ModelSpec
 
@@ -94,9 +94,12 @@ class DecodeState:
         # One split-K workspace, big enough for the largest decode GEMV, so no call allocates.
         need = [gemv.workspace_numel(weights.lm_head, batch)]
         for lw in weights.layers:
-            need += [gemv.workspace_numel(lw.qkv, batch), gemv.workspace_numel(lw.o, batch),
-                     gemv.workspace_numel(lw.gate_up, batch, gated="silu"), gemv.workspace_numel(lw.down, batch)]
+            need += [gemv.workspace_numel(lw.qkv, batch), gemv.workspace_numel(lw.o, batch)]
+            if not lw.moe:
+                need += [gemv.workspace_numel(lw.gate_up, batch, gated="silu"), gemv.workspace_numel(lw.down, batch)]
         self.workspace = torch.empty(max(max(need), 1), **f32)
+        moes = [lw.moe for lw in weights.layers if lw.moe]
+        self.moe = moe.DecodeBuffers.for_layers(moes, batch, device) if moes else None
 
     @property
     def nbytes(self) -> int:
@@ -105,6 +108,7 @@ class DecodeState:
     def _tensors(self):
         yield from (self.step_in, self.x, self.h, self.qkv, self.q, self.attn, self.ff, self.logits,
                     self.next_ids, self.workspace, *self.argmax_ws)
+        yield from self.moe.tensors() if self.moe else ()
         yield from (t for t in self.scratch if isinstance(t, torch.Tensor))
 
     def _ring_slot(self) -> int:
@@ -234,6 +238,9 @@ class CudaBackend:
             else:
                 lin(a, lw.o, residual=x, out=x)
             act = "silu" if spec.activation == "silu" else "gelu_tanh"
+            if lw.moe:
+                moe.block(x, lw.moe, lw.ffn_norm, spec.norm_eps, act, s.moe if decode else None)
+                continue
             ff = lin(x, lw.gate_up, norm_weight=lw.ffn_norm, eps=spec.norm_eps, gated=act,
                      out=s.ff if decode else None)
             if spec.sandwich_norm:
