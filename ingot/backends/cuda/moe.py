@@ -88,7 +88,7 @@ def stack_gate_up(gate: PackedLinear, up: PackedLinear, n_experts: int) -> Packe
 
 @triton.jit
 def _router_kernel(x_ptr, nw_ptr, r_ptr, ids_ptr, wts_ptr, K, E, stride_xm, eps,
-                   TOP_K: tl.constexpr, NORM_TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
+                   TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
@@ -109,7 +109,6 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, ids_ptr, wts_ptr, K, E, stride_xm, eps,
     logits = tl.where(e_ok, logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=0))
     p = p / tl.sum(p, axis=0)
-    KP: tl.constexpr = triton.next_power_of_2(TOP_K)
     j = tl.arange(0, KP)
     top_w = tl.zeros((KP,), tl.float32)
     top_i = tl.zeros((KP,), tl.int32)
@@ -140,7 +139,8 @@ def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float,
     block_k = max(16, min(triton.next_power_of_2(h), 8192 // block_e))  # an [E, BLOCK_K] tile of ~8K values
     if t:
         _router_kernel[(t,)](x, norm_weight, w.router, ids, weights, h, w.n_experts, x.stride(0), float(eps),
-                             TOP_K=k, NORM_TOPK=w.norm_topk, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4)
+                             TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, BLOCK_E=block_e,
+                             BLOCK_K=block_k, num_warps=4)
     return ids, weights
 
 
