@@ -168,3 +168,26 @@ def test_tiny_qwen3moe_on_the_cuda_backend_matches_reference(tmp_path, kernel_de
     for t in ids[34:]:
         a, b = fast.runner.decode(t).clone(), ref.runner.decode(t)
         assert rel_err(a, b.double()) < 5e-3
+
+
+def test_gguf_experts_pack_per_expert_exactly(tmp_path):
+    """Stacked GGUF Q4_0 experts [E, F, H] -> one gate/up matrix with each expert's gate rows then its up
+    rows, bit for bit the file's own dequantization; the router stays fp32 (F32 values fp16 cannot hold)."""
+    from ingot.backends.cuda.weights import load_weights
+    from ingot.bench.synthetic import write_synthetic_gguf
+    from ingot.formats import open_checkpoint
+    from ingot.models import build_spec
+
+    small = dict(hidden_size=64, moe_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1024)
+    path = write_synthetic_gguf("qwen3-30b-a3b", "q4_0", tmp_path / "m.gguf", layers=1, progress=False,
+                                overrides=small)
+    ckpt = open_checkpoint(path)
+    w = load_weights(ckpt, build_spec(ckpt.arch, ckpt.config), "cpu").layers[0].moe
+    t = {n: ckpt.tensors[f"blk.0.{n}.weight"].dequantize() for n in ("ffn_gate_exps", "ffn_up_exps",
+                                                                      "ffn_down_exps", "ffn_gate_inp")}
+    want = torch.cat([t["ffn_gate_exps"], t["ffn_up_exps"]], dim=1).reshape(-1, 64)
+    assert torch.equal(w.gate_up.dequantize(), want) and w.gate_up.source == "Q4_0 exact"
+    assert torch.equal(w.down.dequantize(), t["ffn_down_exps"].reshape(-1, 96))
+    assert w.router.dtype == torch.float32 and torch.equal(w.router, t["ffn_gate_inp"])
+    assert (w.n_experts, w.ffn, w.hidden, w.top_k) == (4, 96, 64, 2)
