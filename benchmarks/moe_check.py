@@ -97,14 +97,15 @@ def time_decode(quant, w, nw, dev, bw, rows_out):
     active = w.active_bytes()
     for t in (1, 8):
         xs = [torch.randn(t, H, device=dev) for _ in range(32)]
-        variants = [(16, 16), (8, 8), (32, 16), (16, 8), (32, 32)] if t == 1 else [(moe.GATE_UP_BLOCK_N, moe.DOWN_BLOCK_N)]
+        default = (moe.GATE_UP_BLOCK_N, moe.DOWN_BLOCK_N)
+        variants = [default, (8, 8), (32, 8), (16, 4), (8, 4)] if t == 1 else [default]
         for bn in variants:
             buffers = moe.DecodeBuffers.for_layers([w], t, dev)
             sec = time_graph(lambda i: moe.decode_block(xs[i % 32], w, nw, EPS, buffers=buffers, block_n=bn),
                              launches=32, trials=11)
             gbps = active / sec / 1e9 if t == 1 else float("nan")
-            print(f"  {quant} decode T={t} block_n={bn}: {sec * 1e6:7.1f} us"
-                  + (f", {gbps:6.0f} GB/s of {active / 1e6:.1f} MB ({gbps * 1e9 / bw:.0%} of copy)" if t == 1 else ""))
+            share = f", {gbps:6.0f} GB/s of {active / 1e6:.1f} MB ({gbps * 1e9 / bw:.0%} of copy)" if t == 1 else ""
+            print(f"  {quant} decode T={t} block_n={bn}: {sec * 1e6:7.1f} us{share}")
             rows_out.append(dict(what="decode", quant=quant, rows=t, variant=str(bn), us=f"{sec * 1e6:.2f}",
                                  active_mb=f"{active / 1e6:.2f}", gbps=f"{gbps:.0f}"))
     buffers = moe.DecodeBuffers.for_layers([w], 1, dev)

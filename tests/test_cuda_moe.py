@@ -20,7 +20,7 @@ print(f"test_cuda_moe seed: INGOT_TEST_SEED={SEED}")
 
 E, H, FF, EPS = 8, 160, 96, 1e-6
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
-DECODE_BLOCK_N = (64, 64)  # fewer, larger programs than on the GPU (the interpreter pays per program)
+DECODE_BLOCK_N = (64, 32)  # fewer, larger programs than on the GPU (the interpreter pays per program)
 
 
 def make_layer(kind, mins, top_k, gen, skew=True, norm_topk=True) -> tuple[moe.MoEWeights, torch.Tensor]:

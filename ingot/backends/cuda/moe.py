@@ -7,8 +7,8 @@ for the host (the decode step stays capturable in a CUDA graph).
   top-k by repeated argmax, and the renormalisation of the k weights (norm_topk_prob).
 - Decode (1..32 rows): one program per (row, choice) pair and slice of the expert's F rows computes gate and
   up for that pair's expert alone (the RMSNorm in its prologue as in gemv), writing act(g) * u; then one
-  program per row and slice of the hidden size sums its k experts' down projections in choice order,
-  weighted, plus the residual. Fixed order, no atomics: deterministic.
+  program per row and slice of the hidden size computes its k experts' down projections together and sums
+  them, weighted, plus the residual. Fixed-order reductions, no atomics: deterministic.
 - Prefill: the (row, choice) pairs are grouped by expert on the GPU (stable sort, histogram, prefix sums),
   each expert's run padded to the tile height, and one grouped tensor-core GEMM (gemm.py's dequantizing
   K loop) runs over all experts' tiles for gate/up, one for down; the down GEMM's epilogue applies the
@@ -188,40 +188,47 @@ def _expert_gate_up_kernel(x_ptr, nw_ptr, ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr
 @triton.jit
 def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, out_ptr, N, K,
                         stride_rm, stride_om,
-                        TOP_K: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        TOP_K: tl.constexpr, KP: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
+                        HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[row, n] = res[row, n] + sum over choices c of w_c * (down of expert e_c @ h[pair c])[n]. The tile
+    holds all the row's experts at once (KP * BLOCK_N weight rows, choice-major), so their loads are in
+    flight together rather than one expert after another; the weighted sum over choices is a fixed-order
+    tree reduction (deterministic)."""
     row = tl.program_id(0)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
+    R: tl.constexpr = KP * BLOCK_N
+    r = tl.arange(0, R)
+    choice = r // BLOCK_N
+    n = tl.program_id(1) * BLOCK_N + r % BLOCK_N
+    c_ok = choice < TOP_K
+    ok = c_ok & (n < N)
+    pair = row * TOP_K + choice
+    expert = tl.load(ids_ptr + pair, mask=c_ok, other=0)
     NG: tl.constexpr = BLOCK_K // GROUP
     HALF: tl.constexpr = GROUP // 2
     k_lo = tl.arange(0, NG)[:, None] * GROUP + tl.arange(0, HALF)[None, :]
-    total = tl.zeros((BLOCK_N,), tl.float32)
-    for c in range(TOP_K):  # the row's experts in choice order: a fixed-order sum
-        pair = row * TOP_K + c
-        expert = tl.load(ids_ptr + pair)
-        weight = tl.load(wts_ptr + pair)
-        hrow = h_ptr + pair.to(tl.int64) * K
-        acc = tl.zeros((BLOCK_N,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + k_lo
-            h_lo = tl.load(hrow + kk, mask=kk < K, other=0.0)
-            h_hi = tl.load(hrow + kk + HALF, mask=kk + HALF < K, other=0.0)
-            w_lo, w_hi = gemv._dequant_tile(qw_ptr, s_ptr, m_ptr, expert * N + n, n_ok, k0, K, K,
-                                            KIND, GROUP, HAS_MIN, BLOCK_K)
-            acc += tl.sum(tl.sum(w_lo * h_lo[None] + w_hi * h_hi[None], axis=2), axis=1)
-        total += weight * acc
+    hrow = h_ptr + pair.to(tl.int64)[:, None, None] * K  # each weight row's activation row (L1-resident)
+    acc = tl.zeros((R,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = (k0 + k_lo)[None]
+        h_lo = tl.load(hrow + kk, mask=ok[:, None, None] & (kk < K), other=0.0)
+        h_hi = tl.load(hrow + kk + HALF, mask=ok[:, None, None] & (kk + HALF < K), other=0.0)
+        w_lo, w_hi = gemv._dequant_tile(qw_ptr, s_ptr, m_ptr, expert * N + n, ok, k0, K, K,
+                                        KIND, GROUP, HAS_MIN, BLOCK_K)
+        acc += tl.sum(tl.sum(w_lo * h_lo + w_hi * h_hi, axis=2), axis=1)
+    acc = acc * tl.load(wts_ptr + pair, mask=c_ok, other=0.0)
+    total = tl.sum(tl.reshape(acc, (KP, BLOCK_N)), axis=0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r64 = row.to(tl.int64)
-    total += tl.load(res_ptr + r64 * stride_rm + n, mask=n_ok, other=0.0)
-    tl.store(out_ptr + r64 * stride_om + n, total, mask=n_ok)
+    total += tl.load(res_ptr + r64 * stride_rm + cols, mask=cols < N, other=0.0)
+    tl.store(out_ptr + r64 * stride_om + cols, total, mask=cols < N)
 
 
-def _gemv_flags(w: PackedLinear) -> tuple[tuple, dict]:
+def _gemv_flags(w: PackedLinear, max_block_k: int = 1024) -> tuple[tuple, dict]:
     group = w.group if w.kind != "f16" else gemv.F16_PSEUDO_GROUP
     scales = w.scales if w.scales is not None else w.qweight
     mins = w.mins if w.mins is not None else scales
     flags = dict(KIND=gemv.KIND_IDS[w.kind], GROUP=group, HAS_MIN=w.mins is not None,
-                 BLOCK_K=gemv._block_k(w.kind, group))
+                 BLOCK_K=max(group, min(max_block_k, gemv._block_k(w.kind, group))))
     return (w.qweight, scales, mins), flags
 
 
@@ -245,7 +252,8 @@ class DecodeBuffers:
 
 
 GATE_UP_BLOCK_N = 16  # gate and up tiles in registers at once
-DOWN_BLOCK_N = 16  # 2048 / 16 = 128 programs for Qwen3-30B-A3B's hidden size at one row
+DOWN_BLOCK_N = 8  # x top_k experts = 64 weight rows a tile; 2048 / 8 = 256 programs for Qwen3-30B-A3B at one row
+DOWN_BLOCK_K = 128  # the tile holds k experts' rows: a shorter K step keeps it in registers
 
 
 def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
@@ -269,10 +277,10 @@ def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps:
     _expert_gate_up_kernel[(t * k, triton.cdiv(f, block_n[0]))](
         x, norm_weight, ids, *ptrs, ff, f, h, x.stride(0), float(eps),
         TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n[0], num_warps=4, **flags)
-    ptrs, flags = _gemv_flags(w.down)
+    ptrs, flags = _gemv_flags(w.down, DOWN_BLOCK_K)
     _expert_down_kernel[(t, triton.cdiv(h, block_n[1]))](
         ff, ids, wts, *ptrs, x, x, h, f, x.stride(0), x.stride(0),
-        TOP_K=k, BLOCK_N=block_n[1], num_warps=4, **flags)
+        TOP_K=k, KP=triton.next_power_of_2(k), BLOCK_N=block_n[1], num_warps=4, **flags)
     return x
 
 
