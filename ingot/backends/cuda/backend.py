@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.backends.cuda import attention, gemm, gemv, norm, prefill, rope, sampling
+from ingot.backends.cuda import attention, gemm, gemv, moe, norm, prefill, rope, sampling
 from ingot.backends.cuda.weights import ModelWeights
 from ingot.models.base import ModelSpec
 
@@ -106,9 +106,12 @@ class DecodeState:
         # One split-K workspace, big enough for the largest decode GEMV, so no call allocates.
         need = [gemv.workspace_numel(weights.lm_head, batch)]
         for lw in weights.layers:
-            need += [gemv.workspace_numel(lw.qkv, batch), gemv.workspace_numel(lw.o, batch),
-                     gemv.workspace_numel(lw.gate_up, batch, gated="silu"), gemv.workspace_numel(lw.down, batch)]
+            need += [gemv.workspace_numel(lw.qkv, batch), gemv.workspace_numel(lw.o, batch)]
+            if not lw.moe:
+                need += [gemv.workspace_numel(lw.gate_up, batch, gated="silu"), gemv.workspace_numel(lw.down, batch)]
         self.workspace = torch.zeros(max(max(need), 1), **f32)  # zeroed: split-K ticket counters
+        moes = [lw.moe for lw in weights.layers if lw.moe]
+        self.moe = moe.DecodeBuffers.for_layers(moes, batch, device) if moes else None
 
     @property
     def nbytes(self) -> int:
@@ -117,6 +120,7 @@ class DecodeState:
     def _tensors(self):
         yield from (self.step_in, self.x, self.h, self.qkv, self.attn, self.ff, self.logits,
                     self.next_ids, self.workspace, *self.argmax_ws)
+        yield from self.moe.tensors() if self.moe else ()
         yield from (t for t in self.scratch if isinstance(t, torch.Tensor))
 
     def _ring_slot(self) -> int:
@@ -192,6 +196,7 @@ class CudaBackend:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._prefill: prefill.PrefillBuffers | None = None
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # bucket rows: graph
+        self._moe = any(lw.moe for lw in weights.layers)
         self.use_graph = self.device.type == "cuda"
 
     def new_cache(self, max_context: int) -> CudaKVCache:
@@ -249,6 +254,9 @@ class CudaBackend:
             else:
                 lin(a, lw.o, residual=x, out=x)
             act = "silu" if spec.activation == "silu" else "gelu_tanh"
+            if lw.moe:
+                moe.block(x, lw.moe, lw.ffn_norm, spec.norm_eps, act, s.moe if decode else None)
+                continue
             ff = lin(x, lw.gate_up, norm_weight=lw.ffn_norm, eps=spec.norm_eps, gated=act,
                      out=s.ff if s is not None else None)
             if spec.sandwich_norm:
@@ -277,7 +285,8 @@ class CudaBackend:
         if T == 1:
             return self._decode([int(tokens[0])], cache, [slot])
         p = self._prefill
-        if last_only and slot == 0 and cache is self._cache and T <= p.rows:
+        # MoE layers prefill eagerly: their token grouping sizes its work on the host's side of the launch.
+        if last_only and slot == 0 and cache is self._cache and T <= p.rows and not self._moe:
             rows = prefill.bucket_for(T, min(p.rows, cache.max_context - start)) if self.use_graph else None
             return self._prefill_chunk(tokens, cache, rows or T, graph=rows is not None)
         dev = self.device

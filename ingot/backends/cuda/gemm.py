@@ -455,7 +455,22 @@ def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: 
     cfg.update(tiles or {})
     if cfg.get("FAST") == 2 and (_INTERPRET or x.device.type != "cuda"):
         cfg["FAST"] = 1  # the interpreter runs no PTX; FAST 1 is the same arithmetic in Triton ops
-    bk = cfg["BLOCK_K"]
+    scales, mins, wflags = weight_operands(w, cfg["BLOCK_K"])
+    res = residual if residual is not None else out
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    _gemm_kernel[grid](
+        x, w.qweight, scales, mins, res, out,
+        M, n_out, K, x.stride(0), w.qweight.stride(0), scales.stride(0), res.stride(0), out.stride(0),
+        ACT=_ACTS[gated], HAS_RES=residual is not None, DOT=_DOT[dot_dtype], **wflags, **cfg,
+    )
+    return out
+
+
+def weight_operands(w, bk: int):
+    """(scales, mins, constexprs) for _dot_tile on weight w with K step bk: the scale/min pointers (any
+    tensor stands in for those an f16 weight never reads) and KIND, GROUP, SPAN, HAS_MINS."""
+    quant = w.kind != "f16"
+    group = w.group if quant else 1
     if w.kind == "q4":
         if bk % group or bk < 32:
             raise ValueError(f"q4 BLOCK_K={bk} must be a multiple of the group {group} and at least 32")
@@ -464,17 +479,8 @@ def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: 
         span = min(group, bk) if quant else 1
         if quant and (bk % span or group % span):
             raise ValueError(f"BLOCK_K={bk} and the group {group} must divide one another")
-    # f16 has no scales; any tensor stands in for the pointers the kernel never reads.
     scales = w.scales if quant else w.qweight
     mins = w.mins if w.mins is not None else scales
     if mins.stride() != scales.stride():
         raise ValueError("scales and mins must share a layout (the kernel indexes both with one stride)")
-    res = residual if residual is not None else out
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
-    _gemm_kernel[grid](
-        x, w.qweight, scales, mins, res, out,
-        M, n_out, K, x.stride(0), w.qweight.stride(0), scales.stride(0), res.stride(0), out.stride(0),
-        KIND=_KINDS[w.kind], GROUP=group, SPAN=span, HAS_MINS=w.mins is not None, ACT=_ACTS[gated],
-        HAS_RES=residual is not None, DOT=_DOT[dot_dtype], **cfg,
-    )
-    return out
+    return scales, mins, dict(KIND=_KINDS[w.kind], GROUP=group, SPAN=span, HAS_MINS=w.mins is not None)

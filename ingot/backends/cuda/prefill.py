@@ -85,8 +85,9 @@ class PrefillBuffers:
         m = min(self.rows, BUCKETS[0])
         need = [gemv.workspace_numel(weights.lm_head, 1)]
         for lw in weights.layers:
-            need += [gemv.workspace_numel(lw.qkv, m), gemv.workspace_numel(lw.o, m),
-                     gemv.workspace_numel(lw.gate_up, m, gated=gated), gemv.workspace_numel(lw.down, m)]
+            need += [gemv.workspace_numel(lw.qkv, m), gemv.workspace_numel(lw.o, m)]
+            if not lw.moe:  # MoE blocks bring their own buffers
+                need += [gemv.workspace_numel(lw.gate_up, m, gated=gated), gemv.workspace_numel(lw.down, m)]
         self.workspace = torch.zeros(max(max(need), 1), device=device, dtype=torch.float32)  # ticket counters at 0
 
     @property

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ingot.errors import IngotError, UnsupportedError
+from ingot.backends.cuda.moe import MoEWeights, stack_gate_up
+from ingot.errors import IngotError
 from ingot.models.base import ModelSpec
 from ingot.quant import pack
 
@@ -18,12 +19,13 @@ class LayerWeights:
     qkv: pack.PackedLinear
     o: pack.PackedLinear
     ffn_norm: torch.Tensor
-    gate_up: pack.PackedLinear
-    down: pack.PackedLinear
+    gate_up: pack.PackedLinear | None  # None in a mixture-of-experts layer, which has `moe` instead
+    down: pack.PackedLinear | None
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     post_attn_norm: torch.Tensor | None = None
     post_ffn_norm: torch.Tensor | None = None
+    moe: MoEWeights | None = None
 
 
 @dataclass
@@ -39,14 +41,20 @@ class ModelWeights:
         if self.embed is not self.lm_head:
             yield self.embed
         for l in self.layers:
-            yield from (l.qkv, l.o, l.gate_up, l.down)
+            yield from (p for p in (l.qkv, l.o, l.gate_up, l.down) if p is not None)
+            if l.moe:
+                yield from (l.moe.gate_up, l.moe.down)
 
     def decode_bytes_per_token(self) -> int:
-        """Weight bytes one decode step reads: every linear once; of the embedding table, one row."""
+        """Weight bytes one decode step reads: every linear once, of the embedding table one row, and of a
+        mixture-of-experts layer the router and the k experts a token uses."""
         total = sum(p.nbytes for p in self.linears())
         if self.embed is not self.lm_head:
             total -= self.embed.nbytes - self.embed.nbytes // self.embed.n
         total += sum(t.numel() * t.element_size() for l in self.layers for t in _norms(l))
+        for l in self.layers:
+            if l.moe:
+                total += l.moe.active_bytes() - l.moe.gate_up.nbytes - l.moe.down.nbytes
         return total
 
 
@@ -62,10 +70,12 @@ def pack_tensor(ref, quant: str | None) -> pack.PackedLinear:
 
     if isinstance(ref, GGMLTensor) and ref.qtype not in ("F32", "F16", "BF16"):
         return pack.from_ggml(ref)
+    # Stacked experts [E, rows, k] become one [E * rows, k] matrix.
     if ref.qtype in ("MLX4", "MLX8"):
-        weight, scales, biases = ref.packed()
+        weight, scales, biases = (a.reshape(-1, a.shape[-1]) for a in ref.packed())
         return pack.from_mlx(weight, scales, biases, ref.bits, ref.group_size)
     values = ref.dequantize()
+    values = values.reshape(-1, values.shape[-1])
     if quant in ("q4", "q8"):
         return pack.quantize(values, quant, group=32, sym=(quant == "q8"))
     if quant not in (None, "f16"):
@@ -93,8 +103,6 @@ def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progre
     counts before anything is allocated."""
     from ingot.progress import byte_bar
 
-    if any(l.moe for l in spec.layers):
-        raise UnsupportedError("mixture-of-experts layers have no CUDA kernels yet; use backend='reference'")
     t = ckpt.tensors
     bar = byte_bar(sum(t[n].nbytes for n in spec.weights()), "packing", progress)
 
@@ -111,18 +119,31 @@ def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progre
         bar.update(t[name].nbytes)
         return t[name].dequantize().to(torch.float32)
 
+    def router(name):
+        """f16 where that is exact, else fp32: the router's choices must not move with a rounding."""
+        bar.update(t[name].nbytes)
+        r = t[name].dequantize().to(torch.float32)
+        return r.half() if torch.equal(r.half().float(), r) else r
+
+    def experts(p, moe):
+        gate, up = linear(p + "ffn_gate_exps.weight"), linear(p + "ffn_up_exps.weight")
+        return MoEWeights(router=router(p + "ffn_gate_inp.weight"), gate_up=stack_gate_up(gate, up, moe.n_experts),
+                          down=linear(p + "ffn_down_exps.weight"), top_k=moe.top_k, norm_topk=moe.norm_topk_prob)
+
     embed = linear("token_embd.weight")
     lm_head = embed if spec.tie_embeddings else linear("output.weight")
     w = ModelWeights(embed=embed, lm_head=lm_head, output_norm=norm("output_norm.weight"))
-    for i in range(spec.n_layers):
+    for i, layer in enumerate(spec.layers):
         p = f"blk.{i}."
+        moe = layer.moe
         w.layers.append(LayerWeights(
             attn_norm=norm(p + "attn_norm.weight"),
             qkv=linear(p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"),
             o=linear(p + "attn_output.weight"),
             ffn_norm=norm(p + "ffn_norm.weight"),
-            gate_up=linear(p + "ffn_gate.weight", p + "ffn_up.weight"),
-            down=linear(p + "ffn_down.weight"),
+            gate_up=None if moe else linear(p + "ffn_gate.weight", p + "ffn_up.weight"),
+            down=None if moe else linear(p + "ffn_down.weight"),
+            moe=experts(p, moe) if moe else None,
             q_norm=norm(p + "attn_q_norm.weight"),
             k_norm=norm(p + "attn_k_norm.weight"),
             post_attn_norm=norm(p + "post_attention_norm.weight"),
@@ -135,7 +156,7 @@ def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progre
 def _tensors(w: ModelWeights):
     """(owner, attribute) of every tensor, each once (a tied lm_head is the embedding)."""
     seen = set()
-    owners = [w] + [p for p in w.linears()] + w.layers
+    owners = [w] + [p for p in w.linears()] + w.layers + [l.moe for l in w.layers if l.moe]
     for owner in owners:
         for attr, value in vars(owner).items():
             if isinstance(value, torch.Tensor) and id(value) not in seen:

@@ -1,0 +1,441 @@
+"""Mixture-of-experts block: x += sum_j w_j * down_e(act(gate_e(x')) * up_e(x')) over the top-k experts e
+that the router picks for each row, x' = rms_norm(x) * ffn_norm. Everything stays on the GPU: the router
+writes expert ids and weights to device memory and every later kernel reads them there, so no step waits
+for the host (the decode step stays capturable in a CUDA graph).
+
+- Router (one kernel, one program per row): RMSNorm, the logits x' @ R^T (R small, kept f16/fp32), softmax,
+  top-k by repeated argmax, and the renormalisation of the k weights (norm_topk_prob).
+- Decode (1..32 rows): one program per (row, choice) pair and slice of the expert's F rows computes gate and
+  up for that pair's expert alone (the RMSNorm in its prologue as in gemv), writing act(g) * u; then one
+  program per row and slice of the hidden size computes its k experts' down projections together and sums
+  them, weighted, plus the residual. Fixed-order reductions, no atomics: deterministic.
+- Prefill: the (row, choice) pairs are grouped by expert on the GPU (stable sort, histogram, prefix sums),
+  each expert's run padded to the tile height, and one grouped tensor-core GEMM (gemm.py's dequantizing
+  K loop) runs over all experts' tiles for gate/up, one for down; the down GEMM's epilogue applies the
+  routing weight and scatters each pair's row back, and a last small kernel adds each row's k pairs in
+  choice order to the residual. No per-expert loop, no host synchronisation.
+
+Expert weights are ordinary PackedLinears with the experts stacked along n: gate_up is [E * 2F, H] with
+expert e's gate rows at e*2F and its up rows right after (per expert, like a dense gate_up), down is
+[E * H, F].
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ingot.backends.cuda import gemm, gemv
+from ingot.quant.pack import PackedLinear
+
+MAX_DECODE_ROWS = 32
+_ACTS = {"silu": 1, "gelu_tanh": 2}
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass
+class MoEWeights:
+    router: torch.Tensor  # [E, H] float16 or float32
+    gate_up: PackedLinear  # [E * 2F, H]
+    down: PackedLinear  # [E * H, F]
+    top_k: int
+    norm_topk: bool
+
+    def __post_init__(self):
+        e, h = self.router.shape
+        if self.gate_up.n % (2 * e) or self.gate_up.k != h or self.down.n != e * h:
+            raise ValueError(f"expert shapes gate_up {self.gate_up.shape}, down {self.down.shape} do not fit "
+                             f"{e} experts of hidden size {h}")
+        if self.down.k != self.ffn or not 1 <= self.top_k <= e:
+            raise ValueError(f"down's k {self.down.k} != {self.ffn}, or top_k {self.top_k} outside 1..{e}")
+
+    @property
+    def n_experts(self) -> int:
+        return self.router.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.router.shape[1]
+
+    @property
+    def ffn(self) -> int:
+        return self.gate_up.n // (2 * self.n_experts)
+
+    def active_bytes(self) -> int:
+        """Weight bytes one row reads: the router and k experts' gate/up and down."""
+        per_expert = (self.gate_up.nbytes + self.down.nbytes) // self.n_experts
+        return self.router.numel() * self.router.element_size() + self.top_k * per_expert
+
+
+def stack_gate_up(gate: PackedLinear, up: PackedLinear, n_experts: int) -> PackedLinear:
+    """[E*F, H] gates and [E*F, H] ups -> [E * 2F, H] with each expert's gate rows then its up rows."""
+    from ingot.quant.pack import concat_rows
+
+    both = concat_rows([gate, up])  # all gates, then all ups, in one common exact form
+    f = gate.n // n_experts
+    order = torch.arange(2 * n_experts * f).view(2, n_experts, f).transpose(0, 1).reshape(-1)
+    pick = lambda t: None if t is None else t.index_select(0, order.to(t.device))  # noqa: E731
+    return PackedLinear(both.kind, both.n, both.k, both.group, pick(both.qweight), pick(both.scales),
+                        pick(both.mins), source=both.source)
+
+
+# ---------------------------------------------------------------- router
+
+
+@triton.jit
+def _router_kernel(x_ptr, nw_ptr, r_ptr, ids_ptr, wts_ptr, K, E, stride_xm, eps,
+                   TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    logits = tl.zeros((BLOCK_E,), tl.float32)
+    ss = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        x = tl.load(x_ptr + t * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)
+        ss += x * x
+        x = x * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + e[:, None].to(tl.int64) * K + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        logits += tl.sum(r * x[None, :], axis=1)
+    # rstd is one scalar per row: applied to the finished logits rather than to every x element.
+    logits = logits / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    logits = tl.where(e_ok, logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=0))
+    p = p / tl.sum(p, axis=0)
+    j = tl.arange(0, KP)
+    top_w = tl.zeros((KP,), tl.float32)
+    top_i = tl.zeros((KP,), tl.int32)
+    for c in tl.static_range(TOP_K):
+        best = tl.max(p, axis=0)
+        idx = tl.min(tl.where(p == best, e, BLOCK_E), axis=0)  # the lowest id among equals
+        top_w = tl.where(j == c, best, top_w)
+        top_i = tl.where(j == c, idx, top_i)
+        p = tl.where(e == idx, -1.0, p)
+    if NORM_TOPK:
+        top_w = top_w / tl.sum(top_w, axis=0)
+    tl.store(ids_ptr + t * TOP_K + j, top_i, mask=j < TOP_K)
+    tl.store(wts_ptr + t * TOP_K + j, top_w, mask=j < TOP_K)
+
+
+def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, *,
+          ids: torch.Tensor | None = None, weights: torch.Tensor | None = None):
+    """Expert ids (int32 [T, k]) and routing weights (fp32 [T, k]) of rows x (fp32/fp16 [T, H])."""
+    t, h = x.shape
+    if h != w.hidden or x.stride(1) != 1:
+        raise ValueError(f"x of shape {tuple(x.shape)} (row stride 1 needed) does not match hidden {w.hidden}")
+    k = w.top_k
+    ids = torch.empty(t, k, device=x.device, dtype=torch.int32) if ids is None else ids
+    weights = torch.empty(t, k, device=x.device, dtype=torch.float32) if weights is None else weights
+    assert ids.shape == (t, k) and ids.dtype == torch.int32 and ids.is_contiguous()
+    assert weights.shape == (t, k) and weights.dtype == torch.float32 and weights.is_contiguous()
+    block_e = triton.next_power_of_2(w.n_experts)
+    block_k = max(16, min(triton.next_power_of_2(h), 8192 // block_e))  # an [E, BLOCK_K] tile of ~8K values
+    if t:
+        _router_kernel[(t,)](x, norm_weight, w.router, ids, weights, h, w.n_experts, x.stride(0), float(eps),
+                             TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, BLOCK_E=block_e,
+                             BLOCK_K=block_k, num_warps=4)
+    return ids, weights
+
+
+# ---------------------------------------------------------------- decode: the selected experts only
+
+
+@triton.jit
+def _expert_gate_up_kernel(x_ptr, nw_ptr, ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, F, K, stride_xm, eps,
+                           TOP_K: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
+                           HAS_MIN: tl.constexpr, ACT: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pair = tl.program_id(0)  # row * TOP_K + choice
+    xrow = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm
+    expert = tl.load(ids_ptr + pair)  # read on the device: the step needs nothing from the host
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < F
+    gate_rows = expert * (2 * F) + n
+    NG: tl.constexpr = BLOCK_K // GROUP
+    HALF: tl.constexpr = GROUP // 2
+    k_lo = tl.arange(0, NG)[:, None] * GROUP + tl.arange(0, HALF)[None, :]
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    acc_u = tl.zeros((BLOCK_N,), tl.float32)
+    ss = tl.zeros((NG, HALF), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + k_lo
+        ok_lo = kk < K
+        ok_hi = kk + HALF < K
+        x_lo = tl.load(xrow + kk, mask=ok_lo, other=0.0).to(tl.float32)
+        x_hi = tl.load(xrow + kk + HALF, mask=ok_hi, other=0.0).to(tl.float32)
+        ss += x_lo * x_lo + x_hi * x_hi
+        x_lo = x_lo * tl.load(nw_ptr + kk, mask=ok_lo, other=0.0)
+        x_hi = x_hi * tl.load(nw_ptr + kk + HALF, mask=ok_hi, other=0.0)
+        w_lo, w_hi = gemv._dequant_tile(qw_ptr, s_ptr, m_ptr, gate_rows, n_ok, k0, K, K,
+                                        KIND, GROUP, HAS_MIN, BLOCK_K)
+        acc += tl.sum(tl.sum(w_lo * x_lo[None] + w_hi * x_hi[None], axis=2), axis=1)
+        u_lo, u_hi = gemv._dequant_tile(qw_ptr, s_ptr, m_ptr, gate_rows + F, n_ok, k0, K, K,
+                                        KIND, GROUP, HAS_MIN, BLOCK_K)
+        acc_u += tl.sum(tl.sum(u_lo * x_lo[None] + u_hi * x_hi[None], axis=2), axis=1)
+    ssq = tl.sum(tl.sum(ss, axis=1), axis=0) + tl.zeros((1,), tl.float32)
+    out_row = out_ptr + pair.to(tl.int64) * F
+    gemv._finish(acc[None, :], acc_u[None, :], ssq, tl.arange(0, 1), n, 1, F, K, eps, out_row, 0, out_row, 0,
+                 True, ACT, False)
+
+
+@triton.jit
+def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, out_ptr, N, K,
+                        stride_rm, stride_om,
+                        TOP_K: tl.constexpr, KP: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
+                        HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[row, n] = res[row, n] + sum over choices c of w_c * (down of expert e_c @ h[pair c])[n]. The tile
+    holds all the row's experts at once (KP * BLOCK_N weight rows, choice-major), so their loads are in
+    flight together rather than one expert after another; the weighted sum over choices is a fixed-order
+    tree reduction (deterministic)."""
+    row = tl.program_id(0)
+    R: tl.constexpr = KP * BLOCK_N
+    r = tl.arange(0, R)
+    choice = r // BLOCK_N
+    n = tl.program_id(1) * BLOCK_N + r % BLOCK_N
+    c_ok = choice < TOP_K
+    ok = c_ok & (n < N)
+    pair = row * TOP_K + choice
+    expert = tl.load(ids_ptr + pair, mask=c_ok, other=0)
+    NG: tl.constexpr = BLOCK_K // GROUP
+    HALF: tl.constexpr = GROUP // 2
+    k_lo = tl.arange(0, NG)[:, None] * GROUP + tl.arange(0, HALF)[None, :]
+    hrow = h_ptr + pair.to(tl.int64)[:, None, None] * K  # each weight row's activation row (L1-resident)
+    acc = tl.zeros((R,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = (k0 + k_lo)[None]
+        h_lo = tl.load(hrow + kk, mask=ok[:, None, None] & (kk < K), other=0.0)
+        h_hi = tl.load(hrow + kk + HALF, mask=ok[:, None, None] & (kk + HALF < K), other=0.0)
+        w_lo, w_hi = gemv._dequant_tile(qw_ptr, s_ptr, m_ptr, expert * N + n, ok, k0, K, K,
+                                        KIND, GROUP, HAS_MIN, BLOCK_K)
+        acc += tl.sum(tl.sum(w_lo * h_lo + w_hi * h_hi, axis=2), axis=1)
+    acc = acc * tl.load(wts_ptr + pair, mask=c_ok, other=0.0)
+    total = tl.sum(tl.reshape(acc, (KP, BLOCK_N)), axis=0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r64 = row.to(tl.int64)
+    total += tl.load(res_ptr + r64 * stride_rm + cols, mask=cols < N, other=0.0)
+    tl.store(out_ptr + r64 * stride_om + cols, total, mask=cols < N)
+
+
+def _gemv_flags(w: PackedLinear, max_block_k: int = 1024) -> tuple[tuple, dict]:
+    group = w.group if w.kind != "f16" else gemv.F16_PSEUDO_GROUP
+    scales = w.scales if w.scales is not None else w.qweight
+    mins = w.mins if w.mins is not None else scales
+    flags = dict(KIND=gemv.KIND_IDS[w.kind], GROUP=group, HAS_MIN=w.mins is not None,
+                 BLOCK_K=max(group, min(max_block_k, gemv._block_k(w.kind, group))))
+    return (w.qweight, scales, mins), flags
+
+
+@dataclass
+class DecodeBuffers:
+    """What the decode path writes, allocated once per batch size so a captured graph can refer to it."""
+    ids: torch.Tensor  # int32 [rows, k]
+    weights: torch.Tensor  # fp32 [rows, k]
+    ff: torch.Tensor  # fp32 [rows * k, F]: act(gate) * up of each (row, choice) pair
+
+    @classmethod
+    def for_layers(cls, moes: list[MoEWeights], rows: int, device) -> DecodeBuffers:
+        k = max(m.top_k for m in moes)
+        f = max(m.ffn for m in moes)
+        return cls(torch.zeros(rows, k, device=device, dtype=torch.int32),
+                   torch.zeros(rows, k, device=device, dtype=torch.float32),
+                   torch.zeros(rows * k * f, device=device, dtype=torch.float32))
+
+    def tensors(self):
+        return (self.ids, self.weights, self.ff)
+
+
+GATE_UP_BLOCK_N = 16  # gate and up tiles in registers at once
+DOWN_BLOCK_N = 8  # x top_k experts = 64 weight rows a tile; 2048 / 8 = 256 programs for Qwen3-30B-A3B at one row
+DOWN_BLOCK_K = 128  # the tile holds k experts' rows: a shorter K step keeps it in registers
+
+
+def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
+                 buffers: DecodeBuffers | None = None, block_n: tuple[int, int] = (GATE_UP_BLOCK_N, DOWN_BLOCK_N)
+                 ) -> torch.Tensor:
+    """x (fp32 [T, H], T <= 32) += the MoE block of x, reading only the selected experts' weights.
+    block_n: rows per program of the gate/up and the down kernel (the interpreter tests use larger ones)."""
+    t, h = x.shape
+    if not 1 <= t <= MAX_DECODE_ROWS:
+        raise ValueError(f"the decode MoE path takes 1..{MAX_DECODE_ROWS} rows, got {t}")
+    if x.dtype != torch.float32 or x.stride(1) != 1:
+        raise ValueError("x must be fp32 with contiguous rows (it is updated in place)")
+    k, f = w.top_k, w.ffn
+    buffers = buffers or DecodeBuffers.for_layers([w], t, x.device)
+    ids, wts = buffers.ids[:t, :k], buffers.weights[:t, :k]
+    if not (ids.is_contiguous() and wts.is_contiguous()):
+        raise ValueError("decode buffers must be sized for this layer's top_k")
+    route(x, w, norm_weight, eps, ids=ids, weights=wts)
+    ff = buffers.ff[: t * k * f].view(t * k, f)
+    ptrs, flags = _gemv_flags(w.gate_up)
+    _expert_gate_up_kernel[(t * k, triton.cdiv(f, block_n[0]))](
+        x, norm_weight, ids, *ptrs, ff, f, h, x.stride(0), float(eps),
+        TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n[0], num_warps=4, **flags)
+    ptrs, flags = _gemv_flags(w.down, DOWN_BLOCK_K)
+    _expert_down_kernel[(t, triton.cdiv(h, block_n[1]))](
+        ff, ids, wts, *ptrs, x, x, h, f, x.stride(0), x.stride(0),
+        TOP_K=k, KP=triton.next_power_of_2(k), BLOCK_N=block_n[1], num_warps=4, **flags)
+    return x
+
+
+# ---------------------------------------------------------------- prefill: grouped GEMMs over all experts
+
+
+@dataclass
+class Groups:
+    """The (row, choice) pairs sorted by expert, each expert's run padded to a multiple of block_m."""
+    pair_of_slot: torch.Tensor  # int32 [capacity]: the pair in each padded slot, -1 for padding
+    tile_expert: torch.Tensor  # int32 [capacity / block_m]: each tile's expert; n_experts past the last tile
+    block_m: int
+
+    @property
+    def tiles(self) -> int:
+        return self.tile_expert.numel()
+
+
+def group_by_expert(ids: torch.Tensor, n_experts: int, block_m: int) -> Groups:
+    """Group pairs by expert on the device. Sizes come from the shapes alone (the worst case of padding:
+    one partial tile per expert), so nothing waits for the GPU."""
+    flat = ids.reshape(-1).long()
+    pairs = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(n_experts, device=ids.device, dtype=torch.long)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = padded.cumsum(0)
+    first = counts.cumsum(0) - counts  # each expert's first position in sorted order
+    expert_sorted = flat[order]
+    rank = torch.arange(pairs, device=ids.device) - first[expert_sorted]
+    slot = pad_end[expert_sorted] - padded[expert_sorted] + rank
+    tiles = triton.cdiv(pairs, block_m) + min(n_experts, pairs)
+    pair_of_slot = torch.full((tiles * block_m,), -1, device=ids.device, dtype=torch.int32)
+    pair_of_slot[slot] = order.to(torch.int32)
+    starts = torch.arange(tiles, device=ids.device) * block_m
+    tile_expert = torch.searchsorted(pad_end, starts, right=True).to(torch.int32)
+    return Groups(pair_of_slot, tile_expert, block_m)
+
+
+@triton.jit
+def _grouped_gemm_kernel(x_ptr, pair_ptr, tile_expert_ptr, wts_ptr, qw_ptr, s_ptr, mn_ptr, out_ptr,
+                         N_OUT, K, E, ROWS_PER_EXPERT, TILES, stride_xm, stride_qn, stride_sn, stride_om,
+                         TOP_K: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
+                         KIND: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, HAS_MINS: tl.constexpr,
+                         ACT: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, FAST: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of one expert. GATHER: the A rows are the pairs' tokens (x rows), else
+    the padded slots themselves. SCATTER: the result, times the pair's routing weight, goes to the pair's
+    row of out; else to the slot's row."""
+    # Tiles vary fastest: neighbouring programs share the weight tile of one expert (or of the next).
+    pid = tl.program_id(0)
+    tile = pid % TILES
+    pid_n = pid // TILES
+    expert = tl.load(tile_expert_ptr + tile)
+    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pair_ptr + slots)
+    m_mask = pair >= 0
+    if GATHER:
+        a_rows = tl.where(m_mask, pair // TOP_K, 0)
+    else:
+        a_rows = slots
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N_OUT
+    w_rows = expert * ROWS_PER_EXPERT + offs_n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = acc
+    k_end = tl.where(expert < E, K, 0)  # tiles past the last expert's run do no work
+    for k0 in range(0, k_end, BLOCK_K):
+        x_a, x_b = gemm._x_tiles(x_ptr, stride_xm, a_rows, m_mask, k0, K, KIND, GROUP, DOT, BLOCK_K)
+        acc = gemm._dot_tile(acc, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn, w_rows, n_mask,
+                             KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K, FAST, 0)
+        if ACT != 0:
+            acc_up = gemm._dot_tile(acc_up, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn,
+                                    w_rows + N_OUT, n_mask, KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K,
+                                    FAST, 0)
+    if ACT != 0:
+        acc = gemm._act(acc, ACT) * acc_up
+    if SCATTER:
+        acc = acc * tl.load(wts_ptr + pair, mask=m_mask, other=0.0)[:, None]
+        o_rows = pair
+    else:
+        o_rows = slots
+    o_mask = m_mask[:, None] & n_mask[None, :] & (expert < E)
+    out = out_ptr + o_rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, res_ptr, out_ptr, N, stride_rm, stride_om, TOP_K: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """out[row] = res[row] + sum over its TOP_K pairs of y[pair], in choice order (deterministic)."""
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = n < N
+    acc = tl.load(res_ptr + row * stride_rm + n, mask=ok, other=0.0)
+    for c in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (row * TOP_K + c) * N + n, mask=ok, other=0.0)
+    tl.store(out_ptr + row * stride_om + n, acc, mask=ok)
+
+
+def prefill_tiles(kind: str, group: int, gated: bool) -> dict:
+    """Grouped-GEMM tiles. BLOCK_M = 64: an expert sees ~T*k/E rows (32 at 512 tokens for Qwen3-30B-A3B),
+    so taller tiles would be mostly padding. Untimed: benchmarks/moe_check.py reports how they do."""
+    bk = max(128, group) if kind == "q4" else 64
+    return dict(BLOCK_M=64, BLOCK_N=64 if gated else 128, BLOCK_K=bk, num_warps=4, num_stages=3, FAST=2)
+
+
+def _grouped_gemm(a, groups: Groups, w: PackedLinear, out, *, n_out: int, rows_per_expert: int, top_k: int,
+                  gather: bool, act: str | None, weights=None, tiles: dict | None = None):
+    cfg = prefill_tiles(w.kind, w.group, act is not None)
+    cfg.update(tiles or {})
+    cfg["BLOCK_M"] = groups.block_m
+    if cfg["FAST"] == 2 and (_INTERPRET or a.device.type != "cuda"):
+        cfg["FAST"] = 1  # the interpreter runs no PTX
+    scales, mins, wflags = gemm.weight_operands(w, cfg["BLOCK_K"])
+    n_experts = w.n // rows_per_expert
+    grid = (groups.tiles * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    _grouped_gemm_kernel[grid](
+        a, groups.pair_of_slot, groups.tile_expert, weights if weights is not None else out,
+        w.qweight, scales, mins, out, n_out, w.k, n_experts, rows_per_expert, groups.tiles,
+        a.stride(0), w.qweight.stride(0), scales.stride(0), out.stride(0),
+        TOP_K=top_k, GATHER=gather, SCATTER=weights is not None, ACT=_ACTS[act] if act else 0,
+        DOT=tl.float16, **wflags, **cfg)
+    return out
+
+
+def prefill_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
+                  tiles: dict | None = None) -> torch.Tensor:
+    """x (fp32 [T, H]) += the MoE block of x, for any number of rows, by grouped GEMMs over the experts."""
+    t, h = x.shape
+    if x.dtype != torch.float32 or x.stride(1) != 1 or h != w.hidden:
+        raise ValueError(f"x must be fp32 [T, {w.hidden}] with contiguous rows (it is updated in place)")
+    if t == 0:
+        return x
+    k, f, e = w.top_k, w.ffn, w.n_experts
+    ids, wts = route(x, w, norm_weight, eps)
+    block_m = (tiles or {}).get("BLOCK_M", prefill_tiles(w.down.kind, w.down.group, False)["BLOCK_M"])
+    groups = group_by_expert(ids, e, block_m)
+    xn = gemm.rms_norm_half(x, norm_weight, eps)
+    ff = torch.empty(groups.pair_of_slot.numel(), f, device=x.device, dtype=torch.float16)
+    _grouped_gemm(xn, groups, w.gate_up, ff, n_out=f, rows_per_expert=2 * f, top_k=k, gather=True, act=act,
+                  tiles=tiles)
+    y = torch.empty(t * k, h, device=x.device, dtype=torch.float32)
+    _grouped_gemm(ff, groups, w.down, y, n_out=h, rows_per_expert=h, top_k=k, gather=False, act=None,
+                  weights=wts, tiles=tiles)
+    block_n = min(1024, triton.next_power_of_2(h))
+    _combine_kernel[(t, triton.cdiv(h, block_n))](y, x, x, h, x.stride(0), x.stride(0), TOP_K=k, BLOCK_N=block_n)
+    return x
+
+
+def block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
+          buffers: DecodeBuffers | None = None) -> torch.Tensor:
+    """The MoE block on x in place: the selected-experts kernels for up to 32 rows (or whenever decode
+    buffers are given), the grouped GEMMs beyond."""
+    if buffers is not None or x.shape[0] <= MAX_DECODE_ROWS:
+        return decode_block(x, w, norm_weight, eps, act, buffers)
+    return prefill_block(x, w, norm_weight, eps, act)
