@@ -395,8 +395,9 @@ def _sample_sorted_kernel(vals_ptr, vals_stride, order_ptr, order_stride, ids_pt
         tl.store(out_ptr + row, tok.to(tl.int64))
     else:
         m = tl.load(row_ptr + row * 4 + 0)
-        tok = _sample_unsorted(x_ptr + row * x_stride, V, m, z, k, top_p, min_p, temp, u, BLOCK)
-        tl.store(out_ptr + row, tok.to(tl.int64))
+        # int64 like the other branch's token: the compiler merges variables across an if/else by type
+        tok = _sample_unsorted(x_ptr + row * x_stride, V, m, z, k, top_p, min_p, temp, u, BLOCK).to(tl.int64)
+        tl.store(out_ptr + row, tok)
 
 
 def sample_workspace(M: int, V: int, device, candidates: int | None = CANDIDATES,
