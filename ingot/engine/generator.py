@@ -48,7 +48,7 @@ class Generator:
                 "which leaves no room to generate"
             )
         sampler = Sampler(params)
-        greedy = params.temperature == 0.0 and not (params.repeat_penalty and params.repeat_penalty != 1.0)
+        greedy = params.temperature == 0.0 and not params.penalised  # penalties need the sampler's view
         stats = self.stats = Stats(prompt_tokens=len(prompt), finish_reason="length")
         t0 = time.perf_counter()
         logits = self.runner.prefill(prompt)
