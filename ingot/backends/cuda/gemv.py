@@ -605,6 +605,19 @@ def _split_layout(n_w: int, m: int, tiles_n: int, splits: int) -> tuple[int, int
     return head, head + splits * m * n_w
 
 
+def _split_buffers(workspace, out, n_w: int, m: int, tiles_n: int, splits: int):
+    """(ticket counters, sums of squares, partials) of a call in the shared workspace layout; an unsplit call
+    gets `out` in their place (its kernel never touches them); a split call without a workspace, a zeroed one."""
+    if splits == 1:
+        return out.view(torch.int32), out, out
+    head, need = _split_layout(n_w, m, tiles_n, splits)
+    if workspace is None:
+        workspace = torch.zeros(need, device=out.device, dtype=torch.float32)
+    if workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous():
+        raise ValueError(f"workspace must be contiguous fp32 of >= {need} elements, zeroed when allocated")
+    return workspace[:tiles_n].view(torch.int32), workspace[tiles_n:head], workspace[head:]
+
+
 def workspace_numel(w: PackedLinear, m: int, gated: str | None = None, config: GemvConfig | None = None) -> int:
     """fp32 elements the split-K path needs for this call (0 when it does not split). The workspace must be
     allocated zeroed (torch.zeros): its first elements are ticket counters that every call leaves at 0."""
@@ -651,15 +664,7 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
     k_split = _k_split(k, cfg)
     splits = triton.cdiv(k, k_split)
     tiles_n = triton.cdiv(n_out, cfg.block_n)
-    part = ss = out
-    cnt = out.view(torch.int32)  # unsplit calls never touch it
-    if splits > 1:
-        head, need = _split_layout(w.n, m, tiles_n, splits)
-        if workspace is None:
-            workspace = torch.zeros(need, device=x.device, dtype=torch.float32)
-        if workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous():
-            raise ValueError(f"workspace must be contiguous fp32 of >= {need} elements, zeroed when allocated")
-        cnt, ss, part = workspace[:tiles_n].view(torch.int32), workspace[tiles_n:head], workspace[head:]
+    cnt, ss, part = _split_buffers(workspace, out, w.n, m, tiles_n, splits)
     res = residual if residual is not None else out
     flags = dict(HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
     common = (norm_weight if norm_weight is not None else x, res, out, part, ss, cnt)

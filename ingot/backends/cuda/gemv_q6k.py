@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.backends.cuda.gemv import _finish, _split_finish, _split_layout
+from ingot.backends.cuda.gemv import _finish, _split_buffers, _split_finish, _split_layout
 from ingot.errors import UnsupportedError
 from ingot.quant.pack import Q6K_SUPER, PackedLinear
 
@@ -230,15 +230,8 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
     k_split = _k_split(k, cfg)
     splits = triton.cdiv(k, k_split)
     tiles_n = triton.cdiv(w.n, cfg.block_n)
-    part = ss = out
-    cnt = out.view(torch.int32)  # unsplit calls never touch it
-    if splits > 1:  # the workspace layout (zeroed counters first) is gemv's, so both share one workspace
-        head, need = _split_layout(w.n, m, tiles_n, splits)
-        if workspace is None:
-            workspace = torch.zeros(need, device=x.device, dtype=torch.float32)
-        if workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous():
-            raise ValueError(f"workspace must be contiguous fp32 of >= {need} elements, zeroed when allocated")
-        cnt, ss, part = workspace[:tiles_n].view(torch.int32), workspace[tiles_n:head], workspace[head:]
+    # the workspace layout (zeroed counters first) is gemv's, so both share one workspace
+    cnt, ss, part = _split_buffers(workspace, out, w.n, m, tiles_n, splits)
     res = residual if residual is not None else out
     flags = dict(HAS_NORM=norm_weight is not None, HAS_RES=residual is not None)
     _gemv_q6k_kernel[(tiles_n, splits)](
