@@ -15,6 +15,7 @@ from ingot.backends import reference
 from ingot.backends.cuda import gemm, gemv, gemv_q6k
 from ingot.errors import UnsupportedError
 from ingot.quant.pack import PackedLinear, to_device
+from tests.test_cuda_gemv import check
 
 
 @pytest.fixture
@@ -39,13 +40,6 @@ def expected(x, w, norm_weight=None, eps=1e-6, residual=None):
         h = reference.rms_norm(h, norm_weight.float(), eps)
     y = h @ w.dequantize().T
     return y + residual if residual is not None else y
-
-
-def check(out, ref, tol=1e-5):
-    out = out.cpu()
-    assert not torch.isnan(out).any(), "an output element was never written"
-    err = ((out - ref).norm() / ref.norm()).item()
-    assert err < tol, f"relative error {err:.3g}"
 
 
 def poison(m, n, dev):

@@ -82,10 +82,12 @@ class DecodeState:
 
     RING = 4  # pinned staging slots: an async copy never reads or writes a slot being reused
 
-    def __init__(self, spec: ModelSpec, weights: ModelWeights, max_context: int, device, batch: int = 1):
+    def __init__(self, spec: ModelSpec, weights: ModelWeights, max_context: int, device, batch: int = 1,
+                 scratch_slot: int = 0):
         f32, i32 = dict(device=device, dtype=torch.float32), dict(device=device, dtype=torch.int32)
         hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         self.batch = batch
+        self.scratch_slot = scratch_slot  # the cache slot padding rows write to
         # rows: token ids, sequence lengths (the new token sits at length - 1), cache slots
         self.step_in = torch.zeros(3, batch, **i32)
         pinned = device.type == "cuda"
@@ -144,8 +146,6 @@ class DecodeState:
         self.step_in.copy_(host, non_blocking=True)
         self._record(i)
 
-    scratch_slot = 0  # set by the backend: the cache's last slot
-
     def fetch_ids(self) -> int:
         """Start copying next_ids to a pinned host slot; returns the slot for read_ids."""
         i = self._ring_slot()
@@ -203,8 +203,7 @@ class CudaBackend:
         self._states, self._graphs = {}, {}  # a new cache means new buffers for the graphs to read
         cache = CudaKVCache(self.spec, max_context, self.device, cache_slots(self.max_batch))
         for b in self.buckets:
-            self._states[b] = DecodeState(self.spec, self.w, max_context, self.device, b)
-            self._states[b].scratch_slot = len(cache.lengths) - 1
+            self._states[b] = DecodeState(self.spec, self.w, max_context, self.device, b, len(cache.lengths) - 1)
         self._prefill_graphs = {}
         self._prefill = prefill.PrefillBuffers(self.spec, self.w, max_context, self.device)
         self._cache = cache
