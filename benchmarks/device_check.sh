@@ -5,6 +5,9 @@
 #   benchmarks/device_check.sh bench [KEYS]   synthetic models (GGUF q4_0/q8_0) and `ingot bench` on each
 #   benchmarks/device_check.sh kernels        per-kernel bandwidth at real shapes
 #   benchmarks/device_check.sh batch [KEYS]   `ingot bench --batch B` for B = 1..32 (q4_0), throughput per batch
+#   benchmarks/device_check.sh ab [KEYS]      `ingot bench` of each model once per value of an environment
+#                                             switch (AB_VAR, default INGOT_PDL; AB_VALUES, default "0 1"),
+#                                             the runs interleaved so clock drift hits both alike
 #
 # On this workplace's device tool the machine has no network: missing wheels travel in .whl/ and model
 # files in .carry/ (split by benchmarks/carry_split.sh; parts from consecutive calls are collected in
@@ -72,6 +75,22 @@ case "$mode" in
       [ -e "$f" ] || $PY -m ingot.bench.synthetic "$key" --quant q4_0 -o "$f" || continue
       for b in ${BATCHES:-1 2 4 8 16 32}; do
         $PY -m ingot.cli bench "$f" -p 512 -n 128 -r 3 --batch "$b" -o csv 2>>"$OUT/bench.err" | tee -a "$OUT/batch.csv"
+      done
+    done
+    ;;
+  ab)
+    gpu_info
+    keys=${*:-"llama-3.2-1b qwen3-8b"}
+    var=${AB_VAR:-INGOT_PDL}
+    for key in $keys; do
+      for quant in ${QUANTS:-q4_0}; do
+        f="$MODELS/$key-$quant.gguf"
+        [ -e "$f" ] || $PY -m ingot.bench.synthetic "$key" --quant "$quant" -q -o "$f" || continue
+        for v in ${AB_VALUES:-0 1}; do
+          echo "# $var=$v $key $quant" | tee -a "$OUT/ab.csv"
+          env "$var=$v" $PY -m ingot.cli bench "$f" -p 512 -n 128 -r 5 --roofline -o csv 2>>"$OUT/bench.err" \
+            | tee -a "$OUT/ab.csv"
+        done
       done
     done
     ;;

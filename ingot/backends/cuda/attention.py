@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.backends.cuda import pdl
 from ingot.backends.cuda.rope import _rope_heads
 
 LOG2E = 1.4426950408889634
@@ -213,11 +214,12 @@ def _decode_split_kernel(
     stride_ob, stride_oh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, USE_DOT: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr, FUSED: tl.constexpr, RG: tl.constexpr, BLOCK_S: tl.constexpr,
-    ROPE: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
+    ROPE: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     prog = tl.program_id(2)
+    pdl.wait_and_release(PDL)
     seq_len = tl.load(seq_lens_ptr + b)
     slot = tl.load(slots_ptr + b).to(tl.int64)  # issued together with seq_len: one round trip, not two
     lo, s_lo, s_hi = _split_range(seq_len, window, CHUNK)
@@ -392,7 +394,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, wind
         G=g, BLOCK_G=1 if g == 1 else max(16, triton.next_power_of_2(g)), USE_DOT=g > 1, D=d, CHUNK=scratch.chunk,
         BLOCK_N=block_n, FUSED=fused, RG=rg, BLOCK_S=merge_s, num_warps=num_warps or dw, num_stages=num_stages or ds,
         ROPE=rope is not None, Q_NORM=rope is not None and rope.q_norm is not None,
-        K_NORM=rope is not None and rope.k_norm is not None,
+        K_NORM=rope is not None and rope.k_norm is not None, PDL=pdl.ENABLED, **pdl.launch_kwargs(),
     )
     if not fused:
         _decode_reduce_kernel[(B, hq)](

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.backends.cuda import attention, gemm, gemv, moe, norm, prefill, rope, sampling
+from ingot.backends.cuda import attention, gemm, gemv, moe, norm, pdl, prefill, rope, sampling
 from ingot.backends.cuda.weights import ModelWeights
 from ingot.models.base import ModelSpec
 
@@ -68,8 +68,9 @@ class CudaKVCache:
 
 
 @triton.jit
-def _advance_kernel(step_ptr, next_ptr, B, BLOCK: tl.constexpr):
+def _advance_kernel(step_ptr, next_ptr, B, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Make the step's own output the next step's input: token <- chosen id, length + 1."""
+    pdl.wait_and_release(PDL)
     i = tl.arange(0, BLOCK)
     ok = i < B
     tl.store(step_ptr + i, tl.load(next_ptr + i, mask=ok).to(tl.int32), mask=ok)
@@ -166,7 +167,8 @@ class DecodeState:
 
     def advance(self) -> None:
         _advance_kernel[(1,)](self.step_in, self.next_ids, self.batch,
-                              BLOCK=triton.next_power_of_2(self.batch), num_warps=1)
+                              BLOCK=triton.next_power_of_2(self.batch), num_warps=1, PDL=pdl.ENABLED,
+                              **pdl.launch_kwargs())
 
     @property
     def tokens(self):

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.backends.cuda import pdl
 from ingot.quant.pack import PackedLinear
 
 KIND_IDS = {"q4": 0, "q8": 1, "f16": 2}
@@ -87,6 +88,26 @@ def _dequant_tile(qw_ptr, s_ptr, m_ptr, rows, row_ok, k0, k_end, K,
             w_lo += mn
             w_hi += mn
     return w_lo, w_hi
+
+
+@triton.jit
+def _prefetch_weights(qw_ptr, s_ptr, m_ptr, rows, row_ok, N, K, k_begin, k_end, BITS: tl.constexpr,
+                      GROUP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MIN: tl.constexpr, GATED: tl.constexpr,
+                      PDL: tl.constexpr):
+    """This program's weight slab (and its scales and mins) into L2 while the previous kernel finishes;
+    gate and up rows both for a gated call."""
+    if PDL:
+        SB: tl.constexpr = s_ptr.dtype.element_ty.primitive_bitwidth // 8
+        groups = (k_end - k_begin + GROUP - 1) // GROUP
+        for half in tl.static_range(2 if GATED != 0 else 1):
+            r = rows + half * N
+            pdl.prefetch_rows(qw_ptr, K * BITS // 8, r, row_ok, k_begin * BITS // 8, (k_end - k_begin) * BITS // 8,
+                              PDL)
+            if HAS_SCALE:
+                pdl.prefetch_rows(s_ptr, (K // GROUP) * SB, r, row_ok, (k_begin // GROUP) * SB, groups * SB, PDL)
+            if HAS_MIN:
+                MB: tl.constexpr = m_ptr.dtype.element_ty.primitive_bitwidth // 8
+                pdl.prefetch_rows(m_ptr, (K // GROUP) * MB, r, row_ok, (k_begin // GROUP) * MB, groups * MB, PDL)
 
 
 @triton.jit
@@ -152,7 +173,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr
                  M, N, K, k_split, n_split, stride_xm, stride_rm, stride_om, eps,
                  KIND: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_NORM: tl.constexpr,
                  GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -161,6 +182,10 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr
     k_end = tl.minimum(K, k_begin + k_split)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    BITS: tl.constexpr = 4 if KIND == 0 else (8 if KIND == 1 else 16)
+    _prefetch_weights(qw_ptr, s_ptr, m_ptr, rows, row_ok, N, K, k_begin, k_end, BITS, GROUP, KIND != 2, HAS_MIN,
+                      GATED, PDL)
+    pdl.wait_and_release(PDL)
     mi = tl.arange(0, BLOCK_M)
     gi = tl.arange(0, NG)
     ii = tl.arange(0, HALF)
@@ -296,7 +321,8 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
                       N, K, k_split, n_split, stride_rm, stride_om, eps, magic,
                       WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
                       HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
-                      UNPACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      UNPACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -309,6 +335,9 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     k_end = tl.minimum(K, k_begin + k_split)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    _prefetch_weights(qw_ptr, s_ptr, m_ptr, rows, row_ok, N, K, k_begin, k_end, WIDTH, GROUP, True, HAS_MIN,
+                      GATED, PDL)
+    pdl.wait_and_release(PDL)
     rows64 = rows.to(tl.int64)
     gi = tl.arange(0, NG)
     wi = tl.arange(0, WPG)
@@ -463,7 +492,8 @@ def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
                       N, K, k_split, n_split, stride_rm, stride_om, eps,
                       WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
                       HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
-                      ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -473,6 +503,9 @@ def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     k_end = tl.minimum(K, k_begin + k_split)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    _prefetch_weights(qw_ptr, s_ptr, m_ptr, rows, row_ok, N, K, k_begin, k_end, WIDTH, GROUP, True, HAS_MIN,
+                      GATED, PDL)
+    pdl.wait_and_release(PDL)
     rows64 = rows.to(tl.int64)
     gi = tl.arange(0, NG)
     wi = tl.arange(0, WPG)
@@ -682,7 +715,7 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
             n_out, k, k_split, splits, res.stride(0), out.stride(0), eps, *extra_args,
             WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
             SIGNED=w.qweight.dtype == torch.int8, SPLIT=splits > 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, **extra, **flags)
+            num_warps=cfg.num_warps, PDL=pdl.ENABLED, **pdl.launch_kwargs(), **extra, **flags)
     else:
         group = w.group if w.kind != "f16" else F16_PSEUDO_GROUP
         no_scale = w.qweight  # f16: any pointer, never read
@@ -690,13 +723,16 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
             x, w.qweight, w.scales if w.scales is not None else no_scale, w.mins if w.mins is not None else no_scale,
             *common, m, n_out, k, k_split, splits, x.stride(0), res.stride(0), out.stride(0), eps,
             KIND=KIND_IDS[w.kind], GROUP=group, HAS_MIN=w.mins is not None, SPLIT=splits > 1,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **flags)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+            PDL=pdl.ENABLED, **pdl.launch_kwargs(), **flags)
     return out
 
 
 @triton.jit
 def _embed_kernel(ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, K, stride_om, scale,
-                  KIND: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_K: tl.constexpr):
+                  KIND: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PDL: tl.constexpr):
+    pdl.wait_and_release(PDL)
     t = tl.program_id(0)
     k0 = tl.program_id(1) * BLOCK_K
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -725,5 +761,6 @@ def embed_rows(ids: torch.Tensor, table: PackedLinear, scale: float = 1.0, *, ou
     _embed_kernel[(t, triton.cdiv(table.k, bk))](
         ids, table.qweight, table.scales if table.scales is not None else table.qweight,
         table.mins if table.mins is not None else table.qweight, out, table.k, out.stride(0), float(scale),
-        KIND=KIND_IDS[table.kind], GROUP=group, HAS_MIN=table.mins is not None, BLOCK_K=bk, num_warps=4)
+        KIND=KIND_IDS[table.kind], GROUP=group, HAS_MIN=table.mins is not None, BLOCK_K=bk, num_warps=4,
+        PDL=pdl.ENABLED, **pdl.launch_kwargs())
     return out

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.backends.cuda import pdl
 from ingot.backends.cuda.gemv import _finish, _split_buffers, _split_finish, _split_layout
 from ingot.errors import UnsupportedError
 from ingot.quant.pack import Q6K_SUPER, PackedLinear
@@ -104,13 +105,20 @@ def _chunk_dot(f0, f1, f2, f3, xp, np_, HAS_NORM: tl.constexpr):
 def _gemv_q6k_kernel(x_ptr, lo_ptr, hi_ptr, sc_ptr, d_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr, cnt_ptr,
                      M, N, K, k_split, n_split, stride_xm, stride_rm, stride_om, eps, magic,
                      HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_begin = pid_k * k_split
     k_end = tl.minimum(K, k_begin + k_split)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    # planes per row: low nibbles K/2 bytes, high pairs K/4, int8 sub-scales K/16, fp16 super-scales K/128
+    n = k_end - k_begin
+    pdl.prefetch_rows(lo_ptr, K // 2, rows, row_ok, k_begin // 2, n // 2, PDL)
+    pdl.prefetch_rows(hi_ptr, K // 4, rows, row_ok, k_begin // 4, n // 4, PDL)
+    pdl.prefetch_rows(sc_ptr, K // 16, rows, row_ok, k_begin // 16, n // 16, PDL)
+    pdl.prefetch_rows(d_ptr, K // 128, rows, row_ok, k_begin // 128, n // 128, PDL)
+    pdl.wait_and_release(PDL)
     rows64 = rows.to(tl.int64)
     ui = tl.arange(0, 4)  # 64-element unit of the super block
     gi = tl.arange(0, 4)  # 16-element group of the unit
@@ -239,7 +247,7 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
         norm_weight if norm_weight is not None else x, res, out, part, ss, cnt,
         m, w.n, k, k_split, splits, x.stride(0), res.stride(0), out.stride(0), eps, MAGIC,
         SPLIT=splits > 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        **flags)
+        PDL=pdl.ENABLED, **pdl.launch_kwargs(), **flags)
     return out
 
 
@@ -260,8 +268,9 @@ def matmul(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
 
 
 @triton.jit
-def _embed_q6k_kernel(ids_ptr, lo_ptr, hi_ptr, sc_ptr, d_ptr, out_ptr, K, stride_om, scale):
+def _embed_q6k_kernel(ids_ptr, lo_ptr, hi_ptr, sc_ptr, d_ptr, out_ptr, K, stride_om, scale, PDL: tl.constexpr):
     """One 256-element super block of row ids[t], element by element (a gather: one row per token is tiny)."""
+    pdl.wait_and_release(PDL)
     t = tl.program_id(0)
     k0 = tl.program_id(1) * 256
     row = tl.load(ids_ptr + t).to(tl.int64)
@@ -285,5 +294,5 @@ def embed_rows(ids: torch.Tensor, table: PackedLinear, scale: float = 1.0, *,
     assert out.shape == (t, table.k) and out.dtype == torch.float32 and out.stride(1) == 1
     _embed_q6k_kernel[(t, table.k // Q6K_SUPER)](
         ids, table.qweight, table.qhigh, table.scales, table.supers, out, table.k, out.stride(0), float(scale),
-        num_warps=4)
+        num_warps=4, PDL=pdl.ENABLED, **pdl.launch_kwargs())
     return out

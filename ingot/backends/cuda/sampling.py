@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.backends.cuda import pdl
+
 ARGMAX_BLOCK = 1024  # ~150 programs for a 152k vocabulary at batch 1: about one per H100 SM
 SAMPLE_BLOCK = 1024
 _PHILOX_KEY = 0x5EED1A7C0FFEE
@@ -46,7 +48,8 @@ def _max_first(vals, idx, valid, SENTINEL):
 
 
 @triton.jit
-def _argmax_partial_kernel(x_ptr, x_stride, V, pv_ptr, pi_ptr, p_stride, BLOCK: tl.constexpr):
+def _argmax_partial_kernel(x_ptr, x_stride, V, pv_ptr, pi_ptr, p_stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait_and_release(PDL)
     blk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -58,7 +61,8 @@ def _argmax_partial_kernel(x_ptr, x_stride, V, pv_ptr, pi_ptr, p_stride, BLOCK: 
 
 
 @triton.jit
-def _argmax_final_kernel(pv_ptr, pi_ptr, p_stride, NB, V, out_ptr, BLOCK_NB: tl.constexpr):
+def _argmax_final_kernel(pv_ptr, pi_ptr, p_stride, NB, V, out_ptr, BLOCK_NB: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait_and_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_NB)
     valid = offs < NB
@@ -103,9 +107,9 @@ def argmax(logits: torch.Tensor, out: torch.Tensor | None = None,
     if M == 0:
         return out
     _argmax_partial_kernel[(nb, M)](logits, logits.stride(0), V, pv, pi, pv.stride(0), BLOCK=block,
-                                    num_warps=4)
+                                    num_warps=4, PDL=pdl.ENABLED, **pdl.launch_kwargs())
     _argmax_final_kernel[(M,)](pv, pi, pv.stride(0), nb, V, out, BLOCK_NB=triton.next_power_of_2(nb),
-                               num_warps=4 if nb > 256 else 1)
+                               num_warps=4 if nb > 256 else 1, PDL=pdl.ENABLED, **pdl.launch_kwargs())
     return out
 
 
