@@ -96,7 +96,7 @@ def _prefetch_weights(qw_ptr, s_ptr, m_ptr, rows, row_ok, N, K, k_begin, k_end, 
                       PDL: tl.constexpr):
     """This program's weight slab (and its scales and mins) into L2 while the previous kernel finishes;
     gate and up rows both for a gated call."""
-    if PDL:
+    if PDL & 2:
         SB: tl.constexpr = s_ptr.dtype.element_ty.primitive_bitwidth // 8
         groups = (k_end - k_begin + GROUP - 1) // GROUP
         for half in tl.static_range(2 if GATED != 0 else 1):

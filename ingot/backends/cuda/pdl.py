@@ -26,29 +26,34 @@ import triton
 import triton.language as tl
 
 
-def _enabled() -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("INGOT_PDL", "1") == "0":
-        return False
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+def _mode() -> int:
+    """Bits: 1 launch with the attribute (and wait), 2 prefetch weights before waiting, 4 release right after
+    waiting. INGOT_PDL overrides the default for A/B measurements; 0 everywhere PDL cannot run."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 0
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9):
+        return 0
+    return int(os.environ.get("INGOT_PDL", "7"))
 
 
-ENABLED = _enabled()
+MODE = _mode()
+ENABLED = MODE  # the kernels' PDL constexpr
 
 
 def launch_kwargs() -> dict:
     """Extra launch arguments of a kernel that follows the rule above (and takes PDL=ENABLED)."""
-    return {"launch_pdl": True} if ENABLED else {}
+    return {"launch_pdl": True} if MODE & 1 else {}
 
 
 @triton.jit
 def wait(PDL: tl.constexpr):
-    if PDL:
+    if PDL & 1:
         tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
 def release(PDL: tl.constexpr):
-    if PDL:
+    if PDL & 4:
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -61,13 +66,13 @@ def wait_and_release(PDL: tl.constexpr):
 @triton.jit
 def prefetch_rows(base_ptr, row_stride_bytes, rows, row_ok, begin_bytes, nbytes, PDL: tl.constexpr):
     """Ask for bytes [begin, begin + nbytes) of each row in L2 (sm_90 bulk prefetch, no registers held).
-    The range is widened to 16-byte bounds; the weight arena pads every tensor to 256 bytes, so the widened
-    range stays inside the tensor's slot."""
-    if PDL:
-        lo = (begin_bytes // 16) * 16
-        hi = ((begin_bytes + nbytes + 15) // 16) * 16
-        addr = base_ptr.to(tl.int64) + rows.to(tl.int64) * row_stride_bytes + lo
+    The range is widened to 16-byte addresses; the weight arena aligns and pads every tensor to 256 bytes,
+    so the widened range stays inside the tensor's slot."""
+    if PDL & 2:
+        start = base_ptr.to(tl.int64) + rows.to(tl.int64) * row_stride_bytes + begin_bytes
+        lo = (start // 16) * 16
+        hi = ((start + nbytes + 15) // 16) * 16
         size = tl.where(row_ok, hi - lo, 0).to(tl.int32)
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; } // $0",
-            "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1)
+            "=r,l,r", [lo, size], dtype=tl.int32, is_pure=False, pack=1)
