@@ -219,7 +219,7 @@ def _decode_split_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     prog = tl.program_id(2)
-    pdl.wait_and_release(PDL)
+    pdl.wait(PDL)
     seq_len = tl.load(seq_lens_ptr + b)
     slot = tl.load(slots_ptr + b).to(tl.int64)  # issued together with seq_len: one round trip, not two
     lo, s_lo, s_hi = _split_range(seq_len, window, CHUNK)

@@ -70,7 +70,7 @@ class CudaKVCache:
 @triton.jit
 def _advance_kernel(step_ptr, next_ptr, B, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Make the step's own output the next step's input: token <- chosen id, length + 1."""
-    pdl.wait_and_release(PDL)
+    pdl.wait(PDL)
     i = tl.arange(0, BLOCK)
     ok = i < B
     tl.store(step_ptr + i, tl.load(next_ptr + i, mask=ok).to(tl.int32), mask=ok)

@@ -91,26 +91,6 @@ def _dequant_tile(qw_ptr, s_ptr, m_ptr, rows, row_ok, k0, k_end, K,
 
 
 @triton.jit
-def _prefetch_weights(qw_ptr, s_ptr, m_ptr, rows, row_ok, N, K, k_begin, k_end, BITS: tl.constexpr,
-                      GROUP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MIN: tl.constexpr, GATED: tl.constexpr,
-                      PDL: tl.constexpr):
-    """This program's weight slab (and its scales and mins) into L2 while the previous kernel finishes;
-    gate and up rows both for a gated call."""
-    if PDL & 2:
-        SB: tl.constexpr = s_ptr.dtype.element_ty.primitive_bitwidth // 8
-        groups = (k_end - k_begin + GROUP - 1) // GROUP
-        for half in tl.static_range(2 if GATED != 0 else 1):
-            r = rows + half * N
-            pdl.prefetch_rows(qw_ptr, K * BITS // 8, r, row_ok, k_begin * BITS // 8, (k_end - k_begin) * BITS // 8,
-                              PDL)
-            if HAS_SCALE:
-                pdl.prefetch_rows(s_ptr, (K // GROUP) * SB, r, row_ok, (k_begin // GROUP) * SB, groups * SB, PDL)
-            if HAS_MIN:
-                MB: tl.constexpr = m_ptr.dtype.element_ty.primitive_bitwidth // 8
-                pdl.prefetch_rows(m_ptr, (K // GROUP) * MB, r, row_ok, (k_begin // GROUP) * MB, groups * MB, PDL)
-
-
-@triton.jit
 def _finish(acc, acc_u, ss, mi, cols, M, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
             HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr):
     if HAS_NORM:
@@ -182,10 +162,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr
     k_end = tl.minimum(K, k_begin + k_split)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    BITS: tl.constexpr = 4 if KIND == 0 else (8 if KIND == 1 else 16)
-    _prefetch_weights(qw_ptr, s_ptr, m_ptr, rows, row_ok, N, K, k_begin, k_end, BITS, GROUP, KIND != 2, HAS_MIN,
-                      GATED, PDL)
-    pdl.wait_and_release(PDL)
+    pdl.wait(PDL)
     mi = tl.arange(0, BLOCK_M)
     gi = tl.arange(0, NG)
     ii = tl.arange(0, HALF)
@@ -335,9 +312,7 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     k_end = tl.minimum(K, k_begin + k_split)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    _prefetch_weights(qw_ptr, s_ptr, m_ptr, rows, row_ok, N, K, k_begin, k_end, WIDTH, GROUP, True, HAS_MIN,
-                      GATED, PDL)
-    pdl.wait_and_release(PDL)
+    pdl.wait(PDL)
     rows64 = rows.to(tl.int64)
     gi = tl.arange(0, NG)
     wi = tl.arange(0, WPG)
@@ -503,9 +478,7 @@ def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     k_end = tl.minimum(K, k_begin + k_split)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    _prefetch_weights(qw_ptr, s_ptr, m_ptr, rows, row_ok, N, K, k_begin, k_end, WIDTH, GROUP, True, HAS_MIN,
-                      GATED, PDL)
-    pdl.wait_and_release(PDL)
+    pdl.wait(PDL)
     rows64 = rows.to(tl.int64)
     gi = tl.arange(0, NG)
     wi = tl.arange(0, WPG)
@@ -732,7 +705,7 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
 def _embed_kernel(ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, K, stride_om, scale,
                   KIND: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_K: tl.constexpr,
                   PDL: tl.constexpr):
-    pdl.wait_and_release(PDL)
+    pdl.wait(PDL)
     t = tl.program_id(0)
     k0 = tl.program_id(1) * BLOCK_K
     NG: tl.constexpr = BLOCK_K // GROUP

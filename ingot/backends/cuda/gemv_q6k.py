@@ -112,13 +112,7 @@ def _gemv_q6k_kernel(x_ptr, lo_ptr, hi_ptr, sc_ptr, d_ptr, nw_ptr, res_ptr, out_
     k_end = tl.minimum(K, k_begin + k_split)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    # planes per row: low nibbles K/2 bytes, high pairs K/4, int8 sub-scales K/16, fp16 super-scales K/128
-    n = k_end - k_begin
-    pdl.prefetch_rows(lo_ptr, K // 2, rows, row_ok, k_begin // 2, n // 2, PDL)
-    pdl.prefetch_rows(hi_ptr, K // 4, rows, row_ok, k_begin // 4, n // 4, PDL)
-    pdl.prefetch_rows(sc_ptr, K // 16, rows, row_ok, k_begin // 16, n // 16, PDL)
-    pdl.prefetch_rows(d_ptr, K // 128, rows, row_ok, k_begin // 128, n // 128, PDL)
-    pdl.wait_and_release(PDL)
+    pdl.wait(PDL)
     rows64 = rows.to(tl.int64)
     ui = tl.arange(0, 4)  # 64-element unit of the super block
     gi = tl.arange(0, 4)  # 16-element group of the unit
@@ -270,7 +264,7 @@ def matmul(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
 @triton.jit
 def _embed_q6k_kernel(ids_ptr, lo_ptr, hi_ptr, sc_ptr, d_ptr, out_ptr, K, stride_om, scale, PDL: tl.constexpr):
     """One 256-element super block of row ids[t], element by element (a gather: one row per token is tiny)."""
-    pdl.wait_and_release(PDL)
+    pdl.wait(PDL)
     t = tl.program_id(0)
     k0 = tl.program_id(1) * 256
     row = tl.load(ids_ptr + t).to(tl.int64)

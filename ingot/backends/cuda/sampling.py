@@ -49,7 +49,7 @@ def _max_first(vals, idx, valid, SENTINEL):
 
 @triton.jit
 def _argmax_partial_kernel(x_ptr, x_stride, V, pv_ptr, pi_ptr, p_stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl.wait_and_release(PDL)
+    pdl.wait(PDL)
     blk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -62,7 +62,7 @@ def _argmax_partial_kernel(x_ptr, x_stride, V, pv_ptr, pi_ptr, p_stride, BLOCK: 
 
 @triton.jit
 def _argmax_final_kernel(pv_ptr, pi_ptr, p_stride, NB, V, out_ptr, BLOCK_NB: tl.constexpr, PDL: tl.constexpr):
-    pdl.wait_and_release(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_NB)
     valid = offs < NB
