@@ -33,16 +33,16 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def family_logits(models: Path):
-    for key, quant in FAMILIES:
+def family_logits(models: Path, families=FAMILIES, n_prompt: int = 592):
+    for key, quant in families:
         path = models / f"{key}-{quant}-L3.gguf"
         if not path.exists():
             write_synthetic_gguf(key, quant, path, layers=3, progress=False)
         fast = ingot.load(path, device="cuda", backend="cuda", max_context=1024)
         ref = ingot.load(path, device="cuda", backend="reference", dtype=torch.float32, max_context=1024)
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, fast.spec.vocab_size, (600,), generator=g).tolist()
-        # prefill over two chunks (512 + 88) and 8 decode steps
+        ids = torch.randint(0, fast.spec.vocab_size, (n_prompt + 8,), generator=g).tolist()
+        # prefill (592: two chunks, 512 + 80) and 8 decode steps
         a = fast.runner.prefill(ids[:-8]).clone()
         b = ref.runner.prefill(ids[:-8])
         steps_fast, steps_ref = [a], [b]
@@ -51,7 +51,7 @@ def family_logits(models: Path):
             steps_ref.append(ref.runner.decode(t))
         err_prefill = rel(a, b)
         err_decode = max(rel(x, y) for x, y in zip(steps_fast[1:], steps_ref[1:]))
-        record(f"logits {key} {quant}", err_prefill < 2e-2 and err_decode < 2e-2,
+        record(f"logits {key} {quant} prompt {n_prompt}", err_prefill < 2e-2 and err_decode < 2e-2,
                prefill_rel_err=err_prefill, decode_rel_err=err_decode)
         # graph replay vs eager: the same steps again from the same prefix
         fast.runner.prefill(ids[:-8])
@@ -89,10 +89,13 @@ def main():
     ap.add_argument("--models", type=Path, default=Path("/tmp/ingot-models"))
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--real", type=Path, nargs="*", default=[])
+    ap.add_argument("--families", nargs="*", default=[f"{k}:{q}" for k, q in FAMILIES], metavar="KEY:QUANT")
+    ap.add_argument("--prompt", type=int, default=592, help="prompt tokens before the 8 decode steps")
     args = ap.parse_args()
+    families = [tuple(f.split(":")) for f in args.families]
     args.models.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    for check in (lambda: family_logits(args.models),
+    for check in (lambda: family_logits(args.models, families, args.prompt),
                   *[(lambda p=p: real_model(p, ["The capital of France is", "def fibonacci(n):",
                                                 "Once upon a time"])) for p in args.real]):
         try:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ingot.backends import reference
-from ingot.backends.cuda.gemv import TARGET_PROGRAMS, GemvConfig, embed_rows, linear, plan, workspace_numel
+from ingot.backends.cuda.gemv import SPLIT_COUNTERS, TARGET_PROGRAMS, GemvConfig, embed_rows, linear, plan, workspace_numel
 from ingot.quant.pack import PackedLinear, quantize, to_device
 
 
@@ -212,21 +212,22 @@ def test_plan_word():
 @pytest.mark.parametrize("m,kernel", [(1, "word"), (1, "byte"), (5, "byte")])
 def test_split_k_repeated_calls(m, kernel, gen, kernel_device):
     """One-launch split-K: the last program of each column tile reduces in split order and resets its ticket
-    counter, so calls sharing a workspace (as the decode step's do) stay bit-identical, whatever the shape."""
+    counter, so calls sharing a workspace (as the decode step's do) stay bit-identical, whatever the shape;
+    a call with more column tiles than the last one finds its counters at 0 (not the last call's partials)."""
     dev = kernel_device
     n, k = 2 * 37, 768
     w_cpu = packed(gen, "q4", n, k, 32, False)
     w = to(w_cpu, dev)
     x = torch.randn(m, k, generator=gen).to(dev)
     nw = torch.randn(k, generator=gen).to(dev)
-    cfg_a = GemvConfig(triton_pow2(m), 16, 256, 3, kernel=kernel)
-    cfg_b = GemvConfig(triton_pow2(m), 32, 256, 2, kernel=kernel)
+    cfg_a = GemvConfig(triton_pow2(m), 16, 256, 3, kernel=kernel)  # 3 column tiles
+    cfg_b = GemvConfig(triton_pow2(m), 16, 256, 2, kernel=kernel)  # 5: counters where cfg_a's data could sit
     ws = torch.zeros(max(workspace_numel(w, m, "silu", cfg_a), workspace_numel(w, m, None, cfg_b)), device=dev)
     first = linear(x, w, norm_weight=nw, gated="silu", workspace=ws, config=cfg_a)
     other = linear(x, w, workspace=ws, config=cfg_b)  # a different tiling in between, same counters
     again = linear(x, w, norm_weight=nw, gated="silu", workspace=ws, config=cfg_a)
     assert torch.equal(first, again)
-    assert not ws[:-(-(n // 2) // 16)].view(torch.int32).any()  # the counters of cfg_a (3 tiles) and cfg_b (3)
+    assert not ws[:SPLIT_COUNTERS].view(torch.int32).any()  # every counter back at 0
     check(first, expected(x.cpu(), w_cpu, nw.cpu(), gated="silu"), 1e-5)
     check(other, expected(x.cpu(), w_cpu), 1e-5)
     unsplit = linear(x, w, config=replace(cfg_b, split=1))

@@ -2,7 +2,8 @@
 # Side-by-side benchmarks of Ingot, llama.cpp (CUDA) and MLX (CUDA, through mlx-lm) on one GPU.
 #
 #   benchmarks/harness/harness.sh setup            build llama.cpp, install MLX (from .peers/, see peers/fetch.sh)
-#   benchmarks/harness/harness.sh run [--quick] [MODEL...]   make each model's files, run the three engines
+#   benchmarks/harness/harness.sh run [--quick] [MODEL...]   make each model's files, run the engines
+#                                                  (ENGINES="llama.cpp ingot mlx" by default)
 #   benchmarks/harness/harness.sh report           results CSV + summary under $OUT
 #
 # Every step keeps its state in $STATE (default /tmp/ingot-harness) and skips what is already there, so
@@ -93,6 +94,7 @@ QUICK_MODELS="llama-3.2-1b qwen3-0.6b"
 ROWS=$STATE/rows.csv
 RAW=$STATE/raw
 MODELS=$STATE/models
+ENGINES=${ENGINES:-llama.cpp ingot mlx}  # which engines `run` measures
 MLX_TRIALS=${MLX_TRIALS:-10}  # MLX on CUDA decodes about +-10% from trial to trial: more trials than 5
 # The method's sizes; smaller ones (and LAYERS=N, the first N layers only) check the pipeline on a CPU.
 PP=${PP:-512} TG=${TG:-128} REPS=${REPS:-5} LAYERS=${LAYERS:-}
@@ -127,23 +129,28 @@ bench_mlx() {  # key bits hf-folder
   rm -rf "$dir"
 }
 
-# Each (model, quant) is done once: a call cut off by its time limit resumes with the next one.
+# Each (model, quant, engine) is done once: a call cut off by its time limit resumes with the next one. The
+# files are deleted once every engine has measured them, unless KEEP_MODELS is set (for ENGINES split over
+# several runs, e.g. Ingot while llama.cpp still builds).
 run_model() {  # key quants...
-  local key=$1 quant hf gguf; shift
+  local key=$1 quant hf gguf engine; shift
   hf=$MODELS/$key-hf
   for quant in "$@"; do
-    [ -e "$STATE/done/$key-$quant" ] && { log "$key $quant already measured"; continue; }
-    [ -e "$hf/model.safetensors.index.json" ] || { log "$key: random HF weights"; $PY benchmarks/harness/hf_random.py "$key" -o "$hf" ${LAYERS:+--layers "$LAYERS"} || return; }
     gguf=$MODELS/$key-$quant.gguf
-    log "$key $quant: GGUF"
-    $PY -m ingot.bench.synthetic "$key" --quant "$quant" -q -o "$gguf" ${LAYERS:+--layers "$LAYERS"} || continue
-    log "$key $quant: llama.cpp"; bench_llama "$key" "$quant" "$gguf"
-    log "$key $quant: ingot";     bench_ingot "$key" "$quant" "$gguf"
-    rm -f "$gguf"
-    log "$key $quant: mlx";       bench_mlx "$key" "${quant:1:1}" "$hf"
-    mkdir -p "$STATE/done"; touch "$STATE/done/$key-$quant"
+    for engine in $ENGINES; do
+      [ -e "$STATE/done/$key-$quant-$engine" ] && { log "$key $quant $engine already measured"; continue; }
+      if [ "$engine" = mlx ]; then
+        [ -e "$hf/model.safetensors.index.json" ] || { log "$key: random HF weights"; $PY benchmarks/harness/hf_random.py "$key" -o "$hf" ${LAYERS:+--layers "$LAYERS"} || continue; }
+        log "$key $quant: mlx"; bench_mlx "$key" "${quant:1:1}" "$hf"
+      else
+        [ -e "$gguf" ] || { log "$key $quant: GGUF"; $PY -m ingot.bench.synthetic "$key" --quant "$quant" -q -o "$gguf" ${LAYERS:+--layers "$LAYERS"} || continue; }
+        log "$key $quant: $engine"; "bench_${engine%.cpp}" "$key" "$quant" "$gguf"
+      fi
+      mkdir -p "$STATE/done"; touch "$STATE/done/$key-$quant-$engine"
+    done
+    [ -n "${KEEP_MODELS:-}" ] || rm -f "$gguf"
   done
-  rm -rf "$hf"
+  [ -n "${KEEP_MODELS:-}" ] || rm -rf "$hf"
 }
 
 report() {
@@ -171,8 +178,10 @@ case "$mode" in
         *) models="$models $a";;
       esac
     done
-    [ -x "$LLAMA_BIN/llama-bench" ] || { log "run setup first (llama.cpp is not built)"; exit 1; }
-    PYTHONPATH=$STATE/site $PY -c "import mlx_lm" 2>/dev/null || { log "run setup first (MLX is not installed)"; exit 1; }
+    case " $ENGINES " in *" llama.cpp "*)
+      [ -x "$LLAMA_BIN/llama-bench" ] || { log "run setup first (llama.cpp is not built)"; exit 1; };; esac
+    case " $ENGINES " in *" mlx "*)
+      PYTHONPATH=$STATE/site $PY -c "import mlx_lm" 2>/dev/null || { log "run setup first (MLX is not installed)"; exit 1; };; esac
     mkdir -p "$RAW" "$MODELS"
     gpu_info
     for key in ${models:-$ALL_MODELS}; do

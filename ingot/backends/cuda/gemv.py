@@ -603,10 +603,16 @@ def _k_split(k: int, cfg: GemvConfig) -> int:
     return triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split) * cfg.block_k
 
 
+SPLIT_COUNTERS = 1024  # int32 ticket counters at the head of every split-K workspace, one per column tile
+
+
 def _split_layout(n_w: int, m: int, tiles_n: int, splits: int) -> tuple[int, int]:
-    """(where partials start, total fp32 elements) of a split call's workspace: the tiles' int32 counters
-    first, at offset 0 for every call (each call leaves them at 0), then sums of squares, then partials."""
-    head = tiles_n + tiles_n * splits * m
+    """(where partials start, total fp32 elements) of a split call's workspace: SPLIT_COUNTERS ticket counters
+    first, the same slots for every call (each call leaves its own at 0, and no call's data overlaps another
+    call's counters), then sums of squares, then partials."""
+    if tiles_n > SPLIT_COUNTERS:
+        raise ValueError(f"a split-K call of {tiles_n} column tiles exceeds the workspace's {SPLIT_COUNTERS} counters")
+    head = SPLIT_COUNTERS + tiles_n * splits * m
     head = -(-head // 4) * 4  # partials 16-byte aligned
     return head, head + splits * m * n_w
 
@@ -621,7 +627,7 @@ def _split_buffers(workspace, out, n_w: int, m: int, tiles_n: int, splits: int):
         workspace = torch.zeros(need, device=out.device, dtype=torch.float32)
     if workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous():
         raise ValueError(f"workspace must be contiguous fp32 of >= {need} elements, zeroed when allocated")
-    return workspace[:tiles_n].view(torch.int32), workspace[tiles_n:head], workspace[head:]
+    return workspace[:tiles_n].view(torch.int32), workspace[SPLIT_COUNTERS:head], workspace[head:]
 
 
 def workspace_numel(w: PackedLinear, m: int, gated: str | None = None, config: GemvConfig | None = None) -> int:
