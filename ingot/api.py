@@ -108,16 +108,21 @@ class Model:
 
     # -- text in, text out -------------------------------------------------------------------------------
     def generate(self, prompt=None, messages=None, max_tokens: int = 256, temperature: float = 0.0,
-                 top_k=None, top_p=None, min_p=None, repeat_penalty=None, seed=None, stop=None) -> str:
-        """The new text only. Give a raw prompt, or chat messages (rendered with the model's template)."""
+                 top_k=None, top_p=None, min_p=None, repeat_penalty=None, seed=None, stop=None, *,
+                 presence_penalty=None, frequency_penalty=None) -> str:
+        """The new text only. Give a raw prompt, or chat messages (rendered with the model's template).
+        presence_penalty / frequency_penalty (-2..2) are OpenAI's, over the last 64 tokens."""
         return "".join(self.stream(prompt, messages, max_tokens, temperature, top_k, top_p, min_p,
-                                   repeat_penalty, seed, stop))
+                                   repeat_penalty, seed, stop, presence_penalty=presence_penalty,
+                                   frequency_penalty=frequency_penalty))
 
     def stream(self, prompt=None, messages=None, max_tokens: int = 256, temperature: float = 0.0,
-               top_k=None, top_p=None, min_p=None, repeat_penalty=None, seed=None, stop=None) -> Iterator[str]:
+               top_k=None, top_p=None, min_p=None, repeat_penalty=None, seed=None, stop=None, *,
+               presence_penalty=None, frequency_penalty=None) -> Iterator[str]:
         """Like generate, yielding text pieces as they are produced."""
         ids = self._prompt_ids(prompt, messages)
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed, presence_penalty,
+                                frequency_penalty)
         gen = Generator(self.runner)
         try:
             yield from gen.text(ids, self._need_tokenizer(), _check_max_tokens(max_tokens), params,
@@ -140,14 +145,16 @@ class Model:
 
     # -- tokens in, tokens out -----------------------------------------------------------------------------
     def generate_ids(self, ids: list[int], max_tokens: int = 256, temperature: float = 0.0, top_k=None,
-                     top_p=None, min_p=None, repeat_penalty=None, seed=None) -> list[int]:
+                     top_p=None, min_p=None, repeat_penalty=None, seed=None, *, presence_penalty=None,
+                     frequency_penalty=None) -> list[int]:
         """Generated token ids, stopping at (and not returning) an end-of-sequence token."""
         ids = [int(i) for i in ids]
         if not ids:
             raise IngotError("ids is empty")
         if max(ids) >= self.spec.vocab_size or min(ids) < 0:
             raise IngotError(f"token ids must be in [0, {self.spec.vocab_size})")
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed, presence_penalty,
+                                frequency_penalty)
         gen = Generator(self.runner)
         try:
             return list(gen.tokens(ids, _check_max_tokens(max_tokens), params, self._stop_ids()))

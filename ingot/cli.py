@@ -24,13 +24,18 @@ def _add_sampling(p):
     p.add_argument("--min-p", type=float, default=None, metavar="P", help="drop tokens below P x the top prob")
     p.add_argument("--repeat-penalty", type=float, default=None, metavar="R",
                    help="penalise the last 64 tokens (1.0 = off)")
+    p.add_argument("--presence-penalty", type=float, default=None, metavar="P",
+                   help="OpenAI's presence penalty, -2..2: subtract P from every token seen in the last 64")
+    p.add_argument("--frequency-penalty", type=float, default=None, metavar="F",
+                   help="OpenAI's frequency penalty, -2..2: subtract F per occurrence in the last 64")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this text (repeatable)")
 
 
 def _sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
 
 
 def _load(args):

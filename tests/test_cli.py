@@ -34,6 +34,18 @@ def test_run_json(capsys, smollm2_path):
     assert result["stats"]["prompt_tokens"] > 0
 
 
+def test_run_sampling_with_penalties(capsys, smollm2_path):
+    """Every sampling flag at once on the CPU path; a seed makes the run reproducible."""
+    args = ["run", str(smollm2_path), "-p", "Hello", "-n", "8", "--json", "--temp", "0.7", "--top-p", "0.9",
+            "--top-k", "40", "--min-p", "0.05", "--repeat-penalty", "1.1", "--presence-penalty", "0.5",
+            "--frequency-penalty", "0.5", "--seed", "1"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == first["text"]
+    assert first["stats"]["generated_tokens"] >= 1
+
+
 def test_run_streams_text_and_stats(capsys, smollm2_path):
     assert main(["run", str(smollm2_path), "--chat", "--system", "Be brief.", "-p", "Say hi", "-n", "12"]) == 0
     captured = capsys.readouterr()

@@ -90,3 +90,26 @@ def test_prefix_reuse_gives_same_tokens(smollm2):
     smollm2.runner.tokens = []  # force a cold prefill
     cold = smollm2.generate_ids(b, max_tokens=8)
     assert reused == cold
+
+
+def test_presence_and_frequency_penalties_through_the_api(smollm2):
+    """OpenAI's penalties on greedy decoding equal an argmax over penalised full-sequence logits (the prompt
+    and the tokens so far, last 64, as llama.cpp counts them), and they change a repetitive continuation."""
+    from collections import Counter
+
+    prompt = smollm2.tokenizer.encode("1, 1, 1, 1, 1, 1, 1,")
+    got = smollm2.generate_ids(prompt, max_tokens=10, presence_penalty=0.5, frequency_penalty=1.5)
+    ids, want = list(prompt), []
+    for _ in range(10):
+        row = smollm2.logits(ids)[-1].clone()
+        for t, n in Counter(ids[-64:]).items():
+            row[t] -= 1.5 * n + 0.5
+        nxt = int(row.argmax())
+        if nxt in smollm2.tokenizer.stop_ids:
+            break
+        want.append(nxt)
+        ids.append(nxt)
+    assert got == want
+    assert got != smollm2.generate_ids(prompt, max_tokens=10)
+    with pytest.raises(Exception, match="presence_penalty must be between -2 and 2"):
+        smollm2.generate_ids(prompt, max_tokens=2, presence_penalty=3.0)

@@ -78,7 +78,8 @@ class Sampler:
             return int(logits.reshape(-1).argmax())  # on the logits' device: one small copy to the host
         if logits.is_cuda:
             return self._on_gpu(logits, history if penalise else None)
-        logits = logits.float().reshape(-1).cpu()
+        # a copy: the steps below write to it, and the runner's logits may be inference tensors (read-only here)
+        logits = logits.float().reshape(-1).cpu().clone()
         if penalise:
             penalize(logits, history[-REPEAT_WINDOW:], p)
         if p.temperature == 0.0:
