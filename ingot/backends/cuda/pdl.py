@@ -6,11 +6,13 @@ A decode step is ~90 short kernels in a CUDA graph. Launched with programmatic s
 visible. Every kernel launched this way must call `wait()` before it reads or writes anything; one launched
 without the attribute waits for its predecessor as usual, and `wait()` is harmless there.
 
-Measured on an H200 (2026-12-01, benchmarks/step_time.py, graph replay of one decode step): Llama-3.2-1B
-Q4_0 974 against 982 us, Qwen3-8B Q4_0 3766 against 3794 us. Two ways of using the window were measured and
-dropped: releasing dependents right after the wait (1063 us: the early-scheduled programs cost more than
-they overlap) and prefetching each program's weight slab into L2 with cp.async.bulk.prefetch before the
-wait (1170 us: ~2.4 us of TMA issue per kernel, one bulk op per weight row).
+Measured on an H200 (2026-12-01, `ingot bench` tg128, benchmarks/results/2026-12-01-h200-ingot.csv): +1.6% on
+Llama-3.2-1B Q4_0 (1031 -> 1048 tok/s), +0.8% on Qwen3-8B Q4_0 (265 -> 267). Two ways of using the window
+were measured (benchmarks/step_time.py, graph replay of one step, Llama-3.2-1B Q4_0 at 982 us without PDL,
+before the split-K fix of 48a62dc)
+and dropped: releasing dependents right after the wait (1063 us: the early-scheduled programs cost more than
+they overlap) and prefetching each program's weight slab into L2 with cp.async.bulk.prefetch before the wait
+(1170 us: ~2.4 us of TMA issue per kernel, one bulk op per weight row).
 Off under TRITON_INTERPRET and below sm_90, or with INGOT_PDL=0 (for A/B measurements).
 """
 
