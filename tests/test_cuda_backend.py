@@ -126,3 +126,20 @@ def test_graph_prefill_equals_eager(family, tmp_path):
             out.append(m.runner.prefill(ids).clone())
         assert _rel(out[1], out[0]) < 1e-3, f"{len(ids)} tokens"
     assert set(m.backend._prefill_graphs) == {16, 32, 64, 128, 256, 384, 512}
+
+
+def test_split_k_decode_matches_full_forward(tmp_path):
+    """Decode steps whose GEMVs split K (wider than the tiny models: every projection splits, with different
+    column-tile counts sharing one workspace) give the logits of a full-sequence forward of the same tokens.
+    Until 48a62dc a call could find the previous call's partial sums where its ticket counters sit."""
+    from tests.conftest import KERNEL_DEVICE
+
+    save_hf(make_hf_model("llama", hidden_size=512, intermediate_size=1536, num_attention_heads=8,
+                          num_key_value_heads=2, head_dim=64, num_hidden_layers=1), tmp_path)
+    m = ingot.load(tmp_path, device=KERNEL_DEVICE, backend="cuda", max_context=32, quant="q8")
+    ids = torch.randint(0, m.spec.vocab_size, (14,), generator=torch.Generator().manual_seed(1)).tolist()
+    full = m.runner.forward_all(ids).clone()
+    m.runner.tokens = []
+    m.runner.prefill(ids[:11])
+    for i in range(11, 14):
+        assert _rel(m.runner.decode(ids[i]), full[i]) < 5e-3
