@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -56,6 +57,17 @@ def test_hf_random_moe_hook_and_errors():
         hf_random.tensor_shapes(dict(cfg, model_type="mamba"))
     plan = hf_random.shard_plan({"a": (10,), "b": (1000,), "c": (10,)}, shard_bytes=100)
     assert plan == [["a"], ["b"], ["c"]]
+
+
+def test_hf_random_refuses_a_checkpoint_the_disk_cannot_hold(tmp_path, monkeypatch):
+    """Qwen3-30B-A3B's bf16 weights (61 GB) do not fit the GPU machine's disk beside its GGUFs: a clear
+    refusal before anything is written, not a full disk halfway through."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10**9))
+    with pytest.raises(hf_random.DiskSpaceError, match=r"qwen3-30b-a3b: the bf16 checkpoint needs 61\.\d GB"):
+        hf_random.write_hf_random("qwen3-30b-a3b", tmp_path / "m")
+    assert not list((tmp_path / "m").glob("*.safetensors"))
+    assert hf_random.main(["qwen3-30b-a3b", "-o", str(tmp_path / "m")]) == 3
 
 
 def test_parse_llama_bench_sample():

@@ -86,10 +86,10 @@ gpu_info() {
   cat "$OUT/gpu.csv"
 }
 
-# Default model list. Qwen3-30B-A3B waits for Ingot's CUDA MoE path: once it lands, add "qwen3-30b-a3b"
-# here (hf_random.py already writes the per-expert layout that mlx_lm converts; ingot.bench.synthetic writes
-# its GGUF).
-ALL_MODELS="llama-3.2-1b llama-3.2-3b qwen3-0.6b qwen3-4b qwen3-8b gemma-3-1b"
+# Default model list. Qwen3-30B-A3B comes last: its GGUFs are 17 and 32 GB, and its bf16 HF checkpoint for
+# mlx_lm (61 GB) does not fit the GPU machine's 64 GB disk beside them, so hf_random.py refuses it there and
+# MLX goes unmeasured for it (the log says so).
+ALL_MODELS="llama-3.2-1b llama-3.2-3b qwen3-0.6b qwen3-4b qwen3-8b gemma-3-1b qwen3-30b-a3b"
 QUICK_MODELS="llama-3.2-1b qwen3-0.6b"
 ROWS=$STATE/rows.csv
 RAW=$STATE/raw
@@ -174,7 +174,6 @@ case "$mode" in
     for a in "$@"; do
       case "$a" in
         --quick) quants=${QUANTS:-q4_0}; models=$QUICK_MODELS;;
-        qwen3-30b-a3b) echo "qwen3-30b-a3b waits for Ingot's CUDA MoE path (see ALL_MODELS in $0)"; exit 2;;
         *) models="$models $a";;
       esac
     done

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -157,6 +158,10 @@ def write_tokenizer(cfg: dict, folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
+class DiskSpaceError(RuntimeError):
+    pass
+
+
 def write_hf_random(key: str, folder, layers: int | None = None, seed: int = 0, device: str | None = None,
                     overrides: dict | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
     """Write model `key` (a key of ingot/bench/model_shapes.json) as a random-weight HF folder; returns it.
@@ -170,6 +175,10 @@ def write_hf_random(key: str, folder, layers: int | None = None, seed: int = 0, 
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     shapes = tensor_shapes(cfg)
+    need = sum(2 * _numel(s) for s in shapes.values())
+    free = shutil.disk_usage(folder).free
+    if need > free:  # Qwen3-30B-A3B in bf16 (61 GB) beside its GGUF files on a 64 GB disk
+        raise DiskSpaceError(f"{key}: the bf16 checkpoint needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free")
     shards = shard_plan(shapes, shard_bytes)
     weight_map, total = {}, 0
     for i, names in enumerate(shards, 1):
@@ -194,7 +203,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="where the random numbers are drawn (default: cuda if present)")
     a = p.parse_args(argv)
-    out = write_hf_random(a.model, a.output, a.layers, a.seed, a.device)
+    try:
+        out = write_hf_random(a.model, a.output, a.layers, a.seed, a.device)
+    except DiskSpaceError as e:
+        print(f"hf_random: {e}; not written", file=sys.stderr)
+        return 3
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
