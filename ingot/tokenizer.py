@@ -37,7 +37,8 @@ _QWEN2 = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _PRE_REGEXES = {
-    "gpt2": [_GPT2],
+    "gpt-2": [_GPT2],
+    "gpt2": [_GPT2],  # not a llama.cpp name (it has "gpt-2"); kept for files written with it
     "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
     "llama3": [_LLAMA3],
     "llama-bpe": [_LLAMA3],

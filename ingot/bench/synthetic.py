@@ -283,7 +283,9 @@ def _tokenizer_for(arch: str, vocab_size: int) -> dict:
         return _llama3_tokenizer(vocab_size)
     if arch == "gemma3":
         specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-        tok = synthetic_bpe_tokenizer(vocab_size, specials, "gpt2")
+        # The pre-tokenizer is named "gpt-2" in llama.cpp (llama-vocab.cpp): "gpt2" (the tokenizer.ggml.model
+        # name) is an unknown pre-tokenizer there, and the load fails. (Real Gemma 3 files use SentencePiece.)
+        tok = synthetic_bpe_tokenizer(vocab_size, specials, "gpt-2")
         base = vocab_size - len(specials)
         tok.update(bos=base + 2, eos=base + 1, add_bos=True, chat_template=_GEMMA, eot=base + 5)
         return tok
