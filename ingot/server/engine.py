@@ -3,7 +3,7 @@
 The model is not thread-safe (one KV cache, one runner), so every call into it (tokenizing and templating
 included) happens on the worker. Each job reports back to the asyncio side through its own asyncio.Queue,
 fed with loop.call_soon_threadsafe: a Started event (prompt tokens counted, the context checked), Text
-pieces, then Done or Failed. A job's cancel flag (set when its client goes away) and its deadline are
+pieces, then always one last event, Done or Failed, so no waiting handler is left hanging. A job's cancel flag (set when its client goes away) and its deadline are
 checked between tokens; closing the model's stream() generator stops decoding there.
 """
 
@@ -28,6 +28,14 @@ class QueueFull(Exception):
 
 class TimedOut(Exception):
     """The request ran past --request-timeout (queue wait included)."""
+
+
+class Cancelled(Exception):
+    """The job was stopped because its client went away (or the server is stopping)."""
+
+
+class ShuttingDown(Exception):
+    """The server stopped before the job's turn came."""
 
 
 @dataclass
@@ -110,7 +118,7 @@ class Engine:
                 break
             if job is not None:
                 job.cancelled.set()
-                job.send(Failed(RuntimeError("the server is shutting down")))
+                job.send(Failed(ShuttingDown("the server is shutting down")))
         if self._current is not None:
             self._current.cancelled.set()
         self._jobs.put(None)
@@ -122,7 +130,7 @@ class Engine:
             try:
                 self._run(job)
             except Exception as e:  # a request must never take the worker down
-                if not isinstance(e, (IngotError, TimedOut)):
+                if not isinstance(e, (IngotError, TimedOut, Cancelled)):
                     log.exception("request failed")
                 job.send(Failed(e))
             finally:
@@ -130,7 +138,7 @@ class Engine:
 
     def _run(self, job: Job) -> None:
         if job.cancelled.is_set():
-            return  # the client left while the job waited
+            raise Cancelled("the client went away while the request waited")
         if job.should_stop():
             raise TimedOut(f"the request waited longer than the timeout of {self.request_timeout:g} s")
         model = self.model
@@ -160,7 +168,7 @@ class Engine:
             stream.close()  # stops decoding; stream's own finally records last_stats
         if stopped:
             if job.cancelled.is_set():
-                return  # nobody is listening
+                raise Cancelled("the client went away")
             raise TimedOut(f"the request ran longer than the timeout of {self.request_timeout:g} s")
         stats = model.last_stats
         job.send(Done(stats.prompt_tokens, stats.generated_tokens, stats.finish_reason or "length"))

@@ -38,7 +38,9 @@ class _GenerationRequest(_Request):
     max_completion_tokens: TokenCount | None = None  # OpenAI's newer name for max_tokens; wins when both
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Probability | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None  # not OpenAI's; llama.cpp's and vLLM's servers take it
+    # not OpenAI's, but llama.cpp's and vLLM's servers take it; bounded because the GPU sampler sizes a
+    # workspace by it
+    top_k: Annotated[int, Field(ge=0, le=1000)] | None = None
     min_p: Probability | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -60,7 +62,9 @@ class _GenerationRequest(_Request):
     def sampling(self) -> dict:
         """Keyword arguments for Model.stream. OpenAI's default temperature is 1, not greedy."""
         return dict(temperature=1.0 if self.temperature is None else self.temperature, top_p=self.top_p,
-                    top_k=self.top_k or None, min_p=self.min_p, stop=self.stop, seed=self.seed,
+                    top_k=self.top_k or None, min_p=self.min_p, stop=self.stop,
+                    # any integer is a valid OpenAI seed; the samplers want a small non-negative one
+                    seed=None if self.seed is None else self.seed % 2**31,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
 
     def unsupported_field(self) -> str | None:
