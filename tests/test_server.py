@@ -4,7 +4,10 @@ the official openai client and plain httpx in front of it."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -74,9 +77,9 @@ def client(server):
     return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
 
 
-def post(server, path, body, headers=AUTH, **kw) -> httpx.Response:
+def post(server, path, body, headers=AUTH, timeout=60) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=60, **kw)
+    return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=timeout)
 
 
 def assert_error(r: httpx.Response, status: int, param=None, code=None) -> dict:
@@ -375,3 +378,46 @@ def test_request_timeout_stops_generation(slow_server):
     events = [e for e in r.text.split("\n\n") if e]
     assert json.loads(events[-2][6:])["error"]["code"] == "request_timeout"  # past the status: in the stream
     assert events[-1] == "data: [DONE]"
+
+
+@pytest.mark.parametrize("slow_server", [30.0], indirect=True)
+def test_client_leaving_a_plain_request_stops_generation(slow_server):
+    server, model = slow_server
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/v1/completions", {"model": "slow", "prompt": "p", "max_tokens": 60}, timeout=0.5)
+    t0 = time.monotonic()
+    server.wait_idle()
+    assert time.monotonic() - t0 < 2  # 60 tokens would take 3 s
+    assert model.last_stats.generated_tokens < 60
+
+
+# -- the command ----------------------------------------------------------------------------------------------
+def test_ingot_serve_command_starts_and_stops_on_sigterm():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ingot.cli", "serve", MODEL_ID, "--port", str(port), "-c", "256",
+                             "--api-key", API_KEY], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "ingot serve did not come up"
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"][0]["id"] == MODEL_ID
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells what stopped it
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        err = proc.stderr.read()
+        assert f"{url}/v1" in err and "Application shutdown complete" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
