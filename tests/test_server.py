@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -316,6 +317,7 @@ def test_malformed_bodies_leave_the_server_up(server, body, path):
 # -- queueing and timeouts, on a stand-in model that emits one "x" per `delay` seconds -------------------------
 class SlowModel:
     max_context = 64
+    device = torch.device("cpu")
 
     def __init__(self, delay: float):
         self.delay = delay

@@ -3,8 +3,9 @@
 The model is not thread-safe (one KV cache, one runner), so every call into it (tokenizing and templating
 included) happens on the worker. Each job reports back to the asyncio side through its own asyncio.Queue,
 fed with loop.call_soon_threadsafe: a Started event (prompt tokens counted, the context checked), Text
-pieces, then always one last event, Done or Failed, so no waiting handler is left hanging. A job's cancel flag (set when its client goes away) and its deadline are
-checked between tokens; closing the model's stream() generator stops decoding there.
+pieces, then always one last event, Done or Failed, so no waiting handler is left hanging. A job's cancel
+flag (set when its client goes away) and its deadline are checked between tokens; closing the model's
+stream() generator stops decoding there.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+
+import torch
 
 from ingot.errors import ContextLengthError, IngotError
 from ingot.server.protocol import DEFAULT_MAX_TOKENS_CAP
@@ -125,6 +128,9 @@ class Engine:
         self._thread.join(timeout=30)
 
     def _work(self) -> None:
+        if self.model.device.type == "cuda":
+            # A new thread's current CUDA device is device 0; Triton launches follow the current device.
+            torch.cuda.set_device(self.model.device)
         while (job := self._jobs.get()) is not None:
             self._current = job
             try:
