@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve one model over OpenAI's HTTP API: POST /v1/chat/completions and "
                                    "/v1/completions (streamed as server-sent events with \"stream\": true), "
                                    "GET /v1/models and GET /health. Requests run one at a time, in arrival "
-                                   "order; the clients' model name is MODEL as given here. Ctrl-C stops it.",
+                                   "order; the clients' model name is MODEL as given here. Ctrl-C or SIGTERM stops it.",
                        epilog="Try: ingot serve smollm2-135m, then point an OpenAI client at "
                               "http://127.0.0.1:8080/v1 (any API key unless --api-key is set).")
     p.add_argument("model", metavar="MODEL",
