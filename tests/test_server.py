@@ -323,7 +323,7 @@ def test_malformed_bodies_leave_the_server_up(server, body, path):
 
 # -- queueing and timeouts, on a stand-in model that emits one "x" per `delay` seconds -------------------------
 class SlowModel:
-    max_context = 64
+    max_context = 256
     device = torch.device("cpu")
 
     def __init__(self, delay: float):
