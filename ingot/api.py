@@ -120,7 +120,7 @@ class Model:
                top_k=None, top_p=None, min_p=None, repeat_penalty=None, seed=None, stop=None, *,
                presence_penalty=None, frequency_penalty=None) -> Iterator[str]:
         """Like generate, yielding text pieces as they are produced."""
-        ids = self._prompt_ids(prompt, messages)
+        ids = self.prompt_ids(prompt, messages)
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed, presence_penalty,
                                 frequency_penalty)
         gen = Generator(self.runner)
@@ -165,7 +165,7 @@ class Model:
                        top_p=None, min_p=None, seed=None) -> list[str]:
         """The new text of each prompt, decoded together in one batch (load with max_batch >= len(prompts))."""
         tok = self._need_tokenizer()
-        ids = [self._prompt_ids(p, None) for p in prompts]
+        ids = [self.prompt_ids(p) for p in prompts]
         outs = self.generate_batch_ids(ids, max_tokens, temperature, top_k, top_p, min_p, seed)
         return [tok.decode(o) for o in outs]
 
@@ -240,7 +240,8 @@ class Model:
         eos = self.config.get("eos_token_id")
         return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
-    def _prompt_ids(self, prompt, messages) -> list[int]:
+    def prompt_ids(self, prompt=None, messages=None) -> list[int]:
+        """The token ids generate/stream feed the model for a prompt or chat messages."""
         tok = self._need_tokenizer()
         if (prompt is None) == (messages is None):
             raise IngotError("give exactly one of prompt or messages")

@@ -122,6 +122,12 @@ def cmd_bench(args) -> int:
     return run_cli(args)
 
 
+def cmd_serve(args) -> int:
+    from ingot.server.serve import serve
+
+    return serve(args)
+
+
 def cmd_models(args) -> int:
     from ingot.registry import embedded_models
 
@@ -171,6 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     _bench_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for one model",
+                       description="Serve one model over OpenAI's HTTP API: POST /v1/chat/completions and "
+                                   "/v1/completions (streamed as server-sent events with \"stream\": true), "
+                                   "GET /v1/models and GET /health. Requests run one at a time, in arrival "
+                                   "order; the clients' model name is MODEL as given here. Ctrl-C or SIGTERM stops it.",
+                       epilog="Try: ingot serve smollm2-135m, then point an OpenAI client at "
+                              "http://127.0.0.1:8080/v1 (any API key unless --api-key is set).")
+    p.add_argument("model", metavar="MODEL",
+                   help="a .gguf file, a Hugging Face or MLX folder, or an embedded name (ingot models)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    p.add_argument("-c", "--max-context", "--ctx", dest="ctx", type=int, default=None, metavar="N",
+                   help="context length in tokens (default: the model's, at most 4096)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests that may wait for their turn; past that, 429 with Retry-After (default 64)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds a request may take, waiting included, before it is stopped (default 600)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="cpu or cuda (default: cuda when a GPU is present)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="the embedded models and where their files are",
                        description="List the models that installed Python packages ship.")

@@ -7,7 +7,7 @@ import pytest
 
 from ingot.cli import build_parser, main
 
-COMMANDS = ["run", "chat", "inspect", "models"]
+COMMANDS = ["run", "chat", "inspect", "models", "serve"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -84,3 +84,9 @@ def test_error_has_no_traceback(capsys, tmp_path):
     assert main(["inspect", str(tmp_path / "missing.gguf")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ingot: error:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags", [["--max-queue", "0"], ["--request-timeout", "0"], ["--port", "70000"]])
+def test_serve_refuses_bad_settings_before_loading(flags, capsys):
+    assert main(["serve", "no-such-model", *flags]) == 1
+    assert flags[0] in capsys.readouterr().err

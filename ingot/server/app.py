@@ -1,0 +1,265 @@
+"""The ASGI app: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, plus /health.
+
+Handlers parse and check a request, hand it to the engine's worker and turn its events into one JSON
+response or a stream of server-sent events. Every failure leaves as an OpenAI-shaped error with its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ingot.errors import ContextLengthError, IngotError
+from ingot.server.engine import Cancelled, Done, Engine, Failed, Job, QueueFull, ShuttingDown, Started, Text, TimedOut
+from ingot.server.errors import APIError, invalid_request, unsupported
+from ingot.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
+                                   ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice,
+                                   CompletionRequest, Delta, ModelCard, ModelList, Usage, new_id, now)
+
+OPEN_PATHS = {"/health"}  # answered without the API key, so a supervisor can probe the server
+
+
+def create_app(model, model_id: str, api_key: str | None = None, max_queue: int = 64,
+               request_timeout: float = 600.0) -> Starlette:
+    """The app serving `model` under the name `model_id`. It owns a worker thread, ended at shutdown."""
+    api = _API(Engine(model, max_queue, request_timeout), model_id)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(api.engine.close)
+
+    app = Starlette(
+        routes=[
+            Route("/health", api.health, methods=["GET"]),
+            Route("/v1/models", api.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
+            Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+            Route("/v1/completions", api.completions, methods=["POST"]),
+        ],
+        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
+        lifespan=lifespan,
+    )
+    app.state.engine = api.engine
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
+    return app
+
+
+class _API:
+    def __init__(self, engine: Engine, model_id: str):
+        self.engine, self.model_id = engine, model_id
+        self.created = now()
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": self.model_id, "busy": self.engine.busy,
+                             "queued": self.engine.queued})
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(ModelList(data=[self._card()]).model_dump())
+
+    async def model(self, request: Request) -> Response:
+        self._check_model(request.path_params["model_id"])
+        return JSONResponse(self._card().model_dump())
+
+    async def chat_completions(self, request: Request) -> Response:
+        req = await self._parse(request, ChatCompletionRequest)
+        return await self._generate(request, req, {"messages": req.chat()}, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        req = await self._parse(request, CompletionRequest)
+        return await self._generate(request, req, {"prompt": req.text()}, chat=False)
+
+    # -- the steps every generation request takes ------------------------------------------------------
+    async def _parse(self, request: Request, schema):
+        try:
+            data = json.loads(await request.body(), parse_constant=_no_constants)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        try:
+            req = schema.model_validate(data)
+        except ValidationError as e:
+            raise invalid_request(e) from None
+        if field := req.unsupported_field():
+            raise unsupported(field)
+        self._check_model(req.model)
+        return req
+
+    async def _generate(self, request: Request, req, inputs: dict, chat: bool) -> Response:
+        try:
+            job = self.engine.submit(inputs, req.token_limit, req.sampling())
+        except QueueFull:
+            raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        # Until the answer starts, a client that leaves cancels its job here; once a stream runs,
+        # StreamingResponse notices the disconnect itself and the stream's cleanup cancels the job.
+        watch = asyncio.create_task(_cancel_on_disconnect(request, job))
+        try:
+            first = await job.events.get()
+            if isinstance(first, Failed):
+                raise _error_of(first.error)
+            assert isinstance(first, Started)
+            if req.stream:
+                watch.cancel()
+                events = _chat_chunks if chat else _completion_chunks
+                return StreamingResponse(_sse(job, events(job, self.model_id, req.include_usage)),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            pieces = []
+            while not isinstance(event := await job.events.get(), (Done, Failed)):
+                pieces.append(event.text)
+            if isinstance(event, Failed):
+                raise _error_of(event.error)
+            return JSONResponse(_whole(chat, self.model_id, "".join(pieces), event).model_dump())
+        finally:
+            watch.cancel()
+
+    def _check_model(self, name: str) -> None:
+        if name != self.model_id:
+            raise APIError(404, f"the model '{name}' does not exist; this server has '{self.model_id}'",
+                           param="model", code="model_not_found")
+
+    def _card(self) -> ModelCard:
+        return ModelCard(id=self.model_id, created=self.created)
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
+
+
+def _usage(done: Done) -> Usage:
+    return Usage.of(done.prompt_tokens, done.completion_tokens)
+
+
+def _whole(chat: bool, model_id: str, text: str, done: Done):
+    if chat:
+        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=model_id, usage=_usage(done),
+                              choices=[ChatChoice(message=AssistantMessage(content=text),
+                                                  finish_reason=done.finish_reason)])
+    return Completion(id=new_id("cmpl"), created=now(), model=model_id, usage=_usage(done),
+                      choices=[CompletionChoice(text=text, finish_reason=done.finish_reason)])
+
+
+# -- streaming ------------------------------------------------------------------------------------------
+async def _events(job: Job):
+    """The job's Text events, then its Done; a Failed one raises."""
+    while True:
+        event = await job.events.get()
+        if isinstance(event, Failed):
+            raise _error_of(event.error)
+        yield event
+        if isinstance(event, Done):
+            return
+
+
+async def _chat_chunks(job: Job, model_id: str, include_usage: bool):
+    def chunk(**kw) -> dict:
+        d = ChatCompletionChunk(id=rid, created=created, model=model_id, **kw).model_dump()
+        for choice in d["choices"]:  # OpenAI's deltas carry only what they set
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        if not include_usage:
+            del d["usage"]
+        return d
+
+    rid, created = new_id("chatcmpl"), now()
+    yield chunk(choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))])
+    async for event in _events(job):
+        if isinstance(event, Text):
+            yield chunk(choices=[ChatChunkChoice(delta=Delta(content=event.text))])
+        else:
+            yield chunk(choices=[ChatChunkChoice(delta=Delta(), finish_reason=event.finish_reason)])
+            if include_usage:
+                yield chunk(choices=[], usage=_usage(event))
+
+
+async def _completion_chunks(job: Job, model_id: str, include_usage: bool):
+    def chunk(**kw) -> dict:
+        d = Completion(id=rid, created=created, model=model_id, **kw).model_dump()
+        if not include_usage:
+            del d["usage"]
+        return d
+
+    rid, created = new_id("cmpl"), now()
+    async for event in _events(job):
+        if isinstance(event, Text):
+            yield chunk(choices=[CompletionChoice(text=event.text)])
+        else:
+            yield chunk(choices=[CompletionChoice(text="", finish_reason=event.finish_reason)])
+            if include_usage:
+                yield chunk(choices=[], usage=_usage(event))
+
+
+async def _sse(job: Job, chunks):
+    """Server-sent events: one `data: {json}` per chunk, then `data: [DONE]`. An error after the stream
+    started can no longer change the status, so it goes out as an OpenAI error object in the stream."""
+    try:
+        try:
+            async for chunk in chunks:
+                yield _data(chunk)
+        except APIError as e:
+            yield _data(e.body())
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()  # the client went away mid-stream (or all is sent: then it changes nothing)
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+def _error_of(e: Exception) -> APIError:
+    """The API error for what the worker raised."""
+    if isinstance(e, ContextLengthError):
+        return APIError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, TimedOut):
+        return APIError(504, str(e), type="timeout_error", code="request_timeout")
+    if isinstance(e, (Cancelled, ShuttingDown)):
+        return APIError(503, str(e), type="server_error", code="cancelled")
+    if isinstance(e, IngotError):  # e.g. a chat template that refuses the conversation
+        return APIError(400, str(e))
+    return APIError(500, f"the server failed on this request: {type(e).__name__}: {e}", type="server_error")
+
+
+async def _api_error(request: Request, e: APIError) -> Response:
+    return e.response()
+
+
+async def _http_error(request: Request, e: HTTPException) -> Response:
+    return APIError(e.status_code, str(e.detail), type="invalid_request_error", headers=e.headers).response()
+
+
+async def _internal_error(request: Request, e: Exception) -> Response:
+    return APIError(500, f"internal server error: {type(e).__name__}", type="server_error").response()
+
+
+class _BearerAuth:
+    """Every path but OPEN_PATHS needs `Authorization: Bearer <api key>` (compared in constant time)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = APIError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'",
+                                    code="invalid_api_key").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

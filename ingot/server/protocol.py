@@ -1,0 +1,264 @@
+"""The OpenAI API's requests, responses and stream chunks, as pydantic models.
+
+Requests are validated strictly (a string where a number belongs is an error, not a guess), unknown fields
+are ignored as OpenAI does, and fields this server knows but does not implement yet are refused by
+`unsupported_field()` rather than silently dropped: a client asking for logprobs or tools must learn it
+got none.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_MAX_TOKENS_CAP = 4096  # without max_tokens, a reply may use the rest of the context, at most this
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # OpenAI's range
+TokenCount = Annotated[int, Field(ge=1)]
+
+
+class _GenerationRequest(_Request):
+    """What chat and text completions share: the model, the token budget, sampling and streaming."""
+
+    model: str
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None  # OpenAI's newer name for max_tokens; wins when both
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Probability | None = None
+    # not OpenAI's, but llama.cpp's and vLLM's servers take it; bounded because the GPU sampler sizes a
+    # workspace by it
+    top_k: Annotated[int, Field(ge=0, le=1000)] | None = None
+    min_p: Probability | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1)] | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self) -> dict:
+        """Keyword arguments for Model.stream. OpenAI's default temperature is 1, not greedy."""
+        return dict(temperature=1.0 if self.temperature is None else self.temperature, top_p=self.top_p,
+                    top_k=self.top_k or None, min_p=self.min_p, stop=self.stop,
+                    # any integer is a valid OpenAI seed; the samplers want a small non-negative one
+                    seed=None if self.seed is None else self.seed % 2**31,
+                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+
+    def unsupported_field(self) -> str | None:
+        """The first field asking for something this server cannot do yet, or None."""
+        if self.n is not None and self.n != 1:
+            return "n"
+        if self.logit_bias:
+            return "logit_bias"
+        return None
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ContentPart(_Request):
+    """Any other part (image_url, input_audio, ...): accepted by the schema so it can be refused by name."""
+
+    type: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string: chat templates differ in whether they understand lists of parts."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None  # the deprecated form of tools
+    function_call: Any = None
+
+    def unsupported_field(self) -> str | None:
+        if self.logprobs:
+            return "logprobs"
+        if self.top_logprobs:
+            return "top_logprobs"
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            return "response_format"
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                return name
+        for i, m in enumerate(self.messages):
+            if isinstance(m.content, list) and any(not isinstance(p, TextPart) for p in m.content):
+                return f"messages[{i}].content"
+        return super().unsupported_field()
+
+    def chat(self) -> list[dict]:
+        """Messages as the chat template takes them (text content only; the server refuses other parts)."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported_field(self) -> str | None:
+        if self.logprobs:
+            return "logprobs"
+        if self.echo:
+            return "echo"
+        if self.suffix:
+            return "suffix"
+        if self.best_of is not None and self.best_of != 1:
+            return "best_of"
+        return super().unsupported_field()
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+# -- responses ------------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None  # only in the last chunk, with stream_options.include_usage
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class Completion(BaseModel):
+    """A text completion; streamed, each chunk is one of these too (OpenAI uses the same object)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ingot"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
