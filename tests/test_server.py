@@ -29,6 +29,20 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 PROMPT = "The three primary colors are"
 
 
+def wait_healthy(url: str, seconds: float, check=lambda: True) -> None:
+    """Until GET /health answers 200; `check` runs each round (e.g. fails if the server process died)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        check()
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the server at {url} did not come up"
+        time.sleep(0.05)
+
+
 class _Running:
     """A uvicorn server for `app` in a background thread, on a free loopback port."""
 
@@ -41,15 +55,7 @@ class _Running:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.05)
+        wait_healthy(self.url, 30)
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=5).json()
@@ -407,16 +413,7 @@ def test_ingot_serve_command_starts_and_stops_on_sigterm():
                              "--api-key", API_KEY], stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "ingot serve did not come up"
-            time.sleep(0.2)
+        wait_healthy(url, 60, check=lambda: proc.poll() is None or pytest.fail(proc.stderr.read()))
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"][0]["id"] == MODEL_ID
         proc.send_signal(signal.SIGTERM)
