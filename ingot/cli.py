@@ -181,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for one model",
                        description="Serve one model over OpenAI's HTTP API: POST /v1/chat/completions and "
                                    "/v1/completions (streamed as server-sent events with \"stream\": true), "
-                                   "GET /v1/models and GET /health. Requests run one at a time, in arrival "
-                                   "order; the clients' model name is MODEL as given here. Ctrl-C or SIGTERM stops it.",
+                                   "GET /v1/models, GET /health and GET /metrics (Prometheus). Requests run one "
+                                   "at a time, in arrival order; the clients' model name is MODEL as given here. "
+                                   "Ctrl-C or SIGTERM stops it.",
                        epilog="Try: ingot serve smollm2-135m, then point an OpenAI client at "
                               "http://127.0.0.1:8080/v1 (any API key unless --api-key is set).")
     p.add_argument("model", metavar="MODEL",

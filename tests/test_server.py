@@ -300,6 +300,42 @@ def test_client_closing_a_stream_stops_generation(server, smollm2):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
+def metric(text: str, name: str, **labels) -> float:
+    """One sample of a Prometheus text exposition (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_metrics_count_requests_tokens_and_latencies(server):
+    server.wait_idle()
+    scrape = lambda: httpx.get(f"{server.url}/metrics", headers=AUTH, timeout=5)  # noqa: E731
+    assert httpx.get(f"{server.url}/metrics", timeout=5).status_code == 401  # behind the key, like the API
+    before = scrape()
+    assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
+    r = post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 8,
+                                         "temperature": 0})
+    usage = r.json()["usage"]
+    assert_error(post(server, "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user",
+                                                                                     "content": "hi"}]}), 404)
+    after = scrape().text
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before.text, name, **labels)
+
+    assert delta("ingot_requests_total", endpoint="completions", status="200") == 1
+    assert delta("ingot_requests_total", endpoint="chat/completions", status="404") == 1
+    assert delta("ingot_prompt_tokens_total") == usage["prompt_tokens"]
+    assert delta("ingot_generation_tokens_total") == usage["completion_tokens"] == 8
+    assert delta("ingot_time_to_first_token_seconds_count") == 1
+    assert 1 <= delta("ingot_inter_token_latency_seconds_count") <= 7
+    assert metric(after, "ingot_queue_depth") == 0 and metric(after, "ingot_running_batch_size") == 0
+
+
 def test_stream_ends_with_done(server):
     r = post(server, "/v1/completions", {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 2, "stream": True})
     events = [e for e in r.text.split("\n\n") if e]

@@ -1,4 +1,4 @@
-"""The ASGI app: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, plus /health.
+"""The ASGI app: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, plus /health and /metrics.
 
 Handlers parse and check a request, hand it to the engine's worker and turn its events into one JSON
 response or a stream of server-sent events. Every failure leaves as an OpenAI-shaped error with its status.
@@ -21,6 +21,7 @@ from starlette.routing import Route
 from ingot.errors import ContextLengthError, IngotError
 from ingot.server.engine import Cancelled, Done, Engine, Failed, Job, QueueFull, ShuttingDown, Started, Text, TimedOut
 from ingot.server.errors import APIError, invalid_request, unsupported
+from ingot.server.metrics import Metrics
 from ingot.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                    ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice,
                                    CompletionRequest, Delta, ModelCard, ModelList, Usage, new_id, now)
@@ -31,7 +32,7 @@ OPEN_PATHS = {"/health"}  # answered without the API key, so a supervisor can pr
 def create_app(model, model_id: str, api_key: str | None = None, max_queue: int = 64,
                request_timeout: float = 600.0) -> Starlette:
     """The app serving `model` under the name `model_id`. It owns a worker thread, ended at shutdown."""
-    api = _API(Engine(model, max_queue, request_timeout), model_id)
+    api = _API(Engine(model, max_queue, request_timeout, Metrics()), model_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -41,6 +42,7 @@ def create_app(model, model_id: str, api_key: str | None = None, max_queue: int 
     app = Starlette(
         routes=[
             Route("/health", api.health, methods=["GET"]),
+            Route("/metrics", api.metrics, methods=["GET"]),
             Route("/v1/models", api.models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
             Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
@@ -64,6 +66,10 @@ class _API:
         return JSONResponse({"status": "ok", "model": self.model_id, "busy": self.engine.busy,
                              "queued": self.engine.queued})
 
+    async def metrics(self, request: Request) -> Response:
+        m = self.engine.metrics
+        return Response(m.render(), media_type=m.content_type)
+
     async def models(self, request: Request) -> Response:
         return JSONResponse(ModelList(data=[self._card()]).model_dump())
 
@@ -72,12 +78,27 @@ class _API:
         return JSONResponse(self._card().model_dump())
 
     async def chat_completions(self, request: Request) -> Response:
-        req = await self._parse(request, ChatCompletionRequest)
-        return await self._generate(request, req, {"messages": req.chat()}, chat=True)
+        async with self._counted("chat/completions"):
+            req = await self._parse(request, ChatCompletionRequest)
+            return await self._generate(request, req, {"messages": req.chat()}, chat=True)
 
     async def completions(self, request: Request) -> Response:
-        req = await self._parse(request, CompletionRequest)
-        return await self._generate(request, req, {"prompt": req.text()}, chat=False)
+        async with self._counted("completions"):
+            req = await self._parse(request, CompletionRequest)
+            return await self._generate(request, req, {"prompt": req.text()}, chat=False)
+
+    @contextlib.asynccontextmanager
+    async def _counted(self, endpoint: str):
+        """Count the request under the status it is answered with (a stream's, 200, once it starts)."""
+        status = 500
+        try:
+            yield
+            status = 200
+        except APIError as e:
+            status = e.status
+            raise
+        finally:
+            self.engine.metrics.requests.labels(endpoint, str(status)).inc()
 
     # -- the steps every generation request takes ------------------------------------------------------
     async def _parse(self, request: Request, schema):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ingot.errors import ContextLengthError, IngotError
+from ingot.server.metrics import Metrics
 from ingot.server.protocol import DEFAULT_MAX_TOKENS_CAP
 
 log = logging.getLogger("ingot.server")
@@ -71,6 +72,7 @@ class Job:
     max_tokens: int | None
     sampling: dict
     loop: asyncio.AbstractEventLoop
+    arrived: float  # time.monotonic() when it was submitted
     deadline: float  # time.monotonic() past which the job stops
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -86,9 +88,11 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model, max_queue: int = 64, request_timeout: float = 600.0):
+    def __init__(self, model, max_queue: int = 64, request_timeout: float = 600.0, metrics: Metrics | None = None):
         self.model = model
         self.request_timeout = request_timeout
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self)
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._current: Job | None = None
         self._thread = threading.Thread(target=self._work, name="ingot-engine", daemon=True)
@@ -104,8 +108,9 @@ class Engine:
 
     def submit(self, inputs: dict, max_tokens: int | None, sampling: dict) -> Job:
         """Queue a job (call from the event loop); QueueFull if --max-queue jobs already wait."""
-        job = Job(inputs, max_tokens, sampling, asyncio.get_running_loop(),
-                  time.monotonic() + self.request_timeout)
+        arrived = time.monotonic()
+        job = Job(inputs, max_tokens, sampling, asyncio.get_running_loop(), arrived,
+                  arrived + self.request_timeout)
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
@@ -163,15 +168,23 @@ class Engine:
                                          f"{n_prompt + max_tokens} is more than the context of {context}")
         job.send(Started(n_prompt))
         stream = model.stream(**job.inputs, max_tokens=max_tokens, **job.sampling)
-        stopped = False
+        stopped, last, m = False, None, self.metrics
         try:
             for piece in stream:
                 if job.should_stop():
                     stopped = True
                     break
+                t = time.monotonic()
+                if last is None:
+                    m.time_to_first_token.observe(t - job.arrived)
+                else:
+                    m.inter_token_latency.observe(t - last)
+                last = t
                 job.send(Text(piece))
         finally:
             stream.close()  # stops decoding; stream's own finally records last_stats
+            m.prompt_tokens.inc(model.last_stats.prompt_tokens)
+            m.generation_tokens.inc(model.last_stats.generated_tokens)
         if stopped:
             if job.cancelled.is_set():
                 raise Cancelled("the client went away")
