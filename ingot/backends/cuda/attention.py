@@ -394,7 +394,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, wind
         G=g, BLOCK_G=1 if g == 1 else max(16, triton.next_power_of_2(g)), USE_DOT=g > 1, D=d, CHUNK=scratch.chunk,
         BLOCK_N=block_n, FUSED=fused, RG=rg, BLOCK_S=merge_s, num_warps=num_warps or dw, num_stages=num_stages or ds,
         ROPE=rope is not None, Q_NORM=rope is not None and rope.q_norm is not None,
-        K_NORM=rope is not None and rope.k_norm is not None, PDL=pdl.ENABLED, **pdl.launch_kwargs(),
+        K_NORM=rope is not None and rope.k_norm is not None, **pdl.LAUNCH,
     )
     if not fused:
         _decode_reduce_kernel[(B, hq)](

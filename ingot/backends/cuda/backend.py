@@ -167,8 +167,7 @@ class DecodeState:
 
     def advance(self) -> None:
         _advance_kernel[(1,)](self.step_in, self.next_ids, self.batch,
-                              BLOCK=triton.next_power_of_2(self.batch), num_warps=1, PDL=pdl.ENABLED,
-                              **pdl.launch_kwargs())
+                              BLOCK=triton.next_power_of_2(self.batch), num_warps=1, **pdl.LAUNCH)
 
     @property
     def tokens(self):

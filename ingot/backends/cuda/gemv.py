@@ -694,7 +694,7 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
             n_out, k, k_split, splits, res.stride(0), out.stride(0), eps, *extra_args,
             WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
             SIGNED=w.qweight.dtype == torch.int8, SPLIT=splits > 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, PDL=pdl.ENABLED, **pdl.launch_kwargs(), **extra, **flags)
+            num_warps=cfg.num_warps, **pdl.LAUNCH, **extra, **flags)
     else:
         group = w.group if w.kind != "f16" else F16_PSEUDO_GROUP
         no_scale = w.qweight  # f16: any pointer, never read
@@ -703,7 +703,7 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
             *common, m, n_out, k, k_split, splits, x.stride(0), res.stride(0), out.stride(0), eps,
             KIND=KIND_IDS[w.kind], GROUP=group, HAS_MIN=w.mins is not None, SPLIT=splits > 1,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-            PDL=pdl.ENABLED, **pdl.launch_kwargs(), **flags)
+            **pdl.LAUNCH, **flags)
     return out
 
 
@@ -741,5 +741,5 @@ def embed_rows(ids: torch.Tensor, table: PackedLinear, scale: float = 1.0, *, ou
         ids, table.qweight, table.scales if table.scales is not None else table.qweight,
         table.mins if table.mins is not None else table.qweight, out, table.k, out.stride(0), float(scale),
         KIND=KIND_IDS[table.kind], GROUP=group, HAS_MIN=table.mins is not None, BLOCK_K=bk, num_warps=4,
-        PDL=pdl.ENABLED, **pdl.launch_kwargs())
+        **pdl.LAUNCH)
     return out

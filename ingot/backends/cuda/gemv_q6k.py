@@ -241,7 +241,7 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
         norm_weight if norm_weight is not None else x, res, out, part, ss, cnt,
         m, w.n, k, k_split, splits, x.stride(0), res.stride(0), out.stride(0), eps, MAGIC,
         SPLIT=splits > 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        PDL=pdl.ENABLED, **pdl.launch_kwargs(), **flags)
+        **pdl.LAUNCH, **flags)
     return out
 
 
@@ -288,5 +288,5 @@ def embed_rows(ids: torch.Tensor, table: PackedLinear, scale: float = 1.0, *,
     assert out.shape == (t, table.k) and out.dtype == torch.float32 and out.stride(1) == 1
     _embed_q6k_kernel[(t, table.k // Q6K_SUPER)](
         ids, table.qweight, table.qhigh, table.scales, table.supers, out, table.k, out.stride(0), float(scale),
-        num_warps=4, PDL=pdl.ENABLED, **pdl.launch_kwargs())
+        num_warps=4, **pdl.LAUNCH)
     return out

@@ -107,9 +107,9 @@ def argmax(logits: torch.Tensor, out: torch.Tensor | None = None,
     if M == 0:
         return out
     _argmax_partial_kernel[(nb, M)](logits, logits.stride(0), V, pv, pi, pv.stride(0), BLOCK=block,
-                                    num_warps=4, PDL=pdl.ENABLED, **pdl.launch_kwargs())
+                                    num_warps=4, **pdl.LAUNCH)
     _argmax_final_kernel[(M,)](pv, pi, pv.stride(0), nb, V, out, BLOCK_NB=triton.next_power_of_2(nb),
-                               num_warps=4 if nb > 256 else 1, PDL=pdl.ENABLED, **pdl.launch_kwargs())
+                               num_warps=4 if nb > 256 else 1, **pdl.LAUNCH)
     return out
 
 
