@@ -21,7 +21,6 @@ from starlette.routing import Route
 from ingot.errors import ContextLengthError, IngotError
 from ingot.server.engine import Cancelled, Done, Engine, Failed, Job, QueueFull, ShuttingDown, Started, Text, TimedOut
 from ingot.server.errors import APIError, invalid_request, unsupported
-from ingot.server.metrics import Metrics
 from ingot.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                    ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice,
                                    CompletionRequest, Delta, ModelCard, ModelList, Usage, new_id, now)
@@ -32,7 +31,7 @@ OPEN_PATHS = {"/health"}  # answered without the API key, so a supervisor can pr
 def create_app(model, model_id: str, api_key: str | None = None, max_queue: int = 64,
                request_timeout: float = 600.0) -> Starlette:
     """The app serving `model` under the name `model_id`. It owns a worker thread, ended at shutdown."""
-    api = _API(Engine(model, max_queue, request_timeout, Metrics()), model_id)
+    api = _API(Engine(model, max_queue, request_timeout), model_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

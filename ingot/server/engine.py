@@ -88,10 +88,10 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model, max_queue: int = 64, request_timeout: float = 600.0, metrics: Metrics | None = None):
+    def __init__(self, model, max_queue: int = 64, request_timeout: float = 600.0):
         self.model = model
         self.request_timeout = request_timeout
-        self.metrics = metrics or Metrics()
+        self.metrics = Metrics()
         self.metrics.watch(self)
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._current: Job | None = None
@@ -167,6 +167,7 @@ class Engine:
                 raise ContextLengthError(f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}: "
                                          f"{n_prompt + max_tokens} is more than the context of {context}")
         job.send(Started(n_prompt))
+        previous = model.last_stats
         stream = model.stream(**job.inputs, max_tokens=max_tokens, **job.sampling)
         stopped, last, m = False, None, self.metrics
         try:
@@ -183,8 +184,9 @@ class Engine:
                 job.send(Text(piece))
         finally:
             stream.close()  # stops decoding; stream's own finally records last_stats
-            m.prompt_tokens.inc(model.last_stats.prompt_tokens)
-            m.generation_tokens.inc(model.last_stats.generated_tokens)
+            if model.last_stats is not previous:  # a stream that failed before it began left the last job's
+                m.prompt_tokens.inc(model.last_stats.prompt_tokens)
+                m.generation_tokens.inc(model.last_stats.generated_tokens)
         if stopped:
             if job.cancelled.is_set():
                 raise Cancelled("the client went away")
