@@ -21,6 +21,7 @@ import ingot
 from ingot.bench.synthetic import write_synthetic_gguf
 
 FAMILIES = [("llama-3.2-1b", "q4_0"), ("llama-3.2-1b", "q8_0"), ("qwen3-4b", "q4_0"), ("gemma-3-1b", "q8_0")]
+N_PROMPT = 592  # two prefill chunks, 512 + 80, before the 8 decode steps
 RESULTS = []
 
 
@@ -33,7 +34,7 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def family_logits(models: Path, families=FAMILIES, n_prompt: int = 592):
+def family_logits(models: Path, families=FAMILIES, n_prompt: int = N_PROMPT):
     for key, quant in families:
         path = models / f"{key}-{quant}-L3.gguf"
         if not path.exists():
@@ -42,7 +43,6 @@ def family_logits(models: Path, families=FAMILIES, n_prompt: int = 592):
         ref = ingot.load(path, device="cuda", backend="reference", dtype=torch.float32, max_context=1024)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, fast.spec.vocab_size, (n_prompt + 8,), generator=g).tolist()
-        # prefill (592: two chunks, 512 + 80) and 8 decode steps
         a = fast.runner.prefill(ids[:-8]).clone()
         b = ref.runner.prefill(ids[:-8])
         steps_fast, steps_ref = [a], [b]
@@ -90,7 +90,7 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--real", type=Path, nargs="*", default=[])
     ap.add_argument("--families", nargs="*", default=[f"{k}:{q}" for k, q in FAMILIES], metavar="KEY:QUANT")
-    ap.add_argument("--prompt", type=int, default=592, help="prompt tokens before the 8 decode steps")
+    ap.add_argument("--prompt", type=int, default=N_PROMPT, help="prompt tokens before the 8 decode steps")
     args = ap.parse_args()
     families = [tuple(f.split(":")) for f in args.families]
     args.models.mkdir(parents=True, exist_ok=True)

@@ -27,3 +27,17 @@ def time_graph(fn, launches: int = 20, trials: int = 11) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1000 / launches)
     return statistics.median(times)
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, replays: int = 64, trials: int = 7) -> float:
+    """Median µs per replay of an already captured graph, over `trials` runs of back-to-back replays."""
+    times = []
+    for _ in range(trials):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(replays):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / replays)
+    return statistics.median(times)

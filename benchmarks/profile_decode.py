@@ -11,6 +11,7 @@ from collections import defaultdict
 import torch
 
 import ingot
+from graph_timing import replay_us
 
 
 def main():
@@ -47,15 +48,8 @@ def main():
     m.runner.prefill(list(range(100, 108)))
     m.runner.decode(5)
     m.runner.decode(6)
-    g = b._graphs[1]
     torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(args.steps):
-        g.replay()
-    e1.record()
-    e1.synchronize()
-    print(f"graph replay alone: {e0.elapsed_time(e1) * 1000 / args.steps:.1f} us/step")
+    print(f"graph replay alone: {replay_us(b._graphs[1], args.steps, trials=1):.1f} us/step")
 
     # 3. the generator's loop
     ids = list(range(100, 108))

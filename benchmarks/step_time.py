@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import zlib
 
-import torch
-
 import ingot
+from graph_timing import replay_us
 
 
 def main():
@@ -31,18 +29,8 @@ def main():
     b = m.backend
     m.runner.prefill(prompt)
     m.runner.decode(5)
-    graph = b._graphs[1]
-    times = []
-    for _ in range(7):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(64):
-            graph.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1000 / 64)
     name = os.path.basename(args.model)
-    print(f"step {args.tag:>6} {name:32s} {statistics.median(times):8.1f} us/step  generate {tok_s:7.0f} tok/s  "
+    print(f"step {args.tag:>6} {name:32s} {replay_us(b._graphs[1]):8.1f} us/step  generate {tok_s:7.0f} tok/s  "
           f"tokens {zlib.crc32(str(tokens).encode()):08x}", flush=True)
 
 
