@@ -32,6 +32,7 @@ counters stay zero between calls) to keep the call allocation-free for CUDA grap
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -294,12 +295,35 @@ def _word_x(x_ptr, nw_ptr, xk, ok, SHIFT: tl.constexpr, WIDTH: tl.constexpr, UNP
 
 
 @triton.jit
+def _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, r_off, k0, k_end, K, WIDTH: tl.constexpr,
+                  GROUP: tl.constexpr, HAS_MIN: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr):
+    """Weight rows rows64 + r_off at the K step from k0: int32 words [groups, rows, words of a group] and
+    fp32 scales and mins [groups, rows] (mins: the scales again without them). Past k_end: all masked."""
+    EPW: tl.constexpr = 32 // WIDTH
+    gi = tl.arange(0, NG)
+    wi = tl.arange(0, WPG)
+    g_ok = k0 + gi * GROUP < k_end
+    w_ok = tl.broadcast_to(g_ok[:, None], (NG, WPG))  # constant along a group's words: no split vectors
+    words_per_row = tl.multiple_of(K // EPW, WPG)
+    wrow = qw_ptr + (rows64 + r_off) * words_per_row + tl.multiple_of(k0 // EPW, WPG)
+    wd = tl.load(wrow[None, :, None] + (gi[:, None] * WPG + wi[None, :])[:, None, :],
+                 mask=row_ok[None, :, None] & w_ok[:, None, :], other=0)
+    s_off = (rows64 + r_off)[None, :] * (K // GROUP) + (k0 // GROUP + gi)[:, None]
+    s_ok = row_ok[None, :] & g_ok[:, None]
+    s = tl.load(s_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
+    mn = s
+    if HAS_MIN:
+        mn = tl.load(m_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
+    return wd, s, mn
+
+
+@triton.jit
 def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr, cnt_ptr,
                       N, K, k_split, n_split, stride_rm, stride_om, eps, magic,
                       WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
                       HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
                       UNPACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, EARLY: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -312,12 +336,20 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     k_end = tl.minimum(K, k_begin + k_split)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    pdl.wait(PDL)
     rows64 = rows.to(tl.int64)
     gi = tl.arange(0, NG)
     wi = tl.arange(0, WPG)
-    # K is a multiple of GROUP: rows start on whole groups of words (the hints let loads be 16-byte vectors).
-    words_per_row = tl.multiple_of(K // EPW, WPG)
+    # The weights do not depend on the previous kernel: the first K step's tiles are loaded before the PDL
+    # wait, and each step loads the next step's tiles before it computes (two register buffers).
+    wd0, s0, m0 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, 0, k_begin, k_end, K,
+                               WIDTH, GROUP, HAS_MIN, NG, WPG)
+    wd1, s1, m1 = wd0, s0, m0
+    if GATED != 0:
+        wd1, s1, m1 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k_begin, k_end, K,
+                                   WIDTH, GROUP, HAS_MIN, NG, WPG)
+    pdl.wait(PDL)
+    if EARLY:
+        tl.extra.cuda.gdc_launch_dependents()
     # Tiles are [groups, rows, words of a group]: with the groups dimension ahead of the rows, the layout
     # puts a row's consecutive words in neighbouring threads (16 bytes each) and a warp's remaining threads
     # on further rows; each thread then holds BLOCK_N / (4 * num_warps)-ish rows of the same columns.
@@ -325,10 +357,15 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     acc_u = tl.zeros((NG, BLOCK_N), tl.float32)
     ssv = tl.zeros((NG, WPG), tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
+        cw0, cs0, cm0 = wd0, s0, m0
+        cw1, cs1, cm1 = wd1, s1, m1
+        wd0, s0, m0 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, 0, k0 + BLOCK_K, k_end, K,
+                                   WIDTH, GROUP, HAS_MIN, NG, WPG)
+        if GATED != 0:
+            wd1, s1, m1 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k0 + BLOCK_K, k_end, K,
+                                       WIDTH, GROUP, HAS_MIN, NG, WPG)
         g_ok = k0 + gi * GROUP < k_end  # K is a multiple of GROUP: groups are whole
-        w_ok = tl.broadcast_to(g_ok[:, None], (NG, WPG))  # constant along a group's words: no split vectors
-        wcol = gi[:, None] * WPG + wi[None, :]  # [NG, WPG] word index from k0's
-        w0 = tl.multiple_of(k0 // EPW, WPG)
+        w_ok = tl.broadcast_to(g_ok[:, None], (NG, WPG))
         # element index of byte j (q8) / low nibble of byte j (q4) of each word
         e0 = k0 + gi[:, None] * GROUP + wi[None, :] * 4
         # x for each field of a word, in the order of the fields' bit positions.
@@ -352,13 +389,11 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
             sq = (q0 + q1) + (q2 + q3)
         if HAS_NORM:
             ssv += sq
-        s_off = rows64[None, :] * (K // GROUP) + (k0 // GROUP + gi)[:, None]
-        s_ok = row_ok[None, :] & g_ok[:, None]
         for half in tl.static_range(2 if GATED != 0 else 1):
-            r_off = half * N
-            wrow = qw_ptr + (rows64 + r_off) * words_per_row + w0
-            wd = tl.load(wrow[None, :, None] + wcol[:, None, :],
-                         mask=row_ok[None, :, None] & w_ok[:, None, :], other=0)
+            if half == 0:
+                wd, s, mn = cw0, cs0, cm0
+            else:
+                wd, s, mn = cw1, cs1, cm1
             if UNPACK == 1 and SIGNED:
                 wd = wd ^ -2139062144  # 0x80808080: q + 128 in every byte
             wd = wd.to(tl.uint32, bitcast=True)  # logical shifts
@@ -378,9 +413,7 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
                 p += _word_field(wd, w_hi, magic, 16, 8, UNPACK, OFFSET, SIGNED) * xs2[:, None, :]
                 p += _word_field(wd, w_hi, magic, 24, 8, UNPACK, OFFSET, SIGNED) * xs3[:, None, :]
             t = tl.sum(p, axis=2)
-            s = tl.load(s_ptr + r_off * (K // GROUP) + s_off, mask=s_ok, other=0.0).to(tl.float32)
             if HAS_MIN:
-                mn = tl.load(m_ptr + r_off * (K // GROUP) + s_off, mask=s_ok, other=0.0).to(tl.float32)
                 c = s * t + mn * tl.sum(xsum, axis=1)[:, None]
             else:
                 c = s * t
@@ -468,7 +501,7 @@ def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
                       WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
                       HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
                       ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, EARLY: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -478,20 +511,32 @@ def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     k_end = tl.minimum(K, k_begin + k_split)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    pdl.wait(PDL)
     rows64 = rows.to(tl.int64)
     gi = tl.arange(0, NG)
     wi = tl.arange(0, WPG)
     ji = tl.arange(0, 4)
-    words_per_row = tl.multiple_of(K // EPW, WPG)
+    # Weights loaded ahead, as in the word kernel.
+    wd0, s0, m0 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, 0, k_begin, k_end, K,
+                                WIDTH, GROUP, HAS_MIN, NG, WPG)
+    wd1, s1, m1 = wd0, s0, m0
+    if GATED != 0:
+        wd1, s1, m1 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k_begin, k_end, K,
+                                    WIDTH, GROUP, HAS_MIN, NG, WPG)
+    pdl.wait(PDL)
+    if EARLY:
+        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((NG, BLOCK_N), tl.float32)  # tiles [groups, rows, words]: as in the word kernel
     acc_u = tl.zeros((NG, BLOCK_N), tl.float32)
     ssv = tl.zeros((NG,), tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
+        cw0, cs0, cm0 = wd0, s0, m0
+        cw1, cs1, cm1 = wd1, s1, m1
+        wd0, s0, m0 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, 0, k0 + BLOCK_K, k_end, K,
+                                    WIDTH, GROUP, HAS_MIN, NG, WPG)
+        if GATED != 0:
+            wd1, s1, m1 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k0 + BLOCK_K, k_end, K,
+                                        WIDTH, GROUP, HAS_MIN, NG, WPG)
         g_ok = k0 + gi * GROUP < k_end
-        w_ok = tl.broadcast_to(g_ok[:, None], (NG, WPG))
-        wcol = gi[:, None] * WPG + wi[None, :]
-        w0 = tl.multiple_of(k0 // EPW, WPG)
         # element of byte j of x word wi: q4 low nibbles (and + G/2 for the high ones), q8 bytes
         xk = (k0 + gi[:, None, None] * GROUP + wi[None, :, None] * 4) + ji[None, None, :]
         x_ok = tl.broadcast_to(g_ok[:, None, None], (NG, WPG, 4))
@@ -502,13 +547,11 @@ def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
             xb, sb, sumb, sqb = _quant_x(x_ptr, nw_ptr, xk + GROUP // 2, x_ok, HAS_NORM, ASM)
             xsum += sumb
             ssv += sqb
-        s_off = rows64[None, :] * (K // GROUP) + (k0 // GROUP + gi)[:, None]
-        s_ok = row_ok[None, :] & g_ok[:, None]
         for half in tl.static_range(2 if GATED != 0 else 1):
-            r_off = half * N
-            wrow = qw_ptr + (rows64 + r_off) * words_per_row + w0
-            wd = tl.load(wrow[None, :, None] + wcol[:, None, :],
-                         mask=row_ok[None, :, None] & w_ok[:, None, :], other=0)
+            if half == 0:
+                wd, s, mn = cw0, cs0, cm0
+            else:
+                wd, s, mn = cw1, cs1, cm1
             if WIDTH == 4:
                 ta = tl.sum(_dp4a(wd & 0x0F0F0F0F, xa[:, None, :], False, ASM), axis=2)
                 tb = tl.sum(_dp4a((wd >> 4) & 0x0F0F0F0F, xb[:, None, :], False, ASM), axis=2)
@@ -518,10 +561,8 @@ def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
             else:
                 ta = tl.sum(_dp4a(wd, xa[:, None, :], SIGNED, ASM), axis=2)
                 t = ta.to(tl.float32) * sa[:, None]
-            s = tl.load(s_ptr + r_off * (K // GROUP) + s_off, mask=s_ok, other=0.0).to(tl.float32)
             c = s * t
             if HAS_MIN:
-                mn = tl.load(m_ptr + r_off * (K // GROUP) + s_off, mask=s_ok, other=0.0).to(tl.float32)
                 c += mn * xsum[:, None]
             if half == 0:
                 acc += c
@@ -579,9 +620,9 @@ def _plan_byte(n_out: int, k: int, m: int, kind: str, group: int, gated: bool) -
 
 
 TARGET_PROGRAMS = 320
-# plan() picks the int8-activation dp4a kernel for M = 1 q4/q8 once it is measured faster on the H100
-# (benchmarks/gemv_ab.py); until then the fp32-activation word kernel.
-DECODE_KERNEL = "word"
+# The M = 1 q4/q8 kernel: "dp4a" (int8 activations) or "word" (fp32 activations; INGOT_DECODE_GEMV=word).
+DECODE_KERNEL = os.environ.get("INGOT_DECODE_GEMV", "word")
+DP4A_TARGET_PROGRAMS = 512
 
 
 def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvConfig:
@@ -590,13 +631,31 @@ def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvCo
     x value it loads across its rows. K is split until the grid holds ~320 programs (~2.4 per SM): the
     benchmarks/gemv_sweep.py winners on the H100 (2026-11-24) sit there for every shape from 2048x2048 to
     151936x4096, where small shapes are latency-bound and want all their loads in flight at once."""
+    if DECODE_KERNEL == "dp4a":
+        return _plan_dp4a(n_out, k, kind, group)
     block_k = max(256 if kind == "q4" else 128, group)
     block_n = 64 if gated and kind == "q4" else 128
-    tiles_n = triton.cdiv(n_out, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    split = max(1, min(round(TARGET_PROGRAMS / tiles_n), k_tiles))
-    split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty splits
-    return GemvConfig(1, block_n, block_k, split, num_warps=4, kernel=DECODE_KERNEL, unpack=1)
+    return _split_for(GemvConfig(1, block_n, block_k, 1, num_warps=4, kernel="word", unpack=1), n_out, k,
+                      TARGET_PROGRAMS)
+
+
+def _plan_dp4a(n_out: int, k: int, kind: str, group: int) -> GemvConfig:
+    """M = 1 dp4a kernel: 64 rows (q4) / 128 rows (q8) of 128 bytes per K step, K split until ~512 programs.
+    benchmarks/gemv_ab.py on the H200 (2026-12-01): within 5% of the best of 4-6 tilings at every decode
+    shape of Llama-3.2-1B and Qwen3-8B (qkv, o, gate_up, down, lm_head) but Qwen3-8B's q4 qkv (bn 128 s8)."""
+    block_k = max(256 if kind == "q4" else 128, group)
+    block_n = 64 if kind == "q4" else 128
+    return _split_for(GemvConfig(1, block_n, block_k, 1, num_warps=4, kernel="dp4a"), n_out, k,
+                      DP4A_TARGET_PROGRAMS)
+
+
+def _split_for(cfg: GemvConfig, n_out: int, k: int, programs: int) -> GemvConfig:
+    """cfg with K split so that the grid holds about `programs` programs, and no split is empty."""
+    tiles_n = triton.cdiv(n_out, cfg.block_n)
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    split = max(1, min(round(programs / tiles_n), k_tiles))
+    split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
+    return dataclasses.replace(cfg, split=split)
 
 
 def _k_split(k: int, cfg: GemvConfig) -> int:
@@ -686,9 +745,10 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
     if word_like and cfg.kernel in ("word", "dp4a"):
         assert cfg.block_k % w.group == 0 and w.qweight.is_contiguous()
         if cfg.kernel == "word":
-            kernel, extra_args, extra = _gemv_word_kernel, (MAGIC,), dict(UNPACK=cfg.unpack)
+            kernel, extra_args, extra = _gemv_word_kernel, (MAGIC,), dict(UNPACK=cfg.unpack, EARLY=pdl.EARLY)
         else:  # inline PTX only on a GPU; the interpreter runs the same integer arithmetic in plain ops
-            kernel, extra_args, extra = _gemv_dp4a_kernel, (), dict(ASM=os.environ.get("TRITON_INTERPRET") != "1")
+            kernel, extra_args, extra = _gemv_dp4a_kernel, (), dict(ASM=os.environ.get("TRITON_INTERPRET") != "1",
+                                                                     EARLY=pdl.EARLY)
         kernel[(tiles_n, splits)](
             x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales, *common,
             n_out, k, k_split, splits, res.stride(0), out.stride(0), eps, *extra_args,
