@@ -35,7 +35,7 @@ def _enabled() -> bool:
 ENABLED = _enabled()
 # The launch arguments of every kernel that calls wait(PDL) first: its PDL constexpr, and the attribute.
 LAUNCH = {"PDL": ENABLED, "launch_pdl": True} if ENABLED else {"PDL": False}
-EARLY = ENABLED and os.environ.get("INGOT_PDL_EARLY", "0") == "1"
+EARLY = ENABLED and os.environ.get("INGOT_PDL_EARLY", "1") == "1"
 
 
 @triton.jit
