@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ingot.backends import reference
+from ingot.backends.cuda import gemv
 from ingot.backends.cuda.gemv import SPLIT_COUNTERS, TARGET_PROGRAMS, GemvConfig, embed_rows, linear, plan, workspace_numel
 from ingot.quant.pack import PackedLinear, quantize, to_device
 
@@ -207,6 +208,19 @@ def test_plan_word():
         tiles, k_tiles = -(-n // c.block_n), -(-k // c.block_k)
         assert tiles * c.split >= min(TARGET_PROGRAMS // 2, tiles * k_tiles) and k_tiles >= c.split
     assert plan(128256, 2048, 1, "q4", 32, False).split == 1
+
+
+def test_plan_dp4a(monkeypatch):
+    """INGOT_DECODE_GEMV=dp4a: 64-row (q4) / 128-row (q8) tiles, K split towards ~512 programs, no empty split."""
+    monkeypatch.setattr(gemv, "DECODE_KERNEL", "dp4a")
+    for n, k, kind, gated, block_n in ((3072, 2048, "q4", False, 64), (8192, 2048, "q4", True, 64),
+                                       (4096, 12288, "q8", False, 128), (128256, 2048, "q8", False, 128)):
+        c = plan(n, k, 1, kind, 32, gated)
+        assert (c.kernel, c.block_n, c.block_m) == ("dp4a", block_n, 1)
+        tiles, k_tiles = -(-n // c.block_n), -(-k // c.block_k)
+        assert k_tiles >= c.split and -(-k_tiles // -(-k_tiles // c.split)) == c.split
+        assert tiles * c.split >= min(gemv.DP4A_TARGET_PROGRAMS // 2, tiles * k_tiles)
+    assert plan(3072, 2048, 1, "q4", 32, False).split == 8  # 48 tiles x 8 K steps: every K step its own split
 
 
 @pytest.mark.parametrize("m,kernel", [(1, "word"), (1, "byte"), (5, "byte")])

@@ -19,7 +19,8 @@ in its two nibbles, so the low and high nibbles of a contiguous byte run pair wi
 q8 and f16 use the same split (f16 with a pseudo-group of 32), so one kernel body serves all kinds; KIND is
 a constexpr and each kind compiles to its own specialized kernel. M = 1 with q4/q8 weights has two faster
 kernels below (GemvConfig.kernel): "word" (fp32 x, int32 weight words) and "dp4a" (x quantized to int8 per
-program, integer dot products; opt-in until measured, see DECODE_KERNEL).
+program, integer dot products; opt-in, see DECODE_KERNEL: faster alone, slower inside the decode step on
+the q4 models and less accurate, as measured in benchmarks/README.md).
 
 When N alone gives too few programs to fill 132 SMs, K is split across programs, still in one launch: each
 program writes its fp32 partial dot products (and partial sum of squares) to a workspace and takes a ticket

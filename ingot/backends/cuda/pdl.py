@@ -8,12 +8,15 @@ anything; one launched without the attribute waits for its predecessor as usual,
 there.
 
 Measured on an H200 (2026-12-01, `ingot bench` tg128, benchmarks/results/2026-12-01-h200-ingot.csv): +1.6% on
-Llama-3.2-1B Q4_0 (1031 -> 1048 tok/s), +0.8% on Qwen3-8B Q4_0 (265 -> 267). Two ways of using the window
-were measured (benchmarks/step_time.py, graph replay of one step, Llama-3.2-1B Q4_0 at 982 us without PDL,
-before the split-K fix of 48a62dc) and dropped: releasing dependents right after the wait (1063 us: the
-early-scheduled programs cost more than they overlap) and prefetching each program's weight slab into L2
-with cp.async.bulk.prefetch before the wait (1170 us: ~2.4 us of TMA issue per kernel, one bulk op per
-weight row).
+Llama-3.2-1B Q4_0 (1031 -> 1048 tok/s), +0.8% on Qwen3-8B Q4_0 (265 -> 267).
+
+The decode GEMVs also release their dependents right after their own wait (`EARLY`, `INGOT_PDL_EARLY=0` turns
+it off), and load their first weight tiles before the wait, since weights do not depend on the previous
+kernel: so the next GEMV's weight loads overlap this one's tail. Graph replay of one step on the H200
+(benchmarks/step_time.py, 2026-12-01): Llama-3.2-1B Q4_0 1017 -> 952 us, Q8_0 922 -> 907, Qwen3-8B Q4_0
+3814 -> 3754, the same greedy tokens. Early release alone, without the weights loaded ahead, had measured
+worse (1063 against 982 us on Llama-3.2-1B Q4_0), and so had prefetching each program's weight slab into L2
+with cp.async.bulk.prefetch before the wait (1170 us: ~2.4 us of TMA issue per kernel).
 Off under TRITON_INTERPRET and below sm_90, or with INGOT_PDL=0 (for A/B measurements).
 """
 
