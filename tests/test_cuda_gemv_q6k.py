@@ -109,12 +109,17 @@ def test_plan_and_errors(gen):
         gemv_q6k.linear(torch.randn(33, 256), w)
 
 
-def test_tiny_gguf_with_q6k_output_matches_reference(tmp_path, kernel_device):
+@pytest.mark.parametrize("native", [False, True])
+def test_tiny_gguf_with_q6k_output_matches_reference(native, tmp_path, kernel_device, monkeypatch):
     """A 1-layer Qwen3 with tied embeddings whose token_embd.weight is Q6_K (as llama-quantize writes Q4_0
-    files): the CUDA backend keeps it q6k, for the embedding rows and the lm_head, and gives the reference
-    backend's logits, in prefill (whole-sequence logits through the matmul path) and decode."""
+    files): the CUDA backend holds it as exact q8 with group-16 scales (by default) or keeps it q6k
+    (INGOT_Q6K_NATIVE), for the embedding rows and the lm_head, and gives the reference backend's logits,
+    in prefill (whole-sequence logits through the matmul path) and decode."""
     import ingot
+    from ingot.backends.cuda import weights
     from ingot.bench.synthetic import write_synthetic_gguf
+
+    monkeypatch.setattr(weights, "Q6K_NATIVE", native)
 
     small = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=64, vocab_size=8192, tie_word_embeddings=True)
@@ -123,7 +128,8 @@ def test_tiny_gguf_with_q6k_output_matches_reference(tmp_path, kernel_device):
     fast = ingot.load(path, device=kernel_device, backend="cuda", max_context=32, progress=False)
     ref = ingot.load(path, device=kernel_device, backend="reference", dtype=torch.float32, max_context=32,
                      progress=False)
-    assert fast.backend.w.lm_head is fast.backend.w.embed and fast.backend.w.embed.kind == "q6k"
+    embed = fast.backend.w.embed
+    assert fast.backend.w.lm_head is embed and (embed.kind, embed.group) == (("q6k", 16) if native else ("q8", 16))
     ids = torch.randint(0, 8192, (19,), generator=torch.Generator().manual_seed(0)).tolist()
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
     assert rel(fast.runner.forward_all(ids[:17]), ref.runner.forward_all(ids[:17])) < 5e-3  # > DECODE_ROWS

@@ -3,6 +3,7 @@ all copied into one device arena."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -63,13 +64,22 @@ def _norms(l: LayerWeights):
             if t is not None]
 
 
+# GGUF Q6_K (the output / tied embedding of llama-quantize's Q4_0 files) is held as its exact q8 form with
+# group-16 scales by default: 10 bits per weight against 6.56, but the q8 GEMV reads it twice as fast as the
+# native q6k kernel (benchmarks/q6k_ab.py, H200, 2026-12-01: Llama-3.2-1B's 128256x2048 lm_head 98 against
+# 197 us at plan()'s tiles, 3.4 against 1.1 TB/s; 1042 against 3384 us at batch 8). INGOT_Q6K_NATIVE=1
+# keeps the native kind (gemv_q6k.py), a third less memory for that matrix.
+Q6K_NATIVE = os.environ.get("INGOT_Q6K_NATIVE") == "1"
+
+
 def pack_tensor(ref, quant: str | None) -> pack.PackedLinear:
     """One stored matrix in kernel layout. GGUF and MLX types repack as exactly as the layout allows;
     float tensors stay f16 unless a quant ("q4" | "q8") is asked for."""
     from ingot.formats.checkpoint import GGMLTensor
 
     if isinstance(ref, GGMLTensor) and ref.qtype not in ("F32", "F16", "BF16"):
-        return pack.from_ggml(ref)
+        p = pack.from_ggml(ref)
+        return pack.q6k_as_q8(p) if p.kind == "q6k" and not Q6K_NATIVE else p
     # Stacked experts [E, rows, k] become one [E * rows, k] matrix.
     if ref.qtype in ("MLX4", "MLX8"):
         weight, scales, biases = (a.reshape(-1, a.shape[-1]) for a in ref.packed())
