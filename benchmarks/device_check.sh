@@ -8,6 +8,11 @@
 #   benchmarks/device_check.sh ab [KEYS]      `ingot bench` of each model once per value of an environment
 #                                             switch (AB_VAR, default INGOT_PDL; AB_VALUES, default "0 1"),
 #                                             the runs interleaved so clock drift hits both alike
+#   benchmarks/device_check.sh trees [KEYS]   benchmarks/step_time.py (graph replay of one decode step and a
+#                                             checksum of its greedy tokens) for this checkout and for each
+#                                             source tree carried in .carry/trees/NAME/ingot (make one with
+#                                             `git archive REF ingot | tar -x -C .carry/trees/NAME`),
+#                                             interleaved, twice
 #
 # On this workplace's device tool the machine has no network: missing wheels travel in .whl/ and model
 # files in .carry/ (split by benchmarks/carry_split.sh; parts from consecutive calls are collected in
@@ -94,6 +99,24 @@ case "$mode" in
       done
     done
     ;;
+  trees)
+    gpu_info
+    keys=${*:-"llama-3.2-1b qwen3-8b"}
+    trees=("$PWD")
+    for t in .carry/trees/*/; do [ -d "$t/ingot" ] && trees+=("$PWD/${t%/}"); done
+    for rep in 1 2; do
+      for key in $keys; do
+        for quant in ${QUANTS:-q4_0}; do
+          f="$MODELS/$key-$quant.gguf"
+          [ -e "$f" ] || $PY -m ingot.bench.synthetic "$key" --quant "$quant" -q -o "$f" || continue
+          for t in "${trees[@]}"; do
+            PYTHONPATH="$t:$PYTHONPATH" $PY benchmarks/step_time.py "$f" --tag "$(basename "$t")" 2>>"$OUT/bench.err" \
+              | tee -a "$OUT/trees.txt"
+          done
+        done
+      done
+    done
+    ;;
   collect) ;;  # only gather carried files (the model parts above)
-  *) echo "usage: $0 check|kernels|bench|batch|collect [model keys]"; exit 2;;
+  *) echo "usage: $0 check|kernels|bench|batch|ab|trees|collect [model keys]"; exit 2;;
 esac

@@ -1,0 +1,81 @@
+"""Registers, spills and shared memory of the M = 1 decode GEMV kernels compiled for sm_90a, on any machine
+(no GPU needed: Triton compiles to PTX and its bundled ptxas reports the resources).
+
+    python3 benchmarks/kernel_regs.py [SOURCE_TREE]      (default: this checkout)
+
+At 4 warps a program of R registers per thread leaves 65536 / (128 R) programs per SM: above 128 registers,
+at most 3; at 255, 2. For the latency-bound decode GEMVs that is the loads in flight, so compare trees
+before spending device time on them (e.g. `git archive BRANCH ingot | tar -x -C /tmp/tree`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia import compiler as nv_compiler  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+# (name, constexprs) at the decode step's shapes: plan()'s tiles for each kind
+CASES = [
+    ("q4 qkv (norm)", dict(WIDTH=4, HAS_NORM=True, GATED=0, HAS_RES=False, BLOCK_N=128, BLOCK_K=256)),
+    ("q4 gate_up (norm, silu)", dict(WIDTH=4, HAS_NORM=True, GATED=1, HAS_RES=False, BLOCK_N=64, BLOCK_K=256)),
+    ("q4 down (residual)", dict(WIDTH=4, HAS_NORM=False, GATED=0, HAS_RES=True, BLOCK_N=128, BLOCK_K=256)),
+    ("q8 gate_up (norm, silu)", dict(WIDTH=8, HAS_NORM=True, GATED=1, HAS_RES=False, BLOCK_N=128, BLOCK_K=128)),
+    ("q8 down (residual)", dict(WIDTH=8, HAS_NORM=False, GATED=0, HAS_RES=True, BLOCK_N=128, BLOCK_K=128)),
+]
+COMMON = dict(GROUP=32, HAS_MIN=False, SIGNED=True, SPLIT=True, PDL=True, EARLY=True)
+
+
+def resources(kernel, constexprs: dict, num_warps: int = 4) -> tuple[int, int, int]:
+    """(registers per thread, spill store bytes, shared memory bytes) of `kernel` for sm_90a."""
+    names = kernel.arg_names
+    consts = {n: v for n, v in constexprs.items() if n in names}
+
+    def arg_type(n):
+        if n in consts:
+            return "constexpr"
+        if n.endswith("_ptr"):
+            return {"qw_ptr": "*i32", "cnt_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16"}.get(n, "*fp32")
+        return "fp32" if n == "eps" else "i32"
+
+    src = ASTSource(kernel, {n: arg_type(n) for n in names},
+                    constexprs={(names.index(n),): v for n, v in consts.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr")})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    ptxas = os.path.join(os.path.dirname(nv_compiler.__file__), "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    return regs, spills, compiled.metadata.shared
+
+
+def main():
+    if len(sys.argv) > 1:
+        sys.path.insert(0, os.path.abspath(sys.argv[1]))
+    from ingot.backends.cuda import gemv
+
+    print(f"{'kernel':6s} {'case':26s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s} {'programs/SM':>12s}")
+    for name, case in CASES:
+        for label, kernel, extra in (("word", gemv._gemv_word_kernel, dict(UNPACK=1)),
+                                     ("dp4a", gemv._gemv_dp4a_kernel, dict(ASM=True))):
+            c = {**COMMON, **case, **extra}
+            if label == "dp4a" and c["WIDTH"] == 4:
+                c["BLOCK_N"] = 64  # _plan_dp4a's q4 tiles
+            regs, spills, smem = resources(kernel, c)
+            print(f"{label:6s} {name:26s} {regs:5d} {spills:8d} {smem:7d} {65536 // (128 * regs):12d}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
