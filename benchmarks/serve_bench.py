@@ -35,8 +35,8 @@ def prompt_text(n_words: int, seed: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first, chunks, usage = None, 0, None
@@ -63,13 +63,14 @@ async def run_level(url: str, streams: int, per_stream: int, prompt_words: int, 
                     seed: int) -> dict:
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]  # the name the server wants
         # warm-up, and the words-per-token ratio of this server's tokenizer from its usage counts
-        probe = await one_request(client, url, prompt_text(prompt_words, seed - 1), 8)
+        probe = await one_request(client, url, model, prompt_text(prompt_words, seed - 1), 8)
         if probe["prompt_tokens"]:
             prompt_words = max(1, round(prompt_words * prompt_words / probe["prompt_tokens"]))
 
         async def stream(i):
-            return [await one_request(client, url, prompt_text(prompt_words, seed + i * per_stream + j), max_tokens)
+            return [await one_request(client, url, model, prompt_text(prompt_words, seed + i * per_stream + j), max_tokens)
                     for j in range(per_stream)]
 
         t0 = time.perf_counter()
