@@ -165,3 +165,27 @@ def test_report_helpers():
     assert report.gpu_slug("NVIDIA H100 80GB HBM3") == "h100" and report.gpu_slug("") == "gpu"
     with pytest.raises(ValueError, match="unknown engine"):
         report.add(Path("unused.csv"), "vllm", "m", "Q4_0", DATA / "mlx_benchmark.txt")
+
+
+def test_serve_bench_against_the_server(smollm2, tmp_path):
+    """The load generator against a live `ingot serve` app (CPU, tiny answers): per level, every answer
+    token counted from the server's usage, the prompt scaled to about the asked length, a CSV row."""
+    from ingot.server.app import create_app
+    from tests.test_server import _Running
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import serve_bench
+
+    running = _Running(create_app(smollm2, "smollm2-135m"))
+    try:
+        out = tmp_path / "serve.csv"
+        rows = serve_bench.main([running.url, "--streams", "1", "2", "--prompt-tokens", "24", "--max-tokens", "4",
+                                 "--requests-per-stream", "1", "--engine", "ingot", "--model", "tiny",
+                                 "--csv", str(out)])
+    finally:
+        running.stop()
+    assert [r["streams"] for r in rows] == [1, 2] and [r["requests"] for r in rows] == [1, 2]
+    assert [r["completion_tokens"] for r in rows] == [4, 8]
+    assert all(18 <= r["prompt_tokens_mean"] <= 30 and 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] for r in rows)
+    with open(out) as f:
+        assert [int(r["streams"]) for r in csv.DictReader(f)] == [1, 2]
