@@ -441,22 +441,32 @@ def test_client_leaving_a_plain_request_stops_generation(slow_server):
 
 
 # -- the command ----------------------------------------------------------------------------------------------
-def test_ingot_serve_command_starts_and_stops_on_sigterm():
+def test_ingot_serve_command_drains_on_sigterm_and_exits_0():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "ingot.cli", "serve", MODEL_ID, "--port", str(port), "-c", "256",
-                             "--api-key", API_KEY], stderr=subprocess.PIPE, text=True)
+                             "--api-key", API_KEY, "--max-batch", "4", "--kv-blocks", "64"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 60, check=lambda: proc.poll() is None or pytest.fail(proc.stderr.read()))
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"][0]["id"] == MODEL_ID
-        proc.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells what stopped it
-        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        body = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stream": True,
+                "stop": ["never-appears-in-output"]}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)  # mid-stream: the request still runs to its end
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]" and json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(timeout=20) == 0
         err = proc.stderr.read()
-        assert f"{url}/v1" in err and "Application shutdown complete" in err
+        assert f"{url}/v1" in err and "batches of up to 4, 64 KV blocks" in err
+        assert "Application shutdown complete" in err
+        with pytest.raises(httpx.TransportError):  # nothing listens any more
+            httpx.get(f"{url}/health", timeout=2)
     finally:
         if proc.poll() is None:
             proc.kill()
