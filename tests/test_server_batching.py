@@ -54,7 +54,7 @@ def concurrently(server, bodies, path="/v1/completions") -> list[httpx.Response]
 
 
 def test_concurrent_greedy_requests_batch_and_equal_each_alone(server, smollm2):
-    alone = [smollm2.generate(p, max_tokens=6) for p in PROMPTS]
+    alone = [smollm2.generate(p, max_tokens=4) for p in PROMPTS]
     peak, done = [0.0], threading.Event()
 
     def watch():
@@ -64,7 +64,7 @@ def test_concurrent_greedy_requests_batch_and_equal_each_alone(server, smollm2):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        results = concurrently(server, [{"model": MODEL_ID, "prompt": p, "max_tokens": 6, "temperature": 0}
+        results = concurrently(server, [{"model": MODEL_ID, "prompt": p, "max_tokens": 4, "temperature": 0}
                                         for p in PROMPTS])
     finally:
         done.set()

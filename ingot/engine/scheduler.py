@@ -60,6 +60,7 @@ class Scheduler:
         """The next step: (sequence, how many of its pending tokens to feed), decodes first. Empty only
         when nothing waits or runs (given a cache of at least one full context)."""
         plan: list[tuple[Sequence, int]] = []
+        waiting_before = len(self.waiting)
         i = 0
         while i < len(self.running):  # decodes; preempting from the end shortens the list as it goes
             seq = self.running[i]
@@ -68,6 +69,7 @@ class Scheduler:
                     break  # seq itself was the newest and got preempted
                 plan.append((seq, 1))
             i += 1
+        preempted = len(self.waiting) > waiting_before
         budget = self.step_tokens - len(plan)
         for seq in list(self.running):
             if budget <= 0:
@@ -77,11 +79,13 @@ class Scheduler:
                 if n:
                     plan.append((seq, n))
                     budget -= n
-        while budget > 0 and self.waiting and len(self.running) < self.max_batch:
+        # Admission leaves a block for each running sequence to grow into, and stops in a step that had to
+        # preempt: taking the blocks just freed would only preempt again at the next step.
+        while budget > 0 and self.waiting and len(self.running) < self.max_batch and not preempted:
             seq = self.waiting[0]
             found, keys = self.blocks.match(seq.tokens, limit=len(seq.tokens) - 1)  # the last token is always run
             seq.blocks, seq.keys, seq.computed = found, keys, len(found) * self.blocks.block_size
-            n = self._fit(seq, min(seq.pending, budget))
+            n = self._fit(seq, min(seq.pending, budget), reserve=len(self.running))
             if n == 0:
                 self._release(seq)
                 break
@@ -107,10 +111,11 @@ class Scheduler:
             seq.keys.append(self.blocks.register(seq.blocks[j], parent, tuple(seq.tokens[j * bs:(j + 1) * bs])))
 
     # -- blocks ---------------------------------------------------------------------------------------------
-    def _fit(self, seq: Sequence, n: int) -> int:
-        """Take the blocks for as many of the next n tokens as the free blocks allow; how many that is."""
+    def _fit(self, seq: Sequence, n: int, reserve: int = 0) -> int:
+        """Take the blocks for as many of the next n tokens as the free blocks but `reserve` allow; how many
+        that is."""
         bs = self.blocks.block_size
-        room = (len(seq.blocks) + self.blocks.free) * bs - seq.computed
+        room = (len(seq.blocks) + max(self.blocks.free - reserve, 0)) * bs - seq.computed
         n = min(n, room)
         if n > 0:
             need = -(-(seq.computed + n) // bs) - len(seq.blocks)
