@@ -99,11 +99,6 @@ class Job:
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or time.monotonic() > self.deadline
 
-    def stop_reason(self) -> Exception:
-        if self.cancelled.is_set():
-            return Cancelled("the client went away")
-        return TimedOut("the request ran longer than its timeout")
-
 
 def make_engine(model, max_queue: int = 64, request_timeout: float = 600.0, **batching) -> "Engine":
     """A BatchEngine where the model's backend runs paged steps, else a SerialEngine (which takes no
@@ -312,7 +307,13 @@ class BatchEngine(Engine):
         while not self._closing.is_set():
             self._take_new(wait=not (sched.running or sched.waiting))
             self._drop_stopped()
-            plan = sched.schedule()
+            try:
+                plan = sched.schedule()
+            except Exception as e:  # a scheduler bug: fail what it holds rather than hang every client
+                log.exception("scheduling failed")
+                for seq in list(sched.running) + list(sched.waiting):
+                    self._end(seq, Failed(e))
+                continue
             if not plan:
                 continue
             try:
@@ -355,8 +356,11 @@ class BatchEngine(Engine):
     def _drop_stopped(self) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             job = seq.owner.job
-            if job.should_stop():
-                self._end(seq, Failed(job.stop_reason()))
+            if job.cancelled.is_set():
+                self._end(seq, Failed(Cancelled("the client went away")))
+            elif job.should_stop():
+                self._end(seq, Failed(TimedOut(f"the request ran longer than the timeout of "
+                                               f"{self.request_timeout:g} s")))
 
     def _next_token(self, seq: Sequence, logits: torch.Tensor) -> None:
         live, job = seq.owner, seq.owner.job
