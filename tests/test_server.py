@@ -418,6 +418,20 @@ def test_full_queue_answers_429(slow_server):
     assert all(x.json()["choices"][0]["text"] == "x" * 20 for x in results)
 
 
+@pytest.mark.parametrize("slow_server", [30.0], indirect=True)
+def test_too_long_requests_are_refused_on_arrival_not_at_their_turn(slow_server):
+    server, _ = slow_server
+    runner = threading.Thread(target=post, args=(server, "/v1/completions",
+                                                 {"model": "slow", "prompt": "p", "max_tokens": 40}))  # 2 s
+    runner.start()
+    until(lambda: server.health()["busy"])
+    t0 = time.monotonic()
+    r = post(server, "/v1/completions", {"model": "slow", "prompt": "p", "max_tokens": 253})  # 4 + 253 > 256
+    assert_error(r, 400, code="context_length_exceeded")
+    assert time.monotonic() - t0 < 1 and server.health()["busy"]  # answered while the other still runs
+    runner.join()
+
+
 @pytest.mark.parametrize("slow_server", [0.5], indirect=True)
 def test_request_timeout_stops_generation(slow_server):
     server, model = slow_server

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ingot.errors import IngotError
 from ingot.server.app import create_app
 from tests.test_server import AUTH, MODEL_ID, _Running, assert_error, metric, post, until
 
@@ -198,7 +199,7 @@ def _fuzz_request(server, body, out):
 
 
 @settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(batch=st.lists(_request, min_size=1, max_size=6))
+@given(batch=st.lists(_request, min_size=1, max_size=8))  # ~225 requests in all
 def test_fuzz_leaves_the_server_up_and_every_block_free(small_server, batch):
     out, errors = [], []
     threads = [threading.Thread(target=_fuzz_one, args=(small_server, b, out, errors)) for b in batch]
@@ -211,3 +212,28 @@ def test_fuzz_leaves_the_server_up_and_every_block_free(small_server, batch):
     assert len(out) == len(batch) and set(out) <= {200, 400}
     until(lambda: small_server.health()["running"] == 0 and small_server.health()["queued"] == 0, timeout=60)
     assert blocks_used(small_server) == 0
+
+
+# -- sizing the KV cache at start-up ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,message", [
+    (dict(kv_blocks=31), "fewer than one context of 512"),  # 31 * 16 = 496 positions
+    (dict(kv_cache_gb=0.001), "fewer than one context"),
+    (dict(kv_cache_gb=-1.0), "must be positive"),
+    (dict(kv_blocks=64, kv_cache_gb=1.0), "not both"),
+    (dict(max_batch=0), "at least 1"),
+])
+def test_bad_kv_cache_sizes_are_refused_at_start(smollm2, kw, message):
+    with pytest.raises(IngotError, match=message):
+        create_app(smollm2, MODEL_ID, **kw)
+
+
+def test_kv_cache_gb_sets_the_number_of_blocks(smollm2):
+    app = create_app(smollm2, MODEL_ID, kv_cache_gb=0.05)
+    engine = app.state.engine
+    try:
+        per_block = smollm2.backend.paged_block_bytes(16)  # 30 layers, K and V, 16 x 3 heads x 64, fp32
+        assert per_block == 2 * 30 * 16 * 3 * 64 * 4
+        assert engine.blocks.n_blocks == int(0.05 * 2**30 // per_block)
+        assert engine.cache.nbytes == engine.blocks.n_blocks * per_block
+    finally:
+        engine.close()
