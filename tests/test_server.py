@@ -379,7 +379,7 @@ class SlowModel:
     def prompt_ids(self, prompt=None, messages=None):
         return [0, 1, 2, 3]
 
-    def stream(self, prompt=None, messages=None, max_tokens=16, **sampling):
+    def stream_ids(self, ids, max_tokens=16, **sampling):
         stats = Stats(prompt_tokens=4, finish_reason="length")
         try:
             for _ in range(max_tokens):

@@ -120,7 +120,7 @@ class _API:
         try:
             # off the event loop: a long prompt takes a while to template and tokenize
             ids, max_tokens = await asyncio.to_thread(self.engine.prepare, inputs, req.token_limit)
-            job = self.engine.submit(inputs, ids, max_tokens, req.sampling())
+            job = self.engine.submit(ids, max_tokens, req.sampling())
         except QueueFull:
             raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None

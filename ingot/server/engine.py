@@ -78,9 +78,8 @@ class Failed:
 
 @dataclass
 class Job:
-    """One request: what to feed the model (prompt= or messages=, and its ids), its token limit and sampling."""
+    """One request: its prompt's token ids, its token limit and sampling."""
 
-    inputs: dict
     ids: list[int]
     max_tokens: int
     sampling: dict
@@ -152,10 +151,10 @@ class Engine:
                                      f"{n + max_tokens} is more than the context of {context}")
         return ids, max_tokens
 
-    def submit(self, inputs: dict, ids: list[int], max_tokens: int, sampling: dict) -> Job:
+    def submit(self, ids: list[int], max_tokens: int, sampling: dict) -> Job:
         """Queue a prepared job (call from the event loop); QueueFull if --max-queue jobs already wait."""
         arrived = time.monotonic()
-        job = Job(inputs, ids, max_tokens, sampling, asyncio.get_running_loop(), arrived,
+        job = Job(ids, max_tokens, sampling, asyncio.get_running_loop(), arrived,
                   arrived + self.request_timeout)
         with self._lock:
             if self._closing.is_set():
@@ -190,8 +189,8 @@ class Engine:
 
 
 class SerialEngine(Engine):
-    """One request at a time, in arrival order, through Model.stream (which tokenizes the prompt again:
-    the CUDA backend's path until it runs paged steps)."""
+    """One request at a time, in arrival order, through Model.stream_ids: the CUDA backend's path until it
+    runs paged steps."""
 
     def __init__(self, model, max_queue: int = 64, request_timeout: float = 600.0):
         super().__init__(model, max_queue, request_timeout)
@@ -222,7 +221,7 @@ class SerialEngine(Engine):
         model = self.model
         job.send(Started(len(job.ids)))
         previous = model.last_stats
-        stream = model.stream(**job.inputs, max_tokens=job.max_tokens, **job.sampling)
+        stream = model.stream_ids(job.ids, max_tokens=job.max_tokens, **job.sampling)
         stopped, last, m = False, None, self.metrics
         try:
             for piece in stream:
