@@ -131,7 +131,8 @@ def test_disconnect_mid_stream_frees_the_blocks(server):
         json.loads(next(line for line in lines if line.startswith("data: "))[6:])
         assert blocks_used(server) > idle
     until(lambda: blocks_used(server) == idle and server.health()["running"] == 0)
-    generated = metric(scrape(server), "ingot_generation_tokens_total") - metric(before, "ingot_generation_tokens_total")
+    name = "ingot_generation_tokens_total"
+    generated = metric(scrape(server), name) - metric(before, name)
     assert 1 <= generated < 300  # stopped early, not run to the end
 
 

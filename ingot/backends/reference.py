@@ -140,8 +140,7 @@ class ReferenceBackend:
         return self._logits(x[[b - 1 for _, b, _ in spans]])
 
     def _layers(self, tokens: torch.Tensor, pos: torch.Tensor, store_and_attend) -> torch.Tensor:
-        """The hidden states after every layer for tokens at positions pos; store_and_attend(i, layer, q, k,
-        v)
+        """The hidden states after every layer for tokens at positions pos. store_and_attend(i, layer, q, k, v)
         stores layer i's new keys and values and returns the attention output (T, heads, head_dim)."""
         s = self.spec
         x = F.embedding(tokens.to(self.device), self.w["token_embd.weight"])
