@@ -26,6 +26,12 @@ def serve(args) -> int:
         raise IngotError(f"--request-timeout must be positive, got {args.request_timeout}")
     if not 0 < args.port < 65536:
         raise IngotError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_batch < 1:
+        raise IngotError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.kv_blocks is not None and args.kv_blocks < 1:
+        raise IngotError(f"--kv-blocks must be at least 1, got {args.kv_blocks}")
+    if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
+        raise IngotError(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
     model = ingot.load(args.model, device=args.device, max_context=args.ctx)
     app = create_app(model, args.model, api_key=args.api_key, max_queue=args.max_queue,
                      request_timeout=args.request_timeout, max_batch=args.max_batch, kv_blocks=args.kv_blocks,
