@@ -120,7 +120,15 @@ class Model:
                top_k=None, top_p=None, min_p=None, repeat_penalty=None, seed=None, stop=None, *,
                presence_penalty=None, frequency_penalty=None) -> Iterator[str]:
         """Like generate, yielding text pieces as they are produced."""
-        ids = self.prompt_ids(prompt, messages)
+        yield from self.stream_ids(self.prompt_ids(prompt, messages), max_tokens, temperature, top_k, top_p, min_p,
+                                   repeat_penalty, seed, stop, presence_penalty=presence_penalty,
+                                   frequency_penalty=frequency_penalty)
+
+    def stream_ids(self, ids: list[int], max_tokens: int = 256, temperature: float = 0.0, top_k=None, top_p=None,
+                   min_p=None, repeat_penalty=None, seed=None, stop=None, *, presence_penalty=None,
+                   frequency_penalty=None) -> Iterator[str]:
+        """stream() from prompt ids already made (by prompt_ids), so a caller that counted them first does
+        not tokenize twice."""
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed, presence_penalty,
                                 frequency_penalty)
         gen = Generator(self.runner)

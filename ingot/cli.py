@@ -181,9 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for one model",
                        description="Serve one model over OpenAI's HTTP API: POST /v1/chat/completions and "
                                    "/v1/completions (streamed as server-sent events with \"stream\": true), "
-                                   "GET /v1/models, GET /health and GET /metrics (Prometheus). Requests run one "
-                                   "at a time, in arrival order; the clients' model name is MODEL as given here. "
-                                   "Ctrl-C or SIGTERM stops it.",
+                                   "GET /v1/models, GET /health and GET /metrics (Prometheus). Requests are batched "
+                                   "continuously over a paged KV cache with prefix caching (on the reference "
+                                   "backend; the CUDA backend runs them one at a time so far); the clients' model "
+                                   "name is MODEL as given here. SIGTERM lets running requests finish, then exits; "
+                                   "Ctrl-C too.",
                        epilog="Try: ingot serve smollm2-135m, then point an OpenAI client at "
                               "http://127.0.0.1:8080/v1 (any API key unless --api-key is set).")
     p.add_argument("model", metavar="MODEL",
@@ -201,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take, waiting included, before it is stopped (default 600)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="cpu or cuda (default: cuda when a GPU is present)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="requests generated together at most; more wait in the queue (default 16)")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-blocks", type=int, default=None, metavar="N",
+                    help="KV cache size in blocks of 16 positions (default: room for --max-batch full contexts)")
+    kv.add_argument("--kv-cache-gb", type=float, default=None, metavar="G",
+                    help="KV cache size in GiB, instead of --kv-blocks")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of a prompt prefix seen before, e.g. a repeated system prompt "
+                        "(default: on)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="the embedded models and where their files are",

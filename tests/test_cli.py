@@ -86,7 +86,14 @@ def test_error_has_no_traceback(capsys, tmp_path):
     assert err.startswith("ingot: error:") and "Traceback" not in err
 
 
-@pytest.mark.parametrize("flags", [["--max-queue", "0"], ["--request-timeout", "0"], ["--port", "70000"]])
+@pytest.mark.parametrize("flags", [["--max-queue", "0"], ["--request-timeout", "0"], ["--port", "70000"],
+                                   ["--max-batch", "0"], ["--kv-blocks", "0"], ["--kv-cache-gb", "-2"]])
 def test_serve_refuses_bad_settings_before_loading(flags, capsys):
     assert main(["serve", "no-such-model", *flags]) == 1
     assert flags[0] in capsys.readouterr().err
+
+
+def test_serve_takes_kv_blocks_or_kv_cache_gb_not_both(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "no-such-model", "--kv-blocks", "64", "--kv-cache-gb", "1"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -221,3 +221,11 @@ def test_device_sampler_penalties_follow_the_history(g, kernel_device):
         s = Sampler(SamplingParams(temperature=1.0, top_p=0.9, seed=11, presence_penalty=0.2))
         runs.append([s._on_gpu(torch.linspace(0, 2, V).to(kernel_device), [1, 2]) for _ in range(4)])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1e-30), dict(temperature=5e-324, top_k=3),
+                                    dict(temperature=1.0, top_p=0.0), dict(temperature=2.0, min_p=1.0)])
+def test_cpu_sampler_limits_pick_the_most_likely_token(params):
+    """A vanishing temperature, top_p = 0 or min_p = 1 leave only the top token: never a nan draw."""
+    x = torch.randn(300, generator=torch.Generator().manual_seed(0)) * 8
+    assert Sampler(SamplingParams(seed=1, **params))(x, [1, 2]) == int(x.argmax())

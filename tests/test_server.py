@@ -286,7 +286,9 @@ def test_text_parts_are_joined(server, smollm2):
     assert r.json()["choices"][0]["message"]["content"] == expected
 
 
-def test_client_closing_a_stream_stops_generation(server, smollm2):
+def test_client_closing_a_stream_stops_generation(server):
+    server.wait_idle()
+    before = httpx.get(f"{server.url}/metrics", headers=AUTH, timeout=5).text
     body = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 300, "temperature": 0, "stream": True,
             "stop": ["never-appears-in-output"]}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
@@ -295,7 +297,9 @@ def test_client_closing_a_stream_stops_generation(server, smollm2):
         first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
         assert first["object"] == "text_completion"
     server.wait_idle()
-    assert 1 <= smollm2.last_stats.generated_tokens < 300  # stopped at the next token, not run to the end
+    after = httpx.get(f"{server.url}/metrics", headers=AUTH, timeout=5).text
+    generated = metric(after, "ingot_generation_tokens_total") - metric(before, "ingot_generation_tokens_total")
+    assert 1 <= generated < 300  # stopped at the next step, not run to the end
     r = post(server, "/v1/completions", {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 2})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
@@ -375,7 +379,7 @@ class SlowModel:
     def prompt_ids(self, prompt=None, messages=None):
         return [0, 1, 2, 3]
 
-    def stream(self, prompt=None, messages=None, max_tokens=16, **sampling):
+    def stream_ids(self, ids, max_tokens=16, **sampling):
         stats = Stats(prompt_tokens=4, finish_reason="length")
         try:
             for _ in range(max_tokens):
@@ -414,6 +418,20 @@ def test_full_queue_answers_429(slow_server):
     assert all(x.json()["choices"][0]["text"] == "x" * 20 for x in results)
 
 
+@pytest.mark.parametrize("slow_server", [30.0], indirect=True)
+def test_too_long_requests_are_refused_on_arrival_not_at_their_turn(slow_server):
+    server, _ = slow_server
+    runner = threading.Thread(target=post, args=(server, "/v1/completions",
+                                                 {"model": "slow", "prompt": "p", "max_tokens": 40}))  # 2 s
+    runner.start()
+    until(lambda: server.health()["busy"])
+    t0 = time.monotonic()
+    r = post(server, "/v1/completions", {"model": "slow", "prompt": "p", "max_tokens": 253})  # 4 + 253 > 256
+    assert_error(r, 400, code="context_length_exceeded")
+    assert time.monotonic() - t0 < 1 and server.health()["busy"]  # answered while the other still runs
+    runner.join()
+
+
 @pytest.mark.parametrize("slow_server", [0.5], indirect=True)
 def test_request_timeout_stops_generation(slow_server):
     server, model = slow_server
@@ -441,22 +459,32 @@ def test_client_leaving_a_plain_request_stops_generation(slow_server):
 
 
 # -- the command ----------------------------------------------------------------------------------------------
-def test_ingot_serve_command_starts_and_stops_on_sigterm():
+def test_ingot_serve_command_drains_on_sigterm_and_exits_0():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "ingot.cli", "serve", MODEL_ID, "--port", str(port), "-c", "256",
-                             "--api-key", API_KEY], stderr=subprocess.PIPE, text=True)
+                             "--api-key", API_KEY, "--max-batch", "4", "--kv-blocks", "64"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 60, check=lambda: proc.poll() is None or pytest.fail(proc.stderr.read()))
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"][0]["id"] == MODEL_ID
-        proc.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells what stopped it
-        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        body = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stream": True,
+                "stop": ["never-appears-in-output"]}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)  # mid-stream: the request still runs to its end
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]" and json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(timeout=20) == 0
         err = proc.stderr.read()
-        assert f"{url}/v1" in err and "Application shutdown complete" in err
+        assert f"{url}/v1" in err and "batches of up to 4, 64 KV blocks" in err
+        assert "Application shutdown complete" in err
+        with pytest.raises(httpx.TransportError):  # nothing listens any more
+            httpx.get(f"{url}/health", timeout=2)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ingot.engine.kv_cache import KVCache
+from ingot.engine.kv_cache import KVCache, PagedKVCache
 from ingot.models.base import ModelSpec
 
 
@@ -24,6 +24,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def activation(kind: str, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x) if kind == "silu" else F.gelu(x, approximate="tanh")
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, pos: torch.Tensor, scale: float,
+           window: int = 0) -> torch.Tensor:
+    """Causal attention of queries q (T, Hq, D) at positions pos over keys and values (S, Hkv, D) of
+    positions 0..S-1, GQA by repetition; with a window, key p is seen from query t only if t - p < window."""
+    group = q.shape[1] // keys.shape[1]
+    keys, vals = keys.repeat_interleave(group, dim=1), vals.repeat_interleave(group, dim=1)
+    scores = torch.einsum("thd,shd->hts", q.float(), keys.float()) * scale
+    kpos = torch.arange(keys.shape[0], device=q.device)
+    allowed = kpos[None, :] <= pos[:, None]
+    if window:
+        allowed &= pos[:, None] - kpos[None, :] < window
+    scores = scores.masked_fill(~allowed[None], float("-inf"))
+    return torch.einsum("hts,shd->thd", scores.softmax(-1), vals.float()).to(q.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           window: int = 0) -> torch.Tensor:
+    """One new query per sequence, q (B, Hq, D), at position seq_lens[b] - 1, over the keys and values the
+    block tables (B, max_blocks) point to in caches (n_blocks, block_size, Hkv, D): the oracle of the
+    paged decode kernel."""
+    bs = k_cache.shape[1]
+    out = []
+    for b in range(q.shape[0]):
+        n = int(seq_lens[b])
+        p = torch.arange(n, device=q.device)
+        blocks = block_tables[b].long()[p // bs]
+        out.append(attend(q[b:b + 1], k_cache[blocks, p % bs], v_cache[blocks, p % bs], p[-1:], scale, window))
+    return torch.cat(out)
 
 
 class ReferenceBackend:
@@ -51,23 +82,75 @@ class ReferenceBackend:
         s = self.spec
         return KVCache(s.n_layers, s.n_kv_heads, s.head_dim, max_context, self.device, self.dtype)
 
+    def new_paged_cache(self, n_blocks: int, block_size: int) -> PagedKVCache:
+        s = self.spec
+        return PagedKVCache(s.n_layers, s.n_kv_heads, s.head_dim, n_blocks, block_size, self.device, self.dtype)
+
+    def paged_block_bytes(self, block_size: int) -> int:
+        s = self.spec
+        return PagedKVCache.block_bytes(s.n_layers, s.n_kv_heads, s.head_dim, block_size, self.dtype)
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Run tokens at positions cache.length.. through the model, append their keys and values to the
         cache, and return float32 logits (T, vocab), or (1, vocab) for the last token with last_only."""
-        s = self.spec
         start, T = cache.length, tokens.shape[0]
         if start + T > cache.max_context:
             raise ValueError(f"{start + T} positions exceed the cache's {cache.max_context}")
+        end = start + T
+        pos = torch.arange(start, end, device=self.device)
+
+        def store_and_attend(i, layer, q, k, v):
+            cache.k[i][start:end] = k
+            cache.v[i][start:end] = v
+            return self._attend(layer, q, cache.k[i][:end], cache.v[i][:end], pos)
+
+        x = self._layers(tokens, pos, store_and_attend)
+        cache.length = end
+        return self._logits(x[-1:] if last_only else x)
+
+    @torch.inference_mode()
+    def forward_paged(self, seqs: list[tuple[list[int], int, list[int]]], cache: PagedKVCache) -> torch.Tensor:
+        """One step of several sequences, each (new token ids, start position, block table): their tokens
+        run through the weights together, each attends to its own blocks. Returns float32 logits
+        (len(seqs), vocab) of each sequence's last new token."""
+        bs = cache.block_size
+        spans, ids, pos, slots = [], [], [], []
+        for tokens, start, table in seqs:
+            end = start + len(tokens)
+            if not tokens or end > len(table) * bs:
+                raise ValueError(f"positions {start}..{end} need {-(-end // bs)} blocks, the table has {len(table)}")
+            p = torch.arange(end, device=self.device)
+            t = torch.tensor(table, dtype=torch.long, device=self.device)
+            # every position of the sequence so far, as a row of the flattened cache
+            rows = t[p // bs] * bs + p % bs
+            spans.append((len(ids), len(ids) + len(tokens), rows))
+            ids.extend(tokens)
+            pos.append(p[start:])
+            slots.append(rows[start:])
+        pos, slots = torch.cat(pos), torch.cat(slots)
+
+        def store_and_attend(i, layer, q, k, v):
+            kc, vc = cache.k[i].flatten(0, 1), cache.v[i].flatten(0, 1)
+            kc[slots], vc[slots] = k, v
+            return torch.cat([self._attend(layer, q[a:b], kc[rows], vc[rows], pos[a:b])
+                              for a, b, rows in spans])
+
+        x = self._layers(torch.tensor(ids, dtype=torch.long), pos, store_and_attend)
+        return self._logits(x[[b - 1 for _, b, _ in spans]])
+
+    def _layers(self, tokens: torch.Tensor, pos: torch.Tensor, store_and_attend) -> torch.Tensor:
+        """The hidden states after every layer for tokens at positions pos. store_and_attend(i, layer, q, k, v)
+        stores layer i's new keys and values and returns the attention output (T, heads, head_dim)."""
+        s = self.spec
         x = F.embedding(tokens.to(self.device), self.w["token_embd.weight"])
         if s.embed_scale != 1.0:
             x = x * torch.tensor(s.embed_scale, dtype=x.dtype)
-        pos = torch.arange(start, start + T, device=self.device)
         for i, (layer, lw) in enumerate(zip(s.layers, self.layers)):
             freqs = pos.float()[:, None] * self.inv_freq[i][None]
             emb = torch.cat((freqs, freqs), dim=-1)
             h = rms_norm(x, lw["attn_norm"], s.norm_eps)
-            h = self._attention(i, layer, lw, h, pos, emb.cos(), emb.sin(), cache)
+            h = self._attention(i, layer, lw, h, emb.cos(), emb.sin(), store_and_attend)
             if s.sandwich_norm:
                 h = rms_norm(h, lw["post_attention_norm"], s.norm_eps)
             x = x + h
@@ -76,13 +159,13 @@ class ReferenceBackend:
             if s.sandwich_norm:
                 h = rms_norm(h, lw["post_ffw_norm"], s.norm_eps)
             x = x + h
-        cache.length = start + T
-        if last_only:
-            x = x[-1:]
-        x = rms_norm(x, self.w["output_norm.weight"], s.norm_eps)
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(x, self.w["output_norm.weight"], self.spec.norm_eps)
         return (x @ self.lm_head.T).float()
 
-    def _attention(self, i, layer, lw, h, pos, cos, sin, cache: KVCache):
+    def _attention(self, i, layer, lw, h, cos, sin, store_and_attend):
         s = self.spec
         T, hd = h.shape[0], s.head_dim
         q = (h @ lw["attn_q"].T).view(T, s.n_heads, hd)
@@ -92,19 +175,11 @@ class ReferenceBackend:
             q = rms_norm(q, lw["attn_q_norm"], s.norm_eps)
             k = rms_norm(k, lw["attn_k_norm"], s.norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start, end = int(pos[0]), int(pos[-1]) + 1
-        cache.k[i][start:end] = k
-        cache.v[i][start:end] = v
-        keys = cache.k[i][:end].repeat_interleave(s.n_heads // s.n_kv_heads, dim=1)
-        vals = cache.v[i][:end].repeat_interleave(s.n_heads // s.n_kv_heads, dim=1)
-        scores = torch.einsum("thd,shd->hts", q.float(), keys.float()) * s.softmax_scale
-        kpos = torch.arange(end, device=h.device)
-        allowed = kpos[None, :] <= pos[:, None]
-        if layer.sliding_window:
-            allowed &= pos[:, None] - kpos[None, :] < layer.sliding_window
-        scores = scores.masked_fill(~allowed[None], float("-inf"))
-        out = torch.einsum("hts,shd->thd", scores.softmax(-1), vals.float()).to(h.dtype)
+        out = store_and_attend(i, layer, q, k, v)
         return out.reshape(T, s.n_heads * hd) @ lw["attn_output"].T
+
+    def _attend(self, layer, q, keys, vals, pos):
+        return attend(q, keys, vals, pos, self.spec.softmax_scale, layer.sliding_window or 0)
 
     def _mlp(self, lw, h):
         return (activation(self.spec.activation, h @ lw["ffn_gate"].T) * (h @ lw["ffn_up"].T)) @ lw["ffn_down"].T

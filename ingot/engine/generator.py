@@ -84,28 +84,50 @@ class Generator:
     def text(self, prompt: list[int], tokenizer, max_tokens: int, params: SamplingParams,
              stop: list[str] | None = None) -> Iterator[str]:
         """Yield text pieces; stop strings end the text (they are not included) and are never half-shown."""
-        stop = [s for s in (stop or []) if s]
-        decoder = tokenizer.stream_decoder()
-        pending = ""  # text held back because it could be the start of a stop string
+        out = TextStream(tokenizer, stop)
         for token in self.tokens(prompt, max_tokens, params, tokenizer.stop_ids):
-            pending += decoder.push(token)
-            hit = _first_stop(pending, stop)
-            if hit >= 0:
+            if piece := out.push(token):
+                yield piece
+            if out.stopped:
                 self.stats.finish_reason = "stop"
-                if pending[:hit]:
-                    yield pending[:hit]
                 return
-            safe = len(pending) - _longest_stop_prefix(pending, stop)
-            if safe > 0:
-                yield pending[:safe]
-                pending = pending[safe:]
-        pending += decoder.flush()
-        hit = _first_stop(pending, stop)
-        if hit >= 0:
+        piece = out.flush()
+        if out.stopped:
             self.stats.finish_reason = "stop"
-            pending = pending[:hit]
-        if pending:
-            yield pending
+        if piece:
+            yield piece
+
+
+class TextStream:
+    """The text of generated tokens, one token at a time: what may be shown now, holding back a tail that
+    could be the start of a stop string. Once a stop string appears, `stopped` is set and the text ends
+    before it."""
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self.stop = [s for s in (stop or []) if s]
+        self.decoder = tokenizer.stream_decoder()
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.pending += self.decoder.push(token)
+        hit = _first_stop(self.pending, self.stop)
+        if hit >= 0:
+            self.stopped = True
+            out, self.pending = self.pending[:hit], ""
+            return out
+        safe = len(self.pending) - _longest_stop_prefix(self.pending, self.stop)
+        out, self.pending = self.pending[:safe], self.pending[safe:]
+        return out
+
+    def flush(self) -> str:
+        """The rest, once no token follows."""
+        text, self.pending = self.pending + self.decoder.flush(), ""
+        hit = _first_stop(text, self.stop)
+        if hit >= 0:
+            self.stopped = True
+            text = text[:hit]
+        return text
 
 
 def _first_stop(text: str, stops: list[str]) -> int:

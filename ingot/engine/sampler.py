@@ -91,11 +91,13 @@ class Sampler:
             sorted_logits, order = logits.sort(descending=True)
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
+            drop[0] = False  # top_p = 0 keeps the most likely token, not none
             logits[order[drop]] = float("-inf")
         if p.min_p:
             probs = logits.softmax(-1)
             logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-        probs = (logits / p.temperature).softmax(-1)
+        # max subtracted first and float64: a tiny temperature must not turn finite logits into inf or nan
+        probs = ((logits - logits.max()).double() / p.temperature).softmax(-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def _buffers(self, V: int, dev) -> dict:

@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ingot.errors import ContextLengthError, IngotError
-from ingot.server.engine import Cancelled, Done, Engine, Failed, Job, QueueFull, ShuttingDown, Started, Text, TimedOut
+from ingot.server.engine import (Cancelled, Done, Engine, Failed, Job, QueueFull, ShuttingDown, Started, Text, TimedOut,
+                                 make_engine)
 from ingot.server.errors import APIError, invalid_request, unsupported
 from ingot.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                    ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice,
@@ -29,9 +30,10 @@ OPEN_PATHS = {"/health"}  # answered without the API key, so a supervisor can pr
 
 
 def create_app(model, model_id: str, api_key: str | None = None, max_queue: int = 64,
-               request_timeout: float = 600.0) -> Starlette:
-    """The app serving `model` under the name `model_id`. It owns a worker thread, ended at shutdown."""
-    api = _API(Engine(model, max_queue, request_timeout), model_id)
+               request_timeout: float = 600.0, **batching) -> Starlette:
+    """The app serving `model` under the name `model_id`. It owns a worker thread, ended at shutdown.
+    batching: max_batch, kv_blocks or kv_cache_gb, prefix_cache, for backends that run batched steps."""
+    api = _API(make_engine(model, max_queue, request_timeout, **batching), model_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -63,7 +65,7 @@ class _API:
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.model_id, "busy": self.engine.busy,
-                             "queued": self.engine.queued})
+                             "running": self.engine.running, "queued": self.engine.queued})
 
     async def metrics(self, request: Request) -> Response:
         m = self.engine.metrics
@@ -116,10 +118,14 @@ class _API:
 
     async def _generate(self, request: Request, req, inputs: dict, chat: bool) -> Response:
         try:
-            job = self.engine.submit(inputs, req.token_limit, req.sampling())
+            # off the event loop: a long prompt takes a while to template and tokenize
+            ids, max_tokens = await asyncio.to_thread(self.engine.prepare, inputs, req.token_limit)
+            job = self.engine.submit(ids, max_tokens, req.sampling())
         except QueueFull:
             raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        except (IngotError, ShuttingDown) as e:
+            raise _error_of(e) from None
         # Until the answer starts, a client that leaves cancels its job here; once a stream runs,
         # StreamingResponse notices the disconnect itself and the stream's cleanup cancels the job.
         watch = asyncio.create_task(_cancel_on_disconnect(request, job))
@@ -163,7 +169,7 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
 
 
 def _usage(done: Done) -> Usage:
-    return Usage.of(done.prompt_tokens, done.completion_tokens)
+    return Usage.of(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
 
 
 def _whole(chat: bool, model_id: str, text: str, done: Done):

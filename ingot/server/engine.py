@@ -1,11 +1,15 @@
-"""One worker thread that owns the model and runs requests one after another from a bounded queue.
+"""The worker thread that owns the model, and how requests reach it.
 
-The model is not thread-safe (one KV cache, one runner), so every call into it (tokenizing and templating
-included) happens on the worker. Each job reports back to the asyncio side through its own asyncio.Queue,
-fed with loop.call_soon_threadsafe: a Started event (prompt tokens counted, the context checked), Text
-pieces, then always one last event, Done or Failed, so no waiting handler is left hanging. A job's cancel
-flag (set when its client goes away) and its deadline are checked between tokens; closing the model's
-stream() generator stops decoding there.
+The model is not thread-safe, so every forward pass happens on one worker thread. A request is tokenized
+and checked against the context when it is submitted (so a too-long one is refused at once, not when its
+turn comes), then queued. Each job reports back to the asyncio side through its own asyncio.Queue, fed with
+loop.call_soon_threadsafe: a Started event when it begins to run, Text pieces, then always one last event,
+Done or Failed, so no waiting handler is left hanging. A job's cancel flag (set when its client goes away)
+and its deadline are checked between steps.
+
+BatchEngine (backends with forward_paged) runs continuous batching over a paged KV cache: requests join
+the running batch between steps and leave it, freeing their blocks, the step they finish or are cancelled.
+SerialEngine (the others, e.g. the CUDA backend for now) runs one request at a time through Model.stream.
 """
 
 from __future__ import annotations
@@ -19,11 +23,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ingot.engine.block_manager import BLOCK_SIZE, BlockManager
+from ingot.engine.generator import TextStream
+from ingot.engine.runner import DEFAULT_PREFILL_CHUNK
+from ingot.engine.sampler import Sampler, SamplingParams
+from ingot.engine.scheduler import Scheduler, Sequence
 from ingot.errors import ContextLengthError, IngotError
 from ingot.server.metrics import Metrics
 from ingot.server.protocol import DEFAULT_MAX_TOKENS_CAP
 
 log = logging.getLogger("ingot.server")
+
+DEFAULT_MAX_BATCH = 16
 
 
 class QueueFull(Exception):
@@ -57,6 +68,7 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    cached_tokens: int | None = None  # prompt tokens whose keys came from the prefix cache, where known
 
 
 @dataclass
@@ -66,10 +78,10 @@ class Failed:
 
 @dataclass
 class Job:
-    """One request: what to feed the model (prompt= or messages=), its token limit and sampling."""
+    """One request: its prompt's token ids, its token limit and sampling."""
 
-    inputs: dict
-    max_tokens: int | None
+    ids: list[int]
+    max_tokens: int
     sampling: dict
     loop: asyncio.AbstractEventLoop
     arrived: float  # time.monotonic() when it was submitted
@@ -87,56 +99,110 @@ class Job:
         return self.cancelled.is_set() or time.monotonic() > self.deadline
 
 
+def make_engine(model, max_queue: int = 64, request_timeout: float = 600.0, **batching) -> "Engine":
+    """A BatchEngine where the model's backend runs paged steps, else a SerialEngine (which takes no
+    batching options)."""
+    if hasattr(getattr(model, "backend", None), "forward_paged"):
+        return BatchEngine(model, max_queue, request_timeout, **batching)
+    return SerialEngine(model, max_queue, request_timeout)
+
+
 class Engine:
-    def __init__(self, model, max_queue: int = 64, request_timeout: float = 600.0):
+    """What both engines share: the bounded queue, the checks at submit, the worker thread's life."""
+
+    def __init__(self, model, max_queue: int, request_timeout: float):
         self.model = model
+        self.max_queue = max_queue
         self.request_timeout = request_timeout
         self.metrics = Metrics()
+        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()  # makes submit's look at the queue length and its put one step
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run_worker, name="ingot-engine", daemon=True)
+
+    def _start(self) -> None:
         self.metrics.watch(self)
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self._current: Job | None = None
-        self._thread = threading.Thread(target=self._work, name="ingot-engine", daemon=True)
         self._thread.start()
 
     @property
     def queued(self) -> int:
-        return self._jobs.qsize()
+        return self._inbox.qsize()
+
+    @property
+    def running(self) -> int:
+        raise NotImplementedError
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return self.running > 0
 
-    def submit(self, inputs: dict, max_tokens: int | None, sampling: dict) -> Job:
-        """Queue a job (call from the event loop); QueueFull if --max-queue jobs already wait."""
+    def prepare(self, inputs: dict, max_tokens: int | None) -> tuple[list[int], int]:
+        """The prompt's ids and the token limit, or ContextLengthError / IngotError. Tokenizing is safe
+        beside the worker: the tokenizer keeps no state between calls."""
+        ids = self.model.prompt_ids(**inputs)
+        n, context = len(ids), self.model.max_context
+        if max_tokens is None:
+            if n >= context:
+                raise ContextLengthError(f"the prompt has {n} tokens, which leaves no room to generate "
+                                         f"in the context of {context}")
+            return ids, min(context - n, DEFAULT_MAX_TOKENS_CAP)
+        if n + max_tokens > context:
+            raise ContextLengthError(f"the prompt has {n} tokens and max_tokens is {max_tokens}: "
+                                     f"{n + max_tokens} is more than the context of {context}")
+        return ids, max_tokens
+
+    def submit(self, ids: list[int], max_tokens: int, sampling: dict) -> Job:
+        """Queue a prepared job (call from the event loop); QueueFull if --max-queue jobs already wait."""
         arrived = time.monotonic()
-        job = Job(inputs, max_tokens, sampling, asyncio.get_running_loop(), arrived,
+        job = Job(ids, max_tokens, sampling, asyncio.get_running_loop(), arrived,
                   arrived + self.request_timeout)
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull from None
+        with self._lock:
+            if self._closing.is_set():
+                raise ShuttingDown("the server is shutting down")
+            if self.queued >= self.max_queue:
+                raise QueueFull
+            self._inbox.put(job)
         return job
 
     def close(self) -> None:
-        """Stop the running job at its next token, drop the waiting ones, end the worker."""
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancelled.set()
-                job.send(Failed(ShuttingDown("the server is shutting down")))
-        if self._current is not None:
-            self._current.cancelled.set()
-        self._jobs.put(None)
+        """Stop the running jobs at their next step, fail the waiting ones, end the worker."""
+        with self._lock:
+            self._closing.set()
+            self._inbox.put(None)
         self._thread.join(timeout=30)
 
-    def _work(self) -> None:
+    def _run_worker(self) -> None:
         if self.model.device.type == "cuda":
             # A new thread's current CUDA device is device 0; Triton launches follow the current device.
             torch.cuda.set_device(self.model.device)
-        while (job := self._jobs.get()) is not None:
+        self._work()
+        while True:  # whatever arrived meanwhile
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.send(Failed(ShuttingDown("the server is shutting down")))
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+
+class SerialEngine(Engine):
+    """One request at a time, in arrival order, through Model.stream_ids: the CUDA backend's path until it
+    runs paged steps."""
+
+    def __init__(self, model, max_queue: int = 64, request_timeout: float = 600.0):
+        super().__init__(model, max_queue, request_timeout)
+        self._current: Job | None = None
+        self._start()
+
+    @property
+    def running(self) -> int:
+        return int(self._current is not None)
+
+    def _work(self) -> None:
+        while not self._closing.is_set() and (job := self._inbox.get()) is not None:
             self._current = job
             try:
                 self._run(job)
@@ -153,26 +219,13 @@ class Engine:
         if job.should_stop():
             raise TimedOut(f"the request waited longer than the timeout of {self.request_timeout:g} s")
         model = self.model
-        context = model.max_context
-        # stream() tokenizes again; counting here first lets a too-long request be refused before any text
-        n_prompt = len(model.prompt_ids(**job.inputs))
-        if job.max_tokens is None:
-            if n_prompt >= context:
-                raise ContextLengthError(f"the prompt has {n_prompt} tokens, which leaves no room to generate "
-                                         f"in the context of {context}")
-            max_tokens = min(context - n_prompt, DEFAULT_MAX_TOKENS_CAP)
-        else:
-            max_tokens = job.max_tokens
-            if n_prompt + max_tokens > context:
-                raise ContextLengthError(f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}: "
-                                         f"{n_prompt + max_tokens} is more than the context of {context}")
-        job.send(Started(n_prompt))
+        job.send(Started(len(job.ids)))
         previous = model.last_stats
-        stream = model.stream(**job.inputs, max_tokens=max_tokens, **job.sampling)
+        stream = model.stream_ids(job.ids, max_tokens=job.max_tokens, **job.sampling)
         stopped, last, m = False, None, self.metrics
         try:
             for piece in stream:
-                if job.should_stop():
+                if job.should_stop() or self._closing.is_set():
                     stopped = True
                     break
                 t = time.monotonic()
@@ -190,6 +243,160 @@ class Engine:
         if stopped:
             if job.cancelled.is_set():
                 raise Cancelled("the client went away")
+            if self._closing.is_set():
+                raise Cancelled("the server is shutting down")
             raise TimedOut(f"the request ran longer than the timeout of {self.request_timeout:g} s")
         stats = model.last_stats
         job.send(Done(stats.prompt_tokens, stats.generated_tokens, stats.finish_reason or "length"))
+
+
+class _Live:
+    """What the batch engine keeps for a running job besides its Sequence."""
+
+    def __init__(self, job: Job, tokenizer):
+        sampling = dict(job.sampling)
+        stop = sampling.pop("stop", None)
+        self.job = job
+        self.sampler = Sampler(SamplingParams(**sampling))
+        self.text = TextStream(tokenizer, [stop] if isinstance(stop, str) else stop)
+        self.generated = 0
+        self.last_text: float | None = None  # time.monotonic() of the last Text sent
+
+
+class BatchEngine(Engine):
+    """Continuous batching over a paged KV cache sized once here: kv_blocks blocks of BLOCK_SIZE positions
+    (default: room for max_batch full contexts), or as many as fit in kv_cache_gb."""
+
+    def __init__(self, model, max_queue: int = 64, request_timeout: float = 600.0, *,
+                 max_batch: int = DEFAULT_MAX_BATCH, kv_blocks: int | None = None, kv_cache_gb: float | None = None,
+                 prefix_cache: bool = True, step_tokens: int = DEFAULT_PREFILL_CHUNK):
+        super().__init__(model, max_queue, request_timeout)
+        backend, context = model.backend, model.max_context
+        if max_batch < 1:
+            raise IngotError(f"--max-batch must be at least 1, got {max_batch}")
+        if kv_blocks is not None and kv_cache_gb is not None:
+            raise IngotError("give --kv-blocks or --kv-cache-gb, not both")
+        if kv_cache_gb is not None:
+            if not kv_cache_gb > 0:
+                raise IngotError(f"--kv-cache-gb must be positive, got {kv_cache_gb}")
+            kv_blocks = int(kv_cache_gb * 2**30 // backend.paged_block_bytes(BLOCK_SIZE))
+        elif kv_blocks is None:
+            kv_blocks = max_batch * -(-context // BLOCK_SIZE)
+        if kv_blocks * BLOCK_SIZE < context:
+            raise IngotError(f"a KV cache of {kv_blocks} blocks holds {kv_blocks * BLOCK_SIZE} positions, fewer than "
+                             f"one context of {context}: give more (--kv-blocks, --kv-cache-gb) or a smaller "
+                             "--max-context")
+        self.blocks = BlockManager(kv_blocks, BLOCK_SIZE, prefix_cache)
+        self.cache = backend.new_paged_cache(kv_blocks, BLOCK_SIZE)
+        self.scheduler = Scheduler(self.blocks, max_batch, max(step_tokens, max_batch))
+        self._tokenizer = model.tokenizer
+        self._stop_ids = set(model.tokenizer.stop_ids)
+        self._start()
+
+    @property
+    def queued(self) -> int:
+        return self._inbox.qsize() + len(self.scheduler.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.scheduler.running)
+
+    def _work(self) -> None:
+        sched = self.scheduler
+        while not self._closing.is_set():
+            self._take_new(wait=not (sched.running or sched.waiting))
+            self._drop_stopped()
+            try:
+                plan = sched.schedule()
+            except Exception as e:  # a scheduler bug: fail what it holds rather than hang every client
+                log.exception("scheduling failed")
+                for seq in list(sched.running) + list(sched.waiting):
+                    self._end(seq, Failed(e))
+                continue
+            if not plan:
+                continue
+            try:
+                logits = self.model.backend.forward_paged(
+                    [(seq.tokens[seq.computed:seq.computed + n], seq.computed, seq.blocks) for seq, n in plan],
+                    self.cache)
+            except Exception as e:  # fails the step's requests, never the worker
+                log.exception("a batched step failed")
+                for seq, _ in plan:
+                    self._end(seq, Failed(e))
+                continue
+            for (seq, n), row in zip(plan, logits):
+                sched.advance(seq, n)
+                if seq.pending == 0:
+                    try:
+                        self._next_token(seq, row)
+                    except Exception as e:
+                        log.exception("request failed")
+                        self._end(seq, Failed(e))
+        for seq in list(sched.running) + list(sched.waiting):
+            self._end(seq, Failed(Cancelled("the server is shutting down")))
+
+    def _take_new(self, wait: bool) -> None:
+        """Move submitted jobs into the scheduler; with wait, sleep until one comes (or close)."""
+        while True:
+            try:
+                job = self._inbox.get(block=wait)
+            except queue.Empty:
+                return
+            wait = False
+            if job is None:
+                return
+            try:
+                live = _Live(job, self._tokenizer)
+            except Exception as e:  # sampling the schema let through but the sampler refuses
+                job.send(Failed(e))
+                continue
+            self.scheduler.add(Sequence(list(job.ids), len(job.ids), owner=live))
+
+    def _drop_stopped(self) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            job = seq.owner.job
+            if job.cancelled.is_set():
+                self._end(seq, Failed(Cancelled("the client went away")))
+            elif job.should_stop():
+                self._end(seq, Failed(TimedOut(f"the request ran longer than the timeout of "
+                                               f"{self.request_timeout:g} s")))
+
+    def _next_token(self, seq: Sequence, logits: torch.Tensor) -> None:
+        live, job = seq.owner, seq.owner.job
+        if live.generated == 0:
+            job.send(Started(seq.n_prompt))
+        token = live.sampler(logits, seq.tokens)
+        if token in self._stop_ids:
+            self._send_text(live, live.text.flush())
+            self._end(seq, self._done(seq, "stop"))
+            return
+        seq.tokens.append(token)
+        live.generated += 1
+        self._send_text(live, live.text.push(token))
+        if live.text.stopped:
+            self._end(seq, self._done(seq, "stop"))
+        elif live.generated >= job.max_tokens or len(seq.tokens) >= self.model.max_context:
+            self._send_text(live, live.text.flush())
+            self._end(seq, self._done(seq, "stop" if live.text.stopped else "length"))
+
+    def _send_text(self, live: _Live, piece: str) -> None:
+        if not piece:
+            return
+        t, m = time.monotonic(), self.metrics
+        if live.last_text is None:
+            m.time_to_first_token.observe(t - live.job.arrived)
+        else:
+            m.inter_token_latency.observe(t - live.last_text)
+        live.last_text = t
+        live.job.send(Text(piece))
+
+    def _done(self, seq: Sequence, reason: str) -> Done:
+        return Done(seq.n_prompt, seq.owner.generated, reason, max(seq.cached_tokens, 0))
+
+    def _end(self, seq: Sequence, event) -> None:
+        """Take seq out of the batch, free its blocks, count its tokens and tell its client."""
+        self.scheduler.remove(seq)
+        if seq.cached_tokens >= 0:  # it ran: its prompt was read
+            self.metrics.prompt_tokens.inc(seq.n_prompt)
+        self.metrics.generation_tokens.inc(seq.owner.generated)
+        seq.owner.job.send(event)

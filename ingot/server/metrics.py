@@ -2,8 +2,8 @@
 
 Each app has its own registry (several servers, e.g. in tests, can live in one process). The worker thread
 records token counts and latencies as it generates; the handlers count finished requests by status; queue
-depth and the running batch are read from the engine when scraped. KV-block and prefix-cache gauges join
-once the paged KV cache exists.
+depth, the running batch and, for the batching engine, the KV blocks and the prefix-cache hit rate are read
+from the engine when scraped.
 """
 
 from __future__ import annotations
@@ -32,13 +32,25 @@ class Metrics:
             "Between consecutive text pieces of a request (a piece is one token, but for split characters)",
             buckets=ITL_BUCKETS, registry=r)
         self.queue_depth = Gauge("ingot_queue_depth", "Requests waiting for their turn", registry=r)
-        self.running = Gauge("ingot_running_batch_size", "Requests being generated now (one at a time so far)",
+        self.running = Gauge("ingot_running_batch_size", "Requests in the running batch (prefilling or decoding)",
                              registry=r)
 
     def watch(self, engine) -> None:
-        """Read queue depth and the running batch from `engine` whenever the metrics are scraped."""
+        """Read the engine's state whenever the metrics are scraped."""
         self.queue_depth.set_function(lambda: engine.queued)
-        self.running.set_function(lambda: int(engine.busy))
+        self.running.set_function(lambda: engine.running)
+        blocks = getattr(engine, "blocks", None)
+        if blocks is None:
+            return
+        r = self.registry
+        Gauge("ingot_kv_blocks_used", "KV-cache blocks held by requests", registry=r).set_function(
+            lambda: blocks.used)
+        Gauge("ingot_kv_blocks_free", "KV-cache blocks free to take (cached ones included: they are evicted "
+              "for new content)", registry=r).set_function(lambda: blocks.free)
+        Gauge("ingot_kv_blocks_cached", "Free KV-cache blocks that still hold a prefix for later hits",
+              registry=r).set_function(lambda: blocks.cached)
+        Gauge("ingot_prefix_cache_hit_rate", "Share of admitted prompt tokens found in the prefix cache",
+              registry=r).set_function(blocks.hit_rate)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
