@@ -9,7 +9,9 @@ import triton
 import triton.language as tl
 
 from ingot.backends.cuda import attention, gemm, gemv, moe, norm, pdl, prefill, rope, sampling
+from ingot.backends.cuda.paged_attention import paged_decode_attention
 from ingot.backends.cuda.weights import ModelWeights
+from ingot.engine.kv_cache import PagedKVCache
 from ingot.models.base import ModelSpec
 
 # Up to this many rows use the GEMV kernels; more go to the tensor-core GEMM. H100, Llama-3.2-1B q4_0 decode
@@ -221,6 +223,32 @@ class CudaBackend:
         Decode (s a DecodeState): seq_lens [B]. Prefill: seq_lens is the chunk's span (start, count) on the
         device, s its static buffers (a prefill view) or None to allocate temporaries, `slot` its cache slot."""
         spec = self.spec
+        hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+
+        if isinstance(s, DecodeState):  # q/k norm, RoPE and the KV write happen inside the attention kernel
+            def attend(i, layer, lw, qkv):
+                rope_args = attention.DecodeRope(self.inv_freq[i], lw.q_norm, lw.k_norm, spec.norm_eps)
+                return attention.decode_attention(qkv, cache.k[i], cache.v[i], seq_lens, slots,
+                                                  scale=spec.softmax_scale, window=layer.sliding_window or 0,
+                                                  out=s.attn, scratch=s.scratch, rope=rope_args, n_heads=hq)
+        else:
+            def attend(i, layer, lw, qkv):
+                q = s.q if s is not None else torch.empty(rows, hq, hd, device=x.device, dtype=torch.float32)
+                rope.qk_norm_rope_store(
+                    qkv, n_heads=hq, n_kv_heads=hkv, head_dim=hd, q_norm=lw.q_norm, k_norm=lw.k_norm,
+                    eps=spec.norm_eps, inv_freq=self.inv_freq[i], positions=positions, slots=slots,
+                    k_cache=cache.k[i], v_cache=cache.v[i], q_out=q,
+                )
+                return attention.prefill_attention(q, cache.k[i], cache.v[i], slot, seq_lens,
+                                                   scale=spec.softmax_scale, window=layer.sliding_window or 0,
+                                                   out=s.attn if s is not None else None)
+        return self._blocks(x, rows, s, attend)
+
+    def _blocks(self, x, rows: int, s, attend):
+        """The transformer blocks on x (fp32 [rows, hidden]) in place; attend(i, layer, lw, qkv) stores layer
+        i's keys and values from the fused qkv rows and returns the attention output [rows, Hq, D]. s: the
+        static buffers of a decode step or prefill view, or None to allocate temporaries."""
+        spec = self.spec
         decode = isinstance(s, DecodeState)
         if rows <= DECODE_ROWS:
             lin = functools.partial(gemv.linear, workspace=s.workspace if s is not None else None)
@@ -228,26 +256,10 @@ class CudaBackend:
             lin = functools.partial(gemm.matmul, norm_out=s.norm_out)
         else:
             lin = gemm.matmul
-        hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+        hd, hq = spec.head_dim, spec.n_heads
         for i, (layer, lw) in enumerate(zip(spec.layers, self.w.layers)):
             qkv = lin(x, lw.qkv, norm_weight=lw.attn_norm, eps=spec.norm_eps, out=s.qkv if s is not None else None)
-            window = layer.sliding_window or 0
-            if decode:  # q/k norm, RoPE and the KV write happen inside the attention kernel
-                rope_args = attention.DecodeRope(self.inv_freq[i], lw.q_norm, lw.k_norm, spec.norm_eps)
-                a = attention.decode_attention(qkv, cache.k[i], cache.v[i], seq_lens, slots,
-                                               scale=spec.softmax_scale, window=window, out=s.attn,
-                                               scratch=s.scratch, rope=rope_args, n_heads=hq)
-            else:
-                q = s.q if s is not None else torch.empty(rows, hq, hd, device=x.device, dtype=torch.float32)
-                rope.qk_norm_rope_store(
-                    qkv, n_heads=hq, n_kv_heads=hkv, head_dim=hd, q_norm=lw.q_norm, k_norm=lw.k_norm,
-                    eps=spec.norm_eps, inv_freq=self.inv_freq[i], positions=positions, slots=slots,
-                    k_cache=cache.k[i], v_cache=cache.v[i], q_out=q,
-                )
-                a = attention.prefill_attention(q, cache.k[i], cache.v[i], slot, seq_lens,
-                                                scale=spec.softmax_scale, window=window,
-                                                out=s.attn if s is not None else None)
-            a = a.reshape(rows, hq * hd)
+            a = attend(i, layer, lw, qkv).reshape(rows, hq * hd)
             if spec.sandwich_norm:
                 h = lin(a, lw.o, out=s.h if s is not None else None)
                 norm.add_rms_norm(x, h, lw.post_attn_norm, spec.norm_eps)
@@ -301,6 +313,72 @@ class CudaBackend:
         if last_only:
             x = x[-1:]
         return _linear_for(x.shape[0])(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps)
+
+    # -- several sequences through a paged KV cache (the server's continuous batching) ---------------------
+    def new_paged_cache(self, n_blocks: int, block_size: int) -> PagedKVCache:
+        s = self.spec
+        return PagedKVCache(s.n_layers, s.n_kv_heads, s.head_dim, n_blocks, block_size, self.device, self.dtype)
+
+    def paged_block_bytes(self, block_size: int) -> int:
+        s = self.spec
+        return PagedKVCache.block_bytes(s.n_layers, s.n_kv_heads, s.head_dim, block_size, self.dtype)
+
+    @torch.inference_mode()
+    def forward_paged(self, seqs: list[tuple[list[int], int, list[int]]], cache: PagedKVCache) -> torch.Tensor:
+        """One eager step of several sequences, each (new token ids, start position, block table): all their
+        tokens go through the projections together; the sequences with one new token attend together
+        through their block tables, each longer chunk attends alone over its blocks gathered in order.
+        Returns fp32 logits (len(seqs), vocab) of each sequence's last new token."""
+        spec, dev, bs = self.spec, self.device, cache.block_size
+        hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+        ids, pos, slot, last, decode, chunks = [], [], [], [], [], []
+        for tokens, start, table in seqs:
+            end = start + len(tokens)
+            if not tokens or end > len(table) * bs:
+                raise ValueError(f"positions {start}..{end} need {-(-end // bs)} blocks, the table has {len(table)}")
+            p = range(start, end)
+            # The RoPE kernel writes position p of "slot" c at c * block_stride + p * row_stride, which is
+            # row p % bs of block table[p // bs] when c = table[p // bs] - p // bs (c may be negative).
+            slot.extend(table[q // bs] - q // bs for q in p)
+            if len(tokens) == 1:
+                decode.append((len(ids), start, table))
+            else:
+                chunks.append((len(ids), len(ids) + len(tokens), start, table))
+            ids.extend(tokens)
+            pos.extend(p)
+            last.append(len(ids) - 1)
+        T = len(ids)
+        positions = torch.tensor(pos, dtype=torch.int32, device=dev)
+        slots = torch.tensor(slot, dtype=torch.int32, device=dev)
+        if decode:
+            rows = torch.tensor([r for r, _, _ in decode], device=dev)
+            width = max(len(t) for _, _, t in decode)
+            tables = torch.tensor([t + [0] * (width - len(t)) for _, _, t in decode], dtype=torch.int32, device=dev)
+            lens = torch.tensor([start + 1 for _, start, _ in decode], dtype=torch.int32, device=dev)
+        chunk_tables = [torch.tensor(t, device=dev) for *_, t in chunks]
+
+        def attend(i, layer, lw, qkv):
+            q = rope.qk_norm_rope_store(
+                qkv, n_heads=hq, n_kv_heads=hkv, head_dim=hd, q_norm=lw.q_norm, k_norm=lw.k_norm,
+                eps=spec.norm_eps, inv_freq=self.inv_freq[i], positions=positions, slots=slots,
+                k_cache=cache.k[i], v_cache=cache.v[i])
+            out = torch.empty_like(q)
+            window = layer.sliding_window or 0
+            if decode:
+                out[rows] = paged_decode_attention(q[rows], cache.k[i], cache.v[i], tables, lens,
+                                                   scale=spec.softmax_scale, window=window)
+            for (r0, r1, start, _), t in zip(chunks, chunk_tables):
+                # the sequence's positions in order, as a one-slot contiguous cache
+                k = cache.k[i].index_select(0, t).flatten(0, 1)[None]
+                v = cache.v[i].index_select(0, t).flatten(0, 1)[None]
+                attention.prefill_attention(q[r0:r1], k, v, 0, start, scale=spec.softmax_scale, window=window,
+                                            out=out[r0:r1])
+            return out
+
+        x = gemv.embed_rows(torch.tensor(ids, dtype=torch.int32, device=dev), self.w.embed, spec.embed_scale)
+        self._blocks(x, T, None, attend)
+        x = x[torch.tensor(last, device=dev)]
+        return _linear_for(x.shape[0])(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=spec.norm_eps)
 
     # -- prefill from static buffers and graphs -----------------------------------------------------------------
     def _prefill_chunk(self, tokens: torch.Tensor, cache: CudaKVCache, rows: int, graph: bool) -> torch.Tensor:
