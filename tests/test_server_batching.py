@@ -238,3 +238,18 @@ def test_kv_cache_gb_sets_the_number_of_blocks(smollm2):
         assert engine.cache.nbytes == engine.blocks.n_blocks * per_block
     finally:
         engine.close()
+
+
+def test_engine_choice(smollm2, monkeypatch):
+    """Paged batching wherever the backend has paged steps, except one sequence at a time on a backend
+    that replays captured decode graphs (CUDA), where Model.stream_ids is the faster path."""
+    from ingot.server.engine import BatchEngine, SerialEngine, make_engine
+
+    def kind(**batching):
+        engine = make_engine(smollm2, **batching)
+        engine.close()
+        return type(engine)
+
+    assert kind(max_batch=1, kv_blocks=64) is BatchEngine and kind(max_batch=4, kv_blocks=64) is BatchEngine
+    monkeypatch.setattr(smollm2.backend, "use_graph", True, raising=False)
+    assert kind(max_batch=1) is SerialEngine and kind(max_batch=4, kv_blocks=64) is BatchEngine

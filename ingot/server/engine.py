@@ -9,7 +9,8 @@ and its deadline are checked between steps.
 
 BatchEngine (backends with forward_paged) runs continuous batching over a paged KV cache: requests join
 the running batch between steps and leave it, freeing their blocks, the step they finish or are cancelled.
-SerialEngine (the others, e.g. the CUDA backend for now) runs one request at a time through Model.stream.
+SerialEngine (backends without paged steps, and --max-batch 1 on CUDA, whose decode graphs make the
+fastest single stream) runs one request at a time through Model.stream_ids.
 """
 
 from __future__ import annotations
@@ -101,8 +102,11 @@ class Job:
 
 def make_engine(model, max_queue: int = 64, request_timeout: float = 600.0, **batching) -> "Engine":
     """A BatchEngine where the model's backend runs paged steps, else a SerialEngine (which takes no
-    batching options)."""
-    if hasattr(getattr(model, "backend", None), "forward_paged"):
+    batching options). With max_batch 1 on a backend that replays captured decode graphs (CUDA) the
+    SerialEngine too: one stream through Model.stream_ids is faster there than the eager paged step."""
+    backend = getattr(model, "backend", None)
+    single_graphed = batching.get("max_batch") == 1 and getattr(backend, "use_graph", False)
+    if hasattr(backend, "forward_paged") and not single_graphed:
         return BatchEngine(model, max_queue, request_timeout, **batching)
     return SerialEngine(model, max_queue, request_timeout)
 
@@ -189,8 +193,7 @@ class Engine:
 
 
 class SerialEngine(Engine):
-    """One request at a time, in arrival order, through Model.stream_ids: the CUDA backend's path until it
-    runs paged steps."""
+    """One request at a time, in arrival order, through Model.stream_ids."""
 
     def __init__(self, model, max_queue: int = 64, request_timeout: float = 600.0):
         super().__init__(model, max_queue, request_timeout)

@@ -42,7 +42,7 @@ def serve(args) -> int:
         how = (f"batches of up to {engine.scheduler.max_batch}, {engine.blocks.n_blocks} KV blocks of "
                f"{engine.blocks.block_size}, prefix cache {'on' if engine.blocks.prefix_cache else 'off'}")
     else:
-        how = "one request at a time: this backend has no batched steps yet"
+        how = "one request at a time, through the captured decode graphs (--max-batch 1)"
     print(f"Serving {args.model} ({model.device}, context {model.max_context}; {how}) at "
           f"http://{host}:{args.port}/v1", file=sys.stderr)
     if not args.api_key and not _is_loopback(args.host):
