@@ -189,7 +189,7 @@ def test_unknown_model_type_lists_supported(models, tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["model_type"] = "mistral"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedError, match="mistral.*gemma3, llama, qwen3, qwen3moe"):
+    with pytest.raises(UnsupportedError, match="mistral.*gemma3, gemma4, llama, qwen3, qwen3moe"):
         open_checkpoint(tmp_path)
 
 
