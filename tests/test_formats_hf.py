@@ -226,6 +226,24 @@ def test_mlx_gemma3_norms(models, tmp_path):
     check_mlx(ckpt, tmp_path, models["gemma3"], 4, 32)
 
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_mlx_gemma4(tmp_path, moe):
+    """mlx-lm's Gemma 4 names: HF's, with the experts stacked under experts.switch_glu; norms stay plain."""
+    from tests.tiny_models import GEMMA4_MOE
+
+    model = make_hf_model("gemma4", **(GEMMA4_MOE if moe else {}))
+    save_mlx(model, tmp_path, 4, 32)
+    ckpt = open_checkpoint(tmp_path)
+    assert (ckpt.format, ckpt.arch) == ("mlx", "gemma4")
+    assert ckpt.tensors["blk.0.attn_q.weight"].qtype == "MLX4"
+    if moe:
+        assert ckpt.tensors["blk.0.ffn_gate_exps.weight"].qtype == "MLX4"
+        assert ckpt.tensors["blk.0.ffn_gate_inp.weight"].qtype == "MLX8"
+    else:
+        assert ckpt.tensors["per_layer_model_proj.weight"].qtype == "MLX4"
+    check_mlx(ckpt, tmp_path, model, 4, 32)
+
+
 def test_linear_bias_is_refused(tmp_path):
     from tests.tiny_models import make_hf_model, save_hf
 

@@ -95,7 +95,7 @@ def test_half_precision_folders(tmp_path, dtype):
     assert _rel(ours.logits(ids), ref) < 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma4"])
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 64)])
 def test_mlx_folder_matches_dequantized_reference(tmp_path, family, bits, group):
     """An MLX-quantized folder runs the same function as transformers on the dequantized weights."""

@@ -161,15 +161,17 @@ def save_hf(model, dir, dtype=torch.float32, max_shard_size=None) -> Path:
 
 
 def _mlx_state(model) -> dict[str, torch.Tensor]:
-    """The state dict under mlx-lm's names: tied lm_head dropped, MoE experts stacked as switch_mlp."""
+    """The state dict under mlx-lm's names: tied lm_head dropped, MoE experts stacked as switch_mlp
+    (Gemma 4: experts.switch_glu)."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    for k in [k for k in state if k.endswith("mlp.experts.gate_up_proj")]:
+    for k in [k for k in state if k.endswith("experts.gate_up_proj")]:
         gate_up = state.pop(k)
         down = state.pop(k.replace("gate_up_proj", "down_proj"))
         f = gate_up.shape[-2] // 2
-        base = k[: -len("experts.gate_up_proj")] + "switch_mlp."
+        switch = "switch_mlp." if k.endswith("mlp.experts.gate_up_proj") else "experts.switch_glu."
+        base = k[: -len("experts.gate_up_proj")] + switch
         state[base + "gate_proj.weight"] = gate_up[:, :f].contiguous()
         state[base + "up_proj.weight"] = gate_up[:, f:].contiguous()
         state[base + "down_proj.weight"] = down.contiguous()
@@ -190,7 +192,7 @@ def save_mlx(model, dir, bits, group_size, dtype=torch.float32) -> Path:
         module = name[: -len(".weight")]
         is_matrix = name.endswith(".weight") and t.dim() >= 2 and "norm" not in name
         b, g = bits, group_size
-        if is_matrix and module.endswith("mlp.gate"):
+        if is_matrix and module.endswith(("mlp.gate", "router.proj")):
             b, g = 8, 64 if t.shape[-1] % 64 == 0 else group_size
             overrides[module] = {"group_size": g, "bits": b}
         if is_matrix and t.shape[-1] % g == 0:

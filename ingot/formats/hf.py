@@ -85,7 +85,7 @@ _TABLES = {"gemma3": _GEMMA_LAYER, "gemma4": _GEMMA4_LAYER}
 _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 _EXPERT_RE = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj")  # one tensor per expert (HF)
 _FUSED_RE = re.compile(r"(?:mlp\.)?experts\.(gate_up|down)_proj")  # transformers 5 (Gemma 4 without mlp.)
-_SWITCH_RE = re.compile(r"mlp\.switch_mlp\.(gate|up|down)_proj")  # mlx-lm's stacked experts
+_SWITCH_RE = re.compile(r"(?:mlp\.switch_mlp|experts\.switch_glu)\.(gate|up|down)_proj")  # mlx-lm's stacked experts
 
 # Gemma3TextConfig defaults: multimodal Gemma 3 configs leave most text_config keys out.
 _GEMMA3_DEFAULTS = dict(
