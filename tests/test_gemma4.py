@@ -143,3 +143,74 @@ def test_cuda_backend_refuses_with_what_is_missing(pair):
     _, _, path = pair
     with pytest.raises(UnsupportedError, match="CUDA backend does not cover gemma4's .*v norm.*backend='reference'"):
         ingot.load(path, device="cpu", backend="cuda", max_context=64)
+
+
+def _write_gguf(hf, path):
+    """A GGUF laid out as llama.cpp's convert_hf_to_gguf writes gemma4 (float32 tensors): gguf-py's tensor
+    names, the router scales as ffn_gate_inp.scale / ffn_down_exps.scale, the fused expert gate_up, per-layer
+    arrays for the sliding pattern, kv heads and MLP widths, and rope_freqs for the proportional rope."""
+    import gguf
+    import numpy as np
+
+    c = hf.config
+    n = c.num_hidden_layers
+    w = gguf.GGUFWriter(str(path), "gemma4")
+    swa = [t == "sliding_attention" for t in c.layer_types]
+    w.add_block_count(n)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    shared = c.num_kv_shared_layers
+    ff = [c.intermediate_size * (2 if c.use_double_wide_mlp and i >= n - shared else 1) for i in range(n)]
+    w.add_feed_forward_length(ff if c.use_double_wide_mlp else c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    local, full = (c.per_layer_config[c.layer_types.index(t)] for t in ("sliding_attention", "full_attention"))
+    kv, global_kv, global_hd = local.num_key_value_heads, full.num_key_value_heads, full.head_dim
+    w.add_head_count_kv([kv if s else global_kv for s in swa] if global_kv != kv else kv)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_key_length(global_hd)
+    w.add_value_length(global_hd)
+    w.add_key_length_swa(local.head_dim)
+    w.add_value_length_swa(local.head_dim)
+    w.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
+    w.add_rope_freq_base_swa(c.rope_parameters["sliding_attention"]["rope_theta"])
+    if c.final_logit_softcapping:
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    w.add_sliding_window(c.sliding_window)
+    w.add_sliding_window_pattern(swa)
+    w.add_shared_kv_layers(shared)
+    w.add_embedding_length_per_layer_input(c.hidden_size_per_layer_input or 0)
+    if c.enable_moe_block:
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.top_k_experts)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_vocab_size(c.vocab_size)  # no tokenizer here: the logits are all that is compared
+    rotated = int(global_hd * c.rope_parameters["full_attention"]["partial_rotary_factor"] / 2)
+    w.add_tensor("rope_freqs.weight", np.array([1.0] * rotated + [1e30] * (global_hd // 2 - rotated), np.float32))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, n)
+    for key, t in hf.state_dict().items():
+        if key == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        bid = key.split(".")[2] if key.startswith("model.layers.") else None
+        if key.endswith("router.scale"):
+            name = f"blk.{bid}.ffn_gate_inp.scale"
+        elif key.endswith("router.per_expert_scale"):
+            name = f"blk.{bid}.ffn_down_exps.scale"
+        else:
+            suffixed = key if key.endswith(".weight") else key + ".weight"
+            name = names.get_name(suffixed, try_suffixes=(".weight",))
+        w.add_tensor(name, t.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_llama_cpp_gguf_equals_transformers(pair, tmp_path):
+    hf, _, _ = pair
+    ours = ingot.load(_write_gguf(hf, tmp_path / "g4.gguf"), device="cpu", max_context=64)
+    assert ours.format == "gguf" and ours.arch == "gemma4"
+    ids = _ids(seed=3)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    assert _rel(ours.logits(ids), ref) < 1e-5
