@@ -112,7 +112,8 @@ def test_nested_text_config(tmp_path):
     state = {k.replace("model.", "model.language_model.", 1): v for k, v in hf.state_dict().items()}
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, str(tmp_path / "model.safetensors"))
+    tensors = {k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
     cfg = {"model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"],
            "text_config": hf.config.to_dict()}
     (tmp_path / "config.json").write_text(json.dumps(cfg))

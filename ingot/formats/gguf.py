@@ -215,7 +215,8 @@ def _gemma4_config(get, cfg: dict, tensors: dict) -> dict:
     first_full = types.index("full_attention")
     k_eq_v = f"blk.{first_full}.attn_v.weight" not in tensors
     head_dim, global_head_dim = get("attention.key_length_swa"), get("attention.key_length")
-    full_rope = {"rope_type": "proportional", "rope_theta": get("rope.freq_base", 1000000.0), "partial_rotary_factor": 1.0}
+    full_rope = {"rope_type": "proportional", "rope_theta": get("rope.freq_base", 1000000.0),
+                 "partial_rotary_factor": 1.0}
     if "rope_freqs.weight" in tensors:
         factors = tensors["rope_freqs.weight"].dequantize()
         full_rope["partial_rotary_factor"] = 2 * int((factors == 1.0).sum()) / global_head_dim

@@ -130,7 +130,9 @@ class ModelSpec:
             "per-layer MLP width": any(l.intermediate_size for l in layers),
             "KV sharing between layers": any(l.kv_source is not None for l in layers),
             "values equal to keys (k_eq_v)": any(l.k_eq_v for l in layers),
-            "proportional (partial) rope": any((l.rope.scaling or {}).get("rope_type") == "proportional" for l in layers),
+            "proportional (partial) rope": any(
+                (l.rope.scaling or {}).get("rope_type") == "proportional" for l in layers
+            ),
             "v norm": self.v_norm,
             "final logit softcapping": bool(self.final_softcap),
             "per-layer input embeddings": bool(self.per_layer_dim),
