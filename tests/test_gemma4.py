@@ -215,3 +215,37 @@ def test_llama_cpp_gguf_equals_transformers(pair, tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
     assert _rel(ours.logits(ids), ref) < 1e-5
+
+
+# Google's published text configs (transformers' convert_gemma4_weights), the keys that differ from the defaults.
+_E2B_TYPES = ["sliding_attention"] * 4 + ["full_attention"]
+_DEFAULT_TYPES = ["sliding_attention"] * 5 + ["full_attention"]
+PUBLISHED = {
+    "e2b": dict(hidden_size=1536, hidden_size_per_layer_input=256, intermediate_size=6144, num_hidden_layers=35,
+                layer_types=_E2B_TYPES * 7, num_attention_heads=8, num_key_value_heads=1, num_kv_shared_layers=20,
+                use_double_wide_mlp=True, final_logit_softcapping=30.0),
+    "e4b": dict(hidden_size=2560, hidden_size_per_layer_input=256, intermediate_size=10240, num_hidden_layers=42,
+                layer_types=_DEFAULT_TYPES * 7, num_attention_heads=8, num_key_value_heads=2, global_head_dim=512,
+                num_kv_shared_layers=18, final_logit_softcapping=30.0),
+    "26b-a4b": dict(hidden_size=2816, hidden_size_per_layer_input=0, intermediate_size=2112, num_hidden_layers=30,
+                    layer_types=_DEFAULT_TYPES * 5, num_attention_heads=16, num_key_value_heads=8,
+                    num_global_key_value_heads=2, attention_k_eq_v=True, use_bidirectional_attention="vision",
+                    enable_moe_block=True, num_experts=128, moe_intermediate_size=704, top_k_experts=8,
+                    sliding_window=1024, final_logit_softcapping=30.0, max_position_embeddings=262144),
+}
+
+
+@pytest.mark.parametrize("variant", list(PUBLISHED))
+def test_published_shapes_match_transformers_parameters(variant):
+    """At the real shapes, the spec names exactly transformers' parameters, with their shapes (built on the meta
+    device, so nothing is allocated)."""
+    import transformers
+
+    from tests.tiny_models import hf_reference_tensors
+
+    config = transformers.Gemma4TextConfig(**PUBLISHED[variant])
+    with torch.device("meta"):
+        model = transformers.Gemma4ForCausalLM(config)
+    want = {n: tuple(t.shape) for n, t in hf_reference_tensors(model).items()}
+    spec = build_spec("gemma4", json.loads(json.dumps(config.to_dict())))
+    assert spec.weights() == want

@@ -96,9 +96,14 @@ def _attention_dims(cfg: dict, types: list[str], k_eq_v: bool) -> tuple[list[int
     head_dim, kv = cfg["head_dim"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     per_layer = cfg.get("per_layer_config")
     if per_layer is not None:
+        # keyed by layer index (zero-padded to the widest index in config.json: "04") or by layer type
+        by_index = {int(k): v for k, v in per_layer.items() if str(k).isdigit()}
+        stray = [k for k in per_layer if not str(k).isdigit() and k not in _LAYER_TYPES]
+        if stray:
+            raise UnsupportedError(f"gemma4: per_layer_config keys {stray} are neither layer indices nor types")
         dims, heads = [], []
         for i, t in enumerate(types):
-            o = per_layer.get(str(i)) or per_layer.get(i) or per_layer.get(t) or {}
+            o = by_index.get(i) or per_layer.get(t) or {}
             unknown = set(o) - {"head_dim", "num_key_value_heads"}
             if unknown:
                 raise UnsupportedError(f"gemma4: per_layer_config[{i}] overrides {sorted(unknown)}, not supported")
