@@ -51,7 +51,8 @@ class ReferenceBackend:
 
     def new_cache(self, max_context: int) -> KVCache:
         s = self.spec
-        shapes = [s.attn_dims(i)[::-1] if l.kv_source is None else None for i, l in enumerate(s.layers)]
+        dims = [s.attn_dims(i) for i in range(s.n_layers)]
+        shapes = [(kv, hd) if layer.kv_source is None else None for layer, (hd, kv) in zip(s.layers, dims)]
         return KVCache(shapes, max_context, self.device, self.dtype)
 
     @torch.inference_mode()
