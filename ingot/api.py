@@ -12,7 +12,7 @@ import torch
 from ingot.engine.generator import Generator, Stats
 from ingot.engine.runner import Runner
 from ingot.engine.sampler import Sampler, SamplingParams
-from ingot.errors import IngotError
+from ingot.errors import IngotError, UnsupportedError
 
 DEFAULT_MAX_CONTEXT = 4096  # like llama.cpp's default; pass max_context for more
 
@@ -52,6 +52,11 @@ def load(path_or_name, device=None, max_context: int | None = None, dtype=None, 
     if max_batch != 1 and backend != "cuda":
         raise IngotError(f"max_batch={max_batch}: only the CUDA backend decodes several sequences at once")
     if backend == "cuda":
+        if missing := spec.beyond_uniform():
+            raise UnsupportedError(
+                f"{path}: the CUDA backend does not cover {spec.arch}'s {', '.join(missing)} yet; "
+                "load it with backend='reference'"
+            )
         from ingot.backends.cuda.backend import BATCH_BUCKETS, CudaBackend, cache_slots
         from ingot.backends.cuda.prefill import prefill_buffer_bytes
         from ingot.backends.cuda.weights import kv_cache_bytes

@@ -189,7 +189,7 @@ def test_unknown_model_type_lists_supported(models, tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["model_type"] = "mistral"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedError, match="mistral.*gemma3, llama, qwen3, qwen3moe"):
+    with pytest.raises(UnsupportedError, match="mistral.*gemma3, gemma4, llama, qwen3, qwen3moe"):
         open_checkpoint(tmp_path)
 
 
@@ -224,6 +224,24 @@ def test_mlx_gemma3_norms(models, tmp_path):
     ckpt = open_checkpoint(tmp_path)
     assert ckpt.tensors["blk.0.post_ffw_norm.weight"].qtype == "F32"
     check_mlx(ckpt, tmp_path, models["gemma3"], 4, 32)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_mlx_gemma4(tmp_path, moe):
+    """mlx-lm's Gemma 4 names: HF's, with the experts stacked under experts.switch_glu; norms stay plain."""
+    from tests.tiny_models import GEMMA4_MOE
+
+    model = make_hf_model("gemma4", **(GEMMA4_MOE if moe else {}))
+    save_mlx(model, tmp_path, 4, 32)
+    ckpt = open_checkpoint(tmp_path)
+    assert (ckpt.format, ckpt.arch) == ("mlx", "gemma4")
+    assert ckpt.tensors["blk.0.attn_q.weight"].qtype == "MLX4"
+    if moe:
+        assert ckpt.tensors["blk.0.ffn_gate_exps.weight"].qtype == "MLX4"
+        assert ckpt.tensors["blk.0.ffn_gate_inp.weight"].qtype == "MLX8"
+    else:
+        assert ckpt.tensors["per_layer_model_proj.weight"].qtype == "MLX4"
+    check_mlx(ckpt, tmp_path, model, 4, 32)
 
 
 def test_linear_bias_is_refused(tmp_path):

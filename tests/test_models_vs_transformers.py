@@ -5,10 +5,18 @@ import pytest
 import torch
 
 import ingot
-from tests.tiny_models import make_hf_model, save_hf
+from tests.tiny_models import GEMMA4_MOE, make_hf_model, save_hf
 
-FAMILIES = ["llama", "qwen3", "qwen3moe", "gemma3"]
-SEQ = 24  # longer than the tiny Gemma's sliding window, so both masks are exercised
+# variant -> (family, config overrides)
+VARIANTS = {
+    "llama": ("llama", {}),
+    "qwen3": ("qwen3", {}),
+    "qwen3moe": ("qwen3moe", {}),
+    "gemma3": ("gemma3", {}),
+    "gemma4": ("gemma4", {}),
+    "gemma4-moe": ("gemma4", GEMMA4_MOE),
+}
+SEQ = 24  # longer than the tiny Gemmas' sliding window, so both masks are exercised
 
 
 def _rel(a, b):
@@ -19,10 +27,10 @@ def _ids(vocab, n=SEQ, seed=0):
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def pair(request, tmp_path_factory):
-    overrides = {}
-    hf = make_hf_model(request.param, **overrides)
+    family, overrides = VARIANTS[request.param]
+    hf = make_hf_model(family, **overrides)
     path = tmp_path_factory.mktemp(request.param)
     save_hf(hf, path)
     return hf, ingot.load(path, device="cpu", max_context=64)
@@ -87,7 +95,7 @@ def test_half_precision_folders(tmp_path, dtype):
     assert _rel(ours.logits(ids), ref) < 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma4"])
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 64)])
 def test_mlx_folder_matches_dequantized_reference(tmp_path, family, bits, group):
     """An MLX-quantized folder runs the same function as transformers on the dequantized weights."""

@@ -46,7 +46,8 @@ def test_paged_decode_attention_equals_contiguous(hkv, g, window, bs):
         torch.testing.assert_close(got[b:b + 1], want, rtol=0, atol=0)
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma3"])  # gemma3: a sliding window of 4, qk-norm
+@pytest.fixture(scope="module", params=["llama", "gemma3", "gemma4"])  # gemma3: a sliding window of 4, qk-norm;
+# gemma4: KV-shared layers, per-layer head dims, values from the keys
 def tiny(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     save_hf(make_hf_model(request.param), path)

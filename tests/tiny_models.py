@@ -82,7 +82,44 @@ TINY_CONFIGS = {
             hidden_activation="gelu_pytorch_tanh",
         ),
     ),
+    # Every Gemma 4 feature but the MoE block (GEMMA4_MOE turns it on): global layers with a wider head, fewer
+    # kv heads and values from the key projection; the last two layers reading layers 2 and 3's keys and values
+    # with double-wide MLPs; per-layer input embeddings; a softcap small enough to bend these logits.
+    "gemma4": (
+        "Gemma4TextConfig",
+        "Gemma4ForCausalLM",
+        dict(
+            _COMMON,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            attention_k_eq_v=True,
+            num_hidden_layers=6,
+            layer_types=["sliding_attention", "full_attention"] * 3,
+            sliding_window=4,
+            num_kv_shared_layers=2,
+            use_double_wide_mlp=True,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=128,
+            final_logit_softcapping=2.0,
+            tie_word_embeddings=True,
+            hidden_activation="gelu_pytorch_tanh",
+        ),
+    ),
 }
+# The MoE variant (as 26B-A4B): experts beside the dense MLP on every layer, separate k and v projections,
+# no KV sharing, no per-layer inputs.
+GEMMA4_MOE = dict(
+    enable_moe_block=True,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=32,
+    attention_k_eq_v=False,
+    num_global_key_value_heads=None,
+    num_kv_shared_layers=0,
+    use_double_wide_mlp=False,
+    hidden_size_per_layer_input=0,
+)
 
 
 def make_hf_model(family: str, seed: int = 0, **overrides):
@@ -104,8 +141,13 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                # Gemma stores w of a (1 + w) multiplier; the others store the multiplier itself.
+                # Gemma 3 stores w of a (1 + w) multiplier; the others store the multiplier itself.
                 p.copy_(torch.randn_like(p) * 0.2 + (0.0 if gemma else 1.0))
+            elif name.endswith("scale"):  # Gemma 4's router scales, initialised to ones
+                p.copy_(torch.randn_like(p) * 0.2 + 1.0)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):  # Gemma 4's per-layer output scale, initialised to one
+                b.copy_(torch.rand_like(b) + 0.5)
     return model
 
 
@@ -119,15 +161,17 @@ def save_hf(model, dir, dtype=torch.float32, max_shard_size=None) -> Path:
 
 
 def _mlx_state(model) -> dict[str, torch.Tensor]:
-    """The state dict under mlx-lm's names: tied lm_head dropped, MoE experts stacked as switch_mlp."""
+    """The state dict under mlx-lm's names: tied lm_head dropped, MoE experts stacked as switch_mlp
+    (Gemma 4: experts.switch_glu)."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    for k in [k for k in state if k.endswith("mlp.experts.gate_up_proj")]:
+    for k in [k for k in state if k.endswith("experts.gate_up_proj")]:
         gate_up = state.pop(k)
         down = state.pop(k.replace("gate_up_proj", "down_proj"))
         f = gate_up.shape[-2] // 2
-        base = k[: -len("experts.gate_up_proj")] + "switch_mlp."
+        switch = "switch_mlp." if k.endswith("mlp.experts.gate_up_proj") else "experts.switch_glu."
+        base = k[: -len("experts.gate_up_proj")] + switch
         state[base + "gate_proj.weight"] = gate_up[:, :f].contiguous()
         state[base + "up_proj.weight"] = gate_up[:, f:].contiguous()
         state[base + "down_proj.weight"] = down.contiguous()
@@ -148,7 +192,7 @@ def save_mlx(model, dir, bits, group_size, dtype=torch.float32) -> Path:
         module = name[: -len(".weight")]
         is_matrix = name.endswith(".weight") and t.dim() >= 2 and "norm" not in name
         b, g = bits, group_size
-        if is_matrix and module.endswith("mlp.gate"):
+        if is_matrix and module.endswith(("mlp.gate", "router.proj")):
             b, g = 8, 64 if t.shape[-1] % 64 == 0 else group_size
             overrides[module] = {"group_size": g, "bits": b}
         if is_matrix and t.shape[-1] % g == 0:
@@ -168,9 +212,17 @@ def save_mlx(model, dir, bits, group_size, dtype=torch.float32) -> Path:
 
 def hf_reference_tensors(model) -> dict[str, torch.Tensor]:
     """Canonical name -> float32 tensor from the model's parameters, written independently of the loader:
-    Gemma norms as 1 + w, MoE experts stacked (gate is the first half of transformers' gate_up_proj)."""
-    gemma = model.config.model_type.startswith("gemma3")
-    top = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
+    Gemma 3 norms as 1 + w, MoE experts stacked (gate is the first half of transformers' gate_up_proj)."""
+    gemma = model.config.model_type.startswith("gemma")
+    one_plus_w = model.config.model_type.startswith("gemma3")
+    top = {
+        "model.embed_tokens.weight": "token_embd",
+        "model.norm.weight": "output_norm",
+        "lm_head.weight": "output",
+        "model.embed_tokens_per_layer.weight": "per_layer_token_embd",
+        "model.per_layer_model_projection.weight": "per_layer_model_proj",
+        "model.per_layer_projection_norm.weight": "per_layer_proj_norm",
+    }
     per_layer = {
         "input_layernorm": "attn_norm",
         "self_attn.q_proj": "attn_q",
@@ -186,6 +238,16 @@ def hf_reference_tensors(model) -> dict[str, torch.Tensor]:
         "mlp.up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down",
         "mlp.gate": "ffn_gate_inp",
+        "pre_feedforward_layernorm_2": "pre_ffw_norm_2",
+        "post_feedforward_layernorm_1": "post_ffw_norm_1",
+        "post_feedforward_layernorm_2": "post_ffw_norm_2",
+        "router.proj": "ffn_gate_inp",
+        "router.scale": "ffn_gate_inp_scale",
+        "router.per_expert_scale": "ffn_exp_scale",
+        "per_layer_input_gate": "inp_gate",
+        "per_layer_projection": "proj",
+        "post_per_layer_input_norm": "post_norm",
+        "layer_scalar": "layer_output_scale",
     }
     out = {}
     for name, t in model.state_dict().items():
@@ -199,19 +261,20 @@ def hf_reference_tensors(model) -> dict[str, torch.Tensor]:
             if parts[:2] != ["model", "layers"]:
                 continue
             i, rest = parts[2], ".".join(parts[3:])
-            if rest == "mlp.experts.gate_up_proj":
+            experts = rest.removeprefix("mlp.")  # Gemma 4's experts sit beside its mlp
+            if experts == "experts.gate_up_proj":
                 f = t.shape[-2] // 2
                 out[f"blk.{i}.ffn_gate_exps.weight"] = t[:, :f]
                 out[f"blk.{i}.ffn_up_exps.weight"] = t[:, f:]
                 continue
-            if rest == "mlp.experts.down_proj":
+            if experts == "experts.down_proj":
                 out[f"blk.{i}.ffn_down_exps.weight"] = t
                 continue
             module = rest.removesuffix(".weight")
             if module not in per_layer:
                 continue
             canon = f"blk.{i}.{per_layer[module]}"
-        if gemma and canon.endswith("norm"):
+        if one_plus_w and canon.endswith("norm"):
             t = t + 1.0
         out[canon + ".weight"] = t
     return out

@@ -10,9 +10,11 @@ from ingot.engine.kv_cache import KVCache, PagedKVCache
 from ingot.models.base import ModelSpec
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """w None: normalise only (Gemma 4's v norm and router norm have no weight)."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y if w is None else y * w.float()).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -78,17 +80,20 @@ class ReferenceBackend:
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.w.values())
 
-    def new_cache(self, max_context: int) -> KVCache:
+    def _cache_shapes(self) -> list[tuple[int, int] | None]:
+        """Each layer's (n_kv_heads, head_dim) in the cache, None for a layer that reads another's keys."""
         s = self.spec
-        return KVCache(s.n_layers, s.n_kv_heads, s.head_dim, max_context, self.device, self.dtype)
+        dims = [s.attn_dims(i) for i in range(s.n_layers)]
+        return [(kv, hd) if layer.kv_source is None else None for layer, (hd, kv) in zip(s.layers, dims)]
+
+    def new_cache(self, max_context: int) -> KVCache:
+        return KVCache(self._cache_shapes(), max_context, self.device, self.dtype)
 
     def new_paged_cache(self, n_blocks: int, block_size: int) -> PagedKVCache:
-        s = self.spec
-        return PagedKVCache(s.n_layers, s.n_kv_heads, s.head_dim, n_blocks, block_size, self.device, self.dtype)
+        return PagedKVCache(self._cache_shapes(), n_blocks, block_size, self.device, self.dtype)
 
     def paged_block_bytes(self, block_size: int) -> int:
-        s = self.spec
-        return PagedKVCache.block_bytes(s.n_layers, s.n_kv_heads, s.head_dim, block_size, self.dtype)
+        return PagedKVCache.block_bytes(self._cache_shapes(), block_size, self.dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
@@ -100,10 +105,11 @@ class ReferenceBackend:
         end = start + T
         pos = torch.arange(start, end, device=self.device)
 
-        def store_and_attend(i, layer, q, k, v):
-            cache.k[i][start:end] = k
-            cache.v[i][start:end] = v
-            return self._attend(layer, q, cache.k[i][:end], cache.v[i][:end], pos)
+        def store_and_attend(i, src, q, k, v, scale, window):
+            if k is not None:
+                cache.k[i][start:end] = k
+                cache.v[i][start:end] = v
+            return attend(q, cache.k[src][:end], cache.v[src][:end], pos, scale, window)
 
         x = self._layers(tokens, pos, store_and_attend)
         cache.length = end
@@ -130,22 +136,24 @@ class ReferenceBackend:
             slots.append(rows[start:])
         pos, slots = torch.cat(pos), torch.cat(slots)
 
-        def store_and_attend(i, layer, q, k, v):
-            kc, vc = cache.k[i].flatten(0, 1), cache.v[i].flatten(0, 1)
-            kc[slots], vc[slots] = k, v
-            return torch.cat([self._attend(layer, q[a:b], kc[rows], vc[rows], pos[a:b])
-                              for a, b, rows in spans])
+        def store_and_attend(i, src, q, k, v, scale, window):
+            if k is not None:
+                cache.k[i].flatten(0, 1)[slots] = k
+                cache.v[i].flatten(0, 1)[slots] = v
+            kc, vc = cache.k[src].flatten(0, 1), cache.v[src].flatten(0, 1)
+            return torch.cat([attend(q[a:b], kc[rows], vc[rows], pos[a:b], scale, window) for a, b, rows in spans])
 
         x = self._layers(torch.tensor(ids, dtype=torch.long), pos, store_and_attend)
         return self._logits(x[[b - 1 for _, b, _ in spans]])
 
     def _layers(self, tokens: torch.Tensor, pos: torch.Tensor, store_and_attend) -> torch.Tensor:
-        """The hidden states after every layer for tokens at positions pos. store_and_attend(i, layer, q, k, v)
-        stores layer i's new keys and values and returns the attention output (T, heads, head_dim)."""
+        """The hidden states after every layer for tokens at positions pos. store_and_attend(i, src, q, k, v,
+        scale, window) stores layer i's new keys and values (unless k is None: a layer that reads another's)
+        and returns the attention output (T, heads, head_dim) of q over layer src's cache."""
         s = self.spec
-        x = F.embedding(tokens.to(self.device), self.w["token_embd.weight"])
-        if s.embed_scale != 1.0:
-            x = x * torch.tensor(s.embed_scale, dtype=x.dtype)
+        tokens = tokens.to(self.device)
+        x = _scaled_embedding(tokens, self.w["token_embd.weight"], s.embed_scale)
+        per_layer = self._per_layer_inputs(tokens, x) if s.per_layer_dim else None
         for i, (layer, lw) in enumerate(zip(s.layers, self.layers)):
             freqs = pos.float()[:, None] * self.inv_freq[i][None]
             emb = torch.cat((freqs, freqs), dim=-1)
@@ -154,41 +162,79 @@ class ReferenceBackend:
             if s.sandwich_norm:
                 h = rms_norm(h, lw["post_attention_norm"], s.norm_eps)
             x = x + h
-            h = rms_norm(x, lw["ffn_norm"], s.norm_eps)
-            h = self._moe(layer.moe, lw, h) if layer.moe else self._mlp(lw, h)
+            h = self._ffn(layer.moe, lw, x)
             if s.sandwich_norm:
                 h = rms_norm(h, lw["post_ffw_norm"], s.norm_eps)
             x = x + h
+            if per_layer is not None:
+                g = activation(s.activation, x @ lw["inp_gate"].T) * per_layer[:, i]
+                x = x + rms_norm(g @ lw["proj"].T, lw["post_norm"], s.norm_eps)
+            if s.layer_scale:
+                x = x * lw["layer_output_scale"]
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(x, self.w["output_norm.weight"], self.spec.norm_eps)
-        return (x @ self.lm_head.T).float()
+        s = self.spec
+        x = rms_norm(x, self.w["output_norm.weight"], s.norm_eps)
+        logits = (x @ self.lm_head.T).float()
+        if s.final_softcap:
+            logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
+        return logits
+
+    def _per_layer_inputs(self, tokens, x):
+        """(T, n_layers, per_layer_dim): each layer's token embedding plus a normed projection of x, over sqrt 2."""
+        s = self.spec
+        shape = (tokens.shape[0], s.n_layers, s.per_layer_dim)
+        own = _scaled_embedding(tokens, self.w["per_layer_token_embd.weight"], s.per_layer_dim**0.5).view(shape)
+        proj = (x @ self.w["per_layer_model_proj.weight"].T) * s.hidden_size**-0.5
+        proj = rms_norm(proj.view(shape), self.w["per_layer_proj_norm.weight"], s.norm_eps)
+        return (proj + own) * 2**-0.5
 
     def _attention(self, i, layer, lw, h, cos, sin, store_and_attend):
         s = self.spec
-        T, hd = h.shape[0], s.head_dim
+        T, (hd, n_kv) = h.shape[0], s.attn_dims(i)
         q = (h @ lw["attn_q"].T).view(T, s.n_heads, hd)
-        k = (h @ lw["attn_k"].T).view(T, s.n_kv_heads, hd)
-        v = (h @ lw["attn_v"].T).view(T, s.n_kv_heads, hd)
         if s.qk_norm:
             q = rms_norm(q, lw["attn_q_norm"], s.norm_eps)
-            k = rms_norm(k, lw["attn_k_norm"], s.norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = store_and_attend(i, layer, q, k, v)
+        q = apply_rope(q, cos, sin)
+        k = v = None
+        if layer.kv_source is None:
+            k = (h @ lw["attn_k"].T).view(T, n_kv, hd)
+            v = k if layer.k_eq_v else (h @ lw["attn_v"].T).view(T, n_kv, hd)
+            if s.qk_norm:
+                k = rms_norm(k, lw["attn_k_norm"], s.norm_eps)
+            if s.v_norm:
+                v = rms_norm(v, None, s.norm_eps)
+            k = apply_rope(k, cos, sin)
+        src = i if layer.kv_source is None else layer.kv_source
+        out = store_and_attend(i, src, q, k, v, s.layer_softmax_scale(i), layer.sliding_window or 0)
         return out.reshape(T, s.n_heads * hd) @ lw["attn_output"].T
 
-    def _attend(self, layer, q, keys, vals, pos):
-        return attend(q, keys, vals, pos, self.spec.softmax_scale, layer.sliding_window or 0)
+    def _ffn(self, moe, lw, x):
+        """The MLP (or experts, or both side by side) on the residual stream x, before its post-norm."""
+        eps = self.spec.norm_eps
+        h = rms_norm(x, lw["ffn_norm"], eps)
+        if moe is None:
+            return self._mlp(lw, h)
+        if not moe.parallel_dense:
+            return self._moe(moe, lw, h, router_input=h)
+        dense = rms_norm(self._mlp(lw, h), lw["post_ffw_norm_1"], eps)
+        experts = self._moe(moe, lw, rms_norm(x, lw["pre_ffw_norm_2"], eps), router_input=x)
+        return dense + rms_norm(experts, lw["post_ffw_norm_2"], eps)
 
     def _mlp(self, lw, h):
         return (activation(self.spec.activation, h @ lw["ffn_gate"].T) * (h @ lw["ffn_up"].T)) @ lw["ffn_down"].T
 
-    def _moe(self, moe, lw, h):
-        probs = (h @ lw["ffn_gate_inp"].T).float().softmax(-1)
+    def _moe(self, moe, lw, h, router_input):
+        r = router_input
+        if moe.router_scales:
+            r = rms_norm(r, None, self.spec.norm_eps) * lw["ffn_gate_inp_scale"] * self.spec.hidden_size**-0.5
+        probs = (r @ lw["ffn_gate_inp"].T).float().softmax(-1)
         weights, experts = probs.topk(moe.top_k, dim=-1)
         if moe.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
+        if moe.router_scales:
+            weights = weights * lw["ffn_exp_scale"].float()[experts]
         weights = weights.to(h.dtype)
         out = torch.zeros_like(h)
         for e in experts.unique().tolist():
@@ -197,6 +243,11 @@ class ReferenceBackend:
             y = activation(self.spec.activation, x @ lw["ffn_gate_exps"][e].T) * (x @ lw["ffn_up_exps"][e].T)
             out.index_add_(0, rows, (y @ lw["ffn_down_exps"][e].T) * weights[rows, slot, None])
         return out
+
+
+def _scaled_embedding(tokens: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
+    x = F.embedding(tokens, table)
+    return x if scale == 1.0 else x * torch.tensor(scale, dtype=x.dtype)
 
 
 def load_weights(ckpt, spec: ModelSpec, device, dtype, progress: bool | None = None) -> dict[str, torch.Tensor]:

@@ -34,19 +34,24 @@ class TensorRef:
 
 @dataclass
 class GGMLTensor(TensorRef):
-    """A GGML-typed tensor: raw block bytes, one row per output feature, optionally with rows reordered."""
+    """A GGML-typed tensor: raw block bytes, one row per output feature, optionally with rows reordered or
+    picked out of a larger stored tensor (one half of a fused gate_up)."""
 
     name: str
     qtype: str
     shape: tuple[int, ...]
     data: np.ndarray  # raw bytes (uint8) or native float array, memory-mapped
-    row_order: np.ndarray | None = None  # loader-applied row permutation (exact on quantized rows)
+    row_order: np.ndarray | None = None  # loader-applied row permutation or selection (exact on quantized rows)
+
+    def _row_bytes(self) -> int:
+        from ingot.quant.ggml import BLOCK
+
+        elems, block_bytes = BLOCK[self.qtype]
+        return self.shape[-1] // elems * block_bytes
 
     def raw(self) -> np.ndarray:
         """Bytes in canonical row order, as a (rows, row_bytes) uint8 view or copy."""
-        flat = self.data.view(np.uint8).reshape(-1)
-        rows = int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
-        table = flat.reshape(rows, -1)
+        table = self.data.view(np.uint8).reshape(-1, self._row_bytes())
         return table if self.row_order is None else table[self.row_order]
 
     def dequantize(self) -> torch.Tensor:
@@ -56,7 +61,7 @@ class GGMLTensor(TensorRef):
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes)
+        return int(self.data.nbytes) if self.row_order is None else len(self.row_order) * self._row_bytes()
 
 
 @dataclass

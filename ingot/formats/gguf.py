@@ -132,10 +132,13 @@ def read_metadata(path: str | Path) -> dict:
 
 
 # GGUF architecture name -> Ingot family name.
-GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3moe", "gemma3": "gemma3"}
+GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3moe", "gemma3": "gemma3", "gemma4": "gemma4"}
+
+# llama.cpp's gemma4 names for the router scales, under the canonical names (which end in .weight).
+_GEMMA4_RENAMES = {"ffn_gate_inp.scale": "ffn_gate_inp_scale.weight", "ffn_down_exps.scale": "ffn_exp_scale.weight"}
 
 
-def _hf_config(arch: str, meta: dict, tensor_names: set[str]) -> dict:
+def _hf_config(arch: str, meta: dict, tensors: dict) -> dict:
     """The GGUF hyperparameters under Hugging Face config.json keys, so that families parse one form."""
     p = f"{arch}."
 
@@ -163,7 +166,7 @@ def _hf_config(arch: str, meta: dict, tensor_names: set[str]) -> dict:
         "max_position_embeddings": get("context_length", 4096),
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": get("rope.freq_base", 10000.0),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "tie_word_embeddings": "output.weight" not in tensors,
     }
     if get("rope.scaling.type") == "linear" and get("rope.scaling.factor"):
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
@@ -174,6 +177,8 @@ def _hf_config(arch: str, meta: dict, tensor_names: set[str]) -> dict:
             moe_intermediate_size=get("expert_feed_forward_length"),
             norm_topk_prob=True,  # llama.cpp always renormalises the top-k weights for this architecture
         )
+    if arch == "gemma4":
+        cfg.update(_gemma4_config(get, cfg, tensors))
     if arch == "gemma3":
         cfg.update(
             sliding_window=get("attention.sliding_window"),
@@ -183,6 +188,82 @@ def _hf_config(arch: str, meta: dict, tensor_names: set[str]) -> dict:
             hidden_activation="gelu_pytorch_tanh",
         )
     return cfg
+
+
+def _gemma4_config(get, cfg: dict, tensors: dict) -> dict:
+    """What llama.cpp's converter writes for Gemma 4, back as Gemma4TextConfig keys: per-layer arrays for the
+    sliding pattern, kv heads and MLP widths, the global head dim as key_length (key_length_swa the local one),
+    and the proportional rope's rotated share as rope_freqs (1 for rotated frequency pairs, 1e30 for the rest)."""
+    n = cfg["num_hidden_layers"]
+    swa = get("attention.sliding_window_pattern")
+    if not isinstance(swa, list) or len(swa) != n:
+        raise FormatError(f"gemma4 GGUF: 'gemma4.attention.sliding_window_pattern' must list {n} layers, got {swa}")
+    types = ["sliding_attention" if s else "full_attention" for s in swa]
+    kv = cfg["num_key_value_heads"]
+    kv = kv if isinstance(kv, list) else [kv] * n
+    ff = cfg["intermediate_size"]
+    ff = ff if isinstance(ff, list) else [ff] * n
+    n_shared = get("attention.shared_kv_layers", 0)
+    first_shared = n - n_shared
+    double = [2 * ff[0] if i >= first_shared else ff[0] for i in range(n)]
+    if ff not in ([ff[0]] * n, double):
+        raise FormatError(f"gemma4 GGUF: feed_forward_length {ff} is neither uniform nor doubled on shared layers")
+    swa_kv = {k for k, s in zip(kv, swa) if s}
+    full_kv = {k for k, s in zip(kv, swa) if not s}
+    if len(swa_kv) > 1 or len(full_kv) > 1:
+        raise FormatError(f"gemma4 GGUF: head_count_kv {kv} varies within a layer type")
+    first_full = types.index("full_attention")
+    k_eq_v = f"blk.{first_full}.attn_v.weight" not in tensors
+    head_dim, global_head_dim = get("attention.key_length_swa"), get("attention.key_length")
+    full_rope = {"rope_type": "proportional", "rope_theta": get("rope.freq_base", 1000000.0),
+                 "partial_rotary_factor": 1.0}
+    if "rope_freqs.weight" in tensors:
+        factors = tensors["rope_freqs.weight"].dequantize()
+        full_rope["partial_rotary_factor"] = 2 * int((factors == 1.0).sum()) / global_head_dim
+    out = dict(
+        layer_types=types,
+        head_dim=head_dim,
+        global_head_dim=global_head_dim,
+        num_key_value_heads=swa_kv.pop() if swa_kv else full_kv.copy().pop(),
+        num_global_key_value_heads=full_kv.pop() if k_eq_v else None,
+        attention_k_eq_v=k_eq_v,
+        intermediate_size=ff[0],
+        use_double_wide_mlp=ff != [ff[0]] * n,
+        num_kv_shared_layers=n_shared,
+        sliding_window=get("attention.sliding_window"),
+        hidden_size_per_layer_input=get("embedding_length_per_layer_input", 0),
+        final_logit_softcapping=get("final_logit_softcapping"),
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": get("rope.freq_base_swa", 10000.0)},
+            "full_attention": full_rope,
+        },
+        hidden_activation="gelu_pytorch_tanh",
+    )
+    if "per_layer_token_embd.weight" in tensors:
+        out["vocab_size_per_layer_input"] = tensors["per_layer_token_embd.weight"].shape[0]
+    if get("expert_count"):
+        out.update(enable_moe_block=True, num_experts=get("expert_count"), top_k_experts=get("expert_used_count"),
+                   moe_intermediate_size=get("expert_feed_forward_length"))
+    return out
+
+
+def _gemma4_tensors(tensors: dict) -> None:
+    """Canonical names for llama.cpp's gemma4 tensors: the fused expert gate_up split into its halves (gate
+    first), the router scales renamed; rope_freqs dropped, as the spec's proportional rope already says it."""
+    from ingot.formats.checkpoint import GGMLTensor
+
+    tensors.pop("rope_freqs.weight", None)
+    for name in [n for n in tensors if n.endswith(tuple(_GEMMA4_RENAMES))]:
+        prefix, _, rest = name.partition(".")
+        block, _, rest = rest.partition(".")
+        tensors[f"{prefix}.{block}.{_GEMMA4_RENAMES[rest]}"] = tensors.pop(name)
+    for name in [n for n in tensors if n.endswith("ffn_gate_up_exps.weight")]:
+        t = tensors.pop(name)
+        e, two_f, h = t.shape
+        rows = np.arange(e * two_f).reshape(e, 2, two_f // 2)
+        for j, part in enumerate(("gate", "up")):
+            n = name.replace("gate_up", part)
+            tensors[n] = GGMLTensor(n, t.qtype, (e, two_f // 2, h), t.data, rows[:, j].reshape(-1))
 
 
 def _unpermute_rows(n_heads: int, head_dim: int) -> np.ndarray:
@@ -204,18 +285,19 @@ def load_gguf(path: str | Path):
     arch = check_arch(GGUF_ARCHES.get(gguf_arch, gguf_arch), source=f"{path} (GGUF architecture '{gguf_arch}')")
     for t in gf.tensors:
         check_type(t.qtype, t.name)
+    tensors = {t.name: GGMLTensor(t.name, t.qtype, t.shape, gf.tensor_data(t)) for t in gf.tensors}
     try:
-        config = _hf_config(gguf_arch, meta, {t.name for t in gf.tensors})
+        config = _hf_config(gguf_arch, meta, tensors)
     except FormatError as e:
         raise FormatError(f"{path}: {e}") from None
 
-    tensors = {}
-    for t in gf.tensors:
-        order = None
-        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = config["num_attention_heads"] if "attn_q" in t.name else config["num_key_value_heads"]
-            order = _unpermute_rows(heads, t.shape[0] // heads)
-        tensors[t.name] = GGMLTensor(t.name, t.qtype, t.shape, gf.tensor_data(t), order)
+    if arch == "llama":
+        for name, t in tensors.items():
+            if name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = config["num_attention_heads"] if "attn_q" in name else config["num_key_value_heads"]
+                t.row_order = _unpermute_rows(heads, t.shape[0] // heads)
+    if arch == "gemma4":
+        _gemma4_tensors(tensors)
 
     def tokenizer():
         from ingot.tokenizer import Tokenizer

@@ -30,12 +30,21 @@ HF_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3moe",
     "Gemma3ForCausalLM": "gemma3",
     "Gemma3ForConditionalGeneration": "gemma3",
+    "Gemma4ForCausalLM": "gemma4",
+    "Gemma4ForConditionalGeneration": "gemma4",
 }
 
 # Multimodal checkpoints nest the text model; transformers 5 writes language_model.model., MLX-VLM too,
 # transformers 5's in-memory names are model.language_model.
 _PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.")
-_TOP = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
+_TOP = {
+    "embed_tokens": "token_embd",
+    "norm": "output_norm",
+    "lm_head": "output",
+    "embed_tokens_per_layer": "per_layer_token_embd",
+    "per_layer_model_projection": "per_layer_model_proj",
+    "per_layer_projection_norm": "per_layer_proj_norm",
+}
 _LAYER = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
@@ -57,10 +66,26 @@ _GEMMA_LAYER = {
     "pre_feedforward_layernorm": "ffn_norm",
     "post_feedforward_layernorm": "post_ffw_norm",
 }
+# Gemma 4 adds the MoE block's norms and router scales, the per-layer input path and the layer output scalar
+# (under GGUF's names for them where llama.cpp's gguf-py has one).
+_GEMMA4_LAYER = {
+    **_GEMMA_LAYER,
+    "pre_feedforward_layernorm_2": "pre_ffw_norm_2",
+    "post_feedforward_layernorm_1": "post_ffw_norm_1",
+    "post_feedforward_layernorm_2": "post_ffw_norm_2",
+    "router.proj": "ffn_gate_inp",
+    "router.scale": "ffn_gate_inp_scale",
+    "router.per_expert_scale": "ffn_exp_scale",
+    "per_layer_input_gate": "inp_gate",
+    "per_layer_projection": "proj",
+    "post_per_layer_input_norm": "post_norm",
+    "layer_scalar": "layer_output_scale",
+}
+_TABLES = {"gemma3": _GEMMA_LAYER, "gemma4": _GEMMA4_LAYER}
 _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 _EXPERT_RE = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj")  # one tensor per expert (HF)
-_FUSED_RE = re.compile(r"mlp\.experts\.(gate_up|down)_proj")  # transformers 5 in-memory layout
-_SWITCH_RE = re.compile(r"mlp\.switch_mlp\.(gate|up|down)_proj")  # mlx-lm's stacked experts
+_FUSED_RE = re.compile(r"(?:mlp\.)?experts\.(gate_up|down)_proj")  # transformers 5 (Gemma 4 without mlp.)
+_SWITCH_RE = re.compile(r"(?:mlp\.switch_mlp|experts\.switch_glu)\.(gate|up|down)_proj")  # mlx-lm's stacked experts
 
 # Gemma3TextConfig defaults: multimodal Gemma 3 configs leave most text_config keys out.
 _GEMMA3_DEFAULTS = dict(
@@ -299,8 +324,8 @@ def load_hf(path: str | Path) -> Checkpoint:
         nbytes = sum(_numel(parts[k][4]) * _ITEM_SIZE.get(parts[k][3], 4) for k in ("weight", "scales", "biases"))
         return _Stored(dtype, (*shape[:-1], cols), loads, nbytes, bits, gs)
 
-    gemma = arch == "gemma3"
-    table = _GEMMA_LAYER if gemma else _LAYER
+    gemma = arch == "gemma3"  # Gemma 3's norms store w of a (1 + w) multiplier; Gemma 4's the multiplier
+    table = _TABLES.get(arch, _LAYER)
     tensors: dict[str, TensorRef] = {}
     experts: dict[tuple[int, str], dict[int, str]] = {}  # (layer, gate|up|down) -> expert -> module
     for module in modules:
@@ -317,7 +342,7 @@ def load_hf(path: str | Path) -> Checkpoint:
                 s = stored(module)
                 if f[1] == "down":
                     tensors[f"blk.{i}.ffn_down_exps.weight"] = s.ref(f"blk.{i}.ffn_down_exps.weight")
-                else:  # transformers' Qwen3MoeExperts chunks gate_up's output: gate first, then up
+                else:  # transformers' fused experts (Qwen3-MoE, Gemma 4) chunk gate_up's output: gate first, then up
                     half = s.shape[-2] // 2
                     for j, part in enumerate(("gate", "up")):
                         n = f"blk.{i}.ffn_{part}_exps.weight"
@@ -336,7 +361,7 @@ def load_hf(path: str | Path) -> Checkpoint:
             raise FormatError(f"{path}: layer {i} {part}_proj is missing experts {missing}")
         tensors[n] = _stack([stored(by_expert[e]) for e in range(len(by_expert))], f"{path}: {n}").ref(n)
 
-    if config.get("tie_word_embeddings", gemma) and "output.weight" in tensors:
+    if config.get("tie_word_embeddings", arch in _TABLES) and "output.weight" in tensors:
         # Some exporters write the tied lm_head anyway; the spec then expects no output.weight.
         del tensors["output.weight"]
 

@@ -7,7 +7,7 @@ import importlib
 from ingot.errors import UnsupportedError
 
 # Ingot family name -> module under ingot.models
-FAMILIES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "gemma3": "gemma3"}
+FAMILIES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "gemma3": "gemma3", "gemma4": "gemma4"}
 
 # Hugging Face model_type / architectures spellings -> family
 HF_MODEL_TYPES = {
@@ -16,6 +16,8 @@ HF_MODEL_TYPES = {
     "qwen3_moe": "qwen3moe",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
+    "gemma4_text": "gemma4",
+    "gemma4": "gemma4",
 }
 
 

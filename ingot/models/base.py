@@ -13,8 +13,8 @@ from ingot.errors import FormatError, UnsupportedError
 @dataclass(frozen=True)
 class RopeSpec:
     theta: float
-    dim: int  # rotated dimensions (the whole head for every family here)
-    scaling: dict | None = None  # Hugging Face rope_scaling: linear or llama3
+    dim: int  # the head dimension the frequencies are spread over
+    scaling: dict | None = None  # Hugging Face rope_scaling / rope_parameters: linear, llama3 or proportional
 
     def inv_freq(self, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 inverse frequencies, computed in the same order of operations as transformers."""
@@ -29,7 +29,15 @@ class RopeSpec:
             return inv / self.scaling["factor"]
         if kind == "llama3":
             return _llama3_scaling(inv, self.scaling)
-        raise UnsupportedError(f"rope scaling type '{kind}' is not supported (default, linear, llama3 are)")
+        if kind == "proportional":
+            # Gemma 4's global layers: only the first partial_rotary_factor of the frequency pairs rotate (their
+            # exponents still over the whole head); the rest get frequency 0, an identity rotation.
+            rotated = int(self.scaling.get("partial_rotary_factor", 1.0) * self.dim // 2)
+            inv[rotated:] = 0.0
+            return inv / self.scaling.get("factor", 1.0)
+        raise UnsupportedError(
+            f"rope scaling type '{kind}' is not supported (default, linear, llama3, proportional are)"
+        )
 
 
 def _llama3_scaling(inv: torch.Tensor, s: dict) -> torch.Tensor:
@@ -50,6 +58,12 @@ class MoESpec:
     top_k: int
     intermediate_size: int
     norm_topk_prob: bool
+    # Gemma 4: the dense MLP runs beside the experts (the experts get their own pre-norm, each output its own
+    # post-norm, and the two are summed), and the router sees the block's input, not the pre-MLP norm's output.
+    parallel_dense: bool = False
+    # Gemma 4: the router's input is RMS-normed without weight and scaled by a learned vector and 1/sqrt(hidden);
+    # the top-k weights are then multiplied by a learned per-expert scale.
+    router_scales: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,12 @@ class LayerSpec:
     rope: RopeSpec
     sliding_window: int | None = None  # keys older than this many positions are masked
     moe: MoESpec | None = None
+    # Where a layer differs from the model-wide value (Gemma 4's global layers, its double-wide MLPs):
+    head_dim: int | None = None
+    n_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    kv_source: int | None = None  # attends to this earlier layer's keys and values, and has none of its own
+    k_eq_v: bool = False  # no v projection: the values are the key projection before its norm and rotation
 
 
 @dataclass
@@ -77,6 +97,13 @@ class ModelSpec:
     activation: str = "silu"  # "silu" | "gelu_tanh"
     embed_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden)
     attn_scale: float = 0.0  # softmax scale; 0 means 1/sqrt(head_dim)
+    v_norm: bool = False  # RMSNorm without weight over each head of v (Gemma 4)
+    final_softcap: float = 0.0  # logits become cap * tanh(logits / cap) where nonzero
+    # Per-layer input embeddings (Gemma 4's PLE): a second token embedding, per_layer_dim wide for every layer,
+    # mixed with a projection of the main embedding and fed through a gated residual after each layer's MLP.
+    per_layer_dim: int = 0
+    per_layer_vocab: int = 0
+    layer_scale: bool = False  # each layer's output is multiplied by a stored scalar (Gemma 4)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -87,35 +114,79 @@ class ModelSpec:
     def softmax_scale(self) -> float:
         return self.attn_scale or 1.0 / math.sqrt(self.head_dim)
 
+    def attn_dims(self, i: int) -> tuple[int, int]:
+        """Layer i's (head_dim, n_kv_heads)."""
+        layer = self.layers[i]
+        return layer.head_dim or self.head_dim, layer.n_kv_heads or self.n_kv_heads
+
+    def layer_softmax_scale(self, i: int) -> float:
+        return self.attn_scale or 1.0 / math.sqrt(self.attn_dims(i)[0])
+
+    def beyond_uniform(self) -> list[str]:
+        """The features this spec uses beyond one block shape repeated (what a fused backend must also cover)."""
+        layers = self.layers
+        checks = {
+            "per-layer head_dim / kv heads": any(l.head_dim or l.n_kv_heads for l in layers),
+            "per-layer MLP width": any(l.intermediate_size for l in layers),
+            "KV sharing between layers": any(l.kv_source is not None for l in layers),
+            "values equal to keys (k_eq_v)": any(l.k_eq_v for l in layers),
+            "proportional (partial) rope": any(
+                (l.rope.scaling or {}).get("rope_type") == "proportional" for l in layers
+            ),
+            "v norm": self.v_norm,
+            "final logit softcapping": bool(self.final_softcap),
+            "per-layer input embeddings": bool(self.per_layer_dim),
+            "layer output scale": self.layer_scale,
+            "dense MLP beside the experts": any(l.moe and l.moe.parallel_dense for l in layers),
+            "router input and per-expert scales": any(l.moe and l.moe.router_scales for l in layers),
+        }
+        return [name for name, used in checks.items() if used]
+
     def layer_weights(self, i: int) -> dict[str, tuple[int, ...]]:
         """Canonical names and shapes of layer i's tensors."""
-        h, hd, p = self.hidden_size, self.head_dim, f"blk.{i}."
+        layer, h, p = self.layers[i], self.hidden_size, f"blk.{i}."
+        hd, kv = self.attn_dims(i)
         w = {
             p + "attn_norm.weight": (h,),
             p + "attn_q.weight": (self.n_heads * hd, h),
-            p + "attn_k.weight": (self.n_kv_heads * hd, h),
-            p + "attn_v.weight": (self.n_kv_heads * hd, h),
             p + "attn_output.weight": (h, self.n_heads * hd),
             p + "ffn_norm.weight": (h,),
         }
+        if layer.kv_source is None:
+            w[p + "attn_k.weight"] = (kv * hd, h)
+            if not layer.k_eq_v:
+                w[p + "attn_v.weight"] = (kv * hd, h)
         if self.qk_norm:
             w[p + "attn_q_norm.weight"] = (hd,)
-            w[p + "attn_k_norm.weight"] = (hd,)
+            if layer.kv_source is None:
+                w[p + "attn_k_norm.weight"] = (hd,)
         if self.sandwich_norm:
             w[p + "post_attention_norm.weight"] = (h,)
             w[p + "post_ffw_norm.weight"] = (h,)
-        moe = self.layers[i].moe
+        moe = layer.moe
+        if moe is None or moe.parallel_dense:
+            f = layer.intermediate_size or self.intermediate_size
+            w[p + "ffn_gate.weight"] = (f, h)
+            w[p + "ffn_up.weight"] = (f, h)
+            w[p + "ffn_down.weight"] = (h, f)
         if moe:
             e, f = moe.n_experts, moe.intermediate_size
             w[p + "ffn_gate_inp.weight"] = (e, h)
             w[p + "ffn_gate_exps.weight"] = (e, f, h)
             w[p + "ffn_up_exps.weight"] = (e, f, h)
             w[p + "ffn_down_exps.weight"] = (e, h, f)
-        else:
-            f = self.intermediate_size
-            w[p + "ffn_gate.weight"] = (f, h)
-            w[p + "ffn_up.weight"] = (f, h)
-            w[p + "ffn_down.weight"] = (h, f)
+            if moe.parallel_dense:
+                for n in ("post_ffw_norm_1", "pre_ffw_norm_2", "post_ffw_norm_2"):
+                    w[p + n + ".weight"] = (h,)
+            if moe.router_scales:
+                w[p + "ffn_gate_inp_scale.weight"] = (h,)
+                w[p + "ffn_exp_scale.weight"] = (e,)
+        if self.per_layer_dim:
+            w[p + "inp_gate.weight"] = (self.per_layer_dim, h)
+            w[p + "proj.weight"] = (h, self.per_layer_dim)
+            w[p + "post_norm.weight"] = (h,)
+        if self.layer_scale:
+            w[p + "layer_output_scale.weight"] = (1,)
         return w
 
     def weights(self) -> dict[str, tuple[int, ...]]:
@@ -123,6 +194,11 @@ class ModelSpec:
         w = {"token_embd.weight": (self.vocab_size, self.hidden_size), "output_norm.weight": (self.hidden_size,)}
         if not self.tie_embeddings:
             w["output.weight"] = (self.vocab_size, self.hidden_size)
+        if self.per_layer_dim:
+            packed = self.n_layers * self.per_layer_dim
+            w["per_layer_token_embd.weight"] = (self.per_layer_vocab, packed)
+            w["per_layer_model_proj.weight"] = (packed, self.hidden_size)
+            w["per_layer_proj_norm.weight"] = (self.per_layer_dim,)
         for i in range(self.n_layers):
             w.update(self.layer_weights(i))
         return w

@@ -315,13 +315,15 @@ class CudaBackend:
         return _linear_for(x.shape[0])(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps)
 
     # -- several sequences through a paged KV cache (the server's continuous batching) ---------------------
-    def new_paged_cache(self, n_blocks: int, block_size: int) -> PagedKVCache:
+    def _cache_shapes(self) -> list[tuple[int, int]]:
         s = self.spec
-        return PagedKVCache(s.n_layers, s.n_kv_heads, s.head_dim, n_blocks, block_size, self.device, self.dtype)
+        return [(s.n_kv_heads, s.head_dim)] * s.n_layers
+
+    def new_paged_cache(self, n_blocks: int, block_size: int) -> PagedKVCache:
+        return PagedKVCache(self._cache_shapes(), n_blocks, block_size, self.device, self.dtype)
 
     def paged_block_bytes(self, block_size: int) -> int:
-        s = self.spec
-        return PagedKVCache.block_bytes(s.n_layers, s.n_kv_heads, s.head_dim, block_size, self.dtype)
+        return PagedKVCache.block_bytes(self._cache_shapes(), block_size, self.dtype)
 
     @torch.inference_mode()
     def forward_paged(self, seqs: list[tuple[list[int], int, list[int]]], cache: PagedKVCache) -> torch.Tensor:
