@@ -488,7 +488,7 @@ def convert(src, out, quant: str | None = None, group_size: int = 32, profile: s
             "config": ckpt.config,
             "tokenizer": tok.to_dict() if tok else None,
             "chat_template": tok.chat_template if tok else None,
-            "quant": {"profile": name, "embedding_and_lm_head": head_target, "matrices": body_target,
+            "quant": {"profile": name, "embeddings": head_target, "matrices": body_target,
                       "group_size": group_size, "requantize": requantize},
             "source": {"name": src.name, "format": ckpt.format, "xxh3_128": _source_hash(src)},
             "tensors": tensors,
