@@ -168,6 +168,24 @@ def test_moe_experts_convert(tmp_path):
     assert w.layers[0].moe is not None and w.layers[0].moe.gate_up.kind == "q8"
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_every_family_round_trips(tmp_path, family):
+    """HF fp32 -> .ingot as stored gives the same logits exactly (Gemma's 1 + w norms, q/k norms, sliding
+    windows and configs all travel); with the q4 profile the CUDA backend gets fused q4 QKV and gate/up."""
+    from tests.tiny_models import make_hf_model, save_hf
+
+    src = save_hf(make_hf_model(family), tmp_path / "hf")
+    ids = list(range(2, 60, 5))
+    a = ingot.load(src, device="cpu", max_context=32).logits(ids)
+    convert(src, tmp_path / "kept.ingot", progress=False)
+    assert torch.equal(a, ingot.load(tmp_path / "kept.ingot", device="cpu", max_context=32).logits(ids))
+    convert(src, tmp_path / "q4.ingot", profile="q4", progress=False)
+    w = _cuda_weights(tmp_path / "q4.ingot")
+    assert w.layers[0].qkv.kind == w.layers[1].gate_up.kind == "q4" and w.embed.kind == "q8"
+    b = ingot.load(tmp_path / "q4.ingot", device="cpu", max_context=32).logits(ids)
+    assert 0 < float((a - b).norm() / a.norm()) < 0.5  # random weights: ~8% per weight compounds (quality: below)
+
+
 # ---------------------------------------------------------------- quantizing floats
 
 
