@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         layers = ["--layers", str(args.layers)] if args.layers else []
         subprocess.run([sys.executable, "-m", "ingot.bench.synthetic", args.key, "--quant", args.quant, "-o",
                         str(gguf), *layers], check=True, env=_env())
-    result = {"key": args.key, "quant": args.quant, "layers": args.layers, "device": args.device, "cold": args.cold, "gguf_bytes": gguf.stat().st_size}
+    result = {"key": args.key, "quant": args.quant, "layers": args.layers, "device": args.device,
+              "cold": args.cold, "gguf_bytes": gguf.stat().st_size}
     if not native.exists():
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "ingot.cli", "convert", str(gguf), "-o", str(native)], check=True,

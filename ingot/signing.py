@@ -113,8 +113,8 @@ def verify(path: str | Path, pubkey: str | Path, sig: str | Path | None = None,
     try:
         k.verify(signature, _message(header, blob))
     except InvalidSignature:
-        changed = [what for what, field, d in (("header", "header_sha256", header), ("tensor data", "blob_sha256", blob))
-                   if s.get(field) != d]
+        recorded = (("header", "header_sha256", header), ("tensor data", "blob_sha256", blob))
+        changed = [what for what, key, now in recorded if s.get(key) != now]
         where = f" (its {' and '.join(changed)} changed since signing)" if changed else ""
         raise VerificationError(f"{path}: signature verification failed{where}, or {sig} was not made by the "
                                 f"key in {pubkey}") from None

@@ -186,6 +186,24 @@ def test_every_family_round_trips(tmp_path, family):
     assert 0 < float((a - b).norm() / a.norm()) < 0.5  # random weights: ~8% per weight compounds (quality: below)
 
 
+def test_cuda_backend_runs_an_ingot_file(tmp_path, kernel_device):
+    """On the CUDA backend (the interpreter on a CPU) a q4 .ingot file gives exactly the logits of the same
+    HF folder quantized at load with quant="q4" (the same quantizer, done once instead of at every load),
+    and the reference backend's on the same file within the kernels' tolerance."""
+    from tests.tiny_models import make_hf_model, save_hf
+
+    src = save_hf(make_hf_model("qwen3"), tmp_path / "hf")
+    out = tmp_path / "q4.ingot"
+    convert(src, out, quant="q4", progress=False)
+    ids = [3, 17, 42, 5, 9, 100, 64]
+    at_load = ingot.load(src, device=kernel_device, backend="cuda", quant="q4", max_context=16)
+    native = ingot.load(out, device=kernel_device, backend="cuda", max_context=16)
+    ref = ingot.load(out, device=kernel_device, backend="reference", dtype=torch.float32, max_context=16)
+    a, b, c = at_load.logits(ids), native.logits(ids), ref.logits(ids)
+    assert torch.equal(a, b)
+    assert float((b - c).norm() / c.norm()) < 5e-3
+
+
 # ---------------------------------------------------------------- quantizing floats
 
 
