@@ -343,11 +343,20 @@ def test_shape_that_does_not_match_the_config(small_ingot):
 
 def test_planes_that_do_not_match_their_matrix(small_ingot):
     def lie(entries, info):
-        info["matrices"]["blk.0.attn_output"]["k"] = 128
+        info["matrices"]["blk.0.attn_output"]["group"] = 64  # the scales plane holds groups of 32
 
     _rewrite_header(small_ingot, lie)
     with pytest.raises(FormatError, match="matrix 'blk.0.attn_output'.*does not match its planes"):
         ingot.load(small_ingot, device="cpu")
+
+
+def test_tensor_that_does_not_fit_its_matrix(small_ingot):
+    def lie(entries, info):
+        info["tensors"]["blk.0.attn_k.weight"]["rows"] = [1024, 1600]
+
+    _rewrite_header(small_ingot, lie)
+    with pytest.raises(FormatError, match="tensor 'blk.0.attn_k.weight'.*does not fit matrix 'blk.0.attn_qkv'"):
+        open_checkpoint(small_ingot)
 
 
 def test_failed_convert_leaves_no_file(tmp_path, synthetic, monkeypatch):
@@ -368,6 +377,14 @@ def test_failed_convert_leaves_no_file(tmp_path, synthetic, monkeypatch):
 
     monkeypatch.setattr(native._Writer, "finish", boom)
     with pytest.raises(KeyboardInterrupt):
+        convert(synthetic("q8_0"), out, progress=False)
+    assert list(out.parent.iterdir()) == []
+
+    def full(self, name, t):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(native._Writer, "add", full)
+    with pytest.raises(IngotError, match="m.ingot: writing failed, nothing was written.*No space left"):
         convert(synthetic("q8_0"), out, progress=False)
     assert list(out.parent.iterdir()) == []
 

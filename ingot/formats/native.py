@@ -173,6 +173,7 @@ def load_native(path: str | Path):
         tensors = {}
         for name, e in info["tensors"].items():
             shape = tuple(e["shape"])
+            _check_entry(f, name, e, shape)
             if e["kind"] == "dense":
                 dtype = f.planes[e["plane"]][0]
                 tensors[name] = DenseTensor(name, dtype, shape, lambda p=e["plane"], s=shape: f.plane(p).reshape(s),
@@ -193,6 +194,20 @@ def load_native(path: str | Path):
         return None if t is None else Tokenizer.from_dict(t, info.get("chat_template"))
 
     return Checkpoint(f.path, "ingot", arch, config, tensors, tokenizer, info)
+
+
+def _check_entry(f: NativeFile, name: str, e: dict, shape: tuple) -> None:
+    """A tensor's logical shape must be what its storage holds, or dequantizing it would fail far away."""
+    if e["kind"] == "dense":
+        stored = f.planes[e["plane"]][1]
+        if int(np.prod(stored)) != int(np.prod(shape)):
+            raise FormatError(f"{f.path}: tensor '{name}' has shape {list(shape)}, its plane holds {list(stored)}")
+        return
+    m = f.info["matrices"][e["matrix"]]
+    start, stop = e["rows"]
+    if not (0 <= start < stop <= m["n"]) or shape[-1] != m["k"] or int(np.prod(shape[:-1])) != stop - start:
+        raise FormatError(f"{f.path}: tensor '{name}' (shape {list(shape)}, rows {start}..{stop}) does not fit "
+                          f"matrix '{e['matrix']}' ({m['n']} x {m['k']})")
 
 
 def _plane_bytes(f: NativeFile, name: str) -> int:
@@ -397,6 +412,8 @@ def convert(src, out, quant: str | None = None, group_size: int = 32, profile: s
         raise IngotError(f"{out}: the output would overwrite the source")
     if not out.parent.is_dir():
         raise IngotError(f"{out.parent}: no such folder for the output")
+    if out.is_dir():
+        raise IngotError(f"{out}: is a folder; give the output file's name")
     ckpt = open_checkpoint(src)
     if ckpt.format == "ingot":
         raise IngotError(f"{src}: already an .ingot file")
@@ -499,13 +516,15 @@ def convert(src, out, quant: str | None = None, group_size: int = 32, profile: s
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         try:
             w.f.close()
         except (NameError, OSError):
             pass
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".move").unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a vanished folder: the user's to fix, no traceback
+            raise IngotError(f"{out}: writing failed, nothing was written ({e})") from None
         raise
     report.bytes = out.stat().st_size
     report.seconds = time.perf_counter() - t0
