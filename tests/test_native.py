@@ -445,6 +445,18 @@ def test_cli_convert_inspect_sign_verify(tmp_path, synthetic, capsys):
         verify(out, str(stem) + ".pub")
 
 
+def test_cli_refuses_what_is_not_an_ingot_file(tmp_path, synthetic, capsys):
+    gguf = str(synthetic("q8_0"))
+    assert main(["inspect", gguf, "--verify"]) == 1
+    assert "--verify checks the tensor hashes of .ingot files" in capsys.readouterr().err
+    main(["keygen", "-o", str(tmp_path / "k")])
+    assert main(["sign", gguf, "--key", str(tmp_path / "k.key")]) == 1
+    assert "not an .ingot file" in capsys.readouterr().err
+    assert main(["sign", gguf, "--key", str(tmp_path / "k.pub")]) == 1  # a public key cannot sign
+    err = capsys.readouterr().err
+    assert "not a PEM private key" in err and "Traceback" not in err
+
+
 def test_cli_perplexity(capsys, smollm2_path, tmp_path):
     assert main(["perplexity", str(smollm2_path), "-f", str(TEXT), "-c", "128", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
