@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,8 +114,7 @@ class NativeFile:
             if dtype not in _DTYPES or b - a != int(np.prod(shape)) * _DTYPES[dtype].itemsize:
                 raise FormatError(f"{self.path}: plane '{name}' ({dtype} {list(shape)}) does not fit its "
                                   f"{b - a} bytes")
-        # Copy-on-write: torch wants writable arrays, and nothing here ever writes.
-        self.map = np.memmap(self.path, dtype=np.uint8, mode="c") if size else np.zeros(0, np.uint8)
+        self.map = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     @property
     def blob_bytes(self) -> int:
@@ -122,7 +122,11 @@ class NativeFile:
 
     def plane(self, name: str) -> torch.Tensor:
         dtype, shape, (a, b) = self.planes[name]
-        raw = torch.from_numpy(self.map[self.data_start + a : self.data_start + b])
+        with warnings.catch_warnings():
+            # torch warns that the map is read-only; nothing writes into weights, so the zero-copy view is safe
+            # (as for GGUF), and a private writable map would count the whole file against the commit limit.
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(self.map[self.data_start + a : self.data_start + b])
         return raw.view(_DTYPES[dtype]).view(shape)
 
     def matrix(self, name: str):
