@@ -267,6 +267,23 @@ def test_container_is_safetensors_with_aligned_planes(tmp_path, synthetic):
     assert oct(out.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
 
 
+def test_header_larger_than_its_reservation(tmp_path, synthetic, monkeypatch):
+    """When the header outgrows the space reserved before the blob, the blob moves and the file is whole."""
+    import ingot.formats.native as native
+
+    init = native._Writer.__init__
+    monkeypatch.setattr(native._Writer, "__init__", lambda self, tmp, reserve: init(self, tmp, ALIGN))
+    out = tmp_path / "m.ingot"
+    convert(synthetic("q8_0"), out, progress=False)
+    f = NativeFile(out)
+    assert f.data_start > ALIGN and f.data_start % ALIGN == 0
+    assert f.verify(progress=False) > 0
+    assert list(tmp_path.iterdir()) == [out]
+    ids = [1, 2, 3]
+    assert torch.equal(ingot.load(out, device="cpu", max_context=8).logits(ids),
+                       ingot.load(synthetic("q8_0"), device="cpu", max_context=8).logits(ids))
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -400,7 +400,6 @@ def convert(src, out, quant: str | None = None, group_size: int = 32, profile: s
     `out` unless the whole file was written (a temporary name, renamed at the end)."""
     import ingot
     from ingot.formats import open_checkpoint
-    from ingot.formats.checkpoint import DenseTensor
     from ingot.models import build_spec
     from ingot.progress import byte_bar
     from ingot.quant.pack import concat_rows
