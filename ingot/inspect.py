@@ -65,10 +65,10 @@ def _native_header(ckpt) -> dict:
     layouts = defaultdict(int)
     for m in info["matrices"].values():
         layouts[m["layout"]] += 1
-    fused = sorted({m for m in info["matrices"] if m.endswith(("attn_qkv", "ffn_gate_up"))})
+    fused = sum(m.endswith(("attn_qkv", "ffn_gate_up")) for m in info["matrices"])
     return {"format_version": info["format_version"], "created_by": info.get("created_by"),
             "quant": info["quant"], "source": info["source"], "matrices": dict(sorted(layouts.items())),
-            "fused_matrices": len(fused)}
+            "fused_matrices": fused}
 
 
 def describe(path_or_name, show_tensors: bool = False, as_json: bool = False) -> str:
