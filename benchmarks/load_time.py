@@ -14,6 +14,9 @@ every repetition (root only: /proc/sys/vm/drop_caches), which measures the disk 
 llama.cpp: with --llama-completion (the `llama-completion` binary of a CUDA build), its
 `llama_perf_context_print: load time = X ms` line for `-n 1 -ngl 99` on the same GGUF, and the process's wall
 time. Its load time covers reading and uploading the weights, not CUDA initialisation, like ours here.
+
+`ingot convert` needs xxhash (and `ingot sign` cryptography), pinned in pyproject.toml: on a GPU machine
+without network, bring their cp312 manylinux wheels in .whl/ as device_check.sh expects.
 """
 
 from __future__ import annotations
