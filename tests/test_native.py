@@ -264,7 +264,9 @@ def test_container_is_safetensors_with_aligned_planes(tmp_path, synthetic):
         for name in f.info["hashes"]:
             assert torch.equal(st.get_tensor(name), f.plane(name))
     assert f.verify(progress=False) == len(f.info["hashes"])
-    assert oct(out.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's private one
 
 
 def test_header_larger_than_its_reservation(tmp_path, synthetic, monkeypatch):
