@@ -28,7 +28,7 @@ def _pick_device(device) -> torch.device:
 
 def load(path_or_name, device=None, max_context: int | None = None, dtype=None, progress: bool | None = None,
          backend: str | None = None, quant: str | None = None, max_batch: int = 1):
-    """Load a GGUF file, a Hugging Face or MLX folder, or an embedded model name (see `ingot models`).
+    """Load a GGUF or .ingot file, a Hugging Face or MLX folder, or an embedded model name (`ingot models`).
 
     backend: "cuda" (Triton kernels; the default on a GPU) or "reference" (plain torch ops, the default on
     the CPU). quant: for float checkpoints on the CUDA backend, "q4" or "q8" quantizes at load.

@@ -32,6 +32,11 @@ def _add_sampling(p):
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this text (repeatable)")
 
 
+def _add_progress(p):
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (default: for work over 100 MB)")
+
+
 def _sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop,
@@ -113,6 +118,71 @@ def cmd_inspect(args) -> int:
     from ingot.inspect import describe
 
     print(describe(args.model, show_tensors=args.tensors, as_json=args.json))
+    if args.verify:
+        from ingot.formats.native import NativeFile, is_native
+        from ingot.registry import resolve
+
+        path = resolve(args.model)
+        if not path.is_file() or not is_native(path):
+            raise IngotError(f"{path}: --verify checks the tensor hashes of .ingot files; this is not one")
+        n = NativeFile(path).verify(progress=args.progress)
+        print(f"verified: all {n} tensors match their xxh3 hashes", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from ingot.formats.native import convert
+
+    report = convert(args.source, args.output, quant=args.quant, group_size=args.group_size, profile=args.profile,
+                     requantize=args.requantize, progress=args.progress)
+    if args.report:
+        print(report.table())
+    worst = max(report.tensors, key=lambda t: t.rel_error)
+    lossy = sum(t.rel_error > 0 for t in report.tensors)
+    print(f"wrote {report.path} ({report.bytes / 2**20:.1f} MiB, {len(report.tensors)} tensors, "
+          f"{report.seconds:.1f} s); {lossy} quantized, worst relative error {worst.rel_error:.2e} "
+          f"({worst.name})" + ("" if args.report else "; --report lists every tensor"))
+    kept = [t for t in report.tensors if t.note.startswith("kept")]
+    if kept:
+        print(f"{len(kept)} tensors were already quantized and were repacked exactly, not requantized "
+              "(--requantize to requantize them)", file=sys.stderr)
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from ingot.signing import keygen
+
+    key, pub = keygen(args.output)
+    print(f"wrote {key} (private: keep it secret) and {pub} (public: give it to whoever verifies)")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from ingot.signing import sign
+
+    print(f"wrote {sign(args.file, args.key, progress=args.progress)}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from ingot.signing import verify
+
+    verify(args.file, args.pubkey, args.sig, progress=args.progress)
+    print(f"{args.file}: signature OK")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from pathlib import Path
+
+    from ingot.bench.perplexity import perplexity
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise IngotError(f"{path}: no such text file")
+    model = _load(args)
+    ppl = perplexity(model, text=path.read_text(), window=args.ctx)
+    print(f"{ppl:.4f}" if not args.json else json.dumps({"perplexity": ppl, "window": model.max_context}))
     return 0
 
 
@@ -139,7 +209,7 @@ def cmd_models(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ingot",
-        description="Ingot: fast local LLM inference. Runs GGUF files, Hugging Face and MLX folders.",
+        description="Ingot: fast local LLM inference. Runs GGUF and .ingot files, Hugging Face and MLX folders.",
         epilog="Try: ingot run smollm2-135m --chat -p 'Hello!'",
     )
     parser.add_argument("--version", action="version", version=f"ingot {__import__('ingot').__version__}")
@@ -169,7 +239,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a .gguf file, a Hugging Face or MLX folder, or an embedded name")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--verify", action="store_true", help="for an .ingot file: check every tensor's xxh3 hash")
+    _add_progress(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="write an .ingot file (kernel layout, fast to load) from a model",
+                       description="Convert a GGUF file or a Hugging Face / MLX folder into an .ingot file: the "
+                                   "tensors already in the CUDA kernels' layout (QKV and gate/up fused), so that "
+                                   "loading it is a memory map and one copy to the GPU. Already-quantized tensors "
+                                   "(GGUF, MLX) are repacked exactly; float tensors are quantized round-to-nearest "
+                                   "per group when --quant or --profile asks. Without either, every tensor keeps "
+                                   "its stored type. The file appears only once it is complete.",
+                       epilog="Try: ingot convert my-hf-folder -o model.ingot --profile q4")
+    p.add_argument("source", help="a .gguf file, a Hugging Face or MLX folder, or an embedded name")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.ingot", help="the file to write")
+    p.add_argument("--quant", choices=["q4", "q8", "bf16", "f16"], default=None,
+                   help="every float matrix in this type (embedding and lm_head included)")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="a named mix: q4 (q4, with q8 embedding and lm_head), q4-pure, q8, f16, bf16")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32,
+                   help="elements per q4/q8 scale when quantizing floats (default 32)")
+    p.add_argument("--requantize", action="store_true",
+                   help="also requantize tensors that are already quantized (lossy twice; off by default)")
+    p.add_argument("--report", action="store_true", help="print every tensor's stored type and relative error")
+    _add_progress(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("keygen", help="make an ed25519 key pair for signing .ingot files",
+                       description="Write NAME.key (private, mode 600) and NAME.pub (public), PEM-encoded.")
+    p.add_argument("-o", "--output", default="ingot", metavar="NAME", help="file name stem (default: ingot)")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("sign", help="sign an .ingot file (writes FILE.sig)",
+                       description="Sign the header and the SHA-256 of the tensor data of an .ingot file with "
+                                   "an ed25519 private key; the signature goes to FILE.sig.")
+    p.add_argument("file", help="the .ingot file")
+    p.add_argument("--key", required=True, metavar="K", help="the private key (from ingot keygen)")
+    _add_progress(p)
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser("verify", help="check an .ingot file's signature",
+                       description="Check FILE.sig against the file as it is now with a public key: any changed "
+                                   "byte, in the header or the tensors, fails. Exit status 1 on failure.")
+    p.add_argument("file", help="the .ingot file")
+    p.add_argument("--pubkey", required=True, metavar="P", help="the signer's public key (NAME.pub)")
+    p.add_argument("--sig", default=None, help="the signature file (default: FILE.sig)")
+    _add_progress(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("perplexity", help="perplexity of a model on a text file",
+                       description="exp of the mean negative log-likelihood of every token of a text file given "
+                                   "the ones before it, in windows of the context length (each from an empty "
+                                   "cache). Compare conversions of one model on one text at one --ctx.")
+    _add_model(p)
+    p.add_argument("-f", "--file", required=True, help="the text file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="llama-bench-style prefill (ppN) and decode (tgN) throughput",
                        description="Prefill and decode throughput, mean and sd over repetitions, like llama-bench.")

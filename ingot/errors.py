@@ -15,3 +15,7 @@ class UnsupportedError(IngotError):
 
 class ContextLengthError(IngotError):
     """A prompt (plus the tokens asked for) does not fit in the model's context."""
+
+
+class VerificationError(IngotError):
+    """A file's signature or checksums do not match its contents."""

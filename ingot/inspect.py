@@ -52,10 +52,23 @@ def summary(path_or_name) -> dict:
             "kind": tok.kind, "vocab": tok.vocab_size, "bos": tok.bos_id, "eos": tok.eos_id,
             "stop_ids": sorted(tok.stop_ids), "chat_template": bool(tok.chat_template),
         },
+        **({"ingot": _native_header(ckpt)} if ckpt.format == "ingot" else {}),
         "types": dict(sorted(by_type.items())),
         "total_bytes": sum(t["bytes"] for t in tensors),
         "tensors": tensors,
     }
+
+
+def _native_header(ckpt) -> dict:
+    """What an .ingot header says beyond the model: its version, how it was quantized, from what."""
+    info = ckpt.metadata
+    layouts = defaultdict(int)
+    for m in info["matrices"].values():
+        layouts[m["layout"]] += 1
+    fused = sum(m.endswith(("attn_qkv", "ffn_gate_up")) for m in info["matrices"])
+    return {"format_version": info["format_version"], "created_by": info.get("created_by"),
+            "quant": info["quant"], "source": info["source"], "matrices": dict(sorted(layouts.items())),
+            "fused_matrices": fused}
 
 
 def describe(path_or_name, show_tensors: bool = False, as_json: bool = False) -> str:
@@ -67,6 +80,15 @@ def describe(path_or_name, show_tensors: bool = False, as_json: bool = False) ->
     if as_json:
         return json.dumps(s_out, indent=2)
     lines = [f"{s['path']}", f"  format        {s['format']}", f"  architecture  {s['architecture']}", ""]
+    if "ingot" in s:
+        h = s["ingot"]
+        lines.append(".ingot header")
+        lines.append(f"  {'format_version':<17} {h['format_version']}  ({h['created_by']})")
+        lines += [f"  {'quant ' + k:<17} {v}" for k, v in h["quant"].items()]
+        lines += [f"  {'source ' + k:<17} {v}" for k, v in h["source"].items()]
+        lines.append(f"  {'matrices':<17} " + ", ".join(f"{n} {k}" for k, n in h["matrices"].items())
+                     + f" ({h['fused_matrices']} fused QKV / gate-up)")
+        lines.append("")
     lines.append("hyperparameters")
     lines += [f"  {k:<17} {v}" for k, v in s["hyperparameters"].items()]
     lines.append("")

@@ -129,6 +129,18 @@ class Tokenizer:
                    add_eos=bool(config.get("add_eos_token", False)), chat_template=template, extra_stop_ids=extra,
                    kind="tokenizer.json")
 
+    def to_dict(self) -> dict:
+        """Everything from_dict needs to rebuild this tokenizer (tokenizer.json as text; no chat template,
+        which a .ingot header keeps beside it)."""
+        return {"tokenizer_json": self._hf.to_str(), "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "add_bos": self.add_bos, "add_eos": self.add_eos, "stop_ids": sorted(self.stop_ids), "kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, d: dict, chat_template: str | None = None) -> "Tokenizer":
+        return cls(HFTokenizer.from_str(d["tokenizer_json"]), bos_id=d["bos_id"], eos_id=d["eos_id"],
+                   add_bos=d["add_bos"], add_eos=d["add_eos"], chat_template=chat_template,
+                   extra_stop_ids=d["stop_ids"], kind=d["kind"])
+
     # ---- use -------------------------------------------------------------------------------------
 
     @property

@@ -7,7 +7,7 @@ import pytest
 
 from ingot.cli import build_parser, main
 
-COMMANDS = ["run", "chat", "inspect", "models", "serve"]
+COMMANDS = ["run", "chat", "inspect", "models", "serve", "convert", "keygen", "sign", "verify", "perplexity"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

@@ -83,11 +83,53 @@ class DenseTensor(TensorRef):
 
 
 @dataclass
+class PackedTensor(TensorRef):
+    """Rows [start, stop) of a matrix stored in kernel layout (ingot.quant.pack): attn_k inside a fused QKV of
+    a .ingot file, or the whole of an unfused one. `matrix` names the stored matrix; `whole` builds it (views
+    of a memory map, no copy)."""
+
+    name: str
+    qtype: str  # the packed kind: q4 | q8 | f16 | q6k
+    shape: tuple[int, ...]
+    matrix: str
+    whole: Callable[[], object] = field(repr=False)
+    start: int = 0
+    stop: int = 0
+    bytes_: int = 0
+
+    def packed(self):
+        from ingot.quant.pack import rows
+
+        p = self.whole()
+        return p if (self.start, self.stop) == (0, p.n) else rows(p, self.start, self.stop)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.packed().dequantize().reshape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.bytes_
+
+
+def fused_matrix(refs: list[TensorRef]):
+    """The stored PackedLinear when refs are, in order, all the rows of one packed matrix (a .ingot file's
+    fused QKV or gate/up), else None: the caller then packs and concatenates them itself."""
+    first = refs[0]
+    if not all(isinstance(r, PackedTensor) and r.whole is first.whole for r in refs):
+        return None
+    p = first.whole()
+    bounds = [(r.start, r.stop) for r in refs]
+    if bounds[0][0] != 0 or bounds[-1][1] != p.n or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+        return None
+    return p
+
+
+@dataclass
 class Checkpoint:
     """A model as stored: config in Hugging Face's keys, tensors by canonical name, tokenizer on demand."""
 
     path: Path
-    format: str  # "gguf" | "hf" | "mlx"
+    format: str  # "gguf" | "hf" | "mlx" | "ingot"
     arch: str  # Ingot family name: llama | qwen3 | qwen3moe | gemma3
     config: dict
     tensors: dict[str, TensorRef]

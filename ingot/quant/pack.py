@@ -164,6 +164,13 @@ def q6k_as_q8(p: PackedLinear) -> PackedLinear:
     return PackedLinear("q8", p.n, p.k, 16, q, sc, source=p.source)
 
 
+def rows(p: PackedLinear, start: int, stop: int) -> PackedLinear:
+    """Rows [start, stop) as views: every plane is row-major with one row per output feature."""
+    cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
+    return replace(p, n=stop - start, qweight=cut(p.qweight), scales=cut(p.scales), mins=cut(p.mins),
+                   qhigh=cut(p.qhigh), supers=cut(p.supers))
+
+
 def to_device(p: PackedLinear, device) -> PackedLinear:
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
     return replace(p, qweight=move(p.qweight), scales=move(p.scales), mins=move(p.mins), qhigh=move(p.qhigh),

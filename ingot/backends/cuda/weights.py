@@ -75,8 +75,10 @@ Q6K_NATIVE = os.environ.get("INGOT_Q6K_NATIVE") == "1"
 def pack_tensor(ref, quant: str | None) -> pack.PackedLinear:
     """One stored matrix in kernel layout. GGUF and MLX types repack as exactly as the layout allows;
     float tensors stay f16 unless a quant ("q4" | "q8") is asked for."""
-    from ingot.formats.checkpoint import GGMLTensor
+    from ingot.formats.checkpoint import GGMLTensor, PackedTensor
 
+    if isinstance(ref, PackedTensor):  # a .ingot file: already in kernel layout
+        return ref.packed()
     if isinstance(ref, GGMLTensor) and ref.qtype not in ("F32", "F16", "BF16"):
         p = pack.from_ggml(ref)
         return pack.q6k_as_q8(p) if p.kind == "q6k" and not Q6K_NATIVE else p
@@ -111,16 +113,18 @@ def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progre
                  reserve: dict[str, int] | None = None):
     """Packed weights in one device arena. `reserve`: other allocations (KV cache, buffers) the fit check
     counts before anything is allocated."""
+    from ingot.formats.checkpoint import fused_matrix
     from ingot.progress import byte_bar
 
     t = ckpt.tensors
     bar = byte_bar(sum(t[n].nbytes for n in spec.weights()), "packing", progress)
 
     def linear(*names):
-        parts = []
-        for n in names:
-            parts.append(pack_tensor(t[n], quant))
-            bar.update(t[n].nbytes)
+        bar.update(sum(t[n].nbytes for n in names))
+        stored = fused_matrix([t[n] for n in names])  # a .ingot file's fused QKV / gate-up: no repacking
+        if stored is not None:
+            return stored
+        parts = [pack_tensor(t[n], quant) for n in names]
         return parts[0] if len(parts) == 1 else pack.concat_rows(parts)
 
     def norm(name):
