@@ -72,16 +72,20 @@ def _norms(l: LayerWeights):
 Q6K_NATIVE = os.environ.get("INGOT_Q6K_NATIVE") == "1"
 
 
+def kernel_form(p: pack.PackedLinear) -> pack.PackedLinear:
+    """The form the kernels read a packed matrix in: q6k as exact q8 unless Q6K_NATIVE."""
+    return pack.q6k_as_q8(p) if p.kind == "q6k" and not Q6K_NATIVE else p
+
+
 def pack_tensor(ref, quant: str | None) -> pack.PackedLinear:
     """One stored matrix in kernel layout. GGUF and MLX types repack as exactly as the layout allows;
     float tensors stay f16 unless a quant ("q4" | "q8") is asked for."""
     from ingot.formats.checkpoint import GGMLTensor, PackedTensor
 
     if isinstance(ref, PackedTensor):  # a .ingot file: already in kernel layout
-        return ref.packed()
+        return kernel_form(ref.packed())
     if isinstance(ref, GGMLTensor) and ref.qtype not in ("F32", "F16", "BF16"):
-        p = pack.from_ggml(ref)
-        return pack.q6k_as_q8(p) if p.kind == "q6k" and not Q6K_NATIVE else p
+        return kernel_form(pack.from_ggml(ref))
     # Stacked experts [E, rows, k] become one [E * rows, k] matrix.
     if ref.qtype in ("MLX4", "MLX8"):
         weight, scales, biases = (a.reshape(-1, a.shape[-1]) for a in ref.packed())
@@ -123,7 +127,7 @@ def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progre
         bar.update(sum(t[n].nbytes for n in names))
         stored = fused_matrix([t[n] for n in names])  # a .ingot file's fused QKV / gate-up: no repacking
         if stored is not None:
-            return stored
+            return kernel_form(stored)
         parts = [pack_tensor(t[n], quant) for n in names]
         return parts[0] if len(parts) == 1 else pack.concat_rows(parts)
 
