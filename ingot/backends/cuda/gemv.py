@@ -319,6 +319,19 @@ def _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, r_off, k0, k_end, K, WIDT
 
 
 @triton.jit
+def _gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k0, k_end, K, WIDTH: tl.constexpr,
+                  GROUP: tl.constexpr, HAS_MIN: tl.constexpr, GATED: tl.constexpr, NG: tl.constexpr,
+                  WPG: tl.constexpr):
+    """_weight_step of the rows and, for a gated weight, of their up rows at + N (else the first again)."""
+    wd0, s0, m0 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, 0, k0, k_end, K, WIDTH, GROUP, HAS_MIN, NG, WPG)
+    wd1, s1, m1 = wd0, s0, m0
+    if GATED != 0:
+        wd1, s1, m1 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k0, k_end, K,
+                                   WIDTH, GROUP, HAS_MIN, NG, WPG)
+    return wd0, s0, m0, wd1, s1, m1
+
+
+@triton.jit
 def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr, cnt_ptr,
                       N, K, k_split, n_split, stride_rm, stride_om, eps, magic,
                       WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
@@ -342,12 +355,8 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     wi = tl.arange(0, WPG)
     # The weights do not depend on the previous kernel: the first K step's tiles are loaded before the PDL
     # wait, and each step loads the next step's tiles before it computes (two register buffers).
-    wd0, s0, m0 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, 0, k_begin, k_end, K,
-                               WIDTH, GROUP, HAS_MIN, NG, WPG)
-    wd1, s1, m1 = wd0, s0, m0
-    if GATED != 0:
-        wd1, s1, m1 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k_begin, k_end, K,
-                                   WIDTH, GROUP, HAS_MIN, NG, WPG)
+    wd0, s0, m0, wd1, s1, m1 = _gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k_begin, k_end, K,
+                                              WIDTH, GROUP, HAS_MIN, GATED, NG, WPG)
     pdl.wait(PDL)
     if EARLY:
         tl.extra.cuda.gdc_launch_dependents()
@@ -360,11 +369,8 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     for k0 in range(k_begin, k_end, BLOCK_K):
         cw0, cs0, cm0 = wd0, s0, m0
         cw1, cs1, cm1 = wd1, s1, m1
-        wd0, s0, m0 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, 0, k0 + BLOCK_K, k_end, K,
-                                   WIDTH, GROUP, HAS_MIN, NG, WPG)
-        if GATED != 0:
-            wd1, s1, m1 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k0 + BLOCK_K, k_end, K,
-                                       WIDTH, GROUP, HAS_MIN, NG, WPG)
+        wd0, s0, m0, wd1, s1, m1 = _gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k0 + BLOCK_K, k_end,
+                                                  K, WIDTH, GROUP, HAS_MIN, GATED, NG, WPG)
         g_ok = k0 + gi * GROUP < k_end  # K is a multiple of GROUP: groups are whole
         w_ok = tl.broadcast_to(g_ok[:, None], (NG, WPG))
         # element index of byte j (q8) / low nibble of byte j (q4) of each word
@@ -517,12 +523,8 @@ def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     wi = tl.arange(0, WPG)
     ji = tl.arange(0, 4)
     # Weights loaded ahead, as in the word kernel.
-    wd0, s0, m0 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, 0, k_begin, k_end, K,
-                                WIDTH, GROUP, HAS_MIN, NG, WPG)
-    wd1, s1, m1 = wd0, s0, m0
-    if GATED != 0:
-        wd1, s1, m1 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k_begin, k_end, K,
-                                    WIDTH, GROUP, HAS_MIN, NG, WPG)
+    wd0, s0, m0, wd1, s1, m1 = _gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k_begin, k_end, K,
+                                              WIDTH, GROUP, HAS_MIN, GATED, NG, WPG)
     pdl.wait(PDL)
     if EARLY:
         tl.extra.cuda.gdc_launch_dependents()
@@ -532,11 +534,8 @@ def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     for k0 in range(k_begin, k_end, BLOCK_K):
         cw0, cs0, cm0 = wd0, s0, m0
         cw1, cs1, cm1 = wd1, s1, m1
-        wd0, s0, m0 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, 0, k0 + BLOCK_K, k_end, K,
-                                    WIDTH, GROUP, HAS_MIN, NG, WPG)
-        if GATED != 0:
-            wd1, s1, m1 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k0 + BLOCK_K, k_end, K,
-                                        WIDTH, GROUP, HAS_MIN, NG, WPG)
+        wd0, s0, m0, wd1, s1, m1 = _gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k0 + BLOCK_K, k_end,
+                                                  K, WIDTH, GROUP, HAS_MIN, GATED, NG, WPG)
         g_ok = k0 + gi * GROUP < k_end
         # element of byte j of x word wi: q4 low nibbles (and + G/2 for the high ones), q8 bytes
         xk = (k0 + gi[:, None, None] * GROUP + wi[None, :, None] * 4) + ji[None, None, :]
@@ -604,6 +603,8 @@ def plan(n_out: int, k: int, m: int, kind: str, group: int, gated: bool) -> Gemv
     if not 1 <= m <= MAX_M:
         raise ValueError(f"gemv takes 1..{MAX_M} activation rows, got {m}")
     if m == 1 and kind in ("q4", "q8"):
+        if DECODE_KERNEL == "dp4a":
+            return _plan_dp4a(n_out, k, kind, group)
         return _plan_word(n_out, k, kind, group, gated)
     return _plan_byte(n_out, k, m, kind, group, gated)
 
@@ -621,7 +622,7 @@ def _plan_byte(n_out: int, k: int, m: int, kind: str, group: int, gated: bool) -
 
 
 TARGET_PROGRAMS = 320
-# The M = 1 q4/q8 kernel: "dp4a" (int8 activations) or "word" (fp32 activations; INGOT_DECODE_GEMV=word).
+# The M = 1 q4/q8 kernel: "word" (fp32 activations, the default) or "dp4a" (int8; INGOT_DECODE_GEMV=dp4a).
 DECODE_KERNEL = os.environ.get("INGOT_DECODE_GEMV", "word")
 DP4A_TARGET_PROGRAMS = 512
 
@@ -632,8 +633,6 @@ def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvCo
     x value it loads across its rows. K is split until the grid holds ~320 programs (~2.4 per SM): the
     benchmarks/gemv_sweep.py winners on the H100 (2026-11-24) sit there for every shape from 2048x2048 to
     151936x4096, where small shapes are latency-bound and want all their loads in flight at once."""
-    if DECODE_KERNEL == "dp4a":
-        return _plan_dp4a(n_out, k, kind, group)
     block_k = max(256 if kind == "q4" else 128, group)
     block_n = 64 if gated and kind == "q4" else 128
     return _split_for(GemvConfig(1, block_n, block_k, 1, num_warps=4, kernel="word", unpack=1), n_out, k,
