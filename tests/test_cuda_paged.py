@@ -6,23 +6,10 @@ import random
 import pytest
 import torch
 
-import ingot
-from tests.tiny_models import make_hf_model, save_hf
+from tests.test_cuda_backend import _rel, pair  # noqa: F401  (the CUDA / reference pair of a tiny model)
 
-
-def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-@pytest.fixture(scope="module", params=["llama", "gemma3"])  # gemma3: sliding window, qk-norm, sandwich norms
-def pair(request, tmp_path_factory):
-    from tests.conftest import KERNEL_DEVICE
-
-    path = tmp_path_factory.mktemp(request.param)
-    save_hf(make_hf_model(request.param), path)
-    fast = ingot.load(path, device=KERNEL_DEVICE, backend="cuda", max_context=48)
-    ref = ingot.load(path, device=KERNEL_DEVICE, backend="reference", dtype=torch.float32, max_context=48)
-    return fast, ref
+# gemma3: sliding window, qk-norm, sandwich norms
+pytestmark = pytest.mark.parametrize("pair", ["llama", "gemma3"], indirect=True)
 
 
 def test_mixed_steps_match_reference(pair):
