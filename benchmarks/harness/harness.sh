@@ -8,6 +8,9 @@
 #   benchmarks/harness/harness.sh serve [MODEL...]  `ingot serve` against `llama-server -np 32 -cb` on the
 #                                                  same Q4_0 GGUF: output tok/s and TTFT at 1, 8 and 32
 #                                                  concurrent streams (benchmarks/serve_bench.py)
+#   benchmarks/harness/harness.sh load [KEY]       load time to first token: Ingot from an .ingot file and
+#                                                  from its GGUF, llama.cpp (llama-completion) from the GGUF
+#                                                  (benchmarks/load_time.py; default qwen3-8b q4_0)
 #
 # Every step keeps its state in $STATE (default /tmp/ingot-harness) and skips what is already there, so
 # the steps can be split over several calls of a device tool whose machine stays up between calls, or run
@@ -40,7 +43,8 @@ collect() {
 }
 
 build_llama() {
-  if [ -x "$LLAMA_BIN/llama-bench" ] && [ -x "$LLAMA_BIN/llama-quantize" ] && [ -x "$LLAMA_BIN/llama-server" ]; then
+  if [ -x "$LLAMA_BIN/llama-bench" ] && [ -x "$LLAMA_BIN/llama-quantize" ] && [ -x "$LLAMA_BIN/llama-server" ] \
+     && [ -x "$LLAMA_BIN/llama-completion" ]; then
     log "llama.cpp already built"; return 0
   fi
   if [ ! -d "$STATE/llama.cpp" ]; then
@@ -56,7 +60,7 @@ build_llama() {
     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF > "$STATE/llama-cmake.log" 2>&1 \
     || { tail -30 "$STATE/llama-cmake.log"; return 1; }
   # A build cut off by a call's time limit resumes where it stopped on the next `setup`.
-  cmake --build "$STATE/llama.cpp/build" -j "$JOBS" --target llama-bench llama-quantize llama-server > "$STATE/llama-build.log" 2>&1 \
+  cmake --build "$STATE/llama.cpp/build" -j "$JOBS" --target llama-bench llama-quantize llama-server llama-completion > "$STATE/llama-build.log" 2>&1 \
     || { tail -30 "$STATE/llama-build.log"; return 1; }
   log "llama.cpp built: $("$LLAMA_BIN/llama-bench" --version 2>&1 | tail -1)"
 }
@@ -250,5 +254,13 @@ case "$mode" in
     done
     cat "$OUT/serve.csv" 2>/dev/null
     ;;
-  *) echo "usage: $0 setup|run [--quick] [MODEL...]|report|serve [MODEL...]"; exit 2;;
+  load)
+    [ -x "$LLAMA_BIN/llama-completion" ] || { log "run setup first (llama-completion is not built)"; exit 1; }
+    install_serve_wheels || exit 1  # xxhash, for `ingot convert`
+    gpu_info
+    $PY benchmarks/load_time.py --key "${1:-qwen3-8b}" --quant "${QUANTS:-q4_0}" --dir "$MODELS/load" -r "${REPS:-3}" \
+      --llama-completion "$LLAMA_BIN/llama-completion" --out "$OUT/load_time.json"
+    [ -n "${KEEP_MODELS:-}" ] || rm -rf "$MODELS/load"
+    ;;
+  *) echo "usage: $0 setup|run [--quick] [MODEL...]|report|serve [MODEL...]|load [KEY]"; exit 2;;
 esac
