@@ -176,9 +176,9 @@ class Engine:
         self._thread.join(timeout=30)
 
     def _run_worker(self) -> None:
-        if self.model.device.type == "cuda":
+        if self.model.device.type == "cuda" and self.model.device.index is not None:
             # A new thread's current CUDA device is device 0; Triton launches follow the current device.
-            torch.cuda.set_device(self.model.device)
+            torch.cuda.set_device(self.model.device.index)
         self._work()
         while True:  # whatever arrived meanwhile
             try:
