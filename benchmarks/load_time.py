@@ -72,7 +72,8 @@ def ingot_run(path: Path, ctx: int, device: str) -> dict:
 def llama_run(binary: str, gguf: Path) -> dict:
     t0 = time.perf_counter()
     r = subprocess.run([binary, "-m", str(gguf), "-p", "Hi", "-n", "1", "-ngl", "99", "--no-warmup", "-no-cnv"],
-                       capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
+                       capture_output=True, text=True, errors="replace", timeout=1800,
+                       stdin=subprocess.DEVNULL)  # a random model prints arbitrary bytes
     wall = time.perf_counter() - t0
     m = re.search(r"load time\s*=\s*([\d.]+)\s*ms", r.stderr + r.stdout)
     if not m:
