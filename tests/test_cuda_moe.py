@@ -79,10 +79,11 @@ def gen():
     return torch.Generator().manual_seed(SEED)
 
 
-@pytest.mark.parametrize("top_k,norm_topk", [(2, True), (8, True), (3, False)])
-def test_router_picks_and_weighs_like_softmax_topk(gen, kernel_device, top_k, norm_topk):
+# 1 and 7 rows take the decode tiles of the router's logits kernel, 40 the prefill ones.
+@pytest.mark.parametrize("top_k,norm_topk,rows", [(2, True, 7), (8, True, 40), (3, False, 1)])
+def test_router_picks_and_weighs_like_softmax_topk(gen, kernel_device, top_k, norm_topk, rows):
     w, nw = make_layer("f16", False, top_k, gen, skew=False, norm_topk=norm_topk)
-    x = make_x(7, gen)
+    x = make_x(rows, gen)
     ids, weights = moe.route(x.to(kernel_device), on(w, kernel_device), nw.to(kernel_device), EPS)
     _, want_ids, want_w = reference_route(x, w, nw)
     assert torch.equal(ids.cpu().long(), want_ids), f"seed {SEED}"

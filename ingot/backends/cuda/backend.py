@@ -4,6 +4,7 @@ once as a CUDA graph and replayed, every buffer allocated once up front."""
 from __future__ import annotations
 
 import functools
+import os
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +19,12 @@ from ingot.models.base import ModelSpec
 # (2026-11-24): the GEMV's step takes 0.9 ms at 1 row, 2.0 at 2, 2.7 at 4, 4.1 at 8 and 7.2 at 16; the GEMM's
 # 3.5 ms at 32 rows and about as much at any M up to its 64-row tile.
 DECODE_ROWS = 8
+
+# MoE layers in the prefill graphs: their token grouping (sort, histogram, prefix sums) runs on the device with
+# sizes fixed by the bucket, so it captures. Eagerly, a 512-token chunk of Qwen3-30B-A3B spends about as long
+# launching from Python as on the GPU (H200, 2026-12-02: pp512 62.7 ms against ~33 ms of kernels).
+# INGOT_MOE_PREFILL_GRAPH=0 runs them eagerly (the A/B of benchmarks/device_check.sh ab).
+MOE_PREFILL_GRAPH = os.environ.get("INGOT_MOE_PREFILL_GRAPH", "1") != "0"
 
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)  # decode batch sizes that get their own buffers and captured graph
@@ -297,8 +304,7 @@ class CudaBackend:
         if T == 1:
             return self._decode([int(tokens[0])], cache, [slot])
         p = self._prefill
-        # MoE layers prefill eagerly: their token grouping sizes its work on the host's side of the launch.
-        if last_only and slot == 0 and cache is self._cache and T <= p.rows and not self._moe:
+        if last_only and slot == 0 and cache is self._cache and T <= p.rows and (MOE_PREFILL_GRAPH or not self._moe):
             rows = prefill.bucket_for(T, min(p.rows, cache.max_context - start)) if self.use_graph else None
             return self._prefill_chunk(tokens, cache, rows or T, graph=rows is not None)
         dev = self.device

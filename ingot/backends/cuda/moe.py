@@ -3,8 +3,10 @@ that the router picks for each row, x' = rms_norm(x) * ffn_norm. Everything stay
 writes expert ids and weights to device memory and every later kernel reads them there, so no step waits
 for the host (the decode step stays capturable in a CUDA graph).
 
-- Router (one kernel, one program per row): RMSNorm, the logits x' @ R^T (R small, kept f16/fp32), softmax,
-  top-k by repeated argmax, and the renormalisation of the k weights (norm_topk_prob).
+- Router (two kernels): the logits x' @ R^T (R small, kept f16/fp32) with the RMSNorm folded in, tiled over
+  rows and experts so that even one row's read of R is spread over many SMs (one program per row read all of
+  R: 84 us a layer on the H200); then per row the softmax, top-k by repeated argmax, and the
+  renormalisation of the k weights (norm_topk_prob).
 - Decode (1..32 rows): one program per (row, choice) pair and slice of the expert's F rows computes gate and
   up for that pair's expert alone (the RMSNorm in its prologue as in gemv), writing act(g) * u; then one
   program per row and slice of the hidden size computes its k experts' down projections together and sums
@@ -87,60 +89,89 @@ def stack_gate_up(gate: PackedLinear, up: PackedLinear, n_experts: int) -> Packe
 
 
 @triton.jit
-def _router_kernel(x_ptr, nw_ptr, r_ptr, ids_ptr, wts_ptr, K, E, stride_xm, eps,
-                   TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    e_ok = e < E
-    logits = tl.zeros((BLOCK_E,), tl.float32)
-    ss = tl.zeros((BLOCK_K,), tl.float32)
+def _router_logits_kernel(x_ptr, nw_ptr, r_ptr, out_ptr, T, K, E, stride_xm, eps,
+                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """logits[t, e] = (rms_norm(x[t]) * nw) @ R[e] for a [BLOCK_T, BLOCK_E] tile, in fp32 FMAs (the same sums
+    as the reference, no tensor-core rounding that could flip a near-tied expert)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    t_ok, e_ok = t < T, e < E
+    acc = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+    ss = tl.zeros((BLOCK_T,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        x = tl.load(x_ptr + t * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)
-        ss += x * x
-        x = x * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + e[:, None].to(tl.int64) * K + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
+        x = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_xm + k[None, :], mask=t_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
-        logits += tl.sum(r * x[None, :], axis=1)
+        ss += tl.sum(x * x, axis=1)
+        x = x * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        r = tl.load(r_ptr + e.to(tl.int64)[:, None] * K + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * r[None, :, :], axis=2)
     # rstd is one scalar per row: applied to the finished logits rather than to every x element.
-    logits = logits / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
-    logits = tl.where(e_ok, logits, float("-inf"))
+    acc = acc / tl.sqrt(ss / K + eps)[:, None]
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * E + e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _router_topk_kernel(logits_ptr, ids_ptr, wts_ptr, E, TOP_K: tl.constexpr, KP: tl.constexpr,
+                        NORM_TOPK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Softmax over one row's expert logits, top-k by repeated argmax (the lowest id among equals), and the
+    renormalisation of the k weights."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    logits = tl.load(logits_ptr + t * E + e, mask=e_ok, other=float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=0))
     p = p / tl.sum(p, axis=0)
+    p = tl.where(e_ok & (p == p), p, -1.0)  # a NaN row (never a real one) still names experts in range
     j = tl.arange(0, KP)
     top_w = tl.zeros((KP,), tl.float32)
     top_i = tl.zeros((KP,), tl.int32)
     for c in tl.static_range(TOP_K):
         best = tl.max(p, axis=0)
-        idx = tl.min(tl.where(p == best, e, BLOCK_E), axis=0)  # the lowest id among equals
-        top_w = tl.where(j == c, best, top_w)
+        idx = tl.minimum(tl.min(tl.where(p == best, e, BLOCK_E), axis=0), E - 1)
+        top_w = tl.where(j == c, tl.maximum(best, 0.0), top_w)
         top_i = tl.where(j == c, idx, top_i)
-        p = tl.where(e == idx, -1.0, p)
+        p = tl.where(e == idx, -2.0, p)
     if NORM_TOPK:
-        top_w = top_w / tl.sum(top_w, axis=0)
+        top_w = top_w / tl.maximum(tl.sum(top_w, axis=0), 1e-30)
     tl.store(ids_ptr + t * TOP_K + j, top_i, mask=j < TOP_K)
     tl.store(wts_ptr + t * TOP_K + j, top_w, mask=j < TOP_K)
 
 
+def _router_tiles(t: int, e: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_E, BLOCK_K). Decode rows (up to 32): 4 experts a program, so even one row spreads the
+    router's read over E / 4 SMs; prefill: 16 x 16 tiles. The [BLOCK_T, BLOCK_E, BLOCK_K] product, in
+    registers, is 2K to 8K values."""
+    if t <= MAX_DECODE_ROWS:
+        bt, be = min(triton.next_power_of_2(max(t, 1)), 8), min(triton.next_power_of_2(e), 4)
+        return bt, be, max(16, 2048 // (bt * be))
+    return 16, min(triton.next_power_of_2(e), 16), 32
+
+
 def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, *,
-          ids: torch.Tensor | None = None, weights: torch.Tensor | None = None):
-    """Expert ids (int32 [T, k]) and routing weights (fp32 [T, k]) of rows x (fp32/fp16 [T, H])."""
+          ids: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+          logits: torch.Tensor | None = None):
+    """Expert ids (int32 [T, k]) and routing weights (fp32 [T, k]) of rows x (fp32/fp16 [T, H]); `logits`
+    (fp32 [T, E]) is the workspace of the router's logits (given by a captured step, else allocated)."""
     t, h = x.shape
     if h != w.hidden or x.stride(1) != 1:
         raise ValueError(f"x of shape {tuple(x.shape)} (row stride 1 needed) does not match hidden {w.hidden}")
-    k = w.top_k
+    k, e = w.top_k, w.n_experts
     ids = torch.empty(t, k, device=x.device, dtype=torch.int32) if ids is None else ids
     weights = torch.empty(t, k, device=x.device, dtype=torch.float32) if weights is None else weights
+    logits = torch.empty(t, e, device=x.device, dtype=torch.float32) if logits is None else logits
     assert ids.shape == (t, k) and ids.dtype == torch.int32 and ids.is_contiguous()
     assert weights.shape == (t, k) and weights.dtype == torch.float32 and weights.is_contiguous()
-    block_e = triton.next_power_of_2(w.n_experts)
-    block_k = max(16, min(triton.next_power_of_2(h), 8192 // block_e))  # an [E, BLOCK_K] tile of ~8K values
+    assert logits.shape == (t, e) and logits.dtype == torch.float32 and logits.is_contiguous()
     if t:
-        _router_kernel[(t,)](x, norm_weight, w.router, ids, weights, h, w.n_experts, x.stride(0), float(eps),
-                             TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, BLOCK_E=block_e,
-                             BLOCK_K=block_k, num_warps=4)
+        bt, be, bk = _router_tiles(t, e)
+        _router_logits_kernel[(triton.cdiv(t, bt), triton.cdiv(e, be))](
+            x, norm_weight, w.router, logits, t, h, e, x.stride(0), float(eps),
+            BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, num_warps=4)
+        _router_topk_kernel[(t,)](logits, ids, weights, e, TOP_K=k, KP=triton.next_power_of_2(k),
+                                  NORM_TOPK=w.norm_topk, BLOCK_E=triton.next_power_of_2(e), num_warps=4)
     return ids, weights
 
 
@@ -238,17 +269,20 @@ class DecodeBuffers:
     ids: torch.Tensor  # int32 [rows, k]
     weights: torch.Tensor  # fp32 [rows, k]
     ff: torch.Tensor  # fp32 [rows * k, F]: act(gate) * up of each (row, choice) pair
+    logits: torch.Tensor  # fp32 [rows * E]: the router's
 
     @classmethod
     def for_layers(cls, moes: list[MoEWeights], rows: int, device) -> DecodeBuffers:
         k = max(m.top_k for m in moes)
         f = max(m.ffn for m in moes)
+        e = max(m.n_experts for m in moes)
         return cls(torch.zeros(rows, k, device=device, dtype=torch.int32),
                    torch.zeros(rows, k, device=device, dtype=torch.float32),
-                   torch.zeros(rows * k * f, device=device, dtype=torch.float32))
+                   torch.zeros(rows * k * f, device=device, dtype=torch.float32),
+                   torch.zeros(rows * e, device=device, dtype=torch.float32))
 
     def tensors(self):
-        return (self.ids, self.weights, self.ff)
+        return (self.ids, self.weights, self.ff, self.logits)
 
 
 GATE_UP_BLOCK_N = 16  # gate and up tiles in registers at once
@@ -271,7 +305,7 @@ def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps:
     ids, wts = buffers.ids[:t, :k], buffers.weights[:t, :k]
     if not (ids.is_contiguous() and wts.is_contiguous()):
         raise ValueError("decode buffers must be sized for this layer's top_k")
-    route(x, w, norm_weight, eps, ids=ids, weights=wts)
+    route(x, w, norm_weight, eps, ids=ids, weights=wts, logits=buffers.logits[: t * w.n_experts].view(t, -1))
     ff = buffers.ff[: t * k * f].view(t * k, f)
     ptrs, flags = _gemv_flags(w.gate_up)
     _expert_gate_up_kernel[(t * k, triton.cdiv(f, block_n[0]))](
