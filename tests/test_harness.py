@@ -189,3 +189,25 @@ def test_serve_bench_against_the_server(smollm2, tmp_path):
     assert all(18 <= r["prompt_tokens_mean"] <= 30 and 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] for r in rows)
     with open(out) as f:
         assert [int(r["streams"]) for r in csv.DictReader(f)] == [1, 2]
+
+
+def test_decode_bytes_counts_the_active_experts_only(tmp_path):
+    from safetensors import safe_open
+
+    from tests.tiny_models import make_hf_model, save_hf
+
+    model = make_hf_model("qwen3moe")
+    save_hf(model, tmp_path)
+    cfg = model.config
+    expert = other = 0
+    for f in tmp_path.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                if ".experts." in name:
+                    expert += t.numel() * t.element_size()
+                elif not (name.startswith("model.embed_tokens.") and not cfg.tie_word_embeddings):
+                    other += t.numel() * t.element_size()
+    assert expert and cfg.num_experts_per_tok < cfg.num_experts
+    want = other + expert * cfg.num_experts_per_tok / cfg.num_experts
+    assert weights.decode_bytes(tmp_path) == round(want)

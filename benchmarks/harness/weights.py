@@ -13,12 +13,20 @@ from ingot.formats import open_checkpoint
 
 _EMBEDDING = ("token_embd.", "model.embed_tokens.")
 _OUTPUT = ("output.", "lm_head.")
+_EXPERTS = ("_exps.", ".experts.", ".switch_mlp.")  # GGUF's stacked experts, HF's one by one, MLX's stacked
 
 
 def decode_bytes(path) -> int:
-    tensors = open_checkpoint(path).tensors
+    ckpt = open_checkpoint(path)
+    tensors, cfg = ckpt.tensors, ckpt.config
     untied = any(n.startswith(_OUTPUT) for n in tensors)
-    return sum(t.nbytes for n, t in tensors.items() if not (untied and n.startswith(_EMBEDDING)))
+    active = cfg["num_experts_per_tok"] / cfg["num_experts"] if cfg.get("num_experts") else 1.0
+    total = 0.0
+    for n, t in tensors.items():
+        if untied and n.startswith(_EMBEDDING):
+            continue
+        total += t.nbytes * (active if any(e in n for e in _EXPERTS) else 1.0)
+    return round(total)
 
 
 if __name__ == "__main__":
