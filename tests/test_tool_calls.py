@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ingot.chat_template import builtin_template
 from ingot.formats.gguf import read_metadata
@@ -102,6 +104,28 @@ def test_hermes_keeps_a_plain_replys_whitespace():
 
 
 LLAMA_WEATHER = '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "C"}}'
+
+# Replies made of the pieces that matter to the readers, cut anywhere into stream pieces.
+_FRAGMENTS = ["<tool_call>", "</tool_call>", "<tool_", "<|python_tag|>", "<|py", WEATHER, LLAMA_WEATHER, TIME,
+              '{"name": ', "}", ";", " ", "\n", "Hi", "<", "é"]
+_replies = st.lists(st.sampled_from(_FRAGMENTS), max_size=10).map("".join)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(text=_replies, cuts=st.lists(st.integers(0, 400), max_size=8), fmt=st.sampled_from(["hermes", "llama3"]))
+def test_streamed_in_any_pieces_reads_as_whole_and_loses_no_text(text, cuts, fmt):
+    at_once = reader(fmt, NAMES)
+    whole = at_once.push(text) + at_once.finish()
+    r, at, items = reader(fmt, NAMES), 0, []
+    for cut in sorted(c for c in cuts if c <= len(text)) + [len(text)]:
+        items += r.push(text[at:cut])
+        at = cut
+    items += r.finish()
+    content, calls = "".join(i for i in items if isinstance(i, str)), [i for i in items if isinstance(i, Call)]
+    assert (content, calls) == ("".join(i for i in whole if isinstance(i, str)),
+                                [i for i in whole if isinstance(i, Call)])
+    if not calls:  # what is not a call is all there, unchanged
+        assert content == text
 
 
 @pytest.mark.parametrize("text,items", [
