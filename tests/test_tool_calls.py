@@ -66,6 +66,8 @@ def test_hermes_calls(text, items):
     hermes('{"name": "launch_rockets", "arguments": {}}'),  # a tool that was not offered
     hermes('{"name": "get_weather", "arguments": [1, 2]}'),  # arguments not an object
     hermes('["get_weather"]'),
+    hermes('{"name": ["get_weather"], "arguments": {}}'),  # a name that is no string
+    hermes("[" * 5000 + "]" * 5000),  # nested deeper than json reads
     "<tool_call>\n" + '{"name": "get_weather", "argu',  # cut off inside a call
     "a < b and <tool but no call",
     "ends with a partial tag <tool_ca",
@@ -147,6 +149,8 @@ def test_llama3_calls(text, items):
     LLAMA_WEATHER + " and some words after it",
     'The call would be {"name": "get_weather", "parameters": {}}',  # text before: not a call
     '{"name": "unknown_tool", "parameters": {}}',
+    '{"name": {"n": 1}, "parameters": {}}',
+    '{"name": "get_time", "parameters": {"a": ' + "[" * 5000 + "]" * 5000 + "}}",  # nested deeper than json reads
     "<|python_tag|>brave_search.call(query=\"paris\")",  # a built-in tool's Python call: not JSON
     "<|python",
 ])

@@ -66,25 +66,27 @@ class _Reader:
             self.calls += 1
 
     def _end(self, out: list) -> list:
-        if self._space:  # whitespace that ends the reply, after no call
+        if self._space:  # the last content's trailing whitespace: no call follows it, so it is content
             out.append(self._space)
         self._space = ""
         return out
 
     def _call_of(self, obj) -> Call | None:
         """The call a parsed JSON value stands for: a known tool's name and an arguments object."""
-        if not isinstance(obj, dict) or obj.get("name") not in self.names:
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in self.names:
             return None
         args = obj.get("arguments", obj.get("parameters", {}))
         if isinstance(args, str):  # some models write the arguments as JSON text
             try:
                 args = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
         return Call(obj["name"], args) if isinstance(args, dict) else None
 
 
 class HermesReader(_Reader):
+    """Content streams as it comes, but for a tail that may open a call; a call's body is held to its close."""
+
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
     def __init__(self, names: set[str], parallel: bool = True):
@@ -123,7 +125,7 @@ class HermesReader(_Reader):
     def _body(self, out: list, body: str, closed: bool) -> None:
         try:
             call = self._call_of(json.loads(body))
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than json reads
             call = None
         if call:
             self._call(out, call)
@@ -132,6 +134,9 @@ class HermesReader(_Reader):
 
 
 class Llama3Reader(_Reader):
+    """A reply that opens with `{` or the tag is held to its end, since only the whole of it tells whether
+    it is calls; any other reply streams as content from its first word."""
+
     TAG = "<|python_tag|>"
 
     def __init__(self, names: set[str], parallel: bool = True):
@@ -176,7 +181,7 @@ class Llama3Reader(_Reader):
                 return calls or None
             try:
                 obj, at = decoder.raw_decode(text, at)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
             call = self._call_of(obj)
             if call is None:
