@@ -87,8 +87,8 @@ class _API:
     async def chat_completions(self, request: Request) -> Response:
         async with self._counted("chat/completions"):
             req = await self._parse(request, ChatCompletionRequest)
-            inputs, reader = self._chat_inputs(req)
-            return await self._generate(request, req, inputs, chat=True, reader=reader)
+            inputs, new_reader = self._chat_inputs(req)
+            return await self._generate(request, req, inputs, chat=True, new_reader=new_reader)
 
     async def completions(self, request: Request) -> Response:
         async with self._counted("completions"):
@@ -96,15 +96,17 @@ class _API:
             return await self._generate(request, req, {"prompt": req.text()}, chat=False)
 
     def _chat_inputs(self, req: ChatCompletionRequest):
-        """The prompt inputs of a chat request, and the reader of its reply (of tool calls, or plain)."""
+        """The prompt inputs of a chat request, and what makes a reader of a reply to it (of tool calls, or
+        plain): one reader per reply, as a reader keeps the state of the reply it reads."""
         if not (req.tools or req.has_tool_history):
-            return {"messages": req.chat()}, tool_calls.PlainReply()
+            return {"messages": req.chat()}, tool_calls.PlainReply
         offered = req.offered_tools()
         inputs = prompt_inputs(self._tool_format, req.chat(), offered)
         if offered is None:  # tool_choice "none": the reply is text, whatever it looks like
-            return inputs, tool_calls.PlainReply()
+            return inputs, tool_calls.PlainReply
         names = {t["function"]["name"] for t in offered}
-        return inputs, tool_calls.reader(self._tool_format.reader, names, req.parallel_tool_calls is not False)
+        return inputs, functools.partial(tool_calls.reader, self._tool_format.reader, names,
+                                         req.parallel_tool_calls is not False)
 
     @functools.cached_property
     def _tool_format(self) -> ToolFormat:
@@ -142,8 +144,8 @@ class _API:
         self._check_model(req.model)
         return req
 
-    async def _generate(self, request: Request, req, inputs: dict, chat: bool, reader=None) -> Response:
-        """reader: a chat reply's tool_calls reader."""
+    async def _generate(self, request: Request, req, inputs: dict, chat: bool, new_reader=None) -> Response:
+        """new_reader: makes the tool_calls reader of a chat reply."""
         try:
             # off the event loop: a long prompt takes a while to template and tokenize
             ids, max_tokens = await asyncio.to_thread(self.engine.prepare, inputs, req.token_limit)
@@ -163,7 +165,7 @@ class _API:
             assert isinstance(first, Started)
             if req.stream:
                 watch.cancel()
-                chunks = (_chat_chunks(job, self.model_id, req.include_usage, reader) if chat
+                chunks = (_chat_chunks(job, self.model_id, req.include_usage, new_reader()) if chat
                           else _completion_chunks(job, self.model_id, req.include_usage))
                 return StreamingResponse(_sse(job, chunks),
                                          media_type="text/event-stream",
@@ -173,7 +175,7 @@ class _API:
                 pieces.append(event.text)
             if isinstance(event, Failed):
                 raise _error_of(event.error)
-            return JSONResponse(_whole(chat, self.model_id, "".join(pieces), event, reader).model_dump())
+            return JSONResponse(_whole(chat, self.model_id, "".join(pieces), event, new_reader).model_dump())
         finally:
             watch.cancel()
 
@@ -210,10 +212,10 @@ def _finish_reason(done: Done, called: bool) -> str:
     return "tool_calls" if called else done.finish_reason
 
 
-def _whole(chat: bool, model_id: str, text: str, done: Done, reader=None):
-    """The whole reply; a chat one read by its tool_calls reader."""
+def _whole(chat: bool, model_id: str, text: str, done: Done, new_reader=None):
+    """The whole reply; a chat one read by a new tool_calls reader."""
     if chat:
-        content, calls = tool_calls.split(reader, text)
+        content, calls = tool_calls.split(new_reader(), text)
         message = AssistantMessage(content=(content or None) if calls else content,
                                    tool_calls=[_tool_call(c) for c in calls] or None)
         return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=model_id, usage=_usage(done),
