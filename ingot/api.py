@@ -143,18 +143,26 @@ class Model:
         finally:
             self.last_stats = gen.stats
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text the model's chat template makes of messages."""
-        from ingot.chat_template import builtin_template, render_chat
+    @property
+    def chat_template(self) -> str:
+        """The model file's chat template, or the built-in one of its architecture."""
+        from ingot.chat_template import builtin_template
+
+        return self._need_tokenizer().chat_template or builtin_template(self.arch)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """The prompt text the model's chat template makes of messages (and of tools, OpenAI's
+        {"type": "function", "function": {...}} dicts, for a template that renders them)."""
+        from ingot.chat_template import render_chat
 
         tok = self._need_tokenizer()
         if not messages:
             raise IngotError("messages is empty")
-        template = tok.chat_template or builtin_template(self.arch)
         bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
         eos = tok.decode([tok.eos_id]) if tok.eos_id is not None else ""
-        return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=bos, eos_token=eos)
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=bos, eos_token=eos, tools=tools)
 
     # -- tokens in, tokens out -----------------------------------------------------------------------------
     def generate_ids(self, ids: list[int], max_tokens: int = 256, temperature: float = 0.0, top_k=None,
@@ -253,14 +261,16 @@ class Model:
         eos = self.config.get("eos_token_id")
         return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
-    def prompt_ids(self, prompt=None, messages=None) -> list[int]:
-        """The token ids generate/stream feed the model for a prompt or chat messages."""
+    def prompt_ids(self, prompt=None, messages=None, tools=None) -> list[int]:
+        """The token ids generate/stream feed the model for a prompt or chat messages (with tools)."""
         tok = self._need_tokenizer()
         if (prompt is None) == (messages is None):
             raise IngotError("give exactly one of prompt or messages")
         if messages is not None:
             # The rendered template already holds BOS where the model wants it.
-            return tok.encode(self.render_chat(messages), add_special_tokens=False)
+            return tok.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
+        if tools is not None:
+            raise IngotError("tools go with chat messages, not a raw prompt")
         ids = tok.encode(prompt)
         if not ids:
             raise IngotError("the prompt is empty")

@@ -14,7 +14,7 @@ from datetime import datetime
 from functools import lru_cache
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
@@ -56,16 +56,28 @@ def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
 
 
-@lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
+@lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
     try:
-        return env.from_string(template)
+        return _environment().from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise IngotError(f"chat template has a syntax error at line {e.lineno}: {e.message}") from None
+
+
+@lru_cache(maxsize=16)
+def takes_tools(template: str) -> bool:
+    """Whether the template reads the `tools` variable, that is, renders tool definitions itself."""
+    _compile(template)  # a syntax error is reported as render_chat reports it
+    return "tools" in meta.find_undeclared_variables(_environment().parse(template))
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "",

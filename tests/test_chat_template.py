@@ -5,11 +5,12 @@ SmolLM2's GGUF tokenizer is also compared with transformers' here: loading it th
 reads the GGUF twice and takes tens of seconds, so one module-scoped load serves both checks.
 """
 
+import json
 from pathlib import Path
 
 import pytest
 
-from ingot.chat_template import builtin_template, render_chat
+from ingot.chat_template import builtin_template, render_chat, takes_tools
 from ingot.errors import IngotError, UnsupportedError
 from ingot.formats.gguf import read_metadata
 from ingot.tokenizer import Tokenizer
@@ -137,3 +138,76 @@ def test_sandbox_escape_is_refused(template):
 def test_template_syntax_error_is_reported():
     with pytest.raises(IngotError, match="syntax error at line 2"):
         render_chat("ok\n{% for m in messages %}{{ m.content }", [])
+
+
+# ---- real tool templates (tests/data/chat_templates): rendered as transformers renders them ---------
+
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+TOOL_CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "c1"},
+]
+
+
+def _transformers_render(template: str, messages, tools, **extra) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(conversations=[messages], tools=tools, chat_template=template,
+                                        add_generation_prompt=True, **extra)
+    return rendered[0]
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama3.1", "llama3.2"])
+@pytest.mark.parametrize("tools", [None, [WEATHER_TOOL, TIME_TOOL]])
+def test_tool_templates_render_as_transformers_does(name, tools):
+    template = (TEMPLATES / f"{name}.jinja").read_text()
+    extra = {"bos_token": "<|begin_of_text|>", "date_string": "02 Dec 2026"}
+    ours = render_chat(template, TOOL_CHAT, tools=tools, **extra)
+    assert ours == _transformers_render(template, TOOL_CHAT, tools, **extra)
+
+
+def test_qwen3_template_tool_sections():
+    out = render_chat((TEMPLATES / "qwen3.jinja").read_text(), TOOL_CHAT, tools=[WEATHER_TOOL, TIME_TOOL])
+    assert out.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n\n")
+    assert ("<tools>\n" + json.dumps(WEATHER_TOOL) + "\n" + json.dumps(TIME_TOOL) + "\n</tools>") in out
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+            "</tool_call><|im_end|>\n") in out
+    assert out.endswith("<|im_start|>user\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>\n"
+                        "<|im_start|>assistant\n")
+    plain = render_chat((TEMPLATES / "qwen3.jinja").read_text(), TOOL_CHAT)
+    assert "<tools>" not in plain and plain.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+@pytest.mark.parametrize("name", ["llama3.1", "llama3.2"])
+def test_llama3_template_tool_sections(name):
+    template = (TEMPLATES / f"{name}.jinja").read_text()
+    out = render_chat(template, TOOL_CHAT, tools=[WEATHER_TOOL], bos_token="<|begin_of_text|>",
+                      date_string="02 Dec 2026")
+    assert out.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n"
+                          "Cutting Knowledge Date: December 2023\nToday Date: 02 Dec 2026\n\nBe brief.<|eot_id|>")
+    # the tools go in the first user message, each as indented JSON
+    user = out.index("<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions")
+    assert out.index(json.dumps(WEATHER_TOOL, indent=4)) > user
+    assert "Weather in Paris?<|eot_id|>" in out
+    assert ('<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": '
+            '{"city": "Paris"}}<|eot_id|>') in out
+    assert out.endswith('<|start_header_id|>ipython<|end_header_id|>\n\n"sunny, 21 C"<|eot_id|>'
+                        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    with pytest.raises(IngotError, match="no first user message"):
+        render_chat(template, [{"role": "system", "content": "S"}], tools=[WEATHER_TOOL])
+
+
+def test_takes_tools():
+    assert all(takes_tools((TEMPLATES / f"{n}.jinja").read_text()) for n in ["qwen3", "llama3.1", "llama3.2"])
+    assert not any(takes_tools(builtin_template(a)) for a in ["llama", "qwen3", "gemma3"])
+    assert takes_tools("{% if tools %}{{ tools | length }}{% endif %}")
+    assert not takes_tools("{% set tools = [] %}{{ tools }}")
+    with pytest.raises(IngotError, match="syntax error"):
+        takes_tools("{% if tools %}")

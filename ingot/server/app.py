@@ -1,13 +1,16 @@
 """The ASGI app: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, plus /health and /metrics.
 
 Handlers parse and check a request, hand it to the engine's worker and turn its events into one JSON
-response or a stream of server-sent events. Every failure leaves as an OpenAI-shaped error with its status.
+response or a stream of server-sent events. A chat reply passes through a tool_calls reader, which turns
+the calls it finds into `tool_calls` (whole calls in one delta each, when streamed). Every failure leaves
+as an OpenAI-shaped error with its status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 
@@ -19,12 +22,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ingot.errors import ContextLengthError, IngotError
+from ingot.server import tool_calls
 from ingot.server.engine import (Cancelled, Done, Engine, Failed, Job, QueueFull, ShuttingDown, Started, Text, TimedOut,
                                  make_engine)
 from ingot.server.errors import APIError, invalid_request, unsupported
 from ingot.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                    ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice,
-                                   CompletionRequest, Delta, ModelCard, ModelList, Usage, new_id, now)
+                                   CompletionRequest, Delta, FunctionCall, ModelCard, ModelList, ToolCall,
+                                   ToolCallDelta, Usage, new_call_id, new_id, now)
+from ingot.server.tool_prompt import ToolFormat, prompt_inputs, tool_format
 
 OPEN_PATHS = {"/health"}  # answered without the API key, so a supervisor can probe the server
 
@@ -81,12 +87,34 @@ class _API:
     async def chat_completions(self, request: Request) -> Response:
         async with self._counted("chat/completions"):
             req = await self._parse(request, ChatCompletionRequest)
-            return await self._generate(request, req, {"messages": req.chat()}, chat=True)
+            inputs, new_reader = self._chat_inputs(req)
+            return await self._generate(request, req, inputs, chat=True, new_reader=new_reader)
 
     async def completions(self, request: Request) -> Response:
         async with self._counted("completions"):
             req = await self._parse(request, CompletionRequest)
             return await self._generate(request, req, {"prompt": req.text()}, chat=False)
+
+    def _chat_inputs(self, req: ChatCompletionRequest):
+        """The prompt inputs of a chat request, and what makes a reader of a reply to it (of tool calls, or
+        plain): one reader per reply, as a reader keeps the state of the reply it reads."""
+        if not (req.tools or req.has_tool_history):
+            return {"messages": req.chat()}, tool_calls.PlainReply
+        offered = req.offered_tools()
+        inputs = prompt_inputs(self._tool_format, req.chat(), offered)
+        if offered is None:  # tool_choice "none": the reply is text, whatever it looks like
+            return inputs, tool_calls.PlainReply
+        names = {t["function"]["name"] for t in offered}
+        return inputs, functools.partial(tool_calls.reader, self._tool_format.reader, names,
+                                         req.parallel_tool_calls is not False)
+
+    @functools.cached_property
+    def _tool_format(self) -> ToolFormat:
+        model = self.engine.model
+        try:
+            return tool_format(model.arch, model.chat_template)
+        except IngotError as e:  # no tokenizer, or a template that does not parse
+            raise _error_of(e) from None
 
     @contextlib.asynccontextmanager
     async def _counted(self, endpoint: str):
@@ -116,7 +144,8 @@ class _API:
         self._check_model(req.model)
         return req
 
-    async def _generate(self, request: Request, req, inputs: dict, chat: bool) -> Response:
+    async def _generate(self, request: Request, req, inputs: dict, chat: bool, new_reader=None) -> Response:
+        """new_reader: makes the tool_calls reader of a chat reply."""
         try:
             # off the event loop: a long prompt takes a while to template and tokenize
             ids, max_tokens = await asyncio.to_thread(self.engine.prepare, inputs, req.token_limit)
@@ -136,8 +165,9 @@ class _API:
             assert isinstance(first, Started)
             if req.stream:
                 watch.cancel()
-                events = _chat_chunks if chat else _completion_chunks
-                return StreamingResponse(_sse(job, events(job, self.model_id, req.include_usage)),
+                chunks = (_chat_chunks(job, self.model_id, req.include_usage, new_reader()) if chat
+                          else _completion_chunks(job, self.model_id, req.include_usage))
+                return StreamingResponse(_sse(job, chunks),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             pieces = []
@@ -145,7 +175,7 @@ class _API:
                 pieces.append(event.text)
             if isinstance(event, Failed):
                 raise _error_of(event.error)
-            return JSONResponse(_whole(chat, self.model_id, "".join(pieces), event).model_dump())
+            return JSONResponse(_whole(chat, self.model_id, "".join(pieces), event, new_reader).model_dump())
         finally:
             watch.cancel()
 
@@ -172,11 +202,24 @@ def _usage(done: Done) -> Usage:
     return Usage.of(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
 
 
-def _whole(chat: bool, model_id: str, text: str, done: Done):
+def _tool_call(call: tool_calls.Call, cls=ToolCall, **extra) -> ToolCall:
+    """The reply's form of a call the reader found, under a new id."""
+    arguments = json.dumps(call.arguments, ensure_ascii=False)
+    return cls(id=new_call_id(), function=FunctionCall(name=call.name, arguments=arguments), **extra)
+
+
+def _finish_reason(done: Done, called: bool) -> str:
+    return "tool_calls" if called else done.finish_reason
+
+
+def _whole(chat: bool, model_id: str, text: str, done: Done, new_reader=None):
+    """The whole reply; a chat one read by a new tool_calls reader."""
     if chat:
+        content, calls = tool_calls.split(new_reader(), text)
+        message = AssistantMessage(content=(content or None) if calls else content,
+                                   tool_calls=[_tool_call(c) for c in calls] or None)
         return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=model_id, usage=_usage(done),
-                              choices=[ChatChoice(message=AssistantMessage(content=text),
-                                                  finish_reason=done.finish_reason)])
+                              choices=[ChatChoice(message=message, finish_reason=_finish_reason(done, bool(calls)))])
     return Completion(id=new_id("cmpl"), created=now(), model=model_id, usage=_usage(done),
                       choices=[CompletionChoice(text=text, finish_reason=done.finish_reason)])
 
@@ -193,7 +236,7 @@ async def _events(job: Job):
             return
 
 
-async def _chat_chunks(job: Job, model_id: str, include_usage: bool):
+async def _chat_chunks(job: Job, model_id: str, include_usage: bool, reader):
     def chunk(**kw) -> dict:
         d = ChatCompletionChunk(id=rid, created=created, model=model_id, **kw).model_dump()
         for choice in d["choices"]:  # OpenAI's deltas carry only what they set
@@ -204,11 +247,17 @@ async def _chat_chunks(job: Job, model_id: str, include_usage: bool):
 
     rid, created = new_id("chatcmpl"), now()
     yield chunk(choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))])
+    calls = 0
     async for event in _events(job):
-        if isinstance(event, Text):
-            yield chunk(choices=[ChatChunkChoice(delta=Delta(content=event.text))])
-        else:
-            yield chunk(choices=[ChatChunkChoice(delta=Delta(), finish_reason=event.finish_reason)])
+        for item in reader.push(event.text) if isinstance(event, Text) else reader.finish():
+            if isinstance(item, str):
+                yield chunk(choices=[ChatChunkChoice(delta=Delta(content=item))])
+            else:
+                call = _tool_call(item, ToolCallDelta, index=calls)
+                yield chunk(choices=[ChatChunkChoice(delta=Delta(tool_calls=[call]))])
+                calls += 1
+        if isinstance(event, Done):
+            yield chunk(choices=[ChatChunkChoice(delta=Delta(), finish_reason=_finish_reason(event, calls > 0))])
             if include_usage:
                 yield chunk(choices=[], usage=_usage(event))
 

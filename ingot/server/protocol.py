@@ -2,17 +2,25 @@
 
 Requests are validated strictly (a string where a number belongs is an error, not a guess), unknown fields
 are ignored as OpenAI does, and fields this server knows but does not implement yet are refused by
-`unsupported_field()` rather than silently dropped: a client asking for logprobs or tools must learn it
-got none.
+`unsupported_field()` rather than silently dropped: a client asking for logprobs must learn it got none.
+
+Tools follow OpenAI's chat API: `tools` (functions with a JSON-schema `parameters`), `tool_choice`,
+`parallel_tool_calls`, assistant messages carrying `tool_calls` and `tool` messages answering them by
+`tool_call_id`, all checked here (a tool_choice naming no offered tool, a tool message answering no call,
+arguments that are not a JSON object: 400). ingot/server/tool_prompt.py puts them in the prompt and
+ingot/server/tool_calls.py reads the calls back out of the reply. The deprecated `functions` /
+`function_call` are refused by name.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator,
+                      model_serializer)
 
 DEFAULT_MAX_TOKENS_CAP = 4096  # without max_tokens, a reply may use the rest of the context, at most this
 
@@ -87,10 +95,50 @@ class ContentPart(_Request):
     type: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # a JSON object as text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise ValueError("a tool call's arguments must be a JSON object, as text")
+        return arguments
+
+
+class ToolCall(_Request):
+    """A call the assistant made: in a request's history, and in a reply."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Annotated[str | None, Field(validate_default=True)] = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _only_assistants_call(cls, calls, info: ValidationInfo):
+        if calls and info.data.get("role", "assistant") != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_answers_a_call(cls, call_id, info: ValidationInfo):
+        if info.data.get("role") == "tool" and not call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return call_id
 
     def text(self) -> str:
         """The content as one string: chat templates differ in whether they understand lists of parts."""
@@ -100,16 +148,90 @@ class ChatMessage(_Request):
             return self.content
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
+    def for_template(self) -> dict:
+        """The message as chat templates take it (transformers' convention): content always a string, a
+        call's arguments as a mapping, tool_calls and tool_call_id only where they belong (Llama 3's template
+        tests `'tool_calls' in message`)."""
+        out = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule for names
+
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+# Told apart by JSON type, so a malformed object is reported as one (the tags are names errors.py drops).
+ToolChoice = Annotated[Annotated[Literal["none", "auto", "required"], Tag("str")]
+                       | Annotated[NamedToolChoice, Tag("dict")],
+                       Discriminator(lambda v: "str" if isinstance(v, str) else "dict")]
+
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None  # the deprecated form of tools
     function_call: Any = None
+
+    @field_validator("messages")
+    @classmethod
+    def _tool_messages_answer_earlier_calls(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        called = set()
+        for i, m in enumerate(messages):
+            called.update(c.id for c in m.tool_calls or ())
+            if m.role == "tool" and m.tool_call_id not in called:
+                raise ValueError(f"messages[{i}] answers tool call '{m.tool_call_id}', which no earlier "
+                                 "assistant message made")
+        return messages
+
+    @field_validator("tools")
+    @classmethod
+    def _names_unique(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in tools or ()]
+        if dup := next((n for n in names if names.count(n) > 1), None):
+            raise ValueError(f"two tools are named '{dup}'")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, choice, info: ValidationInfo):
+        if "tools" not in info.data:  # tools failed validation: that error is the one to report
+            return choice
+        names = {t.function.name for t in info.data["tools"] or ()}
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names the function '{choice.function.name}', which is not in tools")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        return choice
 
     def unsupported_field(self) -> str | None:
         if self.logprobs:
@@ -118,12 +240,10 @@ class ChatCompletionRequest(_GenerationRequest):
             return "top_logprobs"
         if self.response_format is not None and self.response_format.get("type") != "text":
             return "response_format"
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                return name
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none"):
-                return name
+        if self.functions:
+            return "functions"
+        if self.function_call not in (None, "none"):
+            return "function_call"
         for i, m in enumerate(self.messages):
             if isinstance(m.content, list) and any(not isinstance(p, TextPart) for p in m.content):
                 return f"messages[{i}].content"
@@ -131,7 +251,26 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def chat(self) -> list[dict]:
         """Messages as the chat template takes them (text content only; the server refuses other parts)."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
+
+    @property
+    def has_tool_history(self) -> bool:
+        return any(m.tool_calls or m.role == "tool" for m in self.messages)
+
+    def offered_tools(self) -> list[dict] | None:
+        """The tools the model is shown, as OpenAI dicts; None where it must not call one.
+
+        "none" offers none (OpenAI's "the model will not call any tool"; nothing is parsed either). A named
+        function is the only one offered; "required" offers all. Neither is enforced while decoding yet: a
+        reply without a call comes back as text. Constrained decoding (llguidance, as response_format uses)
+        could enforce them: a grammar of the parser's format, `<tool_call>` + JSON of that tool's
+        `parameters` schema + `</tool_call>`, from the first token."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        tools = self.tools
+        if isinstance(self.tool_choice, NamedToolChoice):
+            tools = [t for t in tools if t.function.name == self.tool_choice.function.name]
+        return [t.model_dump(exclude_none=True) for t in tools]
 
 
 class CompletionRequest(_GenerationRequest):
@@ -163,11 +302,15 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def now() -> int:
     return int(time.time())
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(BaseModel):
@@ -189,7 +332,15 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the reply is tool calls alone
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_calls(self, handler) -> dict:
+        d = handler(self)
+        if d["tool_calls"] is None:  # OpenAI leaves the key out of replies without calls
+            del d["tool_calls"]
+        return d
 
 
 class ChatChoice(BaseModel):
@@ -208,9 +359,16 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ToolCallDelta(ToolCall):
+    """A streamed tool call: each goes out whole, in one delta (OpenAI also allows it in pieces)."""
+
+    index: int  # the call's place among the reply's calls
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
