@@ -1,6 +1,9 @@
 """Where a decode step's time goes, on the GPU machine: GPU time per kernel family (eager steps under the
 torch profiler), the replay time of the captured step graph alone, and the whole step as the generator
-runs it (graph + host work + the token's copy to the host)."""
+runs it (graph + host work + the token's copy to the host). With --prefill N, first the GPU time per kernel
+family of one N-token prefill chunk (as the runner runs it: the chunk's graph, when it has one).
+
+    python3 benchmarks/profile_decode.py MODEL.gguf [--steps 32] [--prefill 512]"""
 
 from __future__ import annotations
 
@@ -14,34 +17,49 @@ import ingot
 from graph_timing import replay_us
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--steps", type=int, default=32)
-    args = ap.parse_args()
-    m = ingot.load(args.model, device="cuda", max_context=1024, progress=False)
-    b = m.backend
-    m.runner.prefill(list(range(100, 108)))
-
-    # 1. per-kernel GPU time, eager
-    b.use_graph = False
-    for t in range(4):
-        m.runner.decode(100 + t)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for t in range(args.steps):
-            m.runner.decode(200 + t)
-        torch.cuda.synchronize()
+def kernel_table(prof, runs: int, title: str, unit: str) -> None:
+    """GPU time per kernel name over `runs` repetitions of what the profiler saw, largest first."""
     per = defaultdict(lambda: [0, 0.0])
     for e in prof.key_averages():
         if e.device_type.name == "CUDA" and e.device_time_total > 0:
             per[e.key][0] += e.count
             per[e.key][1] += e.device_time_total
     total = sum(v[1] for v in per.values())
-    print(f"GPU kernel time per step: {total / args.steps:.1f} us over {sum(v[0] for v in per.values()) // args.steps} launches")
+    print(f"{title}: {total / runs:.1f} {unit} over {sum(v[0] for v in per.values()) // runs} launches")
     for name, (count, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:20]:
-        print(f"  {us / args.steps:8.1f} us/step  {count // args.steps:4d}/step  {name[:90]}")
+        print(f"  {us / runs:8.1f} {unit}  {count // runs:4d}x  {name[:90]}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=0, metavar="N", help="also profile an N-token prefill")
+    args = ap.parse_args()
+    m = ingot.load(args.model, device="cuda", max_context=max(1024, args.prefill + 64), progress=False)
+    b = m.backend
+    from torch.profiler import ProfilerActivity, profile
+
+    if args.prefill:
+        chunk = lambda first: list(range(first, first + args.prefill))  # noqa: E731 (no shared prefix)
+        m.runner.prefill(chunk(1000))  # compiles, captures
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            m.runner.prefill(chunk(5000))
+            torch.cuda.synchronize()
+        kernel_table(prof, 1, f"GPU kernel time of a {args.prefill}-token prefill", "us")
+
+    m.runner.prefill(list(range(100, 108)))
+
+    # 1. per-kernel GPU time, eager
+    b.use_graph = False
+    for t in range(4):
+        m.runner.decode(100 + t)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for t in range(args.steps):
+            m.runner.decode(200 + t)
+        torch.cuda.synchronize()
+    kernel_table(prof, args.steps, "GPU kernel time per step", "us/step")
 
     # 2. graph replay alone
     b.use_graph = True
