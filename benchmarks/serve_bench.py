@@ -9,7 +9,10 @@ no prefix cache helps), `max_tokens` answer tokens with `ignore_eos` (llama-serv
 unknown fields, and random-weight models rarely stop early), and `stream_options.include_usage` for exact
 token counts. Each stream sends its requests one after another; all streams start together. Output tok/s =
 all answer tokens ÷ wall time from the first request sent to the last response finished; TTFT = send to the
-first streamed token. The prompt length is set in words, scaled once by the token count the server reports for a warm-up request.
+first streamed token. The prompt length is set in words, scaled once by the token count the server reports for a
+warm-up request. Before each level's timed requests, `streams` concurrent warm-up requests of the same prompt
+length (16 answer tokens) let a server compile or tune for that batch shape outside the measurement, as
+llama-bench's and `ingot bench`'s warm-up runs do.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ async def run_level(url: str, streams: int, per_stream: int, prompt_words: int, 
             return [await one_request(client, url, model, prompt_text(prompt_words, seed + i * per_stream + j), max_tokens)
                     for j in range(per_stream)]
 
+        await asyncio.gather(*(one_request(client, url, model, prompt_text(prompt_words, -2 - i), 16)
+                               for i in range(streams)))
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(stream(i) for i in range(streams))) for r in rs]
         wall = time.perf_counter() - t0

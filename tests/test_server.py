@@ -29,13 +29,13 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 PROMPT = "The three primary colors are"
 
 
-def wait_healthy(url: str, seconds: float, check=lambda: True) -> None:
-    """Until GET /health answers 200; `check` runs each round (e.g. fails if the server process died)."""
+def wait_healthy(url: str, seconds: float, check=lambda: True, status: int = 200) -> None:
+    """Until GET /health answers `status`; `check` runs each round (e.g. fails if the server process died)."""
     deadline = time.monotonic() + seconds
     while True:
         check()
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=1).status_code == status:
                 return
         except httpx.TransportError:
             pass
@@ -46,7 +46,7 @@ def wait_healthy(url: str, seconds: float, check=lambda: True) -> None:
 class _Running:
     """A uvicorn server for `app` in a background thread, on a free loopback port."""
 
-    def __init__(self, app):
+    def __init__(self, app, health_status: int = 200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -55,7 +55,7 @@ class _Running:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        wait_healthy(self.url, 30)
+        wait_healthy(self.url, 30, status=health_status)
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=5).json()

@@ -253,3 +253,22 @@ def test_engine_choice(smollm2, monkeypatch):
     assert kind(max_batch=1, kv_blocks=64) is BatchEngine and kind(max_batch=4, kv_blocks=64) is BatchEngine
     monkeypatch.setattr(smollm2.backend, "use_graph", True, raising=False)
     assert kind(max_batch=1) is SerialEngine and kind(max_batch=4, kv_blocks=64) is BatchEngine
+
+
+def test_a_dead_engine_fails_requests_and_health_rather_than_hanging(smollm2, monkeypatch):
+    from ingot.server.engine import BatchEngine
+
+    def broken(self):
+        raise RuntimeError("no device")
+
+    monkeypatch.setattr(BatchEngine, "_work", broken)
+    running = _Running(create_app(smollm2, MODEL_ID, api_key=AUTH["Authorization"][7:], max_batch=2, kv_blocks=64),
+                       health_status=503)
+    try:
+        health = httpx.get(f"{running.url}/health", timeout=5).json()
+        assert health["status"] == "error" and "RuntimeError: no device" in health["error"]
+        r = post(running, "/v1/completions", {"model": MODEL_ID, "prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert_error(r, 503, code="engine_down")
+        assert "restart the server" in r.json()["error"]["message"]
+    finally:
+        running.stop()

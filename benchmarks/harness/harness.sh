@@ -191,7 +191,8 @@ serve_one() {  # engine key gguf
   done
   if [ -n "$up" ]; then
     # shellcheck disable=SC2086
-    $PY benchmarks/serve_bench.py "http://127.0.0.1:$port" --streams $SERVE_STREAMS --engine "$1" --model "$2" \
+    # bounded: a server that stops answering must not take the rest of the call with it
+    timeout "${SERVE_TIMEOUT:-300}" $PY benchmarks/serve_bench.py "http://127.0.0.1:$port" --streams $SERVE_STREAMS --engine "$1" --model "$2" \
       --csv "$OUT/serve.csv" || log "$1 serve bench failed on $2"
   else
     log "$1 server did not come up on $2"; tail -20 "$log"

@@ -23,8 +23,8 @@ from starlette.routing import Route
 
 from ingot.errors import ContextLengthError, IngotError
 from ingot.server import tool_calls
-from ingot.server.engine import (Cancelled, Done, Engine, Failed, Job, QueueFull, ShuttingDown, Started, Text, TimedOut,
-                                 make_engine)
+from ingot.server.engine import (Cancelled, Done, Engine, EngineDown, Failed, Job, QueueFull, ShuttingDown, Started,
+                                 Text, TimedOut, make_engine)
 from ingot.server.errors import APIError, invalid_request, unsupported
 from ingot.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                    ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice,
@@ -70,6 +70,8 @@ class _API:
         self.created = now()
 
     async def health(self, request: Request) -> Response:
+        if self.engine.down:  # a supervisor's probe sees a server that cannot serve
+            return JSONResponse({"status": "error", "error": self.engine.down}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.model_id, "busy": self.engine.busy,
                              "running": self.engine.running, "queued": self.engine.queued})
 
@@ -153,7 +155,7 @@ class _API:
         except QueueFull:
             raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
-        except (IngotError, ShuttingDown) as e:
+        except (IngotError, ShuttingDown, EngineDown) as e:
             raise _error_of(e) from None
         # Until the answer starts, a client that leaves cancels its job here; once a stream runs,
         # StreamingResponse notices the disconnect itself and the stream's cleanup cancels the job.
@@ -306,6 +308,8 @@ def _error_of(e: Exception) -> APIError:
         return APIError(504, str(e), type="timeout_error", code="request_timeout")
     if isinstance(e, (Cancelled, ShuttingDown)):
         return APIError(503, str(e), type="server_error", code="cancelled")
+    if isinstance(e, EngineDown):
+        return APIError(503, str(e), type="server_error", code="engine_down")
     if isinstance(e, IngotError):  # e.g. a chat template that refuses the conversation
         return APIError(400, str(e))
     return APIError(500, f"the server failed on this request: {type(e).__name__}: {e}", type="server_error")

@@ -54,6 +54,10 @@ class ShuttingDown(Exception):
     """The server stopped before the job's turn came."""
 
 
+class EngineDown(Exception):
+    """The engine's worker thread died; no request can run until the server restarts."""
+
+
 @dataclass
 class Started:
     prompt_tokens: int
@@ -122,6 +126,7 @@ class Engine:
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()  # makes submit's look at the queue length and its put one step
         self._closing = threading.Event()
+        self.down: str | None = None  # why the worker died, once it has
         self._thread = threading.Thread(target=self._run_worker, name="ingot-engine", daemon=True)
 
     def _start(self) -> None:
@@ -161,6 +166,8 @@ class Engine:
         job = Job(ids, max_tokens, sampling, asyncio.get_running_loop(), arrived,
                   arrived + self.request_timeout)
         with self._lock:
+            if self.down:
+                raise EngineDown(self.down)
             if self._closing.is_set():
                 raise ShuttingDown("the server is shutting down")
             if self.queued >= self.max_queue:
@@ -176,17 +183,29 @@ class Engine:
         self._thread.join(timeout=30)
 
     def _run_worker(self) -> None:
-        if self.model.device.type == "cuda" and self.model.device.index is not None:
-            # A new thread's current CUDA device is device 0; Triton launches follow the current device.
-            torch.cuda.set_device(self.model.device.index)
-        self._work()
+        ending: Exception = ShuttingDown("the server is shutting down")
+        try:
+            if self.model.device.type == "cuda" and self.model.device.index is not None:
+                # A new thread's current CUDA device is device 0; Triton launches follow the current device.
+                torch.cuda.set_device(self.model.device.index)
+            self._work()
+        except Exception as e:  # the steps catch their own failures: this is the engine itself breaking
+            log.exception("the engine's worker died")
+            with self._lock:
+                self.down = f"the inference engine failed ({type(e).__name__}: {e}); restart the server"
+            ending = EngineDown(self.down)
+            self._fail_running(ending)
         while True:  # whatever arrived meanwhile
             try:
                 job = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job.send(Failed(ShuttingDown("the server is shutting down")))
+                job.send(Failed(ending))
+
+    def _fail_running(self, error: Exception) -> None:
+        """Tell the clients of the jobs the worker held when it died."""
+        raise NotImplementedError
 
     def _work(self) -> None:
         raise NotImplementedError
@@ -215,6 +234,10 @@ class SerialEngine(Engine):
                 job.send(Failed(e))
             finally:
                 self._current = None
+
+    def _fail_running(self, error: Exception) -> None:
+        if (job := self._current) is not None:
+            job.send(Failed(error))
 
     def _run(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -335,8 +358,11 @@ class BatchEngine(Engine):
                     except Exception as e:
                         log.exception("request failed")
                         self._end(seq, Failed(e))
-        for seq in list(sched.running) + list(sched.waiting):
-            self._end(seq, Failed(Cancelled("the server is shutting down")))
+        self._fail_running(Cancelled("the server is shutting down"))
+
+    def _fail_running(self, error: Exception) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._end(seq, Failed(error))
 
     def _take_new(self, wait: bool) -> None:
         """Move submitted jobs into the scheduler; with wait, sleep until one comes (or close)."""
