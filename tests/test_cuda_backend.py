@@ -143,3 +143,27 @@ def test_split_k_decode_matches_full_forward(tmp_path):
     m.runner.prefill(ids[:11])
     for i in range(11, 14):
         assert _rel(m.runner.decode(ids[i]), full[i]) < 5e-3
+
+
+@pytest.mark.parametrize("staging", [7, 64, 1000])
+def test_staged_upload_puts_every_tensor_at_its_offset(staging, kernel_device):
+    """Tensors larger than a staging buffer, several in one, and gaps between them (the arena's alignment)."""
+    from ingot.backends.cuda.weights import _Staging
+
+    gen = torch.Generator().manual_seed(0)
+    sizes, gaps = [5, 130, 1, 64, 300, 2], [0, 3, 60, 0, 1, 200]
+    srcs = [torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8) for n in sizes]
+    offsets, at = [], 0
+    for n, gap in zip(sizes, gaps):
+        at += gap
+        offsets.append(at)
+        at += n
+    dst = torch.zeros(at, dtype=torch.uint8, device=kernel_device)
+    stage = _Staging(dst, staging)
+    for off, src in zip(offsets, srcs):
+        stage.put(off, src)
+    stage.flush()
+    if kernel_device == "cuda":
+        torch.cuda.synchronize()
+    for off, src in zip(offsets, srcs):
+        assert torch.equal(dst[off : off + src.numel()].cpu(), src)

@@ -168,7 +168,7 @@ def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progre
             post_ffn_norm=norm(p + "post_ffw_norm.weight"),
         ))
     bar.close()
-    return _to_arena(w, torch.device(device), reserve or {})
+    return _to_arena(w, torch.device(device), reserve or {}, progress)
 
 
 def _tensors(w: ModelWeights):
@@ -182,8 +182,54 @@ def _tensors(w: ModelWeights):
                 yield owner, attr, value
 
 
-def _to_arena(w: ModelWeights, device: torch.device, reserve: dict[str, int]) -> ModelWeights:
+STAGING_BYTES = 64 << 20  # each of the two pinned buffers a load streams the weights through
+
+
+class _Staging:
+    """Host-to-device copies into a flat device tensor through two pinned buffers, pinned once: the host fills
+    one buffer while the other's transfer runs. Pinning each tensor instead (pin_memory per tensor) costs a
+    page-locking allocation as large as the tensor, slower than the copy itself. Consecutive small tensors
+    share one buffer fill and one transfer (the alignment padding between them goes along)."""
+
+    def __init__(self, dst: torch.Tensor, nbytes: int | None = None):
+        self.dst = dst
+        self.cuda = dst.device.type == "cuda"
+        size = max(1, min(nbytes or STAGING_BYTES, dst.numel()))
+        self.bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self.done = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
+        self.i, self.base, self.end = 0, 0, 0  # this buffer holds dst[base : base + end]
+
+    def put(self, offset: int, src: torch.Tensor) -> None:
+        """Copy src (flat uint8) to dst[offset:]; offsets must not decrease from one call to the next."""
+        cap, at = self.bufs[0].numel(), 0
+        while at < src.numel():
+            if self.end == 0:
+                self.base = offset + at
+            room = cap - (offset + at - self.base)
+            if room <= 0:
+                self.flush()
+                continue
+            n = min(room, src.numel() - at)
+            lo = offset + at - self.base
+            self.bufs[self.i][lo : lo + n].copy_(src[at : at + n])
+            self.end, at = lo + n, at + n
+
+    def flush(self) -> None:
+        if self.end:
+            self.dst[self.base : self.base + self.end].copy_(self.bufs[self.i][: self.end], non_blocking=self.cuda)
+            if self.cuda:
+                self.done[self.i].record()
+            self.i ^= 1
+            if self.cuda:
+                self.done[self.i].synchronize()  # the transfer that last read the next buffer has finished
+        self.end = 0
+
+
+def _to_arena(w: ModelWeights, device: torch.device, reserve: dict[str, int], progress: bool | None = None
+              ) -> ModelWeights:
     """Copy every tensor into one device allocation, 256-byte aligned, through pinned staging."""
+    from ingot.progress import byte_bar
+
     align = 256
     items = list(_tensors(w))
     sizes = [-(-v.numel() * v.element_size() // align) * align for _, _, v in items]
@@ -191,15 +237,16 @@ def _to_arena(w: ModelWeights, device: torch.device, reserve: dict[str, int]) ->
     if device.type == "cuda":
         check_fits({"weights": total, **reserve}, torch.cuda.mem_get_info(device)[0], device)
     arena = torch.empty(total, dtype=torch.uint8, device=device)
+    staging = _Staging(arena)
     at = 0
-    for (owner, attr, value), size in zip(items, sizes):
-        nbytes = value.numel() * value.element_size()
-        src = value.contiguous().view(torch.uint8).reshape(-1)
-        if device.type == "cuda":
-            src = src.pin_memory()
-        arena[at : at + nbytes].copy_(src, non_blocking=device.type == "cuda")
-        setattr(owner, attr, arena[at : at + nbytes].view(value.dtype).view(value.shape))
-        at += size
+    with byte_bar(total, f"copying to {device.type}", progress) as bar:
+        for (owner, attr, value), size in zip(items, sizes):
+            nbytes = value.numel() * value.element_size()
+            staging.put(at, value.contiguous().view(torch.uint8).reshape(-1))
+            setattr(owner, attr, arena[at : at + nbytes].view(value.dtype).view(value.shape))
+            at += size
+            bar.update(size)
+        staging.flush()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     w.arena_bytes = total
