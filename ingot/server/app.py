@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -19,9 +20,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ingot.errors import ContextLengthError, IngotError
-from ingot.server.engine import (Cancelled, Done, Engine, Failed, Job, QueueFull, ShuttingDown, Started, Text, TimedOut,
-                                 make_engine)
+from ingot.engine.logits import TokenLogprob
+from ingot.server.engine import (BadOption, Cancelled, Decoding, Done, Engine, Failed, Job, QueueFull, ShuttingDown,
+                                 Started, Text, TimedOut, make_engine)
 from ingot.server.errors import APIError, invalid_request, unsupported
+from ingot.server.logprobs import LogprobFormat
 from ingot.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                    ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice,
                                    CompletionRequest, Delta, ModelCard, ModelList, Usage, new_id, now)
@@ -116,11 +119,16 @@ class _API:
         self._check_model(req.model)
         return req
 
+    def _prepare(self, inputs: dict, max_tokens: int | None, decoding: Decoding) -> tuple[list[int], int]:
+        self.engine.check(decoding)
+        return self.engine.prepare(inputs, max_tokens)
+
     async def _generate(self, request: Request, req, inputs: dict, chat: bool) -> Response:
+        decoding = Decoding(**req.decoding())
         try:
             # off the event loop: a long prompt takes a while to template and tokenize
-            ids, max_tokens = await asyncio.to_thread(self.engine.prepare, inputs, req.token_limit)
-            job = self.engine.submit(ids, max_tokens, req.sampling())
+            ids, max_tokens = await asyncio.to_thread(self._prepare, inputs, req.token_limit, decoding)
+            job = self.engine.submit(ids, max_tokens, req.sampling(), decoding)
         except QueueFull:
             raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
@@ -134,18 +142,17 @@ class _API:
             if isinstance(first, Failed):
                 raise _error_of(first.error)
             assert isinstance(first, Started)
+            logprobs = None if decoding.logprobs is None else LogprobFormat(self.engine.vocabulary())
             if req.stream:
                 watch.cancel()
                 events = _chat_chunks if chat else _completion_chunks
-                return StreamingResponse(_sse(job, events(job, self.model_id, req.include_usage)),
+                return StreamingResponse(_sse(job, events(job, self.model_id, req.include_usage, logprobs)),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            pieces = []
-            while not isinstance(event := await job.events.get(), (Done, Failed)):
-                pieces.append(event.text)
-            if isinstance(event, Failed):
-                raise _error_of(event.error)
-            return JSONResponse(_whole(chat, self.model_id, "".join(pieces), event).model_dump())
+            choices = [_Choice() for _ in range(decoding.n)]
+            async for event in _events(job):
+                choices[event.index].add(event)
+            return JSONResponse(_whole(chat, self.model_id, choices, logprobs).model_dump())
         finally:
             watch.cancel()
 
@@ -168,32 +175,52 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     job.cancelled.set()
 
 
-def _usage(done: Done) -> Usage:
-    return Usage.of(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
+def _usage(dones: list[Done]) -> Usage:
+    """The prompt once (the first choice's view of the prefix cache), the choices' tokens summed."""
+    first = dones[0]
+    return Usage.of(first.prompt_tokens, sum(d.completion_tokens for d in dones), first.cached_tokens)
 
 
-def _whole(chat: bool, model_id: str, text: str, done: Done):
+@dataclass
+class _Choice:
+    """One choice of a whole (not streamed) response, as its events come."""
+
+    pieces: list[str] = field(default_factory=list)
+    scored: list[TokenLogprob] = field(default_factory=list)
+    done: Done | None = None
+
+    def add(self, event: Text | Done) -> None:
+        if isinstance(event, Done):
+            self.done = event
+        else:
+            self.pieces.append(event.text)
+            self.scored += event.logprobs or []
+
+
+def _whole(chat: bool, model_id: str, choices: list[_Choice], logprobs: LogprobFormat | None):
+    usage = _usage([c.done for c in choices])
     if chat:
-        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=model_id, usage=_usage(done),
-                              choices=[ChatChoice(message=AssistantMessage(content=text),
-                                                  finish_reason=done.finish_reason)])
-    return Completion(id=new_id("cmpl"), created=now(), model=model_id, usage=_usage(done),
-                      choices=[CompletionChoice(text=text, finish_reason=done.finish_reason)])
+        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=model_id, usage=usage, choices=[
+            ChatChoice(index=i, message=AssistantMessage(content="".join(c.pieces)), finish_reason=c.done.finish_reason,
+                       logprobs=logprobs and logprobs.chat(c.scored)) for i, c in enumerate(choices)])
+    return Completion(id=new_id("cmpl"), created=now(), model=model_id, usage=usage, choices=[
+        CompletionChoice(index=i, text="".join(c.pieces), finish_reason=c.done.finish_reason,
+                         logprobs=logprobs and logprobs.completion(c.scored)) for i, c in enumerate(choices)])
 
 
 # -- streaming ------------------------------------------------------------------------------------------
 async def _events(job: Job):
-    """The job's Text events, then its Done; a Failed one raises."""
-    while True:
+    """The job's Text and Done events until every choice is done; a Failed one raises."""
+    left = job.decoding.n
+    while left:
         event = await job.events.get()
         if isinstance(event, Failed):
             raise _error_of(event.error)
         yield event
-        if isinstance(event, Done):
-            return
+        left -= isinstance(event, Done)
 
 
-async def _chat_chunks(job: Job, model_id: str, include_usage: bool):
+async def _chat_chunks(job: Job, model_id: str, include_usage: bool, logprobs: LogprobFormat | None):
     def chunk(**kw) -> dict:
         d = ChatCompletionChunk(id=rid, created=created, model=model_id, **kw).model_dump()
         for choice in d["choices"]:  # OpenAI's deltas carry only what they set
@@ -202,32 +229,37 @@ async def _chat_chunks(job: Job, model_id: str, include_usage: bool):
             del d["usage"]
         return d
 
-    rid, created = new_id("chatcmpl"), now()
-    yield chunk(choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))])
+    rid, created, dones = new_id("chatcmpl"), now(), []
+    for i in range(job.decoding.n):
+        yield chunk(choices=[ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
     async for event in _events(job):
         if isinstance(event, Text):
-            yield chunk(choices=[ChatChunkChoice(delta=Delta(content=event.text))])
+            yield chunk(choices=[ChatChunkChoice(index=event.index, delta=Delta(content=event.text),
+                                                 logprobs=logprobs and logprobs.chat(event.logprobs))])
         else:
-            yield chunk(choices=[ChatChunkChoice(delta=Delta(), finish_reason=event.finish_reason)])
-            if include_usage:
-                yield chunk(choices=[], usage=_usage(event))
+            dones.append(event)
+            yield chunk(choices=[ChatChunkChoice(index=event.index, delta=Delta(), finish_reason=event.finish_reason)])
+    if include_usage:
+        yield chunk(choices=[], usage=_usage(dones))
 
 
-async def _completion_chunks(job: Job, model_id: str, include_usage: bool):
+async def _completion_chunks(job: Job, model_id: str, include_usage: bool, logprobs: LogprobFormat | None):
     def chunk(**kw) -> dict:
         d = Completion(id=rid, created=created, model=model_id, **kw).model_dump()
         if not include_usage:
             del d["usage"]
         return d
 
-    rid, created = new_id("cmpl"), now()
+    rid, created, dones = new_id("cmpl"), now(), []
     async for event in _events(job):
         if isinstance(event, Text):
-            yield chunk(choices=[CompletionChoice(text=event.text)])
+            yield chunk(choices=[CompletionChoice(index=event.index, text=event.text,
+                                                  logprobs=logprobs and logprobs.completion(event.logprobs))])
         else:
-            yield chunk(choices=[CompletionChoice(text="", finish_reason=event.finish_reason)])
-            if include_usage:
-                yield chunk(choices=[], usage=_usage(event))
+            dones.append(event)
+            yield chunk(choices=[CompletionChoice(index=event.index, text="", finish_reason=event.finish_reason)])
+    if include_usage:
+        yield chunk(choices=[], usage=_usage(dones))
 
 
 async def _sse(job: Job, chunks):
@@ -253,6 +285,8 @@ def _error_of(e: Exception) -> APIError:
     """The API error for what the worker raised."""
     if isinstance(e, ContextLengthError):
         return APIError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, BadOption):
+        return APIError(400, str(e), param=e.param, code="invalid_value")
     if isinstance(e, TimedOut):
         return APIError(504, str(e), type="timeout_error", code="request_timeout")
     if isinstance(e, (Cancelled, ShuttingDown)):

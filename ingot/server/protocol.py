@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 DEFAULT_MAX_TOKENS_CAP = 4096  # without max_tokens, a reply may use the rest of the context, at most this
 
@@ -28,6 +28,7 @@ class StreamOptions(_Request):
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # OpenAI's range
 TokenCount = Annotated[int, Field(ge=1)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]  # OpenAI's range
 
 
 class _GenerationRequest(_Request):
@@ -48,8 +49,15 @@ class _GenerationRequest(_Request):
     frequency_penalty: Penalty | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1)] | None = None
-    logit_bias: dict[str, float] | None = None
+    n: Annotated[int, Field(ge=1)] | None = None  # at most the engine's batch, which it checks
+    logit_bias: dict[str, Bias] | None = None  # token id (as a string, JSON's keys are) -> bias
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias):
+        if bias and (bad := [k for k in bias if not k.isascii() or not k.isdigit()]):
+            raise ValueError(f"the keys are token ids, and {bad[0]!r} is not one")
+        return bias
 
     @property
     def token_limit(self) -> int | None:
@@ -67,12 +75,17 @@ class _GenerationRequest(_Request):
                     seed=None if self.seed is None else self.seed % 2**31,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
 
+    def decoding(self) -> dict:
+        """Keyword arguments for the engine's Decoding."""
+        return dict(n=self.n or 1, logprobs=self.logprob_alternatives(),
+                    logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()} or None)
+
+    def logprob_alternatives(self) -> int | None:
+        """How many alternatives to report with each token's logprob; None: no logprobs."""
+        raise NotImplementedError
+
     def unsupported_field(self) -> str | None:
         """The first field asking for something this server cannot do yet, or None."""
-        if self.n is not None and self.n != 1:
-            return "n"
-        if self.logit_bias:
-            return "logit_bias"
         return None
 
 
@@ -104,18 +117,24 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None  # the deprecated form of tools
     function_call: Any = None
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top, info: ValidationInfo):
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
+
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported_field(self) -> str | None:
-        if self.logprobs:
-            return "logprobs"
-        if self.top_logprobs:
-            return "top_logprobs"
         if self.response_format is not None and self.response_format.get("type") != "text":
             return "response_format"
         for name in ("tools", "functions"):
@@ -136,14 +155,15 @@ class ChatCompletionRequest(_GenerationRequest):
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    logprobs: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # the legacy form: how many alternatives
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
 
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
+
     def unsupported_field(self) -> str | None:
-        if self.logprobs:
-            return "logprobs"
         if self.echo:
             return "echo"
         if self.suffix:
@@ -187,6 +207,29 @@ class Usage(BaseModel):
                    total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # UTF-8: a token may hold part of a character, which `token` then shows escaped
+
+
+class TokenLogprobs(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobs]
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy shape: lists in parallel, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]  # the most likely tokens and the chosen one
+    text_offset: list[int]  # where each token's text starts in the choice's text
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -195,7 +238,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -216,7 +259,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -232,7 +275,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
