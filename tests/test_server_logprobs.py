@@ -191,3 +191,37 @@ def test_n_beyond_the_batch_is_refused(server):
     err = assert_error(post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "hi", "n": 5}), 400, param="n")
     assert "--max-batch" in err["message"]
     assert_error(post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "hi", "n": 0}), 400, param="n")
+
+
+# -- logit_bias ---------------------------------------------------------------------------------------------
+def test_a_bias_of_100_forces_a_token(server, smollm2):
+    forced = smollm2.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    r = post(server, "/v1/completions", {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 3, "temperature": 0.7,
+                                         "seed": 1, "logit_bias": {str(forced): 100}, "logprobs": 0})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == smollm2.tokenizer.decode([forced] * 3)
+    prompt_ids = smollm2.prompt_ids(PROMPT)
+    ref = reference_logprobs(smollm2, prompt_ids, [forced] * 3)
+    # the logprobs are the model's own, not the biased ones: the forced token is unlikely
+    assert torch.allclose(torch.tensor(choice["logprobs"]["token_logprobs"]), ref[:, forced], atol=TOL)
+    assert all(lp < -1 for lp in choice["logprobs"]["token_logprobs"])
+
+
+def test_a_bias_of_minus_100_forbids_a_token(server, smollm2):
+    prompt_ids = smollm2.prompt_ids(PROMPT)
+    greedy = smollm2.generate_ids(prompt_ids, max_tokens=1)[0]
+    body = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 1, "temperature": 0, "logprobs": 1}
+    r = post(server, "/v1/completions", {**body, "logit_bias": {str(greedy): -100, "0": 1.5}})
+    (token,) = r.json()["choices"][0]["logprobs"]["tokens"]
+    row = reference_logprobs(smollm2, prompt_ids, [greedy])[0]
+    runner_up = int(row.topk(2).indices[1])
+    if float(row[0]) + 1.5 > float(row[runner_up]):  # the +1.5 on token 0 would then win instead
+        runner_up = 0
+    assert token == token_text(smollm2, runner_up) != token_text(smollm2, greedy)
+
+
+@pytest.mark.parametrize("bias", [{"x": 1}, {"-1": 1}, {"1": 101}, {"1": -100.5}, {"1": "5"}, {"49152": 1}, [1]])
+def test_bad_logit_bias_is_refused(server, bias):
+    err = assert_error(post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "hi", "max_tokens": 1,
+                                                        "logit_bias": bias}), 400)
+    assert err["param"].startswith("logit_bias")  # or the key at fault: logit_bias.1
