@@ -246,7 +246,6 @@ def test_bad_requests(server, path, body, status, param, code):
 
 
 @pytest.mark.parametrize("path,extra,field", [
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [

@@ -225,3 +225,120 @@ def test_bad_logit_bias_is_refused(server, bias):
     err = assert_error(post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "hi", "max_tokens": 1,
                                                         "logit_bias": bias}), 400)
     assert err["param"].startswith("logit_bias")  # or the key at fault: logit_bias.1
+
+
+# -- response_format: JSON enforced by llguidance, on a tiny model with random weights (whose text is garbage
+# that the grammar must still shape into JSON) and SmolLM2's vocabulary ------------------------------------------
+@pytest.fixture(scope="module")
+def random_server(smollm2, tmp_path_factory):
+    import ingot
+    from tests.tiny_models import make_hf_model, save_hf
+
+    folder = tmp_path_factory.mktemp("random-llama")
+    save_hf(make_hf_model("llama", vocab_size=smollm2.tokenizer.vocab_size), folder)
+    (folder / "tokenizer.json").write_text(smollm2.tokenizer.to_dict()["tokenizer_json"])
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                              "chat_template": smollm2.tokenizer.chat_template}))
+    running = _Running(create_app(ingot.load(folder, device="cpu", max_context=512), "random", max_batch=8,
+                                  kv_blocks=256))
+    yield running
+    running.stop()
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pet", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "pet": {"enum": ["cat", "dog", "fish"]},
+                         "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}}}
+
+
+def conforms(value, schema: dict) -> bool:
+    """The part of JSON Schema that PERSON uses."""
+    if "enum" in schema:
+        return value in schema["enum"]
+    kind = schema["type"]
+    if kind == "object":
+        props = schema["properties"]
+        return (isinstance(value, dict) and set(schema["required"]) <= set(value) and set(value) <= set(props)
+                and all(conforms(v, props[k]) for k, v in value.items()))
+    if kind == "array":
+        return (isinstance(value, list) and len(value) <= schema["maxItems"]
+                and all(conforms(v, schema["items"]) for v in value))
+    if kind == "string":
+        return isinstance(value, str) and len(value) <= schema["maxLength"]
+    if kind == "integer":
+        return type(value) is int and schema["minimum"] <= value <= schema["maximum"]
+    return kind == "boolean" and isinstance(value, bool)
+
+
+def random_chat(server, **body) -> list[dict]:
+    r = post(server, "/v1/chat/completions", {"model": "random", "messages": [{"role": "user", "content": "Hi"}],
+                                              **body}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"]
+
+
+def test_without_a_format_the_random_model_writes_no_json(random_server):
+    for choice in random_chat(random_server, max_tokens=24, temperature=1.0, seed=0, n=4):
+        with pytest.raises(ValueError):
+            json.loads(choice["message"]["content"])
+
+
+def test_json_schema_output_validates(random_server):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    choices = random_chat(random_server, max_tokens=160, temperature=1.0, seed=0, n=4, response_format=fmt)
+    for choice in choices:
+        assert choice["finish_reason"] == "stop", choice
+        value = json.loads(choice["message"]["content"])
+        assert conforms(value, PERSON), value
+    assert len({c["message"]["content"] for c in choices}) == 4
+
+
+def test_json_schema_streamed_greedy(random_server):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    body = {"model": "random", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 160, "temperature": 0,
+            "response_format": fmt}
+    r = post(random_server, "/v1/chat/completions", {**body, "stream": True}, timeout=120)
+    chunks = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert conforms(json.loads(text), PERSON) and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_json_object_output_parses(random_server):
+    """Free-form strings may run to the token limit; every choice that ended is a JSON object."""
+    choices = random_chat(random_server, max_tokens=64, temperature=1.5, seed=0, n=8,
+                          response_format={"type": "json_object"})
+    ended = [json.loads(c["message"]["content"]) for c in choices if c["finish_reason"] == "stop"]
+    assert ended and all(isinstance(v, dict) for v in ended)
+    assert any(ended), "one holds a key"
+    assert all(c["message"]["content"].startswith("{") for c in choices)
+
+
+@pytest.mark.parametrize("fmt", [
+    {"type": "xml"},
+    {"type": "json_schema"},
+    {"type": "json_schema", "json_schema": {"schema": PERSON}},  # no name
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}},
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}},
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(("}}},
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": 3,
+                                                                     "maxProperties": 1}}},
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}},
+])
+def test_bad_response_formats_are_refused(random_server, fmt):
+    r = post(random_server, "/v1/chat/completions", {"model": "random", "messages": CHAT, "max_tokens": 4,
+                                                     "response_format": fmt})
+    err = assert_error(r, 400)
+    assert err["param"].startswith("response_format"), err
+    assert random_server.health()["status"] == "ok"
+
+
+def test_the_serial_engine_refuses_a_response_format():
+    running = _Running(create_app(SlowModel(0.0), "slow"))
+    try:
+        err = assert_error(post(running, "/v1/chat/completions", {"model": "slow", "messages": CHAT, "max_tokens": 1,
+                                                                  "response_format": {"type": "json_object"}}),
+                           400, param="response_format")
+        assert "--max-batch" in err["message"]
+    finally:
+        running.stop()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ingot.engine.block_manager import BLOCK_SIZE, BlockManager
-from ingot.engine.constraint import ll_tokenizer
+from ingot.engine.constraint import Constraint, GrammarError, check_grammar, ll_tokenizer
 from ingot.engine.generator import TextStream
 from ingot.engine.logits import LogitBias, TokenLogprob, TokenPicker
 from ingot.engine.runner import DEFAULT_PREFILL_CHUNK
@@ -75,6 +75,7 @@ class Decoding:
     n: int = 1  # independent choices, each its own sequence
     logprobs: int | None = None  # alternatives reported with each token's logprob; None: no logprobs
     logit_bias: dict[int, float] | None = None
+    grammar: str | None = None  # llguidance's, from the response format's JSON schema
 
     def first_option(self) -> str | None:
         """The first field that asks for more than one plain choice, or None."""
@@ -84,6 +85,8 @@ class Decoding:
             return "logprobs"
         if self.logit_bias:
             return "logit_bias"
+        if self.grammar is not None:
+            return "response_format"
         return None
 
 
@@ -306,15 +309,15 @@ class SerialEngine(Engine):
 class _Live:
     """What the batch engine keeps for one running choice of a job besides its Sequence."""
 
-    def __init__(self, job: Job, index: int, tokenizer):
+    def __init__(self, job: Job, index: int, tokenizer, vocabulary):
         sampling = dict(job.sampling)
         stop = sampling.pop("stop", None)
         if sampling.get("seed") is not None:  # the choices of a seeded request differ, and each reproduces
             sampling["seed"] = (sampling["seed"] + index) % 2**31
         d = job.decoding
         self.job, self.index = job, index
-        self.picker = TokenPicker(Sampler(SamplingParams(**sampling)),
-                                  LogitBias(d.logit_bias) if d.logit_bias else None, logprobs=d.logprobs)
+        self.picker = TokenPicker(Sampler(SamplingParams(**sampling)), LogitBias(d.logit_bias) if d.logit_bias else None,
+                                  Constraint(d.grammar, vocabulary) if d.grammar is not None else None, d.logprobs)
         self.text = TextStream(tokenizer, [stop] if isinstance(stop, str) else stop)
         self.generated = 0
         self.scored: list[TokenLogprob] = []  # logprobs of the tokens whose text is not sent yet
@@ -367,6 +370,11 @@ class BatchEngine(Engine):
         vocab = self.model.spec.vocab_size
         if bad := [t for t in decoding.logit_bias or () if not 0 <= t < vocab]:
             raise BadOption("logit_bias", f"logit_bias has token id {bad[0]}, outside the vocabulary of {vocab}")
+        if decoding.grammar is not None:
+            try:
+                check_grammar(decoding.grammar, self.vocabulary())
+            except GrammarError as e:
+                raise BadOption("response_format", f"response_format's schema cannot be enforced: {e}") from None
         if decoding.logprobs is not None:
             self.vocabulary()  # built now, off the event loop, before a response needs it
 
@@ -419,7 +427,8 @@ class BatchEngine(Engine):
             if job is None:
                 return
             try:
-                lives = [_Live(job, i, self._tokenizer) for i in range(job.decoding.n)]
+                vocabulary = None if job.decoding.grammar is None else self.vocabulary()
+                lives = [_Live(job, i, self._tokenizer, vocabulary) for i in range(job.decoding.n)]
             except Exception as e:  # sampling the schema let through but the sampler refuses
                 job.send(Failed(e))
                 continue
@@ -456,7 +465,11 @@ class BatchEngine(Engine):
             scored.offset = live.text.length
             live.scored.append(scored)
         self._send_text(live, live.text.push(token))
+        constraint = live.picker.constraint
         if live.text.stopped:  # the logprobs of the stop string's tokens go with its text, unsent
+            self._end(seq, self._done(seq, "stop"))
+        elif constraint is not None and constraint.stopped:  # the grammar's text is complete: nothing may follow
+            self._send_text(live, live.text.flush(), last=True)
             self._end(seq, self._done(seq, "stop"))
         elif live.generated >= job.max_tokens or len(seq.tokens) >= self.model.max_context:
             self._send_text(live, live.text.flush(), last=True)

@@ -12,7 +12,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from ingot.engine.constraint import json_grammar
 
 DEFAULT_MAX_TOKENS_CAP = 4096  # without max_tokens, a reply may use the rest of the context, at most this
 
@@ -114,11 +116,36 @@ class ChatMessage(_Request):
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
 
+class JsonSchemaFormat(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # none: any JSON object
+    strict: bool | None = None  # enforced either way: the grammar admits only text the schema accepts
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("the json_schema type needs a json_schema: {name, schema}")
+        return self
+
+    def grammar(self) -> str | None:
+        """llguidance's grammar for the format; None for plain text."""
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.type == "json_schema" else None
+        return json_grammar({"type": "object"} if schema is None else schema)
+
+
 class ChatCompletionRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None  # the deprecated form of tools
@@ -134,9 +161,10 @@ class ChatCompletionRequest(_GenerationRequest):
     def logprob_alternatives(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def decoding(self) -> dict:
+        return {**super().decoding(), "grammar": self.response_format and self.response_format.grammar()}
+
     def unsupported_field(self) -> str | None:
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            return "response_format"
         for name in ("tools", "functions"):
             if getattr(self, name):
                 return name
