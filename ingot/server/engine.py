@@ -78,7 +78,7 @@ class Decoding:
     grammar: str | None = None  # llguidance's, from the response format's JSON schema
 
     def first_option(self) -> str | None:
-        """The first field that asks for more than one plain choice, or None."""
+        """The name of the first option set beyond one plainly sampled choice, or None."""
         if self.n != 1:
             return "n"
         if self.logprobs is not None:
@@ -429,7 +429,7 @@ class BatchEngine(Engine):
             try:
                 vocabulary = None if job.decoding.grammar is None else self.vocabulary()
                 lives = [_Live(job, i, self._tokenizer, vocabulary) for i in range(job.decoding.n)]
-            except Exception as e:  # sampling the schema let through but the sampler refuses
+            except Exception as e:  # what the checks let through but the sampler or the grammar refuses
                 job.send(Failed(e))
                 continue
             seqs = [Sequence(list(job.ids), len(job.ids), owner=live) for live in lives]
@@ -480,12 +480,13 @@ class BatchEngine(Engine):
         also carries those of tokens that made no text."""
         if not piece and not (last and live.scored):
             return
-        t, m = time.monotonic(), self.metrics
-        if live.last_text is None:
-            m.time_to_first_token.observe(t - live.job.arrived)
-        else:
-            m.inter_token_latency.observe(t - live.last_text)
-        live.last_text = t
+        if piece:  # the latencies are those of text
+            t, m = time.monotonic(), self.metrics
+            if live.last_text is None:
+                m.time_to_first_token.observe(t - live.job.arrived)
+            else:
+                m.inter_token_latency.observe(t - live.last_text)
+            live.last_text = t
         scored = None
         if live.picker.logprobs is not None:
             scored, live.scored = live.scored, []

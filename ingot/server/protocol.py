@@ -2,8 +2,13 @@
 
 Requests are validated strictly (a string where a number belongs is an error, not a guess), unknown fields
 are ignored as OpenAI does, and fields this server knows but does not implement yet are refused by
-`unsupported_field()` rather than silently dropped: a client asking for logprobs or tools must learn it
-got none.
+`unsupported_field()` rather than silently dropped: a client asking for tools must learn it got none.
+
+Besides sampling, requests take what the engine's Decoding carries: `n` choices, `logprobs` (chat's
+`logprobs` + `top_logprobs` 0..20, the legacy completions' `logprobs` 0..5), `logit_bias` (token id ->
+-100..100), and on chat `response_format` `json_object` or `json_schema`, enforced while decoding. The
+engine checks what depends on the model (n against its batch, token ids against the vocabulary, a schema
+against llguidance); the one-at-a-time engine refuses them all by name.
 """
 
 from __future__ import annotations
