@@ -316,8 +316,9 @@ class _Live:
             sampling["seed"] = (sampling["seed"] + index) % 2**31
         d = job.decoding
         self.job, self.index = job, index
-        self.picker = TokenPicker(Sampler(SamplingParams(**sampling)), LogitBias(d.logit_bias) if d.logit_bias else None,
-                                  Constraint(d.grammar, vocabulary) if d.grammar is not None else None, d.logprobs)
+        bias = LogitBias(d.logit_bias) if d.logit_bias else None
+        constraint = Constraint(d.grammar, vocabulary) if d.grammar is not None else None
+        self.picker = TokenPicker(Sampler(SamplingParams(**sampling)), bias, constraint, d.logprobs)
         self.text = TextStream(tokenizer, [stop] if isinstance(stop, str) else stop)
         self.generated = 0
         self.scored: list[TokenLogprob] = []  # logprobs of the tokens whose text is not sent yet
