@@ -294,6 +294,14 @@ def test_json_schema_output_validates(random_server):
     assert len({c["message"]["content"] for c in choices}) == 4
 
 
+def test_json_schema_on_text_completions(random_server):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    r = post(random_server, "/v1/completions", {"model": "random", "prompt": "Hi", "max_tokens": 160, "seed": 3,
+                                                "n": 2, "response_format": fmt}, timeout=120)
+    for choice in r.json()["choices"]:
+        assert choice["finish_reason"] == "stop" and conforms(json.loads(choice["text"]), PERSON), choice
+
+
 def test_json_schema_streamed_greedy(random_server):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     body = {"model": "random", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 160, "temperature": 0,

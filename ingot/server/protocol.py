@@ -6,7 +6,7 @@ are ignored as OpenAI does, and fields this server knows but does not implement 
 
 Besides sampling, requests take what the engine's Decoding carries: `n` choices, `logprobs` (chat's
 `logprobs` + `top_logprobs` 0..20, the legacy completions' `logprobs` 0..5), `logit_bias` (token id ->
--100..100), and on chat `response_format` `json_object` or `json_schema`, enforced while decoding. The
+-100..100), and `response_format` `json_object` or `json_schema`, enforced while decoding. The
 engine checks what depends on the model (n against its batch, token ids against the vocabulary, a schema
 against llguidance); the one-at-a-time engine refuses them all by name.
 """
@@ -38,6 +38,31 @@ TokenCount = Annotated[int, Field(ge=1)]
 Bias = Annotated[float, Field(ge=-100.0, le=100.0)]  # OpenAI's range
 
 
+class JsonSchemaFormat(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # none: any JSON object
+    strict: bool | None = None  # enforced either way: the grammar admits only text the schema accepts
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("the json_schema type needs a json_schema: {name, schema}")
+        return self
+
+    def grammar(self) -> str | None:
+        """llguidance's grammar for the format; None for plain text."""
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.type == "json_schema" else None
+        return json_grammar({"type": "object"} if schema is None else schema)
+
+
 class _GenerationRequest(_Request):
     """What chat and text completions share: the model, the token budget, sampling and streaming."""
 
@@ -58,6 +83,7 @@ class _GenerationRequest(_Request):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1)] | None = None  # at most the engine's batch, which it checks
     logit_bias: dict[str, Bias] | None = None  # token id (as a string, JSON's keys are) -> bias
+    response_format: ResponseFormat | None = None  # OpenAI's is chat's; vLLM's completions take it too
 
     @field_validator("logit_bias")
     @classmethod
@@ -85,7 +111,8 @@ class _GenerationRequest(_Request):
     def decoding(self) -> dict:
         """Keyword arguments for the engine's Decoding."""
         return dict(n=self.n or 1, logprobs=self.logprob_alternatives(),
-                    logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()} or None)
+                    logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()} or None,
+                    grammar=self.response_format and self.response_format.grammar())
 
     def logprob_alternatives(self) -> int | None:
         """How many alternatives to report with each token's logprob; None: no logprobs."""
@@ -121,36 +148,10 @@ class ChatMessage(_Request):
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
 
-class JsonSchemaFormat(_Request):
-    name: Annotated[str, Field(min_length=1, max_length=64)]
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # none: any JSON object
-    strict: bool | None = None  # enforced either way: the grammar admits only text the schema accepts
-
-
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self):
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("the json_schema type needs a json_schema: {name, schema}")
-        return self
-
-    def grammar(self) -> str | None:
-        """llguidance's grammar for the format; None for plain text."""
-        if self.type == "text":
-            return None
-        schema = self.json_schema.schema_ if self.type == "json_schema" else None
-        return json_grammar({"type": "object"} if schema is None else schema)
-
-
 class ChatCompletionRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None  # the deprecated form of tools
@@ -165,9 +166,6 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def logprob_alternatives(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def decoding(self) -> dict:
-        return {**super().decoding(), "grammar": self.response_format and self.response_format.grammar()}
 
     def unsupported_field(self) -> str | None:
         for name in ("tools", "functions"):
