@@ -246,17 +246,10 @@ def test_bad_requests(server, path, body, status, param, code):
 
 
 @pytest.mark.parametrize("path,extra,field", [
-    ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
-    ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),
-    ("/v1/chat/completions", {"n": 2}, "n"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),  # deprecated for tools
     ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
-    ("/v1/chat/completions", {"logit_bias": {"42": 5}}, "logit_bias"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "messages[0].content"),
-    ("/v1/completions", {"logprobs": 2}, "logprobs"),
-    ("/v1/completions", {"n": 3}, "n"),
     ("/v1/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"suffix": "end"}, "suffix"),
     ("/v1/completions", {"best_of": 2}, "best_of"),

@@ -156,13 +156,15 @@ def test_waiting_requests_over_the_queue_limit_get_429(smollm2):
         running.stop()
 
 
-# -- fuzz: random batches of random requests, some abandoned mid-stream, on a cache small enough that
-# sequences get preempted and cached blocks evicted ------------------------------------------------------------
+# -- fuzz: random batches of random requests (some of several choices), some abandoned mid-stream, on a cache
+# small enough that sequences get preempted and cached blocks evicted ----------------------------------------------
 _request = st.fixed_dictionaries(
     {"prompt": st.text(max_size=60) | st.sampled_from(PROMPTS), "max_tokens": st.integers(1, 3)},
     optional={"temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "top_k": st.integers(0, 50),
               "min_p": st.floats(0, 1), "seed": st.integers(-2**40, 2**40), "presence_penalty": st.floats(-2, 2),
               "stop": st.lists(st.text(max_size=3), max_size=3), "stream": st.booleans(),
+              "n": st.integers(1, 2), "logprobs": st.integers(0, 5),
+              "logit_bias": st.dictionaries(st.integers(0, 49151).map(str), st.floats(-100, 100), max_size=3),
               "abandon": st.booleans()})
 
 
@@ -193,8 +195,9 @@ def _fuzz_request(server, body, out):
     out.append(r.status_code)
     if r.status_code == 200 and not body.get("stream"):
         c = r.json()
-        assert c["usage"]["completion_tokens"] <= body["max_tokens"]
-        assert c["choices"][0]["finish_reason"] in ("stop", "length")
+        assert len(c["choices"]) == body.get("n", 1)
+        assert c["usage"]["completion_tokens"] <= body["max_tokens"] * body.get("n", 1)
+        assert all(choice["finish_reason"] in ("stop", "length") for choice in c["choices"])
     elif r.status_code != 200:
         assert_error(r, 400)
 

@@ -108,9 +108,12 @@ class TextStream:
         self.decoder = tokenizer.stream_decoder()
         self.pending = ""
         self.stopped = False
+        self.length = 0  # characters decoded so far, shown or held back
 
     def push(self, token: int) -> str:
-        self.pending += self.decoder.push(token)
+        piece = self.decoder.push(token)
+        self.length += len(piece)
+        self.pending += piece
         hit = _first_stop(self.pending, self.stop)
         if hit >= 0:
             self.stopped = True

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import hmac
 import json
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -22,10 +23,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ingot.errors import ContextLengthError, IngotError
+from ingot.engine.logits import TokenLogprob
 from ingot.server import tool_calls
-from ingot.server.engine import (Cancelled, Done, Engine, EngineDown, Failed, Job, QueueFull, ShuttingDown, Started,
-                                 Text, TimedOut, make_engine)
+from ingot.server.engine import (BadOption, Cancelled, Decoding, Done, Engine, EngineDown, Failed, Job, QueueFull,
+                                 ShuttingDown, Started, Text, TimedOut, make_engine)
 from ingot.server.errors import APIError, invalid_request, unsupported
+from ingot.server.logprobs import LogprobFormat
 from ingot.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                    ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice,
                                    CompletionRequest, Delta, FunctionCall, ModelCard, ModelList, ToolCall,
@@ -146,12 +149,18 @@ class _API:
         self._check_model(req.model)
         return req
 
-    async def _generate(self, request: Request, req, inputs: dict, chat: bool, new_reader=None) -> Response:
-        """new_reader: makes the tool_calls reader of a chat reply."""
+    def _prepare(self, inputs: dict, max_tokens: int | None, decoding: Decoding) -> tuple[list[int], int]:
+        self.engine.check(decoding)
+        return self.engine.prepare(inputs, max_tokens)
+
+    async def _generate(self, request: Request, req, inputs: dict, chat: bool,
+                        new_reader=tool_calls.PlainReply) -> Response:
+        """new_reader: makes the tool_calls reader of one chat reply (one per choice)."""
+        decoding = Decoding(**req.decoding())
         try:
             # off the event loop: a long prompt takes a while to template and tokenize
-            ids, max_tokens = await asyncio.to_thread(self.engine.prepare, inputs, req.token_limit)
-            job = self.engine.submit(ids, max_tokens, req.sampling())
+            ids, max_tokens = await asyncio.to_thread(self._prepare, inputs, req.token_limit, decoding)
+            job = self.engine.submit(ids, max_tokens, req.sampling(), decoding)
         except QueueFull:
             raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
@@ -165,19 +174,18 @@ class _API:
             if isinstance(first, Failed):
                 raise _error_of(first.error)
             assert isinstance(first, Started)
+            logprobs = None if decoding.logprobs is None else LogprobFormat(self.engine.vocabulary())
             if req.stream:
                 watch.cancel()
-                chunks = (_chat_chunks(job, self.model_id, req.include_usage, new_reader()) if chat
-                          else _completion_chunks(job, self.model_id, req.include_usage))
+                chunks = (_chat_chunks(job, self.model_id, req.include_usage, logprobs, new_reader) if chat
+                          else _completion_chunks(job, self.model_id, req.include_usage, logprobs))
                 return StreamingResponse(_sse(job, chunks),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            pieces = []
-            while not isinstance(event := await job.events.get(), (Done, Failed)):
-                pieces.append(event.text)
-            if isinstance(event, Failed):
-                raise _error_of(event.error)
-            return JSONResponse(_whole(chat, self.model_id, "".join(pieces), event, new_reader).model_dump())
+            choices = [_Choice() for _ in range(decoding.n)]
+            async for event in _events(job):
+                choices[event.index].add(event)
+            return JSONResponse(_whole(chat, self.model_id, choices, logprobs, new_reader).model_dump())
         finally:
             watch.cancel()
 
@@ -200,8 +208,10 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     job.cancelled.set()
 
 
-def _usage(done: Done) -> Usage:
-    return Usage.of(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
+def _usage(dones: list[Done]) -> Usage:
+    """The prompt once (the first choice's view of the prefix cache), the choices' tokens summed."""
+    first = dones[0]
+    return Usage.of(first.prompt_tokens, sum(d.completion_tokens for d in dones), first.cached_tokens)
 
 
 def _tool_call(call: tool_calls.Call, cls=ToolCall, **extra) -> ToolCall:
@@ -214,31 +224,54 @@ def _finish_reason(done: Done, called: bool) -> str:
     return "tool_calls" if called else done.finish_reason
 
 
-def _whole(chat: bool, model_id: str, text: str, done: Done, new_reader=None):
-    """The whole reply; a chat one read by a new tool_calls reader."""
+@dataclass
+class _Choice:
+    """One choice of a whole (not streamed) response, as its events come."""
+
+    pieces: list[str] = field(default_factory=list)
+    scored: list[TokenLogprob] = field(default_factory=list)
+    done: Done | None = None
+
+    def add(self, event: Text | Done) -> None:
+        if isinstance(event, Done):
+            self.done = event
+        else:
+            self.pieces.append(event.text)
+            self.scored += event.logprobs or []
+
+
+def _whole(chat: bool, model_id: str, choices: list[_Choice], logprobs: LogprobFormat | None,
+           new_reader=tool_calls.PlainReply):
+    """The whole reply; each chat choice read by a new tool_calls reader."""
+    usage = _usage([c.done for c in choices])
     if chat:
-        content, calls = tool_calls.split(new_reader(), text)
-        message = AssistantMessage(content=(content or None) if calls else content,
-                                   tool_calls=[_tool_call(c) for c in calls] or None)
-        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=model_id, usage=_usage(done),
-                              choices=[ChatChoice(message=message, finish_reason=_finish_reason(done, bool(calls)))])
-    return Completion(id=new_id("cmpl"), created=now(), model=model_id, usage=_usage(done),
-                      choices=[CompletionChoice(text=text, finish_reason=done.finish_reason)])
+        out = []
+        for i, c in enumerate(choices):
+            content, calls = tool_calls.split(new_reader(), "".join(c.pieces))
+            message = AssistantMessage(content=(content or None) if calls else content,
+                                       tool_calls=[_tool_call(call) for call in calls] or None)
+            out.append(ChatChoice(index=i, message=message, finish_reason=_finish_reason(c.done, bool(calls)),
+                                  logprobs=logprobs and logprobs.chat(c.scored)))
+        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=model_id, usage=usage, choices=out)
+    return Completion(id=new_id("cmpl"), created=now(), model=model_id, usage=usage, choices=[
+        CompletionChoice(index=i, text="".join(c.pieces), finish_reason=c.done.finish_reason,
+                         logprobs=logprobs and logprobs.completion(c.scored)) for i, c in enumerate(choices)])
 
 
 # -- streaming ------------------------------------------------------------------------------------------
 async def _events(job: Job):
-    """The job's Text events, then its Done; a Failed one raises."""
-    while True:
+    """The job's Text and Done events until every choice is done; a Failed one raises."""
+    left = job.decoding.n
+    while left:
         event = await job.events.get()
         if isinstance(event, Failed):
             raise _error_of(event.error)
         yield event
-        if isinstance(event, Done):
-            return
+        left -= isinstance(event, Done)
 
 
-async def _chat_chunks(job: Job, model_id: str, include_usage: bool, reader):
+async def _chat_chunks(job: Job, model_id: str, include_usage: bool, logprobs: LogprobFormat | None,
+                       new_reader=tool_calls.PlainReply):
     def chunk(**kw) -> dict:
         d = ChatCompletionChunk(id=rid, created=created, model=model_id, **kw).model_dump()
         for choice in d["choices"]:  # OpenAI's deltas carry only what they set
@@ -247,38 +280,53 @@ async def _chat_chunks(job: Job, model_id: str, include_usage: bool, reader):
             del d["usage"]
         return d
 
-    rid, created = new_id("chatcmpl"), now()
-    yield chunk(choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))])
-    calls = 0
+    rid, created, dones = new_id("chatcmpl"), now(), []
+    n = job.decoding.n
+    readers = [new_reader() for _ in range(n)]
+    calls = [0] * n
+    # Logprobs of tokens whose text a reader holds back (a tool call may be starting) go out with the next
+    # content the choice sends; a tool call has none (as OpenAI's).
+    held: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    for i in range(n):
+        yield chunk(choices=[ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
     async for event in _events(job):
-        for item in reader.push(event.text) if isinstance(event, Text) else reader.finish():
+        i = event.index
+        if isinstance(event, Text):
+            held[i] += event.logprobs or []
+        for item in readers[i].push(event.text) if isinstance(event, Text) else readers[i].finish():
             if isinstance(item, str):
-                yield chunk(choices=[ChatChunkChoice(delta=Delta(content=item))])
+                yield chunk(choices=[ChatChunkChoice(index=i, delta=Delta(content=item),
+                                                     logprobs=logprobs and logprobs.chat(held[i]))])
             else:
-                call = _tool_call(item, ToolCallDelta, index=calls)
-                yield chunk(choices=[ChatChunkChoice(delta=Delta(tool_calls=[call]))])
-                calls += 1
+                call = _tool_call(item, ToolCallDelta, index=calls[i])
+                yield chunk(choices=[ChatChunkChoice(index=i, delta=Delta(tool_calls=[call]))])
+                calls[i] += 1
+            held[i] = []
         if isinstance(event, Done):
-            yield chunk(choices=[ChatChunkChoice(delta=Delta(), finish_reason=_finish_reason(event, calls > 0))])
-            if include_usage:
-                yield chunk(choices=[], usage=_usage(event))
+            dones.append(event)
+            yield chunk(choices=[ChatChunkChoice(index=i, delta=Delta(),
+                                                 finish_reason=_finish_reason(event, calls[i] > 0))])
+    if include_usage:
+        yield chunk(choices=[], usage=_usage(dones))
 
 
-async def _completion_chunks(job: Job, model_id: str, include_usage: bool):
+async def _completion_chunks(job: Job, model_id: str, include_usage: bool, logprobs: LogprobFormat | None):
     def chunk(**kw) -> dict:
         d = Completion(id=rid, created=created, model=model_id, **kw).model_dump()
         if not include_usage:
             del d["usage"]
         return d
 
-    rid, created = new_id("cmpl"), now()
+    rid, created, dones = new_id("cmpl"), now(), []
     async for event in _events(job):
         if isinstance(event, Text):
-            yield chunk(choices=[CompletionChoice(text=event.text)])
+            yield chunk(choices=[CompletionChoice(index=event.index, text=event.text,
+                                                  logprobs=logprobs and logprobs.completion(event.logprobs))])
         else:
-            yield chunk(choices=[CompletionChoice(text="", finish_reason=event.finish_reason)])
-            if include_usage:
-                yield chunk(choices=[], usage=_usage(event))
+            dones.append(event)
+            yield chunk(choices=[CompletionChoice(index=event.index, text="", finish_reason=event.finish_reason)])
+    if include_usage:
+        yield chunk(choices=[], usage=_usage(dones))
 
 
 async def _sse(job: Job, chunks):
@@ -304,6 +352,8 @@ def _error_of(e: Exception) -> APIError:
     """The API error for what the worker raised."""
     if isinstance(e, ContextLengthError):
         return APIError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, BadOption):
+        return APIError(400, str(e), param=e.param, code="invalid_value")
     if isinstance(e, TimedOut):
         return APIError(504, str(e), type="timeout_error", code="request_timeout")
     if isinstance(e, (Cancelled, ShuttingDown)):

@@ -10,7 +10,11 @@ and its deadline are checked between steps.
 BatchEngine (backends with forward_paged) runs continuous batching over a paged KV cache: requests join
 the running batch between steps and leave it, freeing their blocks, the step they finish or are cancelled.
 SerialEngine (backends without paged steps, and --max-batch 1 on CUDA, whose decode graphs make the
-fastest single stream) runs one request at a time through Model.stream_ids.
+fastest single stream) runs one request at a time through Model.stream_ids, so it takes none of the
+options of Decoding that need the logits (logprobs, logit_bias, a response format) nor n > 1.
+
+A request with n choices runs as n sequences. The first is admitted alone; the others join once its prompt
+is computed, so they find the prompt's full blocks in the prefix cache instead of prefilling it again.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ingot.engine.block_manager import BLOCK_SIZE, BlockManager
+from ingot.engine.constraint import Constraint, GrammarError, check_grammar, ll_tokenizer
 from ingot.engine.generator import TextStream
+from ingot.engine.logits import LogitBias, TokenLogprob, TokenPicker
 from ingot.engine.runner import DEFAULT_PREFILL_CHUNK
 from ingot.engine.sampler import Sampler, SamplingParams
 from ingot.engine.scheduler import Scheduler, Sequence
@@ -58,6 +64,36 @@ class EngineDown(Exception):
     """The engine's worker thread died; no request can run until the server restarts."""
 
 
+class BadOption(IngotError):
+    """A request option this engine or model cannot take; `param` names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What a request asks of its tokens besides sampling."""
+
+    n: int = 1  # independent choices, each its own sequence
+    logprobs: int | None = None  # alternatives reported with each token's logprob; None: no logprobs
+    logit_bias: dict[int, float] | None = None
+    grammar: str | None = None  # llguidance's, from the response format's JSON schema
+
+    def first_option(self) -> str | None:
+        """The name of the first option set beyond one plainly sampled choice, or None."""
+        if self.n != 1:
+            return "n"
+        if self.logprobs is not None:
+            return "logprobs"
+        if self.logit_bias:
+            return "logit_bias"
+        if self.grammar is not None:
+            return "response_format"
+        return None
+
+
 @dataclass
 class Started:
     prompt_tokens: int
@@ -66,6 +102,8 @@ class Started:
 @dataclass
 class Text:
     text: str
+    index: int = 0  # which of the request's choices
+    logprobs: list[TokenLogprob] | None = None  # of the tokens the text came from, where asked for
 
 
 @dataclass
@@ -74,6 +112,7 @@ class Done:
     completion_tokens: int
     finish_reason: str
     cached_tokens: int | None = None  # prompt tokens whose keys came from the prefix cache, where known
+    index: int = 0  # which of the request's choices ended
 
 
 @dataclass
@@ -83,16 +122,19 @@ class Failed:
 
 @dataclass
 class Job:
-    """One request: its prompt's token ids, its token limit and sampling."""
+    """One request: its prompt's token ids, its token limit, sampling and decoding options. Each of its
+    choices ends with its own Done (or Failed)."""
 
     ids: list[int]
     max_tokens: int
     sampling: dict
+    decoding: Decoding
     loop: asyncio.AbstractEventLoop
     arrived: float  # time.monotonic() when it was submitted
     deadline: float  # time.monotonic() past which the job stops
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    started: bool = False  # the worker sent Started (once, for all choices)
 
     def send(self, event) -> None:
         try:
@@ -160,10 +202,15 @@ class Engine:
                                      f"{n + max_tokens} is more than the context of {context}")
         return ids, max_tokens
 
-    def submit(self, ids: list[int], max_tokens: int, sampling: dict) -> Job:
-        """Queue a prepared job (call from the event loop); QueueFull if --max-queue jobs already wait."""
+    def check(self, decoding: Decoding) -> None:
+        """BadOption if this engine cannot decode as asked."""
+        raise NotImplementedError
+
+    def submit(self, ids: list[int], max_tokens: int, sampling: dict, decoding: Decoding = Decoding()) -> Job:
+        """Queue a prepared, checked job (call from the event loop); QueueFull if --max-queue jobs already
+        wait."""
         arrived = time.monotonic()
-        job = Job(ids, max_tokens, sampling, asyncio.get_running_loop(), arrived,
+        job = Job(ids, max_tokens, sampling, decoding, asyncio.get_running_loop(), arrived,
                   arrived + self.request_timeout)
         with self._lock:
             if self.down:
@@ -223,6 +270,12 @@ class SerialEngine(Engine):
     def running(self) -> int:
         return int(self._current is not None)
 
+    def check(self, decoding: Decoding) -> None:
+        if option := decoding.first_option():
+            raise BadOption(option, f"'{option}' needs the batching engine, and this server runs one request at a "
+                                    "time through the model's own decode loop (--max-batch 1 on CUDA, or a backend "
+                                    "without paged steps): serve with --max-batch 2 or more for it")
+
     def _work(self) -> None:
         while not self._closing.is_set() and (job := self._inbox.get()) is not None:
             self._current = job
@@ -277,16 +330,23 @@ class SerialEngine(Engine):
 
 
 class _Live:
-    """What the batch engine keeps for a running job besides its Sequence."""
+    """What the batch engine keeps for one running choice of a job besides its Sequence."""
 
-    def __init__(self, job: Job, tokenizer):
+    def __init__(self, job: Job, index: int, tokenizer, vocabulary):
         sampling = dict(job.sampling)
         stop = sampling.pop("stop", None)
-        self.job = job
-        self.sampler = Sampler(SamplingParams(**sampling))
+        if sampling.get("seed") is not None:  # the choices of a seeded request differ, and each reproduces
+            sampling["seed"] = (sampling["seed"] + index) % 2**31
+        d = job.decoding
+        self.job, self.index = job, index
+        bias = LogitBias(d.logit_bias) if d.logit_bias else None
+        constraint = Constraint(d.grammar, vocabulary) if d.grammar is not None else None
+        self.picker = TokenPicker(Sampler(SamplingParams(**sampling)), bias, constraint, d.logprobs)
         self.text = TextStream(tokenizer, [stop] if isinstance(stop, str) else stop)
         self.generated = 0
+        self.scored: list[TokenLogprob] = []  # logprobs of the tokens whose text is not sent yet
         self.last_text: float | None = None  # time.monotonic() of the last Text sent
+        self.siblings: list[Sequence] = []  # the job's other choices, which join when this one's prompt is done
 
 
 class BatchEngine(Engine):
@@ -326,6 +386,25 @@ class BatchEngine(Engine):
     @property
     def running(self) -> int:
         return len(self.scheduler.running)
+
+    def check(self, decoding: Decoding) -> None:
+        if decoding.n > self.scheduler.max_batch:
+            raise BadOption("n", f"n is {decoding.n}, more choices than the batch holds: this server runs at most "
+                                 f"{self.scheduler.max_batch} sequences at once (--max-batch)")
+        vocab = self.model.spec.vocab_size
+        if bad := [t for t in decoding.logit_bias or () if not 0 <= t < vocab]:
+            raise BadOption("logit_bias", f"logit_bias has token id {bad[0]}, outside the vocabulary of {vocab}")
+        if decoding.grammar is not None:
+            try:
+                check_grammar(decoding.grammar, self.vocabulary())
+            except GrammarError as e:
+                raise BadOption("response_format", f"response_format's schema cannot be enforced: {e}") from None
+        if decoding.logprobs is not None:
+            self.vocabulary()  # built now, off the event loop, before a response needs it
+
+    def vocabulary(self):
+        """llguidance's tokenizer of the model: the bytes of each token."""
+        return ll_tokenizer(self._tokenizer, self.model.spec.vocab_size)
 
     def _work(self) -> None:
         sched = self.scheduler
@@ -375,11 +454,14 @@ class BatchEngine(Engine):
             if job is None:
                 return
             try:
-                live = _Live(job, self._tokenizer)
-            except Exception as e:  # sampling the schema let through but the sampler refuses
+                vocabulary = None if job.decoding.grammar is None else self.vocabulary()
+                lives = [_Live(job, i, self._tokenizer, vocabulary) for i in range(job.decoding.n)]
+            except Exception as e:  # what the checks let through but the sampler or the grammar refuses
                 job.send(Failed(e))
                 continue
-            self.scheduler.add(Sequence(list(job.ids), len(job.ids), owner=live))
+            seqs = [Sequence(list(job.ids), len(job.ids), owner=live) for live in lives]
+            lives[0].siblings = seqs[1:]
+            self.scheduler.add(seqs[0])
 
     def _drop_stopped(self) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
@@ -392,35 +474,53 @@ class BatchEngine(Engine):
 
     def _next_token(self, seq: Sequence, logits: torch.Tensor) -> None:
         live, job = seq.owner, seq.owner.job
-        if live.generated == 0:
+        if not job.started:
+            job.started = True
             job.send(Started(seq.n_prompt))
-        token = live.sampler(logits, seq.tokens)
+        if live.siblings:  # the prompt is computed: the other choices come next, ahead of other requests
+            for sibling in reversed(live.siblings):
+                self.scheduler.add(sibling, first=True)
+            live.siblings = []
+        token, scored = live.picker(logits, seq.tokens)
         if token in self._stop_ids:
-            self._send_text(live, live.text.flush())
+            self._send_text(live, live.text.flush(), last=True)
             self._end(seq, self._done(seq, "stop"))
             return
         seq.tokens.append(token)
         live.generated += 1
+        if scored is not None:
+            scored.offset = live.text.length
+            live.scored.append(scored)
         self._send_text(live, live.text.push(token))
-        if live.text.stopped:
+        constraint = live.picker.constraint
+        if live.text.stopped:  # the logprobs of the stop string's tokens go with its text, unsent
+            self._end(seq, self._done(seq, "stop"))
+        elif constraint is not None and constraint.stopped:  # the grammar's text is complete: nothing may follow
+            self._send_text(live, live.text.flush(), last=True)
             self._end(seq, self._done(seq, "stop"))
         elif live.generated >= job.max_tokens or len(seq.tokens) >= self.model.max_context:
-            self._send_text(live, live.text.flush())
+            self._send_text(live, live.text.flush(), last=True)
             self._end(seq, self._done(seq, "stop" if live.text.stopped else "length"))
 
-    def _send_text(self, live: _Live, piece: str) -> None:
-        if not piece:
+    def _send_text(self, live: _Live, piece: str, last: bool = False) -> None:
+        """Send a piece of text with the logprobs of the tokens it came from; the last one of a choice
+        also carries those of tokens that made no text."""
+        if not piece and not (last and live.scored):
             return
-        t, m = time.monotonic(), self.metrics
-        if live.last_text is None:
-            m.time_to_first_token.observe(t - live.job.arrived)
-        else:
-            m.inter_token_latency.observe(t - live.last_text)
-        live.last_text = t
-        live.job.send(Text(piece))
+        if piece:  # the latencies are those of text
+            t, m = time.monotonic(), self.metrics
+            if live.last_text is None:
+                m.time_to_first_token.observe(t - live.job.arrived)
+            else:
+                m.inter_token_latency.observe(t - live.last_text)
+            live.last_text = t
+        scored = None
+        if live.picker.logprobs is not None:
+            scored, live.scored = live.scored, []
+        live.job.send(Text(piece, live.index, scored))
 
     def _done(self, seq: Sequence, reason: str) -> Done:
-        return Done(seq.n_prompt, seq.owner.generated, reason, max(seq.cached_tokens, 0))
+        return Done(seq.n_prompt, seq.owner.generated, reason, max(seq.cached_tokens, 0), seq.owner.index)
 
     def _end(self, seq: Sequence, event) -> None:
         """Take seq out of the batch, free its blocks, count its tokens and tell its client."""
@@ -428,4 +528,6 @@ class BatchEngine(Engine):
         if seq.cached_tokens >= 0:  # it ran: its prompt was read
             self.metrics.prompt_tokens.inc(seq.n_prompt)
         self.metrics.generation_tokens.inc(seq.owner.generated)
+        if isinstance(event, Failed):  # the request has failed: its other choices stop too
+            seq.owner.job.cancelled.set()
         seq.owner.job.send(event)

@@ -2,7 +2,13 @@
 
 Requests are validated strictly (a string where a number belongs is an error, not a guess), unknown fields
 are ignored as OpenAI does, and fields this server knows but does not implement yet are refused by
-`unsupported_field()` rather than silently dropped: a client asking for logprobs must learn it got none.
+`unsupported_field()` rather than silently dropped: a client asking for them must learn it got none.
+
+Besides sampling, requests take what the engine's Decoding carries: `n` choices, `logprobs` (chat's
+`logprobs` + `top_logprobs` 0..20, the legacy completions' `logprobs` 0..5), `logit_bias` (token id ->
+-100..100), and `response_format` `json_object` or `json_schema`, enforced while decoding. The
+engine checks what depends on the model (n against its batch, token ids against the vocabulary, a schema
+against llguidance); the one-at-a-time engine refuses them all by name.
 
 Tools follow OpenAI's chat API: `tools` (functions with a JSON-schema `parameters`), `tool_choice`,
 `parallel_tool_calls`, assistant messages carrying `tool_calls` and `tool` messages answering them by
@@ -20,7 +26,9 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator,
-                      model_serializer)
+                      model_serializer, model_validator)
+
+from ingot.engine.constraint import json_grammar
 
 DEFAULT_MAX_TOKENS_CAP = 4096  # without max_tokens, a reply may use the rest of the context, at most this
 
@@ -36,6 +44,32 @@ class StreamOptions(_Request):
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # OpenAI's range
 TokenCount = Annotated[int, Field(ge=1)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]  # OpenAI's range
+
+
+class JsonSchemaFormat(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # none: any JSON object
+    strict: bool | None = None  # enforced either way: the grammar admits only text the schema accepts
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("the json_schema type needs a json_schema: {name, schema}")
+        return self
+
+    def grammar(self) -> str | None:
+        """llguidance's grammar for the format; None for plain text."""
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.type == "json_schema" else None
+        return json_grammar({"type": "object"} if schema is None else schema)
 
 
 class _GenerationRequest(_Request):
@@ -56,8 +90,16 @@ class _GenerationRequest(_Request):
     frequency_penalty: Penalty | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1)] | None = None
-    logit_bias: dict[str, float] | None = None
+    n: Annotated[int, Field(ge=1)] | None = None  # at most the engine's batch, which it checks
+    logit_bias: dict[str, Bias] | None = None  # token id (as a string, JSON's keys are) -> bias
+    response_format: ResponseFormat | None = None  # OpenAI's is chat's; vLLM's completions take it too
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias):
+        if bias and (bad := [k for k in bias if not k.isascii() or not k.isdigit()]):
+            raise ValueError(f"the keys are token ids, and {bad[0]!r} is not one")
+        return bias
 
     @property
     def token_limit(self) -> int | None:
@@ -75,12 +117,18 @@ class _GenerationRequest(_Request):
                     seed=None if self.seed is None else self.seed % 2**31,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
 
+    def decoding(self) -> dict:
+        """Keyword arguments for the engine's Decoding."""
+        return dict(n=self.n or 1, logprobs=self.logprob_alternatives(),
+                    logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()} or None,
+                    grammar=self.response_format and self.response_format.grammar())
+
+    def logprob_alternatives(self) -> int | None:
+        """How many alternatives to report with each token's logprob; None: no logprobs."""
+        raise NotImplementedError
+
     def unsupported_field(self) -> str | None:
         """The first field asking for something this server cannot do yet, or None."""
-        if self.n is not None and self.n != 1:
-            return "n"
-        if self.logit_bias:
-            return "logit_bias"
         return None
 
 
@@ -194,8 +242,7 @@ ToolChoice = Annotated[Annotated[Literal["none", "auto", "required"], Tag("str")
 class ChatCompletionRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -233,13 +280,17 @@ class ChatCompletionRequest(_GenerationRequest):
             raise ValueError("tool_choice 'required' needs tools")
         return choice
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top, info: ValidationInfo):
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
+
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported_field(self) -> str | None:
-        if self.logprobs:
-            return "logprobs"
-        if self.top_logprobs:
-            return "top_logprobs"
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            return "response_format"
         if self.functions:
             return "functions"
         if self.function_call not in (None, "none"):
@@ -275,14 +326,15 @@ class ChatCompletionRequest(_GenerationRequest):
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    logprobs: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # the legacy form: how many alternatives
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
 
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
+
     def unsupported_field(self) -> str | None:
-        if self.logprobs:
-            return "logprobs"
         if self.echo:
             return "echo"
         if self.suffix:
@@ -330,6 +382,29 @@ class Usage(BaseModel):
                    total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # UTF-8: a token may hold part of a character, which `token` then shows escaped
+
+
+class TokenLogprobs(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobs]
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy shape: lists in parallel, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]  # the most likely tokens and the chosen one
+    text_offset: list[int]  # where each token's text starts in the choice's text
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None  # None when the reply is tool calls alone
@@ -346,7 +421,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -374,7 +449,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -390,7 +465,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
