@@ -3,10 +3,10 @@ that the router picks for each row, x' = rms_norm(x) * ffn_norm. Everything stay
 writes expert ids and weights to device memory and every later kernel reads them there, so no step waits
 for the host (the decode step stays capturable in a CUDA graph).
 
-- Router (two kernels): the logits x' @ R^T (R small, kept f16/fp32) with the RMSNorm folded in, tiled over
+- Router (one kernel): the logits x' @ R^T (R small, kept f16/fp32) with the RMSNorm folded in, tiled over
   rows and experts so that even one row's read of R is spread over many SMs (one program per row read all of
-  R: 84 us a layer on the H200); then per row the softmax, top-k by repeated argmax, and the
-  renormalisation of the k weights (norm_topk_prob).
+  R: 84 us a layer on the H200); the last tile of a row block to finish then does the rows' softmax, top-k
+  by repeated argmax, and the renormalisation of the k weights (norm_topk_prob).
 - Decode (1..32 rows): one program per (row, choice) pair and slice of the expert's F rows computes gate and
   up for that pair's expert alone (the RMSNorm in its prologue as in gemv), writing act(g) * u; then one
   program per row and slice of the hidden size computes its k experts' down projections together and sums
@@ -89,12 +89,17 @@ def stack_gate_up(gate: PackedLinear, up: PackedLinear, n_experts: int) -> Packe
 
 
 @triton.jit
-def _router_logits_kernel(x_ptr, nw_ptr, r_ptr, out_ptr, T, K, E, stride_xm, eps,
-                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    """logits[t, e] = (rms_norm(x[t]) * nw) @ R[e] for a [BLOCK_T, BLOCK_E] tile, in fp32 FMAs (the same sums
-    as the reference, no tensor-core rounding that could flip a near-tied expert)."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+def _router_kernel(x_ptr, nw_ptr, r_ptr, logits_ptr, cnt_ptr, ids_ptr, wts_ptr, T, K, E, stride_xm, eps,
+                   TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, E_ALL: tl.constexpr):
+    """One [BLOCK_T rows, BLOCK_E experts] tile of the logits (rms_norm(x) * nw) @ R^T in fp32 FMAs (the
+    reference's sums: no tensor-core rounding that could flip a near-tied expert), stored to the workspace;
+    the row block's last tile to finish (an atomic ticket, as gemv's split-K) then takes the block's whole
+    logit rows through the softmax, the top-k by repeated argmax (the lowest id among equals) and the
+    renormalisation, and puts the counter back to 0."""
+    pid_t, pid_e = tl.program_id(0), tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     t_ok, e_ok = t < T, e < E
     acc = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
     ss = tl.zeros((BLOCK_T,), tl.float32)
@@ -110,34 +115,36 @@ def _router_logits_kernel(x_ptr, nw_ptr, r_ptr, out_ptr, T, K, E, stride_xm, eps
         acc += tl.sum(x[:, None, :] * r[None, :, :], axis=2)
     # rstd is one scalar per row: applied to the finished logits rather than to every x element.
     acc = acc / tl.sqrt(ss / K + eps)[:, None]
-    tl.store(out_ptr + t.to(tl.int64)[:, None] * E + e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
-
-
-@triton.jit
-def _router_topk_kernel(logits_ptr, ids_ptr, wts_ptr, E, TOP_K: tl.constexpr, KP: tl.constexpr,
-                        NORM_TOPK: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Softmax over one row's expert logits, top-k by repeated argmax (the lowest id among equals), and the
-    renormalisation of the k weights."""
-    t = tl.program_id(0).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    e_ok = e < E
-    logits = tl.load(logits_ptr + t * E + e, mask=e_ok, other=float("-inf"))
-    p = tl.exp(logits - tl.max(logits, axis=0))
-    p = p / tl.sum(p, axis=0)
-    p = tl.where(e_ok & (p == p), p, -1.0)  # a NaN row (never a real one) still names experts in range
-    j = tl.arange(0, KP)
-    top_w = tl.zeros((KP,), tl.float32)
-    top_i = tl.zeros((KP,), tl.int32)
-    for c in tl.static_range(TOP_K):
-        best = tl.max(p, axis=0)
-        idx = tl.minimum(tl.min(tl.where(p == best, e, BLOCK_E), axis=0), E - 1)
-        top_w = tl.where(j == c, tl.maximum(best, 0.0), top_w)
-        top_i = tl.where(j == c, idx, top_i)
-        p = tl.where(e == idx, -2.0, p)
-    if NORM_TOPK:
-        top_w = top_w / tl.maximum(tl.sum(top_w, axis=0), 1e-30)
-    tl.store(ids_ptr + t * TOP_K + j, top_i, mask=j < TOP_K)
-    tl.store(wts_ptr + t * TOP_K + j, top_w, mask=j < TOP_K)
+    rows = t.to(tl.int64)[:, None] * E
+    tl.store(logits_ptr + rows + e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
+    tl.debug_barrier()  # every thread's stores before the (one-thread) release
+    ticket = tl.atomic_add(cnt_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(1) - 1:
+        ea = tl.arange(0, E_ALL)
+        ea_ok = ea < E
+        # .cg: from L2, where the other programs' tiles are
+        logits = tl.load(logits_ptr + rows + ea[None, :], mask=t_ok[:, None] & ea_ok[None, :], other=0.0,
+                         cache_modifier=".cg")
+        logits = tl.where(ea_ok[None, :], logits, float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]
+        p = tl.where(ea_ok[None, :] & (p == p), p, -1.0)  # a NaN row (padding, never a real one) stays in range
+        j = tl.arange(0, KP)
+        top_w = tl.zeros((BLOCK_T, KP), tl.float32)
+        top_i = tl.zeros((BLOCK_T, KP), tl.int32)
+        for c in tl.static_range(TOP_K):
+            best = tl.max(p, axis=1)
+            idx = tl.minimum(tl.min(tl.where(p == best[:, None], ea[None, :], E_ALL), axis=1), E - 1)
+            top_w = tl.where(j[None, :] == c, tl.maximum(best, 0.0)[:, None], top_w)
+            top_i = tl.where(j[None, :] == c, idx[:, None], top_i)
+            p = tl.where(ea[None, :] == idx[:, None], -2.0, p)
+        if NORM_TOPK:
+            top_w = top_w / tl.maximum(tl.sum(top_w, axis=1), 1e-30)[:, None]
+        out = t.to(tl.int64)[:, None] * TOP_K + j[None, :]
+        ok = t_ok[:, None] & (j < TOP_K)[None, :]
+        tl.store(ids_ptr + out, top_i, mask=ok)
+        tl.store(wts_ptr + out, top_w, mask=ok)
+        tl.atomic_xchg(cnt_ptr + pid_t, 0)  # ready for the next call / graph replay
 
 
 def _router_tiles(t: int, e: int) -> tuple[int, int, int]:
@@ -152,26 +159,28 @@ def _router_tiles(t: int, e: int) -> tuple[int, int, int]:
 
 def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, *,
           ids: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-          logits: torch.Tensor | None = None):
-    """Expert ids (int32 [T, k]) and routing weights (fp32 [T, k]) of rows x (fp32/fp16 [T, H]); `logits`
-    (fp32 [T, E]) is the workspace of the router's logits (given by a captured step, else allocated)."""
+          logits: torch.Tensor | None = None, counters: torch.Tensor | None = None):
+    """Expert ids (int32 [T, k]) and routing weights (fp32 [T, k]) of rows x (fp32/fp16 [T, H]). `logits`
+    (fp32 [T, E]) and `counters` (int32, one per BLOCK_T rows, zero) are the router's workspace: a captured
+    step passes its own (the counters are back at zero after each call), else they are allocated."""
     t, h = x.shape
     if h != w.hidden or x.stride(1) != 1:
         raise ValueError(f"x of shape {tuple(x.shape)} (row stride 1 needed) does not match hidden {w.hidden}")
     k, e = w.top_k, w.n_experts
+    bt, be, bk = _router_tiles(t, e)
     ids = torch.empty(t, k, device=x.device, dtype=torch.int32) if ids is None else ids
     weights = torch.empty(t, k, device=x.device, dtype=torch.float32) if weights is None else weights
     logits = torch.empty(t, e, device=x.device, dtype=torch.float32) if logits is None else logits
+    counters = torch.zeros(triton.cdiv(t, bt), device=x.device, dtype=torch.int32) if counters is None else counters
     assert ids.shape == (t, k) and ids.dtype == torch.int32 and ids.is_contiguous()
     assert weights.shape == (t, k) and weights.dtype == torch.float32 and weights.is_contiguous()
     assert logits.shape == (t, e) and logits.dtype == torch.float32 and logits.is_contiguous()
+    assert counters.numel() >= triton.cdiv(t, bt) and counters.dtype == torch.int32
     if t:
-        bt, be, bk = _router_tiles(t, e)
-        _router_logits_kernel[(triton.cdiv(t, bt), triton.cdiv(e, be))](
-            x, norm_weight, w.router, logits, t, h, e, x.stride(0), float(eps),
-            BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, num_warps=4)
-        _router_topk_kernel[(t,)](logits, ids, weights, e, TOP_K=k, KP=triton.next_power_of_2(k),
-                                  NORM_TOPK=w.norm_topk, BLOCK_E=triton.next_power_of_2(e), num_warps=4)
+        _router_kernel[(triton.cdiv(t, bt), triton.cdiv(e, be))](
+            x, norm_weight, w.router, logits, counters, ids, weights, t, h, e, x.stride(0), float(eps),
+            TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk,
+            E_ALL=triton.next_power_of_2(e), num_warps=4)
     return ids, weights
 
 
@@ -270,6 +279,7 @@ class DecodeBuffers:
     weights: torch.Tensor  # fp32 [rows, k]
     ff: torch.Tensor  # fp32 [rows * k, F]: act(gate) * up of each (row, choice) pair
     logits: torch.Tensor  # fp32 [rows * E]: the router's
+    counters: torch.Tensor  # int32 [rows]: the router's tickets, zero between calls
 
     @classmethod
     def for_layers(cls, moes: list[MoEWeights], rows: int, device) -> DecodeBuffers:
@@ -279,10 +289,11 @@ class DecodeBuffers:
         return cls(torch.zeros(rows, k, device=device, dtype=torch.int32),
                    torch.zeros(rows, k, device=device, dtype=torch.float32),
                    torch.zeros(rows * k * f, device=device, dtype=torch.float32),
-                   torch.zeros(rows * e, device=device, dtype=torch.float32))
+                   torch.zeros(rows * e, device=device, dtype=torch.float32),
+                   torch.zeros(rows, device=device, dtype=torch.int32))
 
     def tensors(self):
-        return (self.ids, self.weights, self.ff, self.logits)
+        return (self.ids, self.weights, self.ff, self.logits, self.counters)
 
 
 GATE_UP_BLOCK_N = 16  # gate and up tiles in registers at once
@@ -305,7 +316,8 @@ def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps:
     ids, wts = buffers.ids[:t, :k], buffers.weights[:t, :k]
     if not (ids.is_contiguous() and wts.is_contiguous()):
         raise ValueError("decode buffers must be sized for this layer's top_k")
-    route(x, w, norm_weight, eps, ids=ids, weights=wts, logits=buffers.logits[: t * w.n_experts].view(t, -1))
+    route(x, w, norm_weight, eps, ids=ids, weights=wts, logits=buffers.logits[: t * w.n_experts].view(t, -1),
+          counters=buffers.counters)
     ff = buffers.ff[: t * k * f].view(t * k, f)
     ptrs, flags = _gemv_flags(w.gate_up)
     _expert_gate_up_kernel[(t * k, triton.cdiv(f, block_n[0]))](
