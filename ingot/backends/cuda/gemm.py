@@ -256,7 +256,9 @@ def _dot_tile(acc, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn,
     return acc
 
 
-@triton.jit
+# M varies from call to call (a server's steps mix chunks and decode rows): unspecialized, so a new row
+# count never recompiles the kernel (Triton would otherwise specialize on M == 1 and M % 16 == 0).
+@triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, res_ptr, out_ptr,
                  M, N_OUT, K, stride_xm, stride_qn, stride_sn, stride_rm, stride_om,
                  KIND: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, HAS_MINS: tl.constexpr,

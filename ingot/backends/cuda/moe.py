@@ -367,7 +367,7 @@ def group_by_expert(ids: torch.Tensor, n_experts: int, block_m: int) -> Groups:
     return Groups(pair_of_slot, tile_expert, block_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TILES"])  # follows the row count, as gemm's M
 def _grouped_gemm_kernel(x_ptr, pair_ptr, tile_expert_ptr, wts_ptr, qw_ptr, s_ptr, mn_ptr, out_ptr,
                          N_OUT, K, E, ROWS_PER_EXPERT, TILES, stride_xm, stride_qn, stride_sn, stride_om,
                          TOP_K: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,

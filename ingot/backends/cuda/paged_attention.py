@@ -21,7 +21,9 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-@triton.jit(do_not_specialize=["window"])
+# stride_tb is the widest block table of the step: it grows with the sequences, and a specialization on its
+# value (1, a multiple of 16) would recompile the kernel mid-stream, seconds of one request's latency.
+@triton.jit(do_not_specialize=["window", "stride_tb"])
 def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr,
                          stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                          stride_tb, stride_ob, stride_oh, scale_log2, window,
