@@ -320,3 +320,73 @@ def test_deprecated_functions_are_refused_by_name(qwen):
     assert_error(post(server, "/v1/chat/completions", body), 400, param="functions", code="unsupported_parameter")
     body = {"model": "scripted", "messages": ASK, "function_call": "auto"}
     assert_error(post(server, "/v1/chat/completions", body), 400, param="function_call", code="unsupported_parameter")
+
+
+# -- tools beside n and logprobs, on the batching engine ----------------------------------------------------
+class ScriptedBackend:
+    """Paged steps whose logits put the mass on the reply's next token, by position past the prompt (then
+    the end-of-sequence token), so the batching engine, its samplers and its logprobs run for real."""
+
+    def __init__(self, vocab: int, eos: int):
+        self.vocab, self.eos = vocab, eos
+        self.prompt_len, self.reply = 0, []
+
+    def new_paged_cache(self, n_blocks, block_size):
+        from ingot.engine.kv_cache import PagedKVCache
+
+        return PagedKVCache([(1, 2)], n_blocks, block_size, torch.device("cpu"), torch.float32)
+
+    def paged_block_bytes(self, block_size):
+        return 16 * block_size
+
+    def forward_paged(self, seqs, cache):
+        rows = torch.zeros(len(seqs), self.vocab)
+        for i, (tokens, start, _) in enumerate(seqs):
+            at = start + len(tokens) - self.prompt_len
+            rows[i, self.reply[at] if 0 <= at < len(self.reply) else self.eos] = 40.0  # sure even sampled
+        return rows
+
+
+class BatchedScriptedModel(ScriptedModel):
+    def __init__(self, tokenizer, arch, template):
+        super().__init__(tokenizer, arch, template)
+        self.spec = type("Spec", (), {"vocab_size": tokenizer.vocab_size})()
+        self.backend = ScriptedBackend(tokenizer.vocab_size, min(tokenizer.stop_ids))
+
+    def prompt_ids(self, prompt=None, messages=None, tools=None):
+        ids = super().prompt_ids(prompt, messages, tools)
+        self.backend.prompt_len = len(ids)
+        self.backend.reply = self.tokenizer.encode(self.reply, add_special_tokens=False)
+        return ids
+
+
+@pytest.fixture(scope="module")
+def batched(smollm2):
+    model = BatchedScriptedModel(smollm2.tokenizer, "qwen3", (TEMPLATES / "qwen3.jinja").read_text())
+    running = _Running(create_app(model, "scripted", api_key=API_KEY, max_batch=4, kv_blocks=512))
+    yield running, model
+    running.stop()
+
+
+def test_each_of_n_choices_reads_its_own_calls_with_logprobs_for_its_text(batched):
+    server, model = batched
+    model.reply = "Let me <b>check</b>.\n" + PARIS_CALL  # "<b" is held until it is clearly no "<tool_call>"
+    common = dict(messages=ASK, tools=[WEATHER], n=2, logprobs=True, top_logprobs=2)
+    whole = client_of(server).chat.completions.create(model="scripted", **common)
+    assert [c.index for c in whole.choices] == [0, 1]
+    for c in whole.choices:
+        assert c.finish_reason == "tool_calls" and c.message.content.strip() == "Let me <b>check</b>."
+        [call] = c.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+        assert c.logprobs.content and all(t.logprob > -0.1 and len(t.top_logprobs) == 2 for t in c.logprobs.content)
+    chunks = stream(client_of(server), **common)
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        content = [ch for ch in mine if ch.delta.content]
+        assert "".join(ch.delta.content for ch in content).strip() == "Let me <b>check</b>."
+        # the text's tokens' logprobs come with the content (held-back text's with the next content sent)
+        scored = [t for ch in content for t in (ch.logprobs.content if ch.logprobs else [])]
+        assert "".join(t.token for t in scored).strip() == "Let me <b>check</b>."
+        calls = [d for ch in mine for d in ch.delta.tool_calls or ()]
+        assert len(calls) == 1 and calls[0].function.name == "get_weather"
+        assert [ch.finish_reason for ch in mine if ch.finish_reason] == ["tool_calls"]
