@@ -4,7 +4,8 @@ writes expert ids and weights to device memory and every later kernel reads them
 for the host (the decode step stays capturable in a CUDA graph).
 
 - Router (one kernel, one program per row): RMSNorm, the logits x' @ R^T (R small, kept f16/fp32), softmax,
-  top-k by repeated argmax, and the renormalisation of the k weights (norm_topk_prob).
+  top-k by repeated argmax, the renormalisation of the k weights (norm_topk_prob), and Gemma 4's per-expert
+  scale of them. Gemma 4's router normalises x with its own weight (router_norm), not the experts' norm.
 - Decode (1..32 rows): one program per (row, choice) pair and slice of the expert's F rows computes gate and
   up for that pair's expert alone (the RMSNorm in its prologue as in gemv), writing act(g) * u; then one
   program per row and slice of the hidden size computes its k experts' down projections together and sums
@@ -44,6 +45,8 @@ class MoEWeights:
     down: PackedLinear  # [E * H, F]
     top_k: int
     norm_topk: bool
+    router_norm: torch.Tensor | None = None  # fp32 [H]: the router's own input norm weight (else the block's)
+    expert_scale: torch.Tensor | None = None  # fp32 [E]: each chosen expert's weight is multiplied by its entry
 
     def __post_init__(self):
         e, h = self.router.shape
@@ -87,9 +90,9 @@ def stack_gate_up(gate: PackedLinear, up: PackedLinear, n_experts: int) -> Packe
 
 
 @triton.jit
-def _router_kernel(x_ptr, nw_ptr, r_ptr, ids_ptr, wts_ptr, K, E, stride_xm, eps,
-                   TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, ids_ptr, wts_ptr, K, E, stride_xm, eps,
+                   TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr, EXPERT_SCALE: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
@@ -120,13 +123,16 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, ids_ptr, wts_ptr, K, E, stride_xm, eps,
         p = tl.where(e == idx, -1.0, p)
     if NORM_TOPK:
         top_w = top_w / tl.sum(top_w, axis=0)
+    if EXPERT_SCALE:
+        top_w = top_w * tl.load(es_ptr + top_i, mask=j < TOP_K, other=0.0)
     tl.store(ids_ptr + t * TOP_K + j, top_i, mask=j < TOP_K)
     tl.store(wts_ptr + t * TOP_K + j, top_w, mask=j < TOP_K)
 
 
 def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, *,
           ids: torch.Tensor | None = None, weights: torch.Tensor | None = None):
-    """Expert ids (int32 [T, k]) and routing weights (fp32 [T, k]) of rows x (fp32/fp16 [T, H])."""
+    """Expert ids (int32 [T, k]) and routing weights (fp32 [T, k]) of rows x (fp32/fp16 [T, H]), normed by
+    w.router_norm where the model has one, else by norm_weight."""
     t, h = x.shape
     if h != w.hidden or x.stride(1) != 1:
         raise ValueError(f"x of shape {tuple(x.shape)} (row stride 1 needed) does not match hidden {w.hidden}")
@@ -138,9 +144,12 @@ def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float,
     block_e = triton.next_power_of_2(w.n_experts)
     block_k = max(16, min(triton.next_power_of_2(h), 8192 // block_e))  # an [E, BLOCK_K] tile of ~8K values
     if t:
-        _router_kernel[(t,)](x, norm_weight, w.router, ids, weights, h, w.n_experts, x.stride(0), float(eps),
-                             TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, BLOCK_E=block_e,
-                             BLOCK_K=block_k, num_warps=4)
+        nw = w.router_norm if w.router_norm is not None else norm_weight
+        es = w.expert_scale if w.expert_scale is not None else weights
+        _router_kernel[(t,)](x, nw, w.router, es, ids, weights, h, w.n_experts, x.stride(0), float(eps),
+                             TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk,
+                             EXPERT_SCALE=w.expert_scale is not None, BLOCK_E=block_e, BLOCK_K=block_k,
+                             num_warps=4)
     return ids, weights
 
 
@@ -189,8 +198,9 @@ def _expert_gate_up_kernel(x_ptr, nw_ptr, ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr
 def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, out_ptr, N, K,
                         stride_rm, stride_om,
                         TOP_K: tl.constexpr, KP: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
-                        HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[row, n] = res[row, n] + sum over choices c of w_c * (down of expert e_c @ h[pair c])[n]. The tile
+                        HAS_MIN: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """out[row, n] = [res[row, n] +] sum over choices c of w_c * (down of expert e_c @ h[pair c])[n]. The tile
     holds all the row's experts at once (KP * BLOCK_N weight rows, choice-major), so their loads are in
     flight together rather than one expert after another; the weighted sum over choices is a fixed-order
     tree reduction (deterministic)."""
@@ -219,7 +229,8 @@ def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, 
     total = tl.sum(tl.reshape(acc, (KP, BLOCK_N)), axis=0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r64 = row.to(tl.int64)
-    total += tl.load(res_ptr + r64 * stride_rm + cols, mask=cols < N, other=0.0)
+    if HAS_RES:
+        total += tl.load(res_ptr + r64 * stride_rm + cols, mask=cols < N, other=0.0)
     tl.store(out_ptr + r64 * stride_om + cols, total, mask=cols < N)
 
 
@@ -257,15 +268,17 @@ DOWN_BLOCK_K = 128  # the tile holds k experts' rows: a shorter K step keeps it 
 
 
 def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
-                 buffers: DecodeBuffers | None = None, block_n: tuple[int, int] = (GATE_UP_BLOCK_N, DOWN_BLOCK_N)
-                 ) -> torch.Tensor:
-    """x (fp32 [T, H], T <= 32) += the MoE block of x, reading only the selected experts' weights.
+                 buffers: DecodeBuffers | None = None, block_n: tuple[int, int] = (GATE_UP_BLOCK_N, DOWN_BLOCK_N),
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (fp32 [T, H], T <= 32) += the MoE block of x, reading only the selected experts' weights; with `out`
+    (fp32 [T, H]) the block's output goes there instead and x is left as it is.
     block_n: rows per program of the gate/up and the down kernel (the interpreter tests use larger ones)."""
     t, h = x.shape
     if not 1 <= t <= MAX_DECODE_ROWS:
         raise ValueError(f"the decode MoE path takes 1..{MAX_DECODE_ROWS} rows, got {t}")
     if x.dtype != torch.float32 or x.stride(1) != 1:
         raise ValueError("x must be fp32 with contiguous rows (it is updated in place)")
+    out = _check_out(x, out)
     k, f = w.top_k, w.ffn
     buffers = buffers or DecodeBuffers.for_layers([w], t, x.device)
     ids, wts = buffers.ids[:t, :k], buffers.weights[:t, :k]
@@ -279,9 +292,18 @@ def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps:
         TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n[0], num_warps=4, **flags)
     ptrs, flags = _gemv_flags(w.down, DOWN_BLOCK_K)
     _expert_down_kernel[(t, triton.cdiv(h, block_n[1]))](
-        ff, ids, wts, *ptrs, x, x, h, f, x.stride(0), x.stride(0),
-        TOP_K=k, KP=triton.next_power_of_2(k), BLOCK_N=block_n[1], num_warps=4, **flags)
-    return x
+        ff, ids, wts, *ptrs, x, out, h, f, x.stride(0), out.stride(0),
+        TOP_K=k, KP=triton.next_power_of_2(k), HAS_RES=out is x, BLOCK_N=block_n[1], num_warps=4, **flags)
+    return out
+
+
+def _check_out(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """x itself (the block adds to it), or a separate fp32 output of x's shape."""
+    if out is None:
+        return x
+    if out.shape != x.shape or out.dtype != torch.float32 or out.stride(1) != 1:
+        raise ValueError(f"out must be fp32 {tuple(x.shape)} with contiguous rows")
+    return out
 
 
 # ---------------------------------------------------------------- prefill: grouped GEMMs over all experts
@@ -371,12 +393,15 @@ def _grouped_gemm_kernel(x_ptr, pair_ptr, tile_expert_ptr, wts_ptr, qw_ptr, s_pt
 
 @triton.jit
 def _combine_kernel(y_ptr, res_ptr, out_ptr, N, stride_rm, stride_om, TOP_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """out[row] = res[row] + sum over its TOP_K pairs of y[pair], in choice order (deterministic)."""
+                    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[row] = [res[row] +] sum over its TOP_K pairs of y[pair], in choice order (deterministic)."""
     row = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = n < N
-    acc = tl.load(res_ptr + row * stride_rm + n, mask=ok, other=0.0)
+    if HAS_RES:
+        acc = tl.load(res_ptr + row * stride_rm + n, mask=ok, other=0.0)
+    else:
+        acc = tl.zeros((BLOCK_N,), tl.float32)
     for c in tl.static_range(TOP_K):
         acc += tl.load(y_ptr + (row * TOP_K + c) * N + n, mask=ok, other=0.0)
     tl.store(out_ptr + row * stride_om + n, acc, mask=ok)
@@ -409,13 +434,15 @@ def _grouped_gemm(a, groups: Groups, w: PackedLinear, out, *, n_out: int, rows_p
 
 
 def prefill_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
-                  tiles: dict | None = None) -> torch.Tensor:
-    """x (fp32 [T, H]) += the MoE block of x, for any number of rows, by grouped GEMMs over the experts."""
+                  tiles: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (fp32 [T, H]) += the MoE block of x, for any number of rows, by grouped GEMMs over the experts (into
+    `out` instead, as in decode_block, where it is given)."""
     t, h = x.shape
     if x.dtype != torch.float32 or x.stride(1) != 1 or h != w.hidden:
         raise ValueError(f"x must be fp32 [T, {w.hidden}] with contiguous rows (it is updated in place)")
+    out = _check_out(x, out)
     if t == 0:
-        return x
+        return out
     k, f, e = w.top_k, w.ffn, w.n_experts
     ids, wts = route(x, w, norm_weight, eps)
     block_m = (tiles or {}).get("BLOCK_M", prefill_tiles(w.down.kind, w.down.group, False)["BLOCK_M"])
@@ -428,14 +455,15 @@ def prefill_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps
     _grouped_gemm(ff, groups, w.down, y, n_out=h, rows_per_expert=h, top_k=k, gather=False, act=None,
                   weights=wts, tiles=tiles)
     block_n = min(1024, triton.next_power_of_2(h))
-    _combine_kernel[(t, triton.cdiv(h, block_n))](y, x, x, h, x.stride(0), x.stride(0), TOP_K=k, BLOCK_N=block_n)
-    return x
+    _combine_kernel[(t, triton.cdiv(h, block_n))](y, x, out, h, x.stride(0), out.stride(0), TOP_K=k,
+                                                   HAS_RES=out is x, BLOCK_N=block_n)
+    return out
 
 
 def block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
-          buffers: DecodeBuffers | None = None) -> torch.Tensor:
-    """The MoE block on x in place: the selected-experts kernels for up to 32 rows (or whenever decode
-    buffers are given), the grouped GEMMs beyond."""
+          buffers: DecodeBuffers | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE block on x in place (into `out` where given): the selected-experts kernels for up to 32 rows
+    (or whenever decode buffers are given), the grouped GEMMs beyond."""
     if buffers is not None or x.shape[0] <= MAX_DECODE_ROWS:
-        return decode_block(x, w, norm_weight, eps, act, buffers)
-    return prefill_block(x, w, norm_weight, eps, act)
+        return decode_block(x, w, norm_weight, eps, act, buffers, out=out)
+    return prefill_block(x, w, norm_weight, eps, act, out=out)
