@@ -27,15 +27,17 @@ LOG2E = 1.4426950408889634
 DECODE_CONFIGS = {
     (64, True): (64, 4, 2), (128, True): (64, 4, 2), (256, True): (32, 4, 2),
     (64, False): (64, 8, 2), (128, False): (32, 4, 2), (256, False): (32, 4, 2),
-    # Gemma 4's global heads: D = 512 halves the tile again (ptxas-checked only, untimed)
+    # Gemma 4's global heads: D = 512 halves the tile again (ptxas for sm_90a: 216 registers at G = 8, 152 at G = 1,
+    # no spills; untimed)
     (512, True): (16, 4, 2), (512, False): (16, 4, 2),
 }
 # Prefill is tensor-core bound (wgmma): 128-query tiles amortise each K/V tile over many rows with 8 warps
 # (two warpgroups) and 3 stages, no spills at D=64 (4 bytes at D=128). D=256's [128, 256] fp32 accumulator
 # alone is half the register file: 16-key tiles and 2 stages keep the spill small (~100 bytes).
 #   head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)
-# D = 512 (Gemma 4's global heads): a 64-query tile keeps the accumulator at D = 256's size (ptxas-checked only).
-PREFILL_CONFIGS = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (128, 16, 8, 2), 512: (64, 16, 8, 2)}
+# D = 512 (Gemma 4's global heads): 32-query tiles over 8 warps, 214 registers and no spills for sm_90a
+# (benchmarks/kernel_regs.py-style ptxas check only; untimed).
+PREFILL_CONFIGS = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (128, 16, 8, 2), 512: (32, 16, 8, 2)}
 
 CHUNK = 128  # keys per split: a few K/V tiles, small enough that short rows still spread over many SMs
 MAX_PROGRAMS = 64  # decode programs per (row, KV head) at most: bounds the grid and the scratch
