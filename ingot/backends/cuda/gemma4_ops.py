@@ -8,9 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.backends.cuda.gemm import _act
-
-_GELU_TANH = 2  # gemm._act's id for gelu_tanh
+from ingot.backends.cuda.gemm import _ACTS, _act
 
 
 @triton.jit
@@ -68,7 +66,7 @@ def gelu_gate(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(max(n, 1)))
     if t and n:
         _gelu_gate_kernel[(t, triton.cdiv(n, block))](g, x, g.stride(0), x.stride(0), n, BLOCK=block,
-                                                       ACT=_GELU_TANH, num_warps=4)
+                                                       ACT=_ACTS["gelu_tanh"], num_warps=4)
     return g
 
 
