@@ -4,8 +4,12 @@ and kv heads, proportional rope, k_eq_v, v norm, KV sharing with double-wide MLP
 scale, final softcap) and MoE (experts beside the dense MLP, router scales), each as few layers as cover
 its features: the interpreter is slow."""
 
+import traceback
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import ingot
 from tests.test_cuda_backend import _rel
@@ -64,6 +68,39 @@ def test_paged_steps_match_reference(pair):
     out2 = backend.forward_paged([(a[4:], 4, tables[0]), (b[5:], 5, tables[1])], cache)
     for got, seq in zip(list(out) + list(out2), (a[:4], b[:5], a, b)):
         assert _rel(got, ref.runner.forward_all(seq)[-1]) < TOL
+
+
+class _NewStorage(TorchDispatchMode):
+    """Records every torch op whose output is new memory rather than a view or an out= argument (the Triton
+    interpreter's own copies aside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        new = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.untyped_storage().nbytes()
+               and o.untyped_storage().data_ptr() not in given]
+        if new and not any("triton/runtime/interpreter.py" in f.filename for f in traceback.extract_stack()):
+            self.ops.append(str(func))
+        return out
+
+
+def test_decode_step_allocates_nothing(pair):
+    """What the CUDA graph captures: one decode step (here at position 0) touches only its static buffers
+    and the cache."""
+    fast, _ = pair
+    backend, state = fast.backend, fast.backend._states[1]
+    state.set_inputs([5], [0], [0])
+    with _NewStorage() as step:
+        backend._decode_step(state, fast.runner.cache)
+    assert step.ops == []
+    with _NewStorage() as check:  # the check itself sees an allocation
+        torch.ones(3).add(1)
+    assert check.ops
+    fast.runner.tokens = []  # the cache no longer holds what the runner thinks
 
 
 def test_caches_hold_only_the_layers_that_compute_keys(pair):
