@@ -116,7 +116,8 @@ def _hf_config(key: str, layers: int | None) -> dict:
 
 def _first_gemma4_layers(cfg: dict, layers: int) -> None:
     """Gemma 4's config for its first `layers` layers: their layer types, and as KV-sharing layers those of
-    them that share in the full model (they read the same earlier layers)."""
+    them that share in the full model (they read the same earlier layers). The per-layer input tables are
+    layers * P wide, so those two tensors are not the full file's."""
     n, types = cfg["num_hidden_layers"], cfg["layer_types"][:layers]
     if types[-1] != "full_attention":  # Gemma4TextConfig makes the last layer global: it would not be layer N's
         counts = [str(i + 1) for i, t in enumerate(cfg["layer_types"]) if t == "full_attention"]
