@@ -52,12 +52,13 @@ def load(path_or_name, device=None, max_context: int | None = None, dtype=None, 
     if max_batch != 1 and backend != "cuda":
         raise IngotError(f"max_batch={max_batch}: only the CUDA backend decodes several sequences at once")
     if backend == "cuda":
-        if missing := spec.beyond_uniform():
+        from ingot.backends.cuda.backend import BATCH_BUCKETS, COVERED, CudaBackend, cache_slots
+
+        if missing := [f for f in spec.beyond_uniform() if f not in COVERED]:
             raise UnsupportedError(
                 f"{path}: the CUDA backend does not cover {spec.arch}'s {', '.join(missing)} yet; "
                 "load it with backend='reference'"
             )
-        from ingot.backends.cuda.backend import BATCH_BUCKETS, CudaBackend, cache_slots
         from ingot.backends.cuda.prefill import prefill_buffer_bytes
         from ingot.backends.cuda.weights import kv_cache_bytes
         from ingot.backends.cuda.weights import load_weights as pack_weights

@@ -64,11 +64,13 @@ def _qtypes(path) -> dict[str, str]:
 
 
 # ---- the shapes file ----------------------------------------------------------------------------------
-def test_package_shapes_equal_shared_file():
+def test_package_shapes_hold_the_shared_file():
+    """Every model of the shared shapes file, with its values; the package may add models (Gemma 4's)."""
     if not SHARED_SHAPES.is_file():
         pytest.skip("no ../shared/model-shapes.json in this checkout")
     packaged = json.loads((Path(synthetic.__file__).parent / "model_shapes.json").read_text())
-    assert packaged == json.loads(SHARED_SHAPES.read_text())
+    shared = json.loads(SHARED_SHAPES.read_text())
+    assert {k: packaged.get(k) for k in shared} == shared
     assert set(synthetic.MODEL_KEYS) <= set(synthetic.model_shapes())
 
 
@@ -233,6 +235,58 @@ def test_moe_bytes_per_token_counts_only_the_routed_experts(files):
     assert info["bytes_per_token"] == rest + experts * 8 // 128
     model.backend = SimpleNamespace(weight_bytes_per_token=12345)  # a backend's own figure wins
     assert model_bytes(model, ckpt)["bytes_per_token"] == 12345
+
+
+# ---- Gemma 4 ------------------------------------------------------------------------------------------
+GEMMA4_KEYS = {"gemma-4-e2b": "e2b", "gemma-4-e4b": "e4b", "gemma-4-26b-a4b": "26b-a4b"}
+SMALL_VOCAB = dict(vocab_size=1024, vocab_size_per_layer_input=1024)  # the tables dequantize on the CPU
+
+
+@pytest.mark.parametrize("key", GEMMA4_KEYS)
+def test_gemma4_shapes_are_the_published_configs(key):
+    """The shapes file's Gemma 4 entries describe the models tests/test_gemma4.py checks against
+    transformers' parameters (its PUBLISHED configs)."""
+    import transformers
+
+    from ingot.models import build_spec
+    from tests.test_gemma4 import PUBLISHED
+
+    published = transformers.Gemma4TextConfig(**PUBLISHED[GEMMA4_KEYS[key]]).to_dict()
+    assert build_spec("gemma4", synthetic.model_shapes()[key]) == build_spec("gemma4", json.loads(json.dumps(published)))
+
+
+# E2B's first 5 layers (per-layer inputs, a global layer with a 512-wide head) load and run; 26B-A4B's first 6
+# (global layers with values = keys, experts beside the MLP: 8 of its 128) are checked without dequantizing
+# (~600M weights on the CPU).
+@pytest.mark.parametrize("key,layers,overrides,run", [("gemma-4-e2b", 5, {}, True),
+                                                      ("gemma-4-26b-a4b", 6, {"num_experts": 8}, False)])
+def test_gemma4_synthetic_is_the_full_models_first_layers(files, key, layers, overrides, run):
+    from ingot.formats import open_checkpoint
+    from ingot.models import build_spec
+
+    path = files(key, "q4_0", layers=layers, **SMALL_VOCAB, **overrides)
+    ckpt = open_checkpoint(path)
+    spec = build_spec(ckpt.arch, ckpt.config)
+    spec.check_tensors(ckpt.tensors, str(path))
+    full = build_spec("gemma4", dict(synthetic.model_shapes()[key], **SMALL_VOCAB, **overrides))
+    assert ckpt.arch == "gemma4" and spec.layers == full.layers[:layers]
+    for field in ("hidden_size", "n_heads", "per_layer_dim", "final_softcap", "embed_scale", "vocab_size"):
+        assert getattr(spec, field) == getattr(full, field), field
+    types = _qtypes(path)
+    assert (types["token_embd.weight"], types["blk.0.ffn_down.weight"], types["rope_freqs.weight"]) == \
+        ("Q6_K", "Q4_0", "F32")
+    if full.per_layer_dim:
+        assert types["per_layer_token_embd.weight"] == "Q4_0" and types["blk.0.layer_output_scale.weight"] == "F32"
+    else:  # llama.cpp's expert names: gate and up fused, the router scales under their own names
+        assert types["blk.5.ffn_gate_up_exps.weight"] == "Q4_0" and types["blk.5.ffn_down_exps.scale"] == "F32"
+    if run:
+        logits = ingot.load(path, device="cpu", max_context=64, progress=False).logits([1, 2, 3, 4])
+        assert torch.isfinite(logits).all() and 0.05 < float(logits.std()) < full.final_softcap
+
+
+def test_gemma4_layers_must_end_on_a_global_layer(tmp_path):
+    with pytest.raises(SystemExit, match="must end on a global layer: one of 5, 10"):
+        synthetic.write_synthetic_gguf("gemma-4-e2b", "q4_0", tmp_path / "x.gguf", layers=3, progress=False)
 
 
 # ---- the command-line writer and the bench -----------------------------------------------------------

@@ -59,6 +59,7 @@ DECODE_CASES = [
     (128, 2, 1, 13, [12, 50, 77], [0, 2, 1]),
     (64, 2, 3, 0, [17, 65, 31], [3, 2, 1]),
     (128, 1, 4, 40, [90], [2]),
+    (512, 1, 8, 0, [40, 7], [1, 0]),  # Gemma 4's global heads
 ]
 
 
@@ -151,6 +152,7 @@ PREFILL_CASES = [
     (128, 2, 3, 24, 50, 46, 32, 16),
     (64, 1, 4, 0, 11, 70, None, None),  # H100 tiles
     (128, 1, 2, 30, 40, 50, None, None),
+    (512, 1, 2, 0, 9, 20, None, None),  # Gemma 4's global heads, at their H100 tiles
 ]
 
 
@@ -226,6 +228,43 @@ def test_decode_with_rope_from_qkv(kernel_device, gen, d, hkv, g, window, lens, 
     for s, n in zip(slots, lens):  # the same math in another kernel: equal up to fp16 rounding
         torch.testing.assert_close(k_a[s, :n].cpu(), k_b[s, :n].cpu(), atol=2e-3, rtol=2e-3)
         assert torch.equal(v_a[s, :n].cpu(), v_b[s, :n].cpu())
+
+
+@pytest.mark.parametrize("kv_in_row", [1, 0])
+def test_decode_with_rope_from_gemma4_rows(kernel_device, gen, kv_in_row):
+    """Gemma 4's rows: q and k only (values = the key projection, normed without a weight), or q alone (the
+    layer reads the cache of the layer it shares, where the new token's key already is, and writes nothing).
+    Equal to rope.qk_norm_rope_store then decode_attention on q."""
+    from ingot.backends.cuda.attention import DecodeRope
+    from ingot.backends.cuda.rope import qk_norm_rope_store
+
+    d, hkv, g, max_batch, max_ctx, lens, slots = 64, 1, 4, 3, 64, [12, 40], [2, 0]
+    hq, B = hkv * g, len(lens)
+    k_full, v_full, k_a, v_a = make_cache(gen, max_batch, max_ctx, hkv, d, kernel_device)
+    known = [n - (kv_in_row > 0) for n in lens]  # a sharing layer finds the new position filled
+    for s, n in zip(slots, known):
+        k_a[s, :n], v_a[s, :n] = k_full[s, :n].to(kernel_device), v_full[s, :n].to(kernel_device)
+    k_b, v_b = k_a.clone(), v_a.clone()
+    qkv = torch.randn(B, (hq + kv_in_row * hkv) * d, generator=gen).to(kernel_device)
+    inv_freq = (1e6 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)).to(kernel_device)
+    inv_freq[d // 8:] = 0.0  # proportional rope: a quarter of the pairs rotate
+    qn, kn = (1 + 0.3 * torch.randn(2, d, generator=gen)).to(kernel_device)
+    kn = kn if kv_in_row else None
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=kernel_device)
+    slot_t = torch.tensor(slots, dtype=torch.int32, device=kernel_device)
+    q = qk_norm_rope_store(qkv, n_heads=hq, n_kv_heads=hkv, head_dim=d, q_norm=qn, k_norm=kn, eps=1e-6,
+                           inv_freq=inv_freq, positions=seq_lens - 1, slots=slot_t, k_cache=k_b, v_cache=v_b,
+                           kv_in_row=kv_in_row, v_norm=True)
+    want = decode_attention(q, k_b, v_b, seq_lens, slot_t, scale=1.0)
+    rope = DecodeRope(inv_freq, qn, kn, 1e-6, kv_in_row=kv_in_row, v_norm=True)
+    got = decode_attention(qkv, k_a, v_a, seq_lens, slot_t, scale=1.0, rope=rope, n_heads=hq)
+    assert rel_err(got, want.double().cpu()) < 1e-4, f"seed {SEED}"
+    for s, n in zip(slots, lens):
+        torch.testing.assert_close(k_a[s, :n].cpu(), k_b[s, :n].cpu(), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(v_a[s, :n].cpu(), v_b[s, :n].cpu(), atol=2e-3, rtol=2e-3)
+        assert k_a[s, n:].isnan().all()
+    with pytest.raises(ValueError, match=r"n_heads \+ 2 \* kv_heads"):
+        decode_attention(qkv, k_a, v_a, seq_lens, slot_t, scale=1.0, rope=DecodeRope(inv_freq), n_heads=hq)
 
 
 # (head_dim, kv heads, group, window, start, count, T rows launched, block_m): start and count come from

@@ -106,7 +106,7 @@ def test_prefill_buffers_are_counted_and_check_their_input(pair):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gemma4"])  # gemma4: per-layer buffers, shared KV, PLE
 def test_graph_prefill_equals_eager(family, tmp_path):
     """Prompts of many lengths, chunked when longer than 512, one that reaches the end of the cache (its last
     chunk's bucket does not fit: eager), one extending a cached prompt: replayed prefill graphs give the

@@ -44,25 +44,30 @@ def make_x(t, gen) -> torch.Tensor:
 
 
 def on(w: moe.MoEWeights, device) -> moe.MoEWeights:
+    opt = lambda t: None if t is None else t.to(device)  # noqa: E731
     return moe.MoEWeights(w.router.to(device), to_device(w.gate_up, device), to_device(w.down, device),
-                          w.top_k, w.norm_topk)
+                          w.top_k, w.norm_topk, opt(w.router_norm), opt(w.expert_scale))
 
 
 def reference_route(x, w: moe.MoEWeights, norm_weight):
-    xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + EPS) * norm_weight.double()
-    probs = (xn @ w.router.double().T).softmax(-1)
+    rms = torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + EPS)
+    xn = x.double() * rms * norm_weight.double()
+    router_in = xn if w.router_norm is None else x.double() * rms * w.router_norm.double()
+    probs = (router_in @ w.router.double().T).softmax(-1)
     weights, ids = probs.topk(w.top_k, dim=-1)
     if w.norm_topk:
         weights = weights / weights.sum(-1, keepdim=True)
+    if w.expert_scale is not None:
+        weights = weights * w.expert_scale.double()[ids]
     return xn, ids, weights
 
 
-def reference_block(x, w: moe.MoEWeights, norm_weight):
-    """x + MoE(x) in float64, one expert at a time."""
+def reference_block(x, w: moe.MoEWeights, norm_weight, residual=True):
+    """[x +] MoE(x) in float64, one expert at a time."""
     xn, ids, weights = reference_route(x, w, norm_weight)
     gu = w.gate_up.dequantize().double().view(E, 2 * FF, H)
     down = w.down.dequantize().double().view(E, H, FF)
-    out = x.double().clone()
+    out = x.double().clone() if residual else torch.zeros_like(x, dtype=torch.float64)
     for e in range(E):
         rows, choice = (ids == e).nonzero(as_tuple=True)
         h = F.silu(xn[rows] @ gu[e, :FF].T) * (xn[rows] @ gu[e, FF:].T)
@@ -139,6 +144,25 @@ def test_prefill_block_matches_reference(gen, kernel_device, kind, mins, rows, t
     got = moe.prefill_block(x.clone().to(kernel_device), on(w, kernel_device), nw.to(kernel_device), EPS,
                             tiles=SMALL_TILES)
     assert rel_err(got, reference_block(x, w, nw)) < 3e-3, f"seed {SEED}"
+
+
+@pytest.mark.parametrize("rows", [3, 35])  # the selected-experts path; the grouped GEMMs
+def test_gemma4_router_scales_and_separate_output(gen, kernel_device, rows):
+    """Gemma 4's experts: the router normalises its input with its own weight (not the experts' norm), the
+    chosen weights are scaled per expert, and the output goes to its own buffer, x left as it was."""
+    w, nw = make_layer("q8", False, 2, gen)
+    w.router_norm, w.expert_scale = torch.rand(H, generator=gen) + 0.5, torch.rand(E, generator=gen) + 0.5
+    x = make_x(rows, gen)
+    xd = x.clone().to(kernel_device)
+    out = torch.full_like(xd, float("nan"))
+    if rows <= moe.MAX_DECODE_ROWS:  # fp32 math
+        got = moe.decode_block(xd, on(w, kernel_device), nw.to(kernel_device), EPS, block_n=DECODE_BLOCK_N, out=out)
+        tol = 1e-5
+    else:  # fp16 tensor-core operands
+        got = moe.prefill_block(xd, on(w, kernel_device), nw.to(kernel_device), EPS, tiles=SMALL_TILES, out=out)
+        tol = 3e-3
+    assert got is out and torch.equal(xd.cpu(), x)
+    assert rel_err(out, reference_block(x, w, nw, residual=False)) < tol, f"seed {SEED}"
 
 
 def test_bad_input_is_refused(gen, kernel_device):

@@ -62,6 +62,17 @@ def test_add_rms_norm(g, kernel_device, block, h_dtype):
     assert_close(residual, expected, 1e-5)
 
 
+def test_add_rms_norm_then_scale(g, kernel_device):
+    """Gemma 4's layer output scale, a device scalar, applied after the residual add."""
+    h, residual = randn(g, 3, 96, device=kernel_device), randn(g, 3, 96, device=kernel_device)
+    w, scale = randn(g, 96, device=kernel_device), randn(g, 1, device=kernel_device)
+    expected = (residual + rms_norm(h, w, 1e-6)) * scale
+    norm.add_rms_norm(residual, h, w, 1e-6, scale=scale)
+    assert_close(residual, expected, 1e-5)
+    with pytest.raises(ValueError, match="one value"):
+        norm.add_rms_norm(residual, h, w, 1e-6, scale=w)
+
+
 def test_rms_norm_heads(g, kernel_device):
     x = randn(g, 3, 4, 128, device=kernel_device)
     w = randn(g, 128, device=kernel_device)
@@ -119,6 +130,34 @@ def test_qk_norm_rope_store(g, kernel_device, mode, qk_norm, D, Hq, Hkv):
     written[s, p] = True
     assert not k_cache[written].isnan().any() and k_cache[~written].isnan().all()
     assert v_cache[~written].isnan().all()
+
+
+@pytest.mark.parametrize("kv_in_row", [0, 1])
+def test_rope_store_gemma4_rows(g, kernel_device, kv_in_row):
+    """Gemma 4's qkv rows: k only (values are the key projection before its norm and rotation, then normed
+    without a weight), or q alone (a layer reading another's cache: nothing is written)."""
+    dev, T, Hq, Hkv, D = kernel_device, 4, 4, 2, 32
+    positions, slots = torch.arange(T, dtype=torch.int32) + 5, torch.zeros(T, dtype=torch.int32)
+    qkv = randn(g, T, (Hq + kv_in_row * Hkv) * D, device=dev) * 2
+    inv_freq = RopeSpec(1e6, D, {"rope_type": "proportional", "partial_rotary_factor": 0.25}).inv_freq().to(dev)
+    q_norm, k_norm = randn(g, D, device=dev) + 1, randn(g, D, device=dev) + 1
+    k_cache = torch.full((1, 16, Hkv, D), float("nan"), device=dev, dtype=torch.float16)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    caches = (k_cache, v_cache) if kv_in_row else (None, None)
+    q_out = rope.qk_norm_rope_store(qkv, n_heads=Hq, n_kv_heads=Hkv, head_dim=D, q_norm=q_norm, k_norm=k_norm,
+                                    inv_freq=inv_freq, positions=positions.to(dev), slots=slots.to(dev),
+                                    k_cache=caches[0], v_cache=caches[1], kv_in_row=kv_in_row, v_norm=True)
+    emb = torch.cat([positions.float().to(dev)[:, None] * inv_freq[None]] * 2, dim=-1)
+    q = apply_rope(rms_norm(qkv[:, :Hq * D].view(T, Hq, D), q_norm, 1e-6), emb.cos(), emb.sin())
+    assert_close(q_out, q, 1e-5)
+    if kv_in_row:
+        k = qkv[:, Hq * D:].view(T, Hkv, D)
+        assert_close(k_cache[0, 5:9], apply_rope(rms_norm(k, k_norm, 1e-6), emb.cos(), emb.sin()), 2e-3)
+        assert_close(v_cache[0, 5:9], rms_norm(k, None, 1e-6), 2e-3)
+        assert k_cache[0, 9:].isnan().all() and k_cache[0, :5].isnan().all()
+    with pytest.raises(ValueError, match=rf"qkv must be \[T, {(Hq + 2 * Hkv) * D}\]"):
+        rope.qk_norm_rope_store(qkv, n_heads=Hq, n_kv_heads=Hkv, head_dim=D, inv_freq=inv_freq,
+                                positions=positions.to(dev), slots=slots.to(dev), k_cache=k_cache, v_cache=v_cache)
 
 
 def test_rope_long_positions(g, kernel_device):
@@ -291,3 +330,32 @@ def test_sample_philox_distribution(g, kernel_device):
     assert (freq[probs == 0] == 0).all()
     bound = 5 * (probs * (1 - probs) / N).sqrt() + 1 / N
     assert ((freq - probs).abs() <= bound).all(), (freq.tolist(), probs.tolist())
+
+
+# --- Gemma 4's per-layer inputs, their gate, the final softcap ------------------------------------------
+
+def test_per_layer_inputs_and_gate(g, kernel_device):
+    from ingot.backends.cuda import gemma4_ops
+
+    T, L, P, H = 3, 4, 24, 64
+    proj, own = randn(g, T, L * P, device=kernel_device) * 5, randn(g, T, L * P, device=kernel_device)
+    w = randn(g, P, device=kernel_device)
+    want = (rms_norm((proj * H**-0.5).view(T, L, P), w, 1e-6).view(T, L * P) + own) * 2**-0.5
+    assert gemma4_ops.per_layer_inputs(proj, own, w, 1e-6, H**-0.5) is own
+    assert_close(own, want, 1e-5)
+    gate = randn(g, T, P, device=kernel_device) * 3
+    want = torch.nn.functional.gelu(gate, approximate="tanh") * own[:, P:2 * P]
+    assert_close(gemma4_ops.gelu_gate(gate, own[:, P:2 * P]), want, 1e-5)
+    with pytest.raises(ValueError, match="P dividing"):
+        gemma4_ops.per_layer_inputs(proj, own, randn(g, 25, device=kernel_device), 1e-6, 1.0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's numpy, on the 1e30 inputs
+def test_softcap(g, kernel_device):
+    from ingot.backends.cuda import gemma4_ops
+
+    x = randn(g, 2, 3000, device=kernel_device) * 40
+    x[0, :2] = torch.tensor([1e30, -1e30])  # saturates to exactly +-cap, no NaN
+    want = torch.tanh(x / 30.0) * 30.0
+    assert_close(gemma4_ops.softcap_(x, 30.0), want, 1e-6)
+    assert x[0, 0] == 30.0 and x[0, 1] == -30.0

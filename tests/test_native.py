@@ -168,13 +168,16 @@ def test_moe_experts_convert(tmp_path):
     assert w.layers[0].moe is not None and w.layers[0].moe.gate_up.kind == "q8"
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gemma4"])
 def test_every_family_round_trips(tmp_path, family):
     """HF fp32 -> .ingot as stored gives the same logits exactly (Gemma's 1 + w norms, q/k norms, sliding
-    windows and configs all travel); with the q4 profile the CUDA backend gets fused q4 QKV and gate/up."""
+    windows and configs all travel); with the q4 profile the CUDA backend gets fused q4 QKV and gate/up
+    (Gemma 4's layers fuse what they have: q and k where values are the keys, q alone where they share)."""
     from tests.tiny_models import make_hf_model, save_hf
 
-    src = save_hf(make_hf_model(family), tmp_path / "hf")
+    # gemma4: per-layer inputs 32 wide, so their matrices split into q4 groups of 32
+    overrides = {"hidden_size_per_layer_input": 32} if family == "gemma4" else {}
+    src = save_hf(make_hf_model(family, **overrides), tmp_path / "hf")
     ids = list(range(2, 60, 5))
     a = ingot.load(src, device="cpu", max_context=32).logits(ids)
     convert(src, tmp_path / "kept.ingot", progress=False)
@@ -182,8 +185,11 @@ def test_every_family_round_trips(tmp_path, family):
     convert(src, tmp_path / "q4.ingot", profile="q4", progress=False)
     w = _cuda_weights(tmp_path / "q4.ingot")
     assert w.layers[0].qkv.kind == w.layers[1].gate_up.kind == "q4" and w.embed.kind == "q8"
+    if family == "gemma4":  # [q; k] on the k_eq_v layer 1, q alone on the sharing layer 4: each one matrix
+        assert (w.layers[1].qkv.n, w.layers[4].qkv.n) == (4 * 32 + 32, 4 * 16)
     b = ingot.load(tmp_path / "q4.ingot", device="cpu", max_context=32).logits(ids)
-    assert 0 < float((a - b).norm() / a.norm()) < 0.5  # random weights: ~8% per weight compounds (quality: below)
+    # random weights: ~8% per weight compounds (quality: below); gemma4's tiny model drifts further (0.57)
+    assert 0 < float((a - b).norm() / a.norm()) < (0.8 if family == "gemma4" else 0.5)
 
 
 def test_cuda_backend_runs_an_ingot_file(tmp_path, kernel_device):

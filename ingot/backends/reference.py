@@ -80,20 +80,14 @@ class ReferenceBackend:
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.w.values())
 
-    def _cache_shapes(self) -> list[tuple[int, int] | None]:
-        """Each layer's (n_kv_heads, head_dim) in the cache, None for a layer that reads another's keys."""
-        s = self.spec
-        dims = [s.attn_dims(i) for i in range(s.n_layers)]
-        return [(kv, hd) if layer.kv_source is None else None for layer, (hd, kv) in zip(s.layers, dims)]
-
     def new_cache(self, max_context: int) -> KVCache:
-        return KVCache(self._cache_shapes(), max_context, self.device, self.dtype)
+        return KVCache(self.spec.kv_cache_shapes(), max_context, self.device, self.dtype)
 
     def new_paged_cache(self, n_blocks: int, block_size: int) -> PagedKVCache:
-        return PagedKVCache(self._cache_shapes(), n_blocks, block_size, self.device, self.dtype)
+        return PagedKVCache(self.spec.kv_cache_shapes(), n_blocks, block_size, self.device, self.dtype)
 
     def paged_block_bytes(self, block_size: int) -> int:
-        return PagedKVCache.block_bytes(self._cache_shapes(), block_size, self.dtype)
+        return PagedKVCache.block_bytes(self.spec.kv_cache_shapes(), block_size, self.dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:

@@ -37,7 +37,8 @@ NORM_STD = 0.02
 _CHUNK_BYTES = 64 << 20
 
 # Ingot family / GGUF architecture per HF model_type.
-_GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3"}
+_GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3",
+             "gemma4_text": "gemma4"}
 # llama.cpp's general.file_type (LLAMA_FTYPE_MOSTLY_*)
 _FILE_TYPE = {"q4_0": 2, "q8_0": 7}
 BLOCKS = {"Q4_0": (32, 18), "Q8_0": (32, 34), "Q6_K": (256, 210), "F32": (1, 4)}
@@ -50,7 +51,7 @@ def model_shapes() -> dict:
 
 
 MODEL_KEYS = ("llama-3.2-1b", "llama-3.2-3b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-30b-a3b",
-              "gemma-3-1b", "gemma-3-4b")
+              "gemma-3-1b", "gemma-3-4b", "gemma-4-e2b", "gemma-4-e4b", "gemma-4-26b-a4b")
 
 
 # ---- scales -----------------------------------------------------------------------------------------------
@@ -107,8 +108,22 @@ def _hf_config(key: str, layers: int | None) -> dict:
     if layers is not None:
         if not 1 <= layers <= cfg["num_hidden_layers"]:
             raise SystemExit(f"--layers must be in [1, {cfg['num_hidden_layers']}]")
+        if cfg.get("model_type") == "gemma4_text":
+            _first_gemma4_layers(cfg, layers)
         cfg["num_hidden_layers"] = layers
     return cfg
+
+
+def _first_gemma4_layers(cfg: dict, layers: int) -> None:
+    """Gemma 4's config for its first `layers` layers: their layer types, and as KV-sharing layers those of
+    them that share in the full model (they read the same earlier layers). The per-layer input tables are
+    layers * P wide, so those two tensors are not the full file's."""
+    n, types = cfg["num_hidden_layers"], cfg["layer_types"][:layers]
+    if types[-1] != "full_attention":  # Gemma4TextConfig makes the last layer global: it would not be layer N's
+        counts = [str(i + 1) for i, t in enumerate(cfg["layer_types"]) if t == "full_attention"]
+        raise SystemExit(f"--layers for gemma4 must end on a global layer: one of {', '.join(counts[:4])}, ...")
+    cfg["layer_types"] = types
+    cfg["num_kv_shared_layers"] = max(0, layers - (n - cfg.get("num_kv_shared_layers", 0)))
 
 
 def _layer_tensors(cfg: dict, arch: str, i: int) -> dict[str, tuple[int, ...]]:
@@ -141,6 +156,36 @@ def _layer_tensors(cfg: dict, arch: str, i: int) -> dict[str, tuple[int, ...]]:
     return w
 
 
+def _gemma4_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Gemma 4's tensors as llama.cpp's converter names them: Ingot's canonical names (the spec's own list)
+    but for the router scales (ffn_gate_inp.scale, ffn_down_exps.scale) and the experts' gate and up fused
+    into one ffn_gate_up_exps [E, 2F, H]; rope_freqs first, marking the global layers' rotated pairs."""
+    from ingot.models import build_spec
+
+    spec = build_spec("gemma4", cfg)
+    renames = {"ffn_gate_inp_scale.weight": "ffn_gate_inp.scale", "ffn_exp_scale.weight": "ffn_down_exps.scale"}
+    shapes = {"rope_freqs.weight": (cfg["global_head_dim"] // 2,)}
+    for name, shape in spec.weights().items():
+        if name.endswith("ffn_up_exps.weight"):
+            continue  # written with the gates
+        if name.endswith("ffn_gate_exps.weight"):
+            e, f, h = shape
+            shapes[name.replace("ffn_gate_exps", "ffn_gate_up_exps")] = (e, 2 * f, h)
+            continue
+        for canonical, gguf_name in renames.items():
+            if name.endswith(canonical):
+                name = name[: -len(canonical)] + gguf_name
+        shapes[name] = shape
+    return shapes
+
+
+def _gemma4_rope_freqs(cfg: dict) -> np.ndarray:
+    """llama.cpp's proportional rope: factor 1 for the rotated frequency pairs, 1e30 (no rotation) for the rest."""
+    half = cfg["global_head_dim"] // 2
+    rotated = int(cfg["rope_parameters"]["full_attention"]["partial_rotary_factor"] * half)
+    return np.array([1.0] * rotated + [1e30] * (half - rotated), dtype=np.float32)
+
+
 def _tensor_plan(cfg: dict, arch: str, quant: str, output_quant: str) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, torch-order shape, GGML type) for every tensor, in llama.cpp's usual order."""
     base, out_q = quant.upper(), output_quant.upper()
@@ -156,6 +201,8 @@ def _tensor_plan(cfg: dict, arch: str, quant: str, output_quant: str) -> list[tu
         return t
 
     shapes = {}
+    if arch == "gemma4":
+        return [(n, s, "F32" if n == "rope_freqs.weight" else qtype(n, s)) for n, s in _gemma4_tensors(cfg).items()]
     if arch == "llama" and (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
         hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
         shapes["rope_freqs.weight"] = (hd // 2,)
@@ -281,7 +328,7 @@ def synthetic_bpe_tokenizer(vocab_size: int, specials: list[str], pre: str) -> d
 def _tokenizer_for(arch: str, vocab_size: int) -> dict:
     if arch == "llama":
         return _llama3_tokenizer(vocab_size)
-    if arch == "gemma3":
+    if arch in ("gemma3", "gemma4"):  # (Gemma 4's real turn markers differ: these are Gemma 3's)
         specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
         # The pre-tokenizer is named "gpt-2" in llama.cpp (llama-vocab.cpp): "gpt2" (the tokenizer.ggml.model
         # name) is an unknown pre-tokenizer there, and the load fails. (Real Gemma 3 files use SentencePiece.)
@@ -315,6 +362,8 @@ def _metadata(key: str, cfg: dict, arch: str, quant: str, tok: dict) -> list[tup
         (a + "block_count", _U32, cfg["num_hidden_layers"]),
         (a + "context_length", _U32, cfg["max_position_embeddings"]),
         (a + "embedding_length", _U32, cfg["hidden_size"]),
+    ]
+    kv += _gemma4_metadata(a, cfg) if arch == "gemma4" else [
         (a + "feed_forward_length", _U32, cfg["intermediate_size"]),
         (a + "attention.head_count", _U32, cfg["num_attention_heads"]),
         (a + "attention.head_count_kv", _U32, cfg["num_key_value_heads"]),
@@ -352,6 +401,43 @@ def _metadata(key: str, cfg: dict, arch: str, quant: str, tok: dict) -> list[tup
     return kv
 
 
+def _gemma4_metadata(a: str, cfg: dict) -> list[tuple[str, int, object]]:
+    """Gemma 4's hyperparameters as llama.cpp's converter writes them: per-layer arrays where layers differ
+    (MLP widths, kv heads, the sliding pattern), the global head dim as key_length and the local one as
+    key_length_swa, the two rope bases, the KV-sharing and per-layer-input sizes, the experts."""
+    from ingot.models import build_spec
+
+    spec = build_spec("gemma4", cfg)
+    n, rope = spec.n_layers, cfg["rope_parameters"]
+
+    def per_layer(values):
+        return (_U32, values[0]) if len(set(values)) == 1 else ((_ARR, _I32), values)
+
+    ff = [l.intermediate_size or spec.intermediate_size for l in spec.layers]
+    heads_kv = [spec.attn_dims(i)[1] for i in range(n)]
+    kv = [(a + "feed_forward_length", *per_layer(ff)),
+          (a + "attention.head_count", _U32, spec.n_heads),
+          (a + "attention.head_count_kv", *per_layer(heads_kv)),
+          (a + "rope.freq_base", _F32, float(rope["full_attention"]["rope_theta"])),
+          (a + "rope.freq_base_swa", _F32, float(rope["sliding_attention"]["rope_theta"])),
+          (a + "attention.layer_norm_rms_epsilon", _F32, float(cfg["rms_norm_eps"])),
+          (a + "attention.key_length", _U32, cfg["global_head_dim"]),
+          (a + "attention.value_length", _U32, cfg["global_head_dim"]),
+          (a + "attention.key_length_swa", _U32, cfg["head_dim"]),
+          (a + "attention.value_length_swa", _U32, cfg["head_dim"]),
+          (a + "final_logit_softcapping", _F32, float(cfg["final_logit_softcapping"])),
+          (a + "attention.sliding_window", _U32, cfg["sliding_window"]),
+          (a + "attention.sliding_window_pattern", (_ARR, _BOOL), [l.sliding_window is not None for l in spec.layers]),
+          (a + "attention.shared_kv_layers", _U32, cfg.get("num_kv_shared_layers", 0)),
+          (a + "embedding_length_per_layer_input", _U32, spec.per_layer_dim),
+          (a + "vocab_size", _U32, cfg["vocab_size"])]
+    if cfg.get("enable_moe_block"):
+        kv += [(a + "expert_count", _U32, cfg["num_experts"]),
+               (a + "expert_used_count", _U32, cfg["top_k_experts"]),
+               (a + "expert_feed_forward_length", _U32, cfg["moe_intermediate_size"])]
+    return kv
+
+
 def _pack_str(text: str) -> bytes:
     b = text.encode("utf-8")
     return struct.pack("<Q", len(b)) + b
@@ -363,7 +449,7 @@ def _pack_value(vtype, value) -> bytes:
         head = struct.pack("<IIQ", _ARR, etype, len(value))
         if etype == _STR:
             return head + b"".join(_pack_str(v) for v in value)
-        dtype = {_I32: "<i4", _U32: "<u4", _F32: "<f4"}[etype]
+        dtype = {_I32: "<i4", _U32: "<u4", _F32: "<f4", _BOOL: "?"}[etype]
         return head + np.asarray(value, dtype=dtype).tobytes()
     if vtype == _STR:
         return struct.pack("<I", _STR) + _pack_str(value)
@@ -394,10 +480,13 @@ def _tensor_nbytes(shape, qtype: str) -> int:
 def _tensor_chunks(name: str, shape, qtype: str, seed: int, cfg: dict):
     """The tensor's bytes, in chunks of at most _CHUNK_BYTES."""
     rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence([seed, zlib.crc32(name.encode())])))
-    if name == "rope_freqs.weight":
+    if name == "rope_freqs.weight" and cfg.get("model_type") != "gemma4_text":
         data = llama3_rope_factors(cfg)
         assert data.shape == tuple(shape)
         yield data
+        return
+    if name == "rope_freqs.weight" and cfg.get("model_type") == "gemma4_text":
+        yield _gemma4_rope_freqs(cfg)
         return
     if qtype == "F32":
         std = NORM_STD if len(shape) == 1 else WEIGHT_STD

@@ -476,8 +476,8 @@ def convert(src, out, quant: str | None = None, group_size: int = 32, profile: s
             group = [n]
             prefix, _, short = n.rpartition(".")[0].rpartition(".")
             for fused, members in FUSED.items():
-                if short == members[0]:
-                    group = [f"{prefix}.{m}.weight" for m in members]
+                if short == members[0]:  # the members the layer has (Gemma 4's: q and k only, or q alone)
+                    group = [g for g in (f"{prefix}.{m}.weight" for m in members) if g in t]
                     mname = f"{prefix}.{fused}"
             packed = []
             for g in group:

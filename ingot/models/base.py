@@ -119,6 +119,10 @@ class ModelSpec:
         layer = self.layers[i]
         return layer.head_dim or self.head_dim, layer.n_kv_heads or self.n_kv_heads
 
+    def kv_cache_shapes(self) -> list[tuple[int, int] | None]:
+        """Each layer's (n_kv_heads, head_dim) in a KV cache, None for a layer that reads another's keys."""
+        return [None if l.kv_source is not None else self.attn_dims(i)[::-1] for i, l in enumerate(self.layers)]
+
     def layer_softmax_scale(self, i: int) -> float:
         return self.attn_scale or 1.0 / math.sqrt(self.attn_dims(i)[0])
 

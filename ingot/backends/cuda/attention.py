@@ -27,12 +27,17 @@ LOG2E = 1.4426950408889634
 DECODE_CONFIGS = {
     (64, True): (64, 4, 2), (128, True): (64, 4, 2), (256, True): (32, 4, 2),
     (64, False): (64, 8, 2), (128, False): (32, 4, 2), (256, False): (32, 4, 2),
+    # Gemma 4's global heads: D = 512 halves the tile again (ptxas for sm_90a: 216 registers at G = 8, 152 at G = 1,
+    # no spills; untimed)
+    (512, True): (16, 4, 2), (512, False): (16, 4, 2),
 }
 # Prefill is tensor-core bound (wgmma): 128-query tiles amortise each K/V tile over many rows with 8 warps
 # (two warpgroups) and 3 stages, no spills at D=64 (4 bytes at D=128). D=256's [128, 256] fp32 accumulator
 # alone is half the register file: 16-key tiles and 2 stages keep the spill small (~100 bytes).
 #   head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)
-PREFILL_CONFIGS = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (128, 16, 8, 2)}
+# D = 512 (Gemma 4's global heads): 32-query tiles over 8 warps, 214 registers and no spills for sm_90a
+# (benchmarks/kernel_regs.py-style ptxas check only; untimed).
+PREFILL_CONFIGS = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (128, 16, 8, 2), 512: (32, 16, 8, 2)}
 
 CHUNK = 128  # keys per split: a few K/V tiles, small enough that short rows still spread over many SMs
 MAX_PROGRAMS = 64  # decode programs per (row, KV head) at most: bounds the grid and the scratch
@@ -55,12 +60,15 @@ class DecodeRope(NamedTuple):
     """Decode attention straight from the QKV projection: q is then the qkv rows [B, (Hq + 2 Hkv) * D], and
     the kernel does what rope.qk_norm_rope_store does for one token per row (per-head q/k RMSNorm when the
     weights are given, half-split RoPE at position seq_len - 1, the fp16 K/V write into the cache), so a decode
-    step needs no separate launch for it."""
+    step needs no separate launch for it. kv_in_row and v_norm as in rope.qk_norm_rope_store: with kv_in_row
+    0 the rows hold q alone and the kernel writes nothing (the cache given is the layer's KV source's)."""
 
     inv_freq: torch.Tensor  # float32 [D / 2]
     q_norm: torch.Tensor | None = None  # [D]
     k_norm: torch.Tensor | None = None  # [D]
     eps: float = 1e-6
+    kv_in_row: int = 2
+    v_norm: bool = False
 
 
 def decode_scratch(max_batch: int, n_heads: int, head_dim: int, max_ctx: int, device, chunk: int = CHUNK,
@@ -84,8 +92,8 @@ def _check_cache(k_cache, v_cache, d):
         raise ValueError(f"K/V caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not match head dim {d}")
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("the KV cache's head dim must be contiguous")
-    if d not in (16, 32, 64, 128, 256):
-        raise ValueError(f"head dim {d} is not supported (16..256, a power of two)")
+    if d not in (16, 32, 64, 128, 256, 512):
+        raise ValueError(f"head dim {d} is not supported (16..512, a power of two)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,7 +180,7 @@ def _merge_group(acc_ptr, m_ptr, l_ptr, base, s_lo, s_end, n_progs, n_entries,
 @triton.jit
 def _rope_q_and_store_kv(row_ptr, k_base, v_base, stride_kt, stride_vt, inv_freq_ptr, qn_ptr, kn_ptr, eps, pos,
                          heads, g_ok, n_heads, n_kv_heads, kvh, WRITER, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                         Q_NORM: tl.constexpr, K_NORM: tl.constexpr):
+                         Q_NORM: tl.constexpr, K_NORM: tl.constexpr, KV_ROW: tl.constexpr, V_NORM: tl.constexpr):
     """From one qkv row: the G query heads normalised and rotated ([BLOCK_G, D] fp32). The program that owns
     the last split (WRITER) also writes this row's new key and value at `pos` and, after a block barrier,
     reads them back with the rest of its split; no other program's keys include `pos`."""
@@ -185,19 +193,25 @@ def _rope_q_and_store_kv(row_ptr, k_base, v_base, stride_kt, stride_vt, inv_freq
     q1 = tl.load(src, mask=g_ok[:, None], other=0.0).to(tl.float32)
     q2 = tl.load(src + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
     y1, y2 = _rope_heads(q1, q2, qn_ptr, c, sn, offs, offs < HALF, D, eps, Q_NORM, HALF)
-    if WRITER:
-        k_src = row_ptr + (n_heads + kvh) * D + offs[None, :]
-        v_src = row_ptr + (n_heads + n_kv_heads + kvh) * D + offs
-        k1, k2 = _rope_heads(tl.load(k_src).to(tl.float32), tl.load(k_src + HALF).to(tl.float32), kn_ptr, c, sn,
-                             offs, offs < HALF, D, eps, K_NORM, HALF)
-        p64 = pos.to(tl.int64)
-        k_dst = k_base + p64 * stride_kt + offs[None, :]
-        tl.store(k_dst, k1.to(k_base.dtype.element_ty))
-        tl.store(k_dst + HALF, k2.to(k_base.dtype.element_ty))
-        v_dst = v_base + p64 * stride_vt + offs
-        tl.store(v_dst, tl.load(v_src).to(v_base.dtype.element_ty))
-        tl.store(v_dst + HALF, tl.load(v_src + HALF).to(v_base.dtype.element_ty))
-        tl.debug_barrier()  # the block's later loads of position pos see these stores
+    if KV_ROW > 0:  # a layer that reads another's cache writes none
+        if WRITER:
+            k_src = row_ptr + (n_heads + kvh) * D + offs[None, :]
+            v_src = row_ptr + (n_heads + (KV_ROW - 1) * n_kv_heads + kvh) * D + offs  # k's own row when KV_ROW 1
+            k1, k2 = _rope_heads(tl.load(k_src).to(tl.float32), tl.load(k_src + HALF).to(tl.float32), kn_ptr, c, sn,
+                                 offs, offs < HALF, D, eps, K_NORM, HALF)
+            p64 = pos.to(tl.int64)
+            k_dst = k_base + p64 * stride_kt + offs[None, :]
+            tl.store(k_dst, k1.to(k_base.dtype.element_ty))
+            tl.store(k_dst + HALF, k2.to(k_base.dtype.element_ty))
+            v1 = tl.load(v_src).to(tl.float32)
+            v2 = tl.load(v_src + HALF).to(tl.float32)
+            if V_NORM:  # an unweighted RMSNorm over the head
+                inv = tl.rsqrt((tl.sum(v1 * v1, axis=0) + tl.sum(v2 * v2, axis=0)) / D + eps)
+                v1, v2 = v1 * inv, v2 * inv
+            v_dst = v_base + p64 * stride_vt + offs
+            tl.store(v_dst, v1.to(v_base.dtype.element_ty))
+            tl.store(v_dst + HALF, v2.to(v_base.dtype.element_ty))
+            tl.debug_barrier()  # the block's later loads of position pos see these stores
     # [BLOCK_G, HALF] x 2 -> [BLOCK_G, D]: the halves side by side along the head dim
     return tl.reshape(tl.permute(tl.join(y1, y2), (0, 2, 1)), (BLOCK_G, D))
 
@@ -214,7 +228,8 @@ def _decode_split_kernel(
     stride_ob, stride_oh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, USE_DOT: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr, FUSED: tl.constexpr, RG: tl.constexpr, BLOCK_S: tl.constexpr,
-    ROPE: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr,
+    ROPE: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr, KV_ROW: tl.constexpr, V_NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -243,7 +258,7 @@ def _decode_split_kernel(
     if ROPE:
         q = _rope_q_and_store_kv(q_ptr + b * stride_qb, k_base, v_base, stride_kt, stride_vt, inv_freq_ptr, qn_ptr,
                                  kn_ptr, eps, seq_len - 1, heads, g_ok, n_heads, n_kv_heads, kvh,
-                                 prog == (s_hi - 1) % n_progs, BLOCK_G, D, Q_NORM, K_NORM)
+                                 prog == (s_hi - 1) % n_progs, BLOCK_G, D, Q_NORM, K_NORM, KV_ROW, V_NORM)
     else:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None],
                     other=0.0)
@@ -343,9 +358,10 @@ def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, wind
     zero between launches, as decode_scratch makes it); fused=False: split kernel plus reduce kernel."""
     d = k_cache.shape[3] if k_cache.dim() == 4 else -1
     if rope is not None:
-        if n_heads is None or q.dim() != 2 or q.shape[1] != (n_heads + 2 * k_cache.shape[2]) * d:
-            raise ValueError(f"with rope, q must be the qkv rows [B, (n_heads + 2 * kv_heads) * {d}], "
-                             f"got {tuple(q.shape)} and n_heads={n_heads}")
+        width = None if n_heads is None else (n_heads + rope.kv_in_row * k_cache.shape[2]) * d
+        if rope.kv_in_row not in (0, 1, 2) or q.dim() != 2 or q.shape[1] != width:
+            raise ValueError(f"with rope, q must be the qkv rows [B, (n_heads + {rope.kv_in_row} * kv_heads) * "
+                             f"{d}], got {tuple(q.shape)} and n_heads={n_heads}")
         if rope.inv_freq.shape != (d // 2,) or rope.inv_freq.dtype != torch.float32:
             raise ValueError(f"inv_freq must be float32 [{d // 2}]")
         for w in (rope.q_norm, rope.k_norm):
@@ -394,7 +410,8 @@ def decode_attention(q, k_cache, v_cache, seq_lens, slots, *, scale: float, wind
         G=g, BLOCK_G=1 if g == 1 else max(16, triton.next_power_of_2(g)), USE_DOT=g > 1, D=d, CHUNK=scratch.chunk,
         BLOCK_N=block_n, FUSED=fused, RG=rg, BLOCK_S=merge_s, num_warps=num_warps or dw, num_stages=num_stages or ds,
         ROPE=rope is not None, Q_NORM=rope is not None and rope.q_norm is not None,
-        K_NORM=rope is not None and rope.k_norm is not None, **pdl.LAUNCH,
+        K_NORM=rope is not None and rope.k_norm is not None, KV_ROW=rope.kv_in_row if rope is not None else 2,
+        V_NORM=rope is not None and rope.v_norm, **pdl.LAUNCH,
     )
     if not fused:
         _decode_reduce_kernel[(B, hq)](

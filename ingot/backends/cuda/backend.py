@@ -9,11 +9,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.backends.cuda import attention, gemm, gemv, moe, norm, pdl, prefill, rope, sampling
+from ingot.backends.cuda import attention, gemm, gemma4_ops, gemv, layout, moe, norm, pdl, prefill, rope, sampling
 from ingot.backends.cuda.paged_attention import paged_decode_attention
 from ingot.backends.cuda.weights import ModelWeights
 from ingot.engine.kv_cache import PagedKVCache
+from ingot.errors import UnsupportedError
 from ingot.models.base import ModelSpec
+
+# The features beyond one repeated block shape (ModelSpec.beyond_uniform's names) that these kernels cover;
+# ingot.load refuses a spec that uses any other on this backend.
+COVERED = frozenset({
+    "per-layer head_dim / kv heads", "per-layer MLP width", "KV sharing between layers",
+    "values equal to keys (k_eq_v)", "proportional (partial) rope", "v norm", "final logit softcapping",
+    "per-layer input embeddings", "layer output scale", "dense MLP beside the experts",
+    "router input and per-expert scales",
+})
 
 # Up to this many rows use the GEMV kernels; more go to the tensor-core GEMM. H100, Llama-3.2-1B q4_0 decode
 # (2026-11-24): the GEMV's step takes 0.9 ms at 1 row, 2.0 at 2, 2.7 at 4, 4.1 at 8 and 7.2 at 16; the GEMM's
@@ -42,6 +52,11 @@ def cache_slots(max_batch: int) -> int:
     return max_batch + (max_batch > 1)
 
 
+def _heads(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """The first n_heads * head_dim columns of a static buffer [rows, width], as [rows, n_heads, head_dim]."""
+    return t[:, : n_heads * head_dim].unflatten(1, (n_heads, head_dim))
+
+
 def _linear_for(rows: int, s: "DecodeState | None" = None):
     """The projection kernel for `rows` activation rows: the GEMV (split-K workspace from the decode state,
     so a captured step never allocates) up to DECODE_ROWS, the tensor-core GEMM above."""
@@ -53,13 +68,17 @@ def _linear_for(rows: int, s: "DecodeState | None" = None):
 
 
 class CudaKVCache:
-    """fp16 keys and values, [slots, max_ctx, kv_heads, head_dim] per layer, sized once; `lengths` holds
-    how many positions of each slot are filled (`length` is slot 0's, the single-sequence view)."""
+    """fp16 keys and values, [slots, max_ctx, kv_heads, head_dim] per layer (that layer's kv heads and head
+    dim; None for a layer that reads another's), sized once; `lengths` holds how many positions of each slot
+    are filled (`length` is slot 0's, the single-sequence view)."""
 
     def __init__(self, spec: ModelSpec, max_context: int, device, slots: int = 1):
-        shape = (slots, max_context, spec.n_kv_heads, spec.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=torch.float16) for _ in range(spec.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=torch.float16) for _ in range(spec.n_layers)]
+        def alloc(shape):
+            return None if shape is None else torch.zeros((slots, max_context, *shape), device=device,
+                                                          dtype=torch.float16)
+
+        self.k = [alloc(s) for s in spec.kv_cache_shapes()]
+        self.v = [alloc(s) for s in spec.kv_cache_shapes()]
         self.max_context = max_context
         self.lengths = [0] * slots
 
@@ -73,7 +92,7 @@ class CudaKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
 @triton.jit
@@ -95,7 +114,6 @@ class DecodeState:
     def __init__(self, spec: ModelSpec, weights: ModelWeights, max_context: int, device, batch: int = 1,
                  scratch_slot: int = 0):
         f32, i32 = dict(device=device, dtype=torch.float32), dict(device=device, dtype=torch.int32)
-        hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         self.batch = batch
         self.scratch_slot = scratch_slot  # the cache slot padding rows write to
         # rows: token ids, sequence lengths (the new token sits at length - 1), cache slots
@@ -105,23 +123,19 @@ class DecodeState:
         self.host_out = [torch.zeros(batch, dtype=torch.int64, pin_memory=pinned) for _ in range(self.RING)]
         self.copied = [None] * self.RING
         self.step = 0
-        self.x = torch.zeros(batch, spec.hidden_size, **f32)
-        self.h = torch.zeros(batch, spec.hidden_size, **f32)
-        self.qkv = torch.zeros(batch, (hq + 2 * hkv) * hd, **f32)
-        self.attn = torch.zeros(batch, hq, hd, **f32)
-        self.ff = torch.zeros(batch, spec.intermediate_size, **f32)
+        # x, h, qkv, attn, ff and the rest at the widest layer's widths: a layer uses their first columns
+        self.rows = {name: torch.zeros(batch, w, **f32) for name, w in layout.row_widths(spec).items()}
+        for name, t in self.rows.items():
+            setattr(self, name, t)
         self.logits = torch.zeros(batch, weights.lm_head.n, **f32)
         # Greedy decoding picks the next tokens inside the graph: one small copy to the host per step.
         self.next_ids = torch.zeros(batch, device=device, dtype=torch.int64)
         self.argmax_ws = sampling.argmax_workspace(batch, weights.lm_head.n, device)
-        self.scratch = attention.decode_scratch(batch, hq, hd, max_context, device)
+        # decode attention's partials, per head dim (Gemma 4's global layers have their own)
+        self.scratch = {a.head_dim: attention.decode_scratch(batch, spec.n_heads, a.head_dim, max_context, device)
+                        for a in layout.attn_shapes(spec)}
         # One split-K workspace, big enough for the largest decode GEMV, so no call allocates.
-        need = [gemv.workspace_numel(weights.lm_head, batch)]
-        for lw in weights.layers:
-            need += [gemv.workspace_numel(lw.qkv, batch), gemv.workspace_numel(lw.o, batch)]
-            if not lw.moe:
-                need += [gemv.workspace_numel(lw.gate_up, batch, gated="silu"), gemv.workspace_numel(lw.down, batch)]
-        self.workspace = torch.zeros(max(max(need), 1), **f32)  # zeroed: split-K ticket counters
+        self.workspace = torch.zeros(weights.workspace_numel(batch, batch), **f32)  # zeroed: split-K ticket counters
         moes = [lw.moe for lw in weights.layers if lw.moe]
         self.moe = moe.DecodeBuffers.for_layers(moes, batch, device) if moes else None
 
@@ -130,10 +144,9 @@ class DecodeState:
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def _tensors(self):
-        yield from (self.step_in, self.x, self.h, self.qkv, self.attn, self.ff, self.logits,
-                    self.next_ids, self.workspace, *self.argmax_ws)
+        yield from (self.step_in, *self.rows.values(), self.logits, self.next_ids, self.workspace, *self.argmax_ws)
         yield from self.moe.tensors() if self.moe else ()
-        yield from (t for t in self.scratch if isinstance(t, torch.Tensor))
+        yield from (t for sc in self.scratch.values() for t in sc if isinstance(t, torch.Tensor))
 
     def _ring_slot(self) -> int:
         """The next staging slot, once the copy that last used it has finished."""
@@ -208,6 +221,9 @@ class CudaBackend:
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # bucket rows: graph
         self._moe = any(lw.moe for lw in weights.layers)
         self.use_graph = self.device.type == "cuda"
+        self.shapes = layout.attn_shapes(spec)
+        if spec.layer_scale and not spec.sandwich_norm:  # the scale rides on a sandwich norm's residual add
+            raise UnsupportedError(f"{spec.arch}: a layer output scale without sandwich norms is not supported")
 
     def new_cache(self, max_context: int) -> CudaKVCache:
         self._states, self._graphs = {}, {}  # a new cache means new buffers for the graphs to read
@@ -225,37 +241,46 @@ class CudaBackend:
         return sum(st.nbytes for st in self._states.values()) + self._prefill.nbytes
 
     # -- the model -------------------------------------------------------------------------------------------
-    def _layers(self, x, cache, positions, seq_lens, slots, rows: int, s, slot: int = 0):
-        """Every transformer block on activation rows x (fp32 [rows, hidden]), updating x in place.
-        Decode (s a DecodeState): seq_lens [B]. Prefill: seq_lens is the chunk's span (start, count) on the
-        device, s its static buffers (a prefill view) or None to allocate temporaries, `slot` its cache slot."""
+    def _layers(self, x, ids, cache, positions, seq_lens, slots, rows: int, s, slot: int = 0):
+        """Every transformer block on activation rows x (fp32 [rows, hidden]) of tokens ids, updating x in
+        place. Decode (s a DecodeState): seq_lens [B]. Prefill: seq_lens is the chunk's span (start, count) on
+        the device, s its static buffers (a prefill view) or None to allocate temporaries, `slot` its cache
+        slot."""
         spec = self.spec
-        hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+        hq = spec.n_heads
 
         if isinstance(s, DecodeState):  # q/k norm, RoPE and the KV write happen inside the attention kernel
             def attend(i, layer, lw, qkv):
-                rope_args = attention.DecodeRope(self.inv_freq[i], lw.q_norm, lw.k_norm, spec.norm_eps)
-                return attention.decode_attention(qkv, cache.k[i], cache.v[i], seq_lens, slots,
-                                                  scale=spec.softmax_scale, window=layer.sliding_window or 0,
-                                                  out=s.attn, scratch=s.scratch, rope=rope_args, n_heads=hq)
+                a, c = self.shapes[i], self.shapes[i].cache_layer
+                rope_args = attention.DecodeRope(self.inv_freq[i], lw.q_norm, lw.k_norm, spec.norm_eps,
+                                                 a.kv_in_row, spec.v_norm)
+                return attention.decode_attention(qkv, cache.k[c], cache.v[c], seq_lens, slots,
+                                                  scale=spec.layer_softmax_scale(i), window=layer.sliding_window or 0,
+                                                  out=_heads(s.attn, hq, a.head_dim), scratch=s.scratch[a.head_dim],
+                                                  rope=rope_args, n_heads=hq)
         else:
             def attend(i, layer, lw, qkv):
-                q = s.q if s is not None else torch.empty(rows, hq, hd, device=x.device, dtype=torch.float32)
-                rope.qk_norm_rope_store(
-                    qkv, n_heads=hq, n_kv_heads=hkv, head_dim=hd, q_norm=lw.q_norm, k_norm=lw.k_norm,
-                    eps=spec.norm_eps, inv_freq=self.inv_freq[i], positions=positions, slots=slots,
-                    k_cache=cache.k[i], v_cache=cache.v[i], q_out=q,
-                )
-                return attention.prefill_attention(q, cache.k[i], cache.v[i], slot, seq_lens,
-                                                   scale=spec.softmax_scale, window=layer.sliding_window or 0,
-                                                   out=s.attn if s is not None else None)
-        return self._blocks(x, rows, s, attend)
+                a, c = self.shapes[i], self.shapes[i].cache_layer
+                q = self._rope_store(i, lw, qkv, positions, slots, cache,
+                                     q_out=_heads(s.q, hq, a.head_dim) if s is not None else None)
+                return attention.prefill_attention(q, cache.k[c], cache.v[c], slot, seq_lens,
+                                                   scale=spec.layer_softmax_scale(i), window=layer.sliding_window or 0,
+                                                   out=_heads(s.attn, hq, a.head_dim) if s is not None else None)
+        return self._blocks(x, ids, rows, s, attend)
 
-    def _blocks(self, x, rows: int, s, attend):
+    def _rope_store(self, i, lw, qkv, positions, slots, cache, q_out=None):
+        """Layer i's q/k(/v) norms, RoPE and KV write from its qkv rows; returns the rotated q [rows, Hq, D]."""
+        spec, a = self.spec, self.shapes[i]
+        return rope.qk_norm_rope_store(
+            qkv, n_heads=spec.n_heads, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, q_norm=lw.q_norm,
+            k_norm=lw.k_norm, eps=spec.norm_eps, inv_freq=self.inv_freq[i], positions=positions, slots=slots,
+            k_cache=cache.k[i], v_cache=cache.v[i], q_out=q_out, kv_in_row=a.kv_in_row, v_norm=spec.v_norm)
+
+    def _blocks(self, x, ids, rows: int, s, attend):
         """The transformer blocks on x (fp32 [rows, hidden]) in place; attend(i, layer, lw, qkv) stores layer
         i's keys and values from the fused qkv rows and returns the attention output [rows, Hq, D]. s: the
         static buffers of a decode step or prefill view, or None to allocate temporaries."""
-        spec = self.spec
+        spec, eps = self.spec, self.spec.norm_eps
         decode = isinstance(s, DecodeState)
         if rows <= DECODE_ROWS:
             lin = functools.partial(gemv.linear, workspace=s.workspace if s is not None else None)
@@ -263,35 +288,70 @@ class CudaBackend:
             lin = functools.partial(gemm.matmul, norm_out=s.norm_out)
         else:
             lin = gemm.matmul
-        hd, hq = spec.head_dim, spec.n_heads
+
+        def buf(name, width):
+            """The first `width` columns of the static buffer `name`, or a new fp32 [rows, width]."""
+            if s is None:
+                return torch.empty(rows, width, device=x.device, dtype=torch.float32)
+            return getattr(s, name)[:, :width]
+
+        per_layer = self._per_layer_inputs(ids, x, lin, buf) if spec.per_layer_dim else None
+        hidden = spec.hidden_size
         for i, (layer, lw) in enumerate(zip(spec.layers, self.w.layers)):
-            qkv = lin(x, lw.qkv, norm_weight=lw.attn_norm, eps=spec.norm_eps, out=s.qkv if s is not None else None)
-            a = attend(i, layer, lw, qkv).reshape(rows, hq * hd)
+            qkv = lin(x, lw.qkv, norm_weight=lw.attn_norm, eps=eps, out=buf("qkv", lw.qkv.n))
+            a = attend(i, layer, lw, qkv).flatten(1)
             if spec.sandwich_norm:
-                h = lin(a, lw.o, out=s.h if s is not None else None)
-                norm.add_rms_norm(x, h, lw.post_attn_norm, spec.norm_eps)
+                norm.add_rms_norm(x, lin(a, lw.o, out=buf("h", hidden)), lw.post_attn_norm, eps)
             else:
                 lin(a, lw.o, residual=x, out=x)
-            act = "silu" if spec.activation == "silu" else "gelu_tanh"
-            if lw.moe:
-                moe.block(x, lw.moe, lw.ffn_norm, spec.norm_eps, act, s.moe if decode else None)
-                continue
-            ff = lin(x, lw.gate_up, norm_weight=lw.ffn_norm, eps=spec.norm_eps, gated=act,
-                     out=s.ff if s is not None else None)
-            if spec.sandwich_norm:
-                h = lin(ff, lw.down, out=s.h if s is not None else None)
-                norm.add_rms_norm(x, h, lw.post_ffn_norm, spec.norm_eps)
-            else:
-                lin(ff, lw.down, residual=x, out=x)
+            # the layer output scale rides on the layer's last residual add
+            self._ffn(x, lw, lin, buf, s.moe if decode else None, lw.layer_scale if per_layer is None else None)
+            if per_layer is not None:
+                p = spec.per_layer_dim
+                g = gemma4_ops.gelu_gate(lin(x, lw.inp_gate, out=buf("ple_gate", p)), per_layer[:, i * p:(i + 1) * p])
+                norm.add_rms_norm(x, lin(g, lw.proj, out=buf("h", hidden)), lw.post_norm, eps, scale=lw.layer_scale)
         return x
+
+    def _ffn(self, x, lw, lin, buf, moe_buffers, scale):
+        """The MLP, the experts, or both side by side (Gemma 4), added to x in place (then x *= scale)."""
+        spec, eps = self.spec, self.spec.norm_eps
+        act = "silu" if spec.activation == "silu" else "gelu_tanh"
+        if lw.gate_up is None:  # experts alone (Qwen3-MoE): they add to x themselves
+            moe.block(x, lw.moe, lw.ffn_norm, eps, act, moe_buffers)
+            return
+        ff = lin(x, lw.gate_up, norm_weight=lw.ffn_norm, eps=eps, gated=act, out=buf("ff", lw.gate_up.n // 2))
+        if not spec.sandwich_norm:
+            lin(ff, lw.down, residual=x, out=x)
+            return
+        h = lin(ff, lw.down, out=buf("h", spec.hidden_size))
+        if lw.moe:  # the dense output and the experts' (on their own input norm), each normed, then summed
+            mix = norm.rms_norm(h, lw.post_ffn_norm_1, eps, out=buf("mix", spec.hidden_size))
+            experts = moe.block(x, lw.moe, lw.pre_ffn_norm_2, eps, act, moe_buffers, out=h)
+            h = norm.add_rms_norm(mix, experts, lw.post_ffn_norm_2, eps)
+        norm.add_rms_norm(x, h, lw.post_ffn_norm, eps, scale=scale)
+
+    def _per_layer_inputs(self, ids, x, lin, buf):
+        """Gemma 4's per-layer inputs [rows, L * P] of tokens ids with embeddings x: their own embedding rows
+        mixed with a normed projection of x (gemma4_ops.per_layer_inputs)."""
+        spec, w = self.spec, self.w
+        width = spec.n_layers * spec.per_layer_dim
+        own = gemv.embed_rows(ids, w.per_layer_embed, spec.per_layer_dim**0.5, out=buf("ple", width))
+        proj = lin(x, w.per_layer_proj, out=buf("ple_proj", width))
+        return gemma4_ops.per_layer_inputs(proj, own, w.per_layer_norm, spec.norm_eps, spec.hidden_size**-0.5)
+
+    def _logits(self, x, lin, out=None):
+        """fp32 logits of the final hidden rows x, softcapped where the model says."""
+        logits = lin(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps, out=out)
+        if self.spec.final_softcap:
+            gemma4_ops.softcap_(logits, self.spec.final_softcap)
+        return logits
 
     def _decode_step(self, s: DecodeState, cache):
         """One token per row through the model, entirely from the static buffers (what a graph captures);
         it ends by making its chosen tokens the next step's inputs, so steps can be queued back to back."""
         gemv.embed_rows(s.tokens, self.w.embed, self.spec.embed_scale, out=s.x)
-        self._layers(s.x, cache, None, s.seq_lens, s.slots, s.batch, s)
-        _linear_for(s.batch, s)(s.x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps,
-                                out=s.logits)
+        self._layers(s.x, s.tokens, cache, None, s.seq_lens, s.slots, s.batch, s)
+        self._logits(s.x, _linear_for(s.batch, s), out=s.logits)
         sampling.argmax(s.logits, out=s.next_ids, workspace=s.argmax_ws)
         s.advance()
 
@@ -308,28 +368,24 @@ class CudaBackend:
             rows = prefill.bucket_for(T, min(p.rows, cache.max_context - start)) if self.use_graph else None
             return self._prefill_chunk(tokens, cache, rows or T, graph=rows is not None)
         dev = self.device
-        ids = tokens.to(dev)
+        ids = tokens.to(device=dev, dtype=torch.int32)
         x = gemv.embed_rows(ids, self.w.embed, self.spec.embed_scale,
                             out=torch.empty(T, self.spec.hidden_size, device=dev, dtype=torch.float32))
         positions = torch.arange(start, start + T, device=dev, dtype=torch.int32)
         slots = torch.full((T,), slot, device=dev, dtype=torch.int32)
         span = torch.tensor([start, T], device=dev, dtype=torch.int32)
-        self._layers(x, cache, positions, span, slots, T, None, slot)
+        self._layers(x, ids, cache, positions, span, slots, T, None, slot)
         cache.lengths[slot] = start + T
         if last_only:
             x = x[-1:]
-        return _linear_for(x.shape[0])(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps)
+        return self._logits(x, _linear_for(x.shape[0]))
 
     # -- several sequences through a paged KV cache (the server's continuous batching) ---------------------
-    def _cache_shapes(self) -> list[tuple[int, int]]:
-        s = self.spec
-        return [(s.n_kv_heads, s.head_dim)] * s.n_layers
-
     def new_paged_cache(self, n_blocks: int, block_size: int) -> PagedKVCache:
-        return PagedKVCache(self._cache_shapes(), n_blocks, block_size, self.device, self.dtype)
+        return PagedKVCache(self.spec.kv_cache_shapes(), n_blocks, block_size, self.device, self.dtype)
 
     def paged_block_bytes(self, block_size: int) -> int:
-        return PagedKVCache.block_bytes(self._cache_shapes(), block_size, self.dtype)
+        return PagedKVCache.block_bytes(self.spec.kv_cache_shapes(), block_size, self.dtype)
 
     @torch.inference_mode()
     def forward_paged(self, seqs: list[tuple[list[int], int, list[int]]], cache: PagedKVCache) -> torch.Tensor:
@@ -338,7 +394,6 @@ class CudaBackend:
         through their block tables, each longer chunk attends alone over its blocks gathered in order.
         Returns fp32 logits (len(seqs), vocab) of each sequence's last new token."""
         spec, dev, bs = self.spec, self.device, cache.block_size
-        hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         ids, pos, slot, last, decode, chunks = [], [], [], [], [], []
         for tokens, start, table in seqs:
             end = start + len(tokens)
@@ -366,27 +421,25 @@ class CudaBackend:
         chunk_tables = [torch.tensor(t, device=dev) for *_, t in chunks]
 
         def attend(i, layer, lw, qkv):
-            q = rope.qk_norm_rope_store(
-                qkv, n_heads=hq, n_kv_heads=hkv, head_dim=hd, q_norm=lw.q_norm, k_norm=lw.k_norm,
-                eps=spec.norm_eps, inv_freq=self.inv_freq[i], positions=positions, slots=slots,
-                k_cache=cache.k[i], v_cache=cache.v[i])
+            q = self._rope_store(i, lw, qkv, positions, slots, cache)
+            c, scale = self.shapes[i].cache_layer, spec.layer_softmax_scale(i)
             out = torch.empty_like(q)
             window = layer.sliding_window or 0
             if decode:
-                out[rows] = paged_decode_attention(q[rows], cache.k[i], cache.v[i], tables, lens,
-                                                   scale=spec.softmax_scale, window=window)
+                out[rows] = paged_decode_attention(q[rows], cache.k[c], cache.v[c], tables, lens,
+                                                   scale=scale, window=window)
             for (r0, r1, start, _), t in zip(chunks, chunk_tables):
                 # the sequence's positions in order, as a one-slot contiguous cache
-                k = cache.k[i].index_select(0, t).flatten(0, 1)[None]
-                v = cache.v[i].index_select(0, t).flatten(0, 1)[None]
-                attention.prefill_attention(q[r0:r1], k, v, 0, start, scale=spec.softmax_scale, window=window,
-                                            out=out[r0:r1])
+                k = cache.k[c].index_select(0, t).flatten(0, 1)[None]
+                v = cache.v[c].index_select(0, t).flatten(0, 1)[None]
+                attention.prefill_attention(q[r0:r1], k, v, 0, start, scale=scale, window=window, out=out[r0:r1])
             return out
 
-        x = gemv.embed_rows(torch.tensor(ids, dtype=torch.int32, device=dev), self.w.embed, spec.embed_scale)
-        self._blocks(x, T, None, attend)
+        ids = torch.tensor(ids, dtype=torch.int32, device=dev)
+        x = gemv.embed_rows(ids, self.w.embed, spec.embed_scale)
+        self._blocks(x, ids, T, None, attend)
         x = x[torch.tensor(last, device=dev)]
-        return _linear_for(x.shape[0])(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=spec.norm_eps)
+        return self._logits(x, _linear_for(x.shape[0]))
 
     # -- prefill from static buffers and graphs -----------------------------------------------------------------
     def _prefill_chunk(self, tokens: torch.Tensor, cache: CudaKVCache, rows: int, graph: bool) -> torch.Tensor:
@@ -411,10 +464,9 @@ class CudaBackend:
         """One chunk through the model from a prefill view: everything it varies by is read on the device."""
         gemv.embed_rows(b.ids, self.w.embed, self.spec.embed_scale, out=b.x)
         torch.add(b.arange, b.span[0], out=b.positions)
-        self._layers(b.x, cache, b.positions, b.span, b.slots, b.rows, b)
+        self._layers(b.x, b.ids, cache, b.positions, b.span, b.slots, b.rows, b)
         torch.index_select(b.x, 0, b.last, out=b.x_last)
-        gemv.linear(b.x_last, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps,
-                    out=b.logits, workspace=b.workspace)
+        self._logits(b.x_last, functools.partial(gemv.linear, workspace=b.workspace), out=b.logits)
 
     # -- decode ------------------------------------------------------------------------------------------------
     def _bucket(self, n: int) -> DecodeState:

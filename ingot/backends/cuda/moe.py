@@ -6,7 +6,8 @@ for the host (the decode step stays capturable in a CUDA graph).
 - Router (one kernel): the logits x' @ R^T (R small, kept f16/fp32) with the RMSNorm folded in, tiled over
   rows and experts so that even one row's read of R is spread over many SMs (one program per row read all of
   R: 84 us a layer on the H200); the last tile of a row block to finish then does the rows' softmax, top-k
-  by repeated argmax, and the renormalisation of the k weights (norm_topk_prob).
+  by repeated argmax, the renormalisation of the k weights (norm_topk_prob), and Gemma 4's per-expert scale
+  of them. Gemma 4's router normalises x with its own weight (router_norm), not the experts' norm.
 - Decode (1..32 rows): one program per (row, choice) pair and slice of the expert's F rows computes gate and
   up for that pair's expert alone (the RMSNorm in its prologue as in gemv), writing act(g) * u; then one
   program per row and slice of the hidden size computes its k experts' down projections together and sums
@@ -46,6 +47,8 @@ class MoEWeights:
     down: PackedLinear  # [E * H, F]
     top_k: int
     norm_topk: bool
+    router_norm: torch.Tensor | None = None  # fp32 [H]: the router's own input norm weight (else the block's)
+    expert_scale: torch.Tensor | None = None  # fp32 [E]: each chosen expert's weight is multiplied by its entry
 
     def __post_init__(self):
         e, h = self.router.shape
@@ -89,14 +92,14 @@ def stack_gate_up(gate: PackedLinear, up: PackedLinear, n_experts: int) -> Packe
 
 
 @triton.jit
-def _router_kernel(x_ptr, nw_ptr, r_ptr, logits_ptr, cnt_ptr, ids_ptr, wts_ptr, T, K, E, stride_xm, eps,
-                   TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, E_ALL: tl.constexpr):
+def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, wts_ptr, T, K, E, stride_xm, eps,
+                   TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr, EXPERT_SCALE: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, E_ALL: tl.constexpr):
     """One [BLOCK_T rows, BLOCK_E experts] tile of the logits (rms_norm(x) * nw) @ R^T in fp32 FMAs (the
     reference's sums: no tensor-core rounding that could flip a near-tied expert), stored to the workspace;
     the row block's last tile to finish (an atomic ticket, as gemv's split-K) then takes the block's whole
     logit rows through the softmax, the top-k by repeated argmax (the lowest id among equals) and the
-    renormalisation, and puts the counter back to 0."""
+    renormalisation (then Gemma 4's per-expert scale), and puts the counter back to 0."""
     pid_t, pid_e = tl.program_id(0), tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -140,6 +143,8 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, logits_ptr, cnt_ptr, ids_ptr, wts_ptr, 
             p = tl.where(ea[None, :] == idx[:, None], -2.0, p)
         if NORM_TOPK:
             top_w = top_w / tl.maximum(tl.sum(top_w, axis=1), 1e-30)[:, None]
+        if EXPERT_SCALE:
+            top_w = top_w * tl.load(es_ptr + top_i)
         out = t.to(tl.int64)[:, None] * TOP_K + j[None, :]
         ok = t_ok[:, None] & (j < TOP_K)[None, :]
         tl.store(ids_ptr + out, top_i, mask=ok)
@@ -160,9 +165,10 @@ def _router_tiles(t: int, e: int) -> tuple[int, int, int]:
 def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, *,
           ids: torch.Tensor | None = None, weights: torch.Tensor | None = None,
           logits: torch.Tensor | None = None, counters: torch.Tensor | None = None):
-    """Expert ids (int32 [T, k]) and routing weights (fp32 [T, k]) of rows x (fp32/fp16 [T, H]). `logits`
-    (fp32 [T, E]) and `counters` (int32, one per BLOCK_T rows, zero) are the router's workspace: a captured
-    step passes its own (the counters are back at zero after each call), else they are allocated."""
+    """Expert ids (int32 [T, k]) and routing weights (fp32 [T, k]) of rows x (fp32/fp16 [T, H]), normed by
+    w.router_norm where the model has one, else by norm_weight. `logits` (fp32 [T, E]) and `counters` (int32,
+    one per BLOCK_T rows, zero) are the router's workspace: a captured step passes its own (the counters are
+    back at zero after each call), else they are allocated."""
     t, h = x.shape
     if h != w.hidden or x.stride(1) != 1:
         raise ValueError(f"x of shape {tuple(x.shape)} (row stride 1 needed) does not match hidden {w.hidden}")
@@ -177,10 +183,12 @@ def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float,
     assert logits.shape == (t, e) and logits.dtype == torch.float32 and logits.is_contiguous()
     assert counters.numel() >= triton.cdiv(t, bt) and counters.dtype == torch.int32
     if t:
+        nw = w.router_norm if w.router_norm is not None else norm_weight
+        es = w.expert_scale if w.expert_scale is not None else weights
         _router_kernel[(triton.cdiv(t, bt), triton.cdiv(e, be))](
-            x, norm_weight, w.router, logits, counters, ids, weights, t, h, e, x.stride(0), float(eps),
-            TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk,
-            E_ALL=triton.next_power_of_2(e), num_warps=4)
+            x, nw, w.router, es, logits, counters, ids, weights, t, h, e, x.stride(0), float(eps),
+            TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, EXPERT_SCALE=w.expert_scale is not None,
+            BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, E_ALL=triton.next_power_of_2(e), num_warps=4)
     return ids, weights
 
 
@@ -229,8 +237,9 @@ def _expert_gate_up_kernel(x_ptr, nw_ptr, ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr
 def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, out_ptr, N, K,
                         stride_rm, stride_om,
                         TOP_K: tl.constexpr, KP: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
-                        HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[row, n] = res[row, n] + sum over choices c of w_c * (down of expert e_c @ h[pair c])[n]. The tile
+                        HAS_MIN: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """out[row, n] = [res[row, n] +] sum over choices c of w_c * (down of expert e_c @ h[pair c])[n]. The tile
     holds all the row's experts at once (KP * BLOCK_N weight rows, choice-major), so their loads are in
     flight together rather than one expert after another; the weighted sum over choices is a fixed-order
     tree reduction (deterministic)."""
@@ -259,7 +268,8 @@ def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, 
     total = tl.sum(tl.reshape(acc, (KP, BLOCK_N)), axis=0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r64 = row.to(tl.int64)
-    total += tl.load(res_ptr + r64 * stride_rm + cols, mask=cols < N, other=0.0)
+    if HAS_RES:
+        total += tl.load(res_ptr + r64 * stride_rm + cols, mask=cols < N, other=0.0)
     tl.store(out_ptr + r64 * stride_om + cols, total, mask=cols < N)
 
 
@@ -302,15 +312,17 @@ DOWN_BLOCK_K = 128  # the tile holds k experts' rows: a shorter K step keeps it 
 
 
 def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
-                 buffers: DecodeBuffers | None = None, block_n: tuple[int, int] = (GATE_UP_BLOCK_N, DOWN_BLOCK_N)
-                 ) -> torch.Tensor:
-    """x (fp32 [T, H], T <= 32) += the MoE block of x, reading only the selected experts' weights.
+                 buffers: DecodeBuffers | None = None, block_n: tuple[int, int] = (GATE_UP_BLOCK_N, DOWN_BLOCK_N),
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (fp32 [T, H], T <= 32) += the MoE block of x, reading only the selected experts' weights; with `out`
+    (fp32 [T, H]) the block's output goes there instead and x is left as it is.
     block_n: rows per program of the gate/up and the down kernel (the interpreter tests use larger ones)."""
     t, h = x.shape
     if not 1 <= t <= MAX_DECODE_ROWS:
         raise ValueError(f"the decode MoE path takes 1..{MAX_DECODE_ROWS} rows, got {t}")
     if x.dtype != torch.float32 or x.stride(1) != 1:
         raise ValueError("x must be fp32 with contiguous rows (it is updated in place)")
+    out = _check_out(x, out)
     k, f = w.top_k, w.ffn
     buffers = buffers or DecodeBuffers.for_layers([w], t, x.device)
     ids, wts = buffers.ids[:t, :k], buffers.weights[:t, :k]
@@ -325,9 +337,18 @@ def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps:
         TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n[0], num_warps=4, **flags)
     ptrs, flags = _gemv_flags(w.down, DOWN_BLOCK_K)
     _expert_down_kernel[(t, triton.cdiv(h, block_n[1]))](
-        ff, ids, wts, *ptrs, x, x, h, f, x.stride(0), x.stride(0),
-        TOP_K=k, KP=triton.next_power_of_2(k), BLOCK_N=block_n[1], num_warps=4, **flags)
-    return x
+        ff, ids, wts, *ptrs, x, out, h, f, x.stride(0), out.stride(0),
+        TOP_K=k, KP=triton.next_power_of_2(k), HAS_RES=out is x, BLOCK_N=block_n[1], num_warps=4, **flags)
+    return out
+
+
+def _check_out(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """x itself (the block adds to it), or a separate fp32 output of x's shape."""
+    if out is None:
+        return x
+    if out.shape != x.shape or out.dtype != torch.float32 or out.stride(1) != 1:
+        raise ValueError(f"out must be fp32 {tuple(x.shape)} with contiguous rows")
+    return out
 
 
 # ---------------------------------------------------------------- prefill: grouped GEMMs over all experts
@@ -417,12 +438,15 @@ def _grouped_gemm_kernel(x_ptr, pair_ptr, tile_expert_ptr, wts_ptr, qw_ptr, s_pt
 
 @triton.jit
 def _combine_kernel(y_ptr, res_ptr, out_ptr, N, stride_rm, stride_om, TOP_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """out[row] = res[row] + sum over its TOP_K pairs of y[pair], in choice order (deterministic)."""
+                    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[row] = [res[row] +] sum over its TOP_K pairs of y[pair], in choice order (deterministic)."""
     row = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = n < N
-    acc = tl.load(res_ptr + row * stride_rm + n, mask=ok, other=0.0)
+    if HAS_RES:
+        acc = tl.load(res_ptr + row * stride_rm + n, mask=ok, other=0.0)
+    else:
+        acc = tl.zeros((BLOCK_N,), tl.float32)
     for c in tl.static_range(TOP_K):
         acc += tl.load(y_ptr + (row * TOP_K + c) * N + n, mask=ok, other=0.0)
     tl.store(out_ptr + row * stride_om + n, acc, mask=ok)
@@ -455,13 +479,15 @@ def _grouped_gemm(a, groups: Groups, w: PackedLinear, out, *, n_out: int, rows_p
 
 
 def prefill_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
-                  tiles: dict | None = None) -> torch.Tensor:
-    """x (fp32 [T, H]) += the MoE block of x, for any number of rows, by grouped GEMMs over the experts."""
+                  tiles: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (fp32 [T, H]) += the MoE block of x, for any number of rows, by grouped GEMMs over the experts (into
+    `out` instead, as in decode_block, where it is given)."""
     t, h = x.shape
     if x.dtype != torch.float32 or x.stride(1) != 1 or h != w.hidden:
         raise ValueError(f"x must be fp32 [T, {w.hidden}] with contiguous rows (it is updated in place)")
+    out = _check_out(x, out)
     if t == 0:
-        return x
+        return out
     k, f, e = w.top_k, w.ffn, w.n_experts
     ids, wts = route(x, w, norm_weight, eps)
     block_m = (tiles or {}).get("BLOCK_M", prefill_tiles(w.down.kind, w.down.group, False)["BLOCK_M"])
@@ -474,14 +500,15 @@ def prefill_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps
     _grouped_gemm(ff, groups, w.down, y, n_out=h, rows_per_expert=h, top_k=k, gather=False, act=None,
                   weights=wts, tiles=tiles)
     block_n = min(1024, triton.next_power_of_2(h))
-    _combine_kernel[(t, triton.cdiv(h, block_n))](y, x, x, h, x.stride(0), x.stride(0), TOP_K=k, BLOCK_N=block_n)
-    return x
+    _combine_kernel[(t, triton.cdiv(h, block_n))](y, x, out, h, x.stride(0), out.stride(0), TOP_K=k,
+                                                   HAS_RES=out is x, BLOCK_N=block_n)
+    return out
 
 
 def block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
-          buffers: DecodeBuffers | None = None) -> torch.Tensor:
-    """The MoE block on x in place: the selected-experts kernels for up to 32 rows (or whenever decode
-    buffers are given), the grouped GEMMs beyond."""
+          buffers: DecodeBuffers | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE block on x in place (into `out` where given): the selected-experts kernels for up to 32 rows
+    (or whenever decode buffers are given), the grouped GEMMs beyond."""
     if buffers is not None or x.shape[0] <= MAX_DECODE_ROWS:
-        return decode_block(x, w, norm_weight, eps, act, buffers)
-    return prefill_block(x, w, norm_weight, eps, act)
+        return decode_block(x, w, norm_weight, eps, act, buffers, out=out)
+    return prefill_block(x, w, norm_weight, eps, act, out=out)

@@ -14,9 +14,11 @@ MAX_ONE_PASS = 16384
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, x_stride, w_ptr, res_ptr, res_stride, out_ptr, out_stride, K, eps,
-                     ADD: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
-    # ADD: res += norm(x) * w in place (Gemma's sandwich norms); otherwise out = norm(x) * w.
+def _rms_norm_kernel(x_ptr, x_stride, w_ptr, res_ptr, res_stride, out_ptr, out_stride, scale_ptr, K, eps,
+                     ADD: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+    # ADD: res += norm(x) * w in place (Gemma's sandwich norms), then with SCALE res *= scale_ptr[0] (Gemma 4's
+    # layer output scale); otherwise out = norm(x) * w.
+    scale = tl.load(scale_ptr).to(tl.float32) if SCALE else 1.0
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     offs = tl.arange(0, BLOCK)
@@ -27,7 +29,7 @@ def _rms_norm_kernel(x_ptr, x_stride, w_ptr, res_ptr, res_stride, out_ptr, out_s
         y = x * inv * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if ADD:
             r_ptrs = res_ptr + row * res_stride + offs
-            tl.store(r_ptrs, tl.load(r_ptrs, mask=mask, other=0.0) + y, mask=mask)
+            tl.store(r_ptrs, (tl.load(r_ptrs, mask=mask, other=0.0) + y) * scale, mask=mask)
         else:
             o_ptrs = out_ptr + row * out_stride + offs
             tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -44,13 +46,13 @@ def _rms_norm_kernel(x_ptr, x_stride, w_ptr, res_ptr, res_stride, out_ptr, out_s
             y = x * inv * tl.load(w_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
             if ADD:
                 r_ptrs = res_ptr + row * res_stride + start + offs
-                tl.store(r_ptrs, tl.load(r_ptrs, mask=mask, other=0.0) + y, mask=mask)
+                tl.store(r_ptrs, (tl.load(r_ptrs, mask=mask, other=0.0) + y) * scale, mask=mask)
             else:
                 o_ptrs = out_ptr + row * out_stride + start + offs
                 tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x, w, eps, res, out, block):
+def _launch(x, w, eps, res, out, block, scale=None):
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be 2-D with contiguous rows, got shape {tuple(x.shape)} strides {x.stride()}")
     M, K = x.shape
@@ -67,8 +69,8 @@ def _launch(x, w, eps, res, out, block):
     other = target
     _rms_norm_kernel[(M,)](
         x, x.stride(0), w, res if res is not None else other, target.stride(0),
-        out if out is not None else other, target.stride(0), K, float(eps),
-        ADD=res is not None, BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps)
+        out if out is not None else other, target.stride(0), scale if scale is not None else w, K, float(eps),
+        ADD=res is not None, SCALE=scale is not None, BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None,
@@ -83,12 +85,15 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | N
 
 
 def add_rms_norm(residual: torch.Tensor, h: torch.Tensor, w: torch.Tensor, eps: float,
-                 block: int | None = None) -> torch.Tensor:
+                 block: int | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """residual += rms_norm(h) * w in place (residual fp32 [M, K], h fp32 or fp16): Gemma's post-attention
-    and post-MLP norms fused with the residual add. Returns residual."""
+    and post-MLP norms fused with the residual add; then residual *= scale[0] where a one-element scale is
+    given (Gemma 4's layer output scale, read on the device). Returns residual."""
     if residual.dtype != torch.float32:
         raise ValueError(f"the residual stream must be float32, got {residual.dtype}")
-    _launch(h, w, eps, residual, None, block)
+    if scale is not None and scale.numel() != 1:
+        raise ValueError(f"scale must hold one value, got shape {tuple(scale.shape)}")
+    _launch(h, w, eps, residual, None, block, scale)
     return residual
 
 

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ingot.backends.cuda import gemv
+from ingot.backends.cuda import layout
 from ingot.models.base import ModelSpec
 
 BUCKETS = (16, 32, 64, 128, 256, 384, 512)
@@ -33,25 +33,21 @@ def bucket_for(n: int, limit: int) -> int | None:
 
 
 def _shapes(spec: ModelSpec, rows: int, vocab: int) -> dict:
-    """name: (shape, dtype) of every per-row buffer a chunk of up to `rows` tokens uses."""
+    """name: (shape, dtype) of every per-row buffer a chunk of up to `rows` tokens uses (the activations at
+    the widest layer's widths: layout.row_widths)."""
     f32, i32 = torch.float32, torch.int32
-    hd, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+    widths = layout.row_widths(spec)
     shapes = {
         "inputs": ((3 + rows,), i32),  # start, real count, last real row, then the token ids
         "arange": ((rows,), i32),
         "positions": ((rows,), i32),
         "slots": ((rows,), i32),
-        "x": ((rows, spec.hidden_size), f32),
-        "qkv": ((rows, (hq + 2 * hkv) * hd), f32),
-        "q": ((rows, hq, hd), f32),
-        "attn": ((rows, hq, hd), f32),
-        "ff": ((rows, spec.intermediate_size), f32),
+        "q": ((rows, widths["attn"]), f32),  # the rotated queries, heads side by side
+        **{name: ((rows, w), f32) for name, w in widths.items()},
         "norm_out": ((rows, spec.hidden_size), torch.float16),  # the GEMM's RMSNorm prologue
         "x_last": ((1, spec.hidden_size), f32),
         "logits": ((1, vocab), f32),
     }
-    if spec.sandwich_norm:
-        shapes["h"] = ((rows, spec.hidden_size), f32)
     return shapes
 
 
@@ -80,15 +76,10 @@ class PrefillBuffers:
             setattr(self, name, torch.zeros(shape, device=device, dtype=dtype))
         torch.arange(self.rows, out=self.arange)
         # One split-K workspace for the largest GEMV a chunk runs: lm_head on the last row, and every layer's
-        # linears at the 16-row bucket.
-        gated = "silu" if spec.activation == "silu" else "gelu_tanh"
-        m = min(self.rows, BUCKETS[0])
-        need = [gemv.workspace_numel(weights.lm_head, 1)]
-        for lw in weights.layers:
-            need += [gemv.workspace_numel(lw.qkv, m), gemv.workspace_numel(lw.o, m)]
-            if not lw.moe:  # MoE blocks bring their own buffers
-                need += [gemv.workspace_numel(lw.gate_up, m, gated=gated), gemv.workspace_numel(lw.down, m)]
-        self.workspace = torch.zeros(max(max(need), 1), device=device, dtype=torch.float32)  # ticket counters at 0
+        # linears at the 16-row bucket (MoE blocks bring their own buffers).
+        need = weights.workspace_numel(min(self.rows, BUCKETS[0]), lm_head_rows=1)
+        self.workspace = torch.zeros(need, device=device, dtype=torch.float32)  # ticket counters at 0
+        self.per_row = [n for n in _shapes(spec, 1, 1) if n not in ("inputs", "arange", "x_last", "logits")]
 
     @property
     def nbytes(self) -> int:
@@ -112,8 +103,7 @@ class PrefillBuffers:
         """The first `rows` rows of every buffer, under the names the model's layers look for."""
         if not 0 < rows <= self.rows:
             raise ValueError(f"a step of {rows} rows does not fit the {self.rows} rows of the prefill buffers")
-        per_row = ("positions", "slots", "x", "qkv", "q", "attn", "ff", "norm_out", "h")
-        v = SimpleNamespace(**{n: getattr(self, n)[:rows] for n in per_row if hasattr(self, n)})
+        v = SimpleNamespace(**{n: getattr(self, n)[:rows] for n in self.per_row})
         v.span, v.last, v.ids = self.inputs[0:2], self.inputs[2:3], self.inputs[3 : 3 + rows]
         v.arange, v.x_last, v.logits, v.workspace = self.arange[:rows], self.x_last, self.logits, self.workspace
         v.rows = rows

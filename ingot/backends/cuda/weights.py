@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ingot.backends.cuda import gemv
 from ingot.backends.cuda.moe import MoEWeights, stack_gate_up
 from ingot.errors import IngotError
 from ingot.models.base import ModelSpec
@@ -17,16 +18,25 @@ from ingot.quant import pack
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor
-    qkv: pack.PackedLinear
+    qkv: pack.PackedLinear  # q, then k and v where the layer has them (layout.AttnShape.kv_in_row)
     o: pack.PackedLinear
     ffn_norm: torch.Tensor
-    gate_up: pack.PackedLinear | None  # None in a mixture-of-experts layer, which has `moe` instead
+    gate_up: pack.PackedLinear | None  # None in a mixture-of-experts layer without a dense MLP beside it
     down: pack.PackedLinear | None
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     post_attn_norm: torch.Tensor | None = None
     post_ffn_norm: torch.Tensor | None = None
     moe: MoEWeights | None = None
+    # Gemma 4's experts beside the dense MLP: the dense output's norm, the experts' input and output norms
+    post_ffn_norm_1: torch.Tensor | None = None
+    pre_ffn_norm_2: torch.Tensor | None = None
+    post_ffn_norm_2: torch.Tensor | None = None
+    # Gemma 4's per-layer input: its gate [P, H], the projection back [H, P] and that projection's norm
+    inp_gate: pack.PackedLinear | None = None
+    proj: pack.PackedLinear | None = None
+    post_norm: torch.Tensor | None = None
+    layer_scale: torch.Tensor | None = None  # fp32 [1]: the layer's output is multiplied by it (Gemma 4)
 
 
 @dataclass
@@ -36,22 +46,44 @@ class ModelWeights:
     output_norm: torch.Tensor
     layers: list[LayerWeights] = field(default_factory=list)
     arena_bytes: int = 0
+    # Gemma 4's per-layer inputs: their token embedding [V, L * P], the projection of the main embedding
+    # [L * P, H] and its per-slice norm [P]
+    per_layer_embed: pack.PackedLinear | None = None
+    per_layer_proj: pack.PackedLinear | None = None
+    per_layer_norm: torch.Tensor | None = None
+
+    def layer_linears(self, l: LayerWeights):
+        """A layer's dense linears (the experts aside)."""
+        return [p for p in (l.qkv, l.o, l.gate_up, l.down, l.inp_gate, l.proj) if p is not None]
 
     def linears(self):
         yield self.lm_head
         if self.embed is not self.lm_head:
             yield self.embed
+        yield from (p for p in (self.per_layer_embed, self.per_layer_proj) if p is not None)
         for l in self.layers:
-            yield from (p for p in (l.qkv, l.o, l.gate_up, l.down) if p is not None)
+            yield from self.layer_linears(l)
             if l.moe:
                 yield from (l.moe.gate_up, l.moe.down)
 
+    def workspace_numel(self, m: int, lm_head_rows: int) -> int:
+        """The split-K workspace the largest GEMV of a step needs: every layer's linears at m rows, the
+        lm_head at lm_head_rows (so one workspace serves the whole step and no call allocates)."""
+        need = [gemv.workspace_numel(self.lm_head, lm_head_rows)]
+        if self.per_layer_proj is not None:
+            need.append(gemv.workspace_numel(self.per_layer_proj, m))
+        for l in self.layers:
+            need += [gemv.workspace_numel(p, m, gated="silu" if p is l.gate_up else None)
+                     for p in self.layer_linears(l)]
+        return max(max(need), 1)
+
     def decode_bytes_per_token(self) -> int:
-        """Weight bytes one decode step reads: every linear once, of the embedding table one row, and of a
+        """Weight bytes one decode step reads: every linear once, of the embedding tables one row, and of a
         mixture-of-experts layer the router and the k experts a token uses."""
         total = sum(p.nbytes for p in self.linears())
-        if self.embed is not self.lm_head:
-            total -= self.embed.nbytes - self.embed.nbytes // self.embed.n
+        for table in (self.embed, self.per_layer_embed):
+            if table is not None and table is not self.lm_head:
+                total -= table.nbytes - table.nbytes // table.n
         total += sum(t.numel() * t.element_size() for l in self.layers for t in _norms(l))
         for l in self.layers:
             if l.moe:
@@ -60,7 +92,8 @@ class ModelWeights:
 
 
 def _norms(l: LayerWeights):
-    return [t for t in (l.attn_norm, l.ffn_norm, l.q_norm, l.k_norm, l.post_attn_norm, l.post_ffn_norm)
+    return [t for t in (l.attn_norm, l.ffn_norm, l.q_norm, l.k_norm, l.post_attn_norm, l.post_ffn_norm,
+                        l.post_ffn_norm_1, l.pre_ffn_norm_2, l.post_ffn_norm_2, l.post_norm, l.layer_scale)
             if t is not None]
 
 
@@ -109,8 +142,9 @@ def check_fits(need: dict[str, int], free: int, device) -> None:
 
 
 def kv_cache_bytes(spec: ModelSpec, max_context: int, max_batch: int = 1) -> int:
-    """fp16 keys and values for every layer, as CudaKVCache allocates them."""
-    return 2 * spec.n_layers * max_batch * max_context * spec.n_kv_heads * spec.head_dim * 2
+    """fp16 keys and values for every layer that keeps its own, as CudaKVCache allocates them."""
+    per_position = sum(kv * hd for kv, hd in (s for s in spec.kv_cache_shapes() if s is not None))
+    return 2 * max_batch * max_context * per_position * 2
 
 
 def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progress: bool | None = None,
@@ -145,27 +179,46 @@ def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progre
 
     def experts(p, moe):
         gate, up = linear(p + "ffn_gate_exps.weight"), linear(p + "ffn_up_exps.weight")
+        scales = {}
+        if moe.router_scales:  # Gemma 4: the router's input is normed with scale / sqrt(hidden), not ffn_norm
+            scales = dict(router_norm=norm(p + "ffn_gate_inp_scale.weight") * spec.hidden_size**-0.5,
+                          expert_scale=norm(p + "ffn_exp_scale.weight"))
         return MoEWeights(router=router(p + "ffn_gate_inp.weight"), gate_up=stack_gate_up(gate, up, moe.n_experts),
-                          down=linear(p + "ffn_down_exps.weight"), top_k=moe.top_k, norm_topk=moe.norm_topk_prob)
+                          down=linear(p + "ffn_down_exps.weight"), top_k=moe.top_k, norm_topk=moe.norm_topk_prob,
+                          **scales)
 
     embed = linear("token_embd.weight")
     lm_head = embed if spec.tie_embeddings else linear("output.weight")
     w = ModelWeights(embed=embed, lm_head=lm_head, output_norm=norm("output_norm.weight"))
+    if spec.per_layer_dim:
+        w.per_layer_embed = linear("per_layer_token_embd.weight")
+        w.per_layer_proj = linear("per_layer_model_proj.weight")
+        w.per_layer_norm = norm("per_layer_proj_norm.weight")
     for i, layer in enumerate(spec.layers):
         p = f"blk.{i}."
         moe = layer.moe
+        dense = moe is None or moe.parallel_dense
+        attn = ["attn_q"] + (["attn_k"] if layer.kv_source is None else []) + \
+            (["attn_v"] if layer.kv_source is None and not layer.k_eq_v else [])
         w.layers.append(LayerWeights(
             attn_norm=norm(p + "attn_norm.weight"),
-            qkv=linear(p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"),
+            qkv=linear(*(p + n + ".weight" for n in attn)),
             o=linear(p + "attn_output.weight"),
             ffn_norm=norm(p + "ffn_norm.weight"),
-            gate_up=None if moe else linear(p + "ffn_gate.weight", p + "ffn_up.weight"),
-            down=None if moe else linear(p + "ffn_down.weight"),
+            gate_up=linear(p + "ffn_gate.weight", p + "ffn_up.weight") if dense else None,
+            down=linear(p + "ffn_down.weight") if dense else None,
             moe=experts(p, moe) if moe else None,
             q_norm=norm(p + "attn_q_norm.weight"),
             k_norm=norm(p + "attn_k_norm.weight"),
             post_attn_norm=norm(p + "post_attention_norm.weight"),
             post_ffn_norm=norm(p + "post_ffw_norm.weight"),
+            post_ffn_norm_1=norm(p + "post_ffw_norm_1.weight"),
+            pre_ffn_norm_2=norm(p + "pre_ffw_norm_2.weight"),
+            post_ffn_norm_2=norm(p + "post_ffw_norm_2.weight"),
+            inp_gate=linear(p + "inp_gate.weight") if spec.per_layer_dim else None,
+            proj=linear(p + "proj.weight") if spec.per_layer_dim else None,
+            post_norm=norm(p + "post_norm.weight"),
+            layer_scale=norm(p + "layer_output_scale.weight"),
         ))
     bar.close()
     return _to_arena(w, torch.device(device), reserve or {}, progress)
