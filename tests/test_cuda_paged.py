@@ -20,7 +20,9 @@ def test_mixed_steps_match_reference(pair):
     rng = random.Random(0)
     prompts = [[rng.randrange(128) for _ in range(n)] for n in (9, 3, 17)]
     cache = backend.new_paged_cache(32, bs)
-    assert cache.k[0].dtype == torch.float16 and cache.k[0].shape == (32, bs, fast.spec.n_kv_heads, fast.spec.head_dim)
+    # 32 blocks for sequences and a spare one for the padding rows of a decode step's batch bucket
+    assert cache.k[0].dtype == torch.float16 and cache.k[0].shape == (33, bs, fast.spec.n_kv_heads, fast.spec.head_dim)
+    assert cache.spare_block == 32
     free = list(range(32))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(-(-len(p) // bs))] for p in prompts]

@@ -36,6 +36,11 @@ DECODE_ROWS = 8
 # INGOT_MOE_PREFILL_GRAPH=0 runs them eagerly (the A/B of benchmarks/device_check.sh ab).
 MOE_PREFILL_GRAPH = os.environ.get("INGOT_MOE_PREFILL_GRAPH", "1") != "0"
 
+# The server's decode-only paged steps from static buffers, replayed as a CUDA graph per (batch bucket, block
+# table width); eagerly, a step of Llama-3.2-1B launches ~150 kernels from Python. INGOT_PAGED_GRAPH=0: the
+# eager forward_paged for every step (the A/B).
+PAGED_GRAPH = os.environ.get("INGOT_PAGED_GRAPH", "1") != "0"
+
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)  # decode batch sizes that get their own buffers and captured graph
 
@@ -204,6 +209,42 @@ class DecodeState:
         return self.step_in[2]
 
 
+class PagedStep:
+    """The static inputs of a decode-only paged step of `batch` rows (a bucket) and tables `width` blocks wide:
+    per row the token, its position, its RoPE slot and the sequence's length, and the block tables; the
+    layers' buffers are `s`, a DecodeState of the same batch (shared by every width). Rows past the step's
+    sequences are padding: token 0 at position 0 of the cache's spare block."""
+
+    def __init__(self, s: DecodeState, width: int, block_size: int):
+        self.s, self.batch, self.width, self.block_size = s, s.batch, width, block_size
+        device = s.x.device
+        self.inputs = torch.zeros(4, self.batch, device=device, dtype=torch.int32)
+        self.tables = torch.zeros(self.batch, width, device=device, dtype=torch.int32)
+
+    def set_inputs(self, seqs: list[tuple[list[int], int, list[int]]], spare: int) -> None:
+        bs, pad = self.block_size, self.batch - len(seqs)
+        rows = [(tokens[0], p, table[p // bs] - p // bs, p + 1) for tokens, p, table in seqs] + [(0, 0, spare, 1)] * pad
+        tables = [table + [0] * (self.width - len(table)) for *_, table in seqs] + [[spare] * self.width] * pad
+        self.inputs.copy_(torch.tensor(rows, dtype=torch.int32).T)
+        self.tables.copy_(torch.tensor(tables, dtype=torch.int32))
+
+    @property
+    def tokens(self):
+        return self.inputs[0]
+
+    @property
+    def positions(self):
+        return self.inputs[1]
+
+    @property
+    def slots(self):
+        return self.inputs[2]
+
+    @property
+    def lens(self):
+        return self.inputs[3]
+
+
 class CudaBackend:
     name = "cuda"
 
@@ -221,6 +262,10 @@ class CudaBackend:
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # bucket rows: graph
         self._moe = any(lw.moe for lw in weights.layers)
         self.use_graph = self.device.type == "cuda"
+        self._paged: dict[tuple[int, int], PagedStep] = {}  # (batch bucket, table width): its inputs
+        self._paged_states: dict[int, DecodeState] = {}  # batch bucket: the layers' buffers
+        self._paged_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._paged_cache: PagedKVCache | None = None  # the cache those graphs read
         self.shapes = layout.attn_shapes(spec)
         if spec.layer_scale and not spec.sandwich_norm:  # the scale rides on a sandwich norm's residual add
             raise UnsupportedError(f"{spec.arch}: a layer output scale without sandwich norms is not supported")
@@ -382,7 +427,7 @@ class CudaBackend:
 
     # -- several sequences through a paged KV cache (the server's continuous batching) ---------------------
     def new_paged_cache(self, n_blocks: int, block_size: int) -> PagedKVCache:
-        return PagedKVCache(self.spec.kv_cache_shapes(), n_blocks, block_size, self.device, self.dtype)
+        return PagedKVCache(self.spec.kv_cache_shapes(), n_blocks, block_size, self.device, self.dtype, spare=True)
 
     def paged_block_bytes(self, block_size: int) -> int:
         return PagedKVCache.block_bytes(self.spec.kv_cache_shapes(), block_size, self.dtype)
@@ -392,7 +437,11 @@ class CudaBackend:
         """One eager step of several sequences, each (new token ids, start position, block table): all their
         tokens go through the projections together; the sequences with one new token attend together
         through their block tables, each longer chunk attends alone over its blocks gathered in order.
-        Returns fp32 logits (len(seqs), vocab) of each sequence's last new token."""
+        Returns fp32 logits (len(seqs), vocab) of each sequence's last new token. A step of single new tokens
+        runs from static buffers instead (_paged_decode)."""
+        if (PAGED_GRAPH and len(seqs) <= BATCH_BUCKETS[-1] and cache.spare_block is not None
+                and all(len(tokens) == 1 for tokens, _, _ in seqs)):
+            return self._paged_decode(seqs, cache)
         spec, dev, bs = self.spec, self.device, cache.block_size
         ids, pos, slot, last, decode, chunks = [], [], [], [], [], []
         for tokens, start, table in seqs:
@@ -440,6 +489,47 @@ class CudaBackend:
         self._blocks(x, ids, T, None, attend)
         x = x[torch.tensor(last, device=dev)]
         return self._logits(x, _linear_for(x.shape[0]))
+
+    def _paged_decode(self, seqs: list[tuple[list[int], int, list[int]]], cache: PagedKVCache) -> torch.Tensor:
+        """A step whose sequences have one new token each, from the static buffers of its (batch bucket, table
+        width): the captured graph's replay on the GPU, eagerly elsewhere."""
+        bs = cache.block_size
+        for tokens, start, table in seqs:
+            if start + 1 > len(table) * bs:
+                raise ValueError(f"position {start} needs {start // bs + 1} blocks, the table has {len(table)}")
+        if cache is not self._paged_cache:  # graphs read one cache's tensors
+            self._paged, self._paged_graphs, self._paged_cache = {}, {}, cache
+        batch = next(b for b in BATCH_BUCKETS if b >= len(seqs))
+        width = triton.next_power_of_2(max(len(table) for *_, table in seqs))
+        key = (batch, width)
+        if key not in self._paged:
+            if batch not in self._paged_states:  # the contiguous cache's attention scratch goes unused: minimal
+                self._paged_states[batch] = DecodeState(self.spec, self.w, bs, self.device, batch)
+            self._paged[key] = PagedStep(self._paged_states[batch], width, bs)
+        step = self._paged[key]
+        step.set_inputs(seqs, cache.spare_block)
+        if not self.use_graph:
+            self._paged_decode_step(step, cache)
+        else:
+            if key not in self._paged_graphs:
+                self._paged_graphs[key] = prefill.capture(lambda: self._paged_decode_step(step, cache), self.device)
+            self._paged_graphs[key].replay()
+        return step.s.logits[: len(seqs)].clone()  # the buffer is the next step's
+
+    def _paged_decode_step(self, step: PagedStep, cache: PagedKVCache) -> None:
+        """One token per row through the model from a PagedStep's buffers (what a graph captures)."""
+        spec, s, hq = self.spec, step.s, self.spec.n_heads
+
+        def attend(i, layer, lw, qkv):
+            a = self.shapes[i]
+            q = self._rope_store(i, lw, qkv, step.positions, step.slots, cache)
+            return paged_decode_attention(q, cache.k[a.cache_layer], cache.v[a.cache_layer], step.tables, step.lens,
+                                          scale=spec.layer_softmax_scale(i), window=layer.sliding_window or 0,
+                                          out=_heads(s.attn, hq, a.head_dim))
+
+        gemv.embed_rows(step.tokens, self.w.embed, spec.embed_scale, out=s.x)
+        self._blocks(s.x, step.tokens, step.batch, s, attend)
+        self._logits(s.x, _linear_for(step.batch, s), out=s.logits)
 
     # -- prefill from static buffers and graphs -----------------------------------------------------------------
     def _prefill_chunk(self, tokens: torch.Tensor, cache: CudaKVCache, rows: int, graph: bool) -> torch.Tensor:
