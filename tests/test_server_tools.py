@@ -20,7 +20,7 @@ from ingot.chat_template import render_chat
 from ingot.engine.generator import Stats
 from ingot.server.app import create_app
 from ingot.server.tool_prompt import inject
-from tests.test_server import API_KEY, AUTH, MODEL_ID, _Running, assert_error, post
+from tests.test_server import API_KEY, MODEL_ID, _Running, assert_error, post
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 WEATHER = {"type": "function", "function": {
