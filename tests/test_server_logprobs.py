@@ -350,3 +350,27 @@ def test_the_serial_engine_refuses_a_response_format():
         assert "--max-batch" in err["message"]
     finally:
         running.stop()
+
+
+def test_a_required_tool_call_is_enforced_on_a_random_model(random_server):
+    """Random weights never call a tool by themselves; with tool_choice the grammar makes every reply a call
+    of an offered tool with arguments matching its parameters (bounded, so the call ends in the budget)."""
+    city = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
+            "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": city}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {
+                 "type": "object", "properties": {}, "additionalProperties": False}}}]
+    for choice, names in (("required", {"get_weather", "get_time"}),
+                          ({"type": "function", "function": {"name": "get_time"}}, {"get_time"})):
+        r = post(random_server, "/v1/chat/completions", {
+            "model": "random", "messages": [{"role": "user", "content": "The weather?"}], "tools": tools,
+            "tool_choice": choice, "parallel_tool_calls": False, "max_tokens": 120, "temperature": 0})
+        c = r.json()["choices"][0]
+        assert c["finish_reason"] == "tool_calls", c
+        [call] = c["message"]["tool_calls"]
+        args = json.loads(call["function"]["arguments"])
+        assert call["function"]["name"] in names
+        if call["function"]["name"] == "get_weather":
+            assert set(args) == {"city"} and isinstance(args["city"], str) and len(args["city"]) <= 6
+        else:
+            assert args == {}

@@ -162,19 +162,12 @@ def test_tool_choice_none_offers_no_tools_and_reads_no_calls(scripted):
     assert "get_weather" not in model.prompts[-1]
 
 
-def test_a_named_tool_choice_offers_that_tool_alone(scripted):
+def test_a_required_call_needs_the_batching_engine(scripted):
     server, model = scripted
-    model.reply = call_text(model.arch, "get_time", {})
-    choice = {"type": "function", "function": {"name": "get_weather"}}
-    r = client_of(server).chat.completions.create(model="scripted", messages=ASK, tools=[TIME, WEATHER],
-                                                   tool_choice=choice)
-    assert "get_weather" in model.prompts[-1] and "get_time" not in model.prompts[-1]
-    # not constrained: a call to the tool not offered is text (and "required" without a call is text too)
-    assert r.choices[0].message.content == model.reply and r.choices[0].message.tool_calls is None
-    model.reply = "I'd rather not."
-    r = client_of(server).chat.completions.create(model="scripted", messages=ASK, tools=[WEATHER],
-                                                   tool_choice="required")
-    assert r.choices[0].message.content == "I'd rather not." and r.choices[0].finish_reason == "stop"
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = post(server, "/v1/chat/completions", {"model": "scripted", "messages": ASK, "tools": [WEATHER],
+                                                  "tool_choice": choice}, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert_error(r, 400, "tool_choice")
 
 
 # -- Hermes: text beside calls, several calls ------------------------------------------------------------------
@@ -390,3 +383,19 @@ def test_each_of_n_choices_reads_its_own_calls_with_logprobs_for_its_text(batche
         calls = [d for ch in mine for d in ch.delta.tool_calls or ()]
         assert len(calls) == 1 and calls[0].function.name == "get_weather"
         assert [ch.finish_reason for ch in mine if ch.finish_reason] == ["tool_calls"]
+
+
+def test_a_named_tool_choice_offers_that_tool_alone_and_enforces_it(batched):
+    server, model = batched
+    model.reply = PARIS_CALL
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    r = client_of(server).chat.completions.create(model="scripted", messages=ASK, tools=[TIME, WEATHER],
+                                                   tool_choice=choice)
+    assert "get_weather" in model.prompts[-1] and "get_time" not in model.prompts[-1]
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    # the grammar admits no text: the reply's first token is masked away, and what is left is a call
+    model.reply = "I'd rather not."
+    r = client_of(server).chat.completions.create(model="scripted", messages=ASK, tools=[WEATHER, TIME],
+                                                   tool_choice="required", max_tokens=60)
+    msg = r.choices[0].message
+    assert msg.tool_calls or (msg.content or "").startswith("<tool_call>"), msg  # a call, or one cut off

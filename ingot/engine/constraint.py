@@ -42,6 +42,28 @@ def json_grammar(schema: dict) -> str:
     return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_pattern": WHITESPACE})
 
 
+def tool_call_grammar(fmt: str, tools: list[dict], several: bool) -> str:
+    """llguidance's grammar for a reply that is only tool calls, in the format the reply is read in (see
+    ingot/server/tool_calls.py): "hermes", one or (several) more `<tool_call>\\n{"name", "arguments"}\\n</tool_call>`
+    blocks; "llama3", one `{"name", "parameters"}` object. Each call names one of the OpenAI `tools`, with
+    arguments matching that tool's parameters schema."""
+    import json
+
+    import llguidance
+
+    key = "arguments" if fmt == "hermes" else "parameters"
+    calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                                key: t["function"].get("parameters") or {"type": "object"}},
+              "required": ["name", key], "additionalProperties": False} for t in tools]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    call = "call: %json " + json.dumps({**schema, "x-guidance": {"whitespace_pattern": WHITESPACE}})
+    if fmt != "hermes":
+        return llguidance.LLMatcher.grammar_from_lark("start: call\n" + call)
+    block = 'block: "<tool_call>\\n" call "\\n</tool_call>"'
+    start = 'start: block ("\\n" block)*' if several else "start: block"
+    return llguidance.LLMatcher.grammar_from_lark("\n".join([start, block, call]))
+
+
 def check_grammar(grammar: str, vocabulary) -> None:
     """GrammarError with llguidance's message if the grammar does not compile."""
     import llguidance

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ingot.errors import ContextLengthError, IngotError
+from ingot.engine.constraint import tool_call_grammar
 from ingot.engine.logits import TokenLogprob
 from ingot.server import tool_calls
 from ingot.server.engine import (BadOption, Cancelled, Decoding, Done, Engine, EngineDown, Failed, Job, QueueFull,
@@ -31,8 +32,8 @@ from ingot.server.errors import APIError, invalid_request, unsupported
 from ingot.server.logprobs import LogprobFormat
 from ingot.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                    ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice,
-                                   CompletionRequest, Delta, FunctionCall, ModelCard, ModelList, ToolCall,
-                                   ToolCallDelta, Usage, new_call_id, new_id, now)
+                                   CompletionRequest, Delta, FunctionCall, ModelCard, ModelList, NamedToolChoice,
+                                   ToolCall, ToolCallDelta, Usage, new_call_id, new_id, now)
 from ingot.server.tool_prompt import ToolFormat, prompt_inputs, tool_format
 
 OPEN_PATHS = {"/health"}  # answered without the API key, so a supervisor can probe the server
@@ -92,8 +93,8 @@ class _API:
     async def chat_completions(self, request: Request) -> Response:
         async with self._counted("chat/completions"):
             req = await self._parse(request, ChatCompletionRequest)
-            inputs, new_reader = self._chat_inputs(req)
-            return await self._generate(request, req, inputs, chat=True, new_reader=new_reader)
+            inputs, new_reader, grammar = self._chat_inputs(req)
+            return await self._generate(request, req, inputs, chat=True, new_reader=new_reader, tool_grammar=grammar)
 
     async def completions(self, request: Request) -> Response:
         async with self._counted("completions"):
@@ -101,17 +102,21 @@ class _API:
             return await self._generate(request, req, {"prompt": req.text()}, chat=False)
 
     def _chat_inputs(self, req: ChatCompletionRequest):
-        """The prompt inputs of a chat request, and what makes a reader of a reply to it (of tool calls, or
-        plain): one reader per reply, as a reader keeps the state of the reply it reads."""
+        """The prompt inputs of a chat request, what makes a reader of a reply to it (of tool calls, or
+        plain: one reader per reply, as a reader keeps the state of the reply it reads), and the grammar that
+        enforces a call where tool_choice requires one (else None)."""
         if not (req.tools or req.has_tool_history):
-            return {"messages": req.chat()}, tool_calls.PlainReply
+            return {"messages": req.chat()}, tool_calls.PlainReply, None
         offered = req.offered_tools()
         inputs = prompt_inputs(self._tool_format, req.chat(), offered)
         if offered is None:  # tool_choice "none": the reply is text, whatever it looks like
-            return inputs, tool_calls.PlainReply
+            return inputs, tool_calls.PlainReply, None
         names = {t["function"]["name"] for t in offered}
-        return inputs, functools.partial(tool_calls.reader, self._tool_format.reader, names,
-                                         req.parallel_tool_calls is not False)
+        several = req.parallel_tool_calls is not False
+        grammar = None
+        if req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice):
+            grammar = tool_call_grammar(self._tool_format.reader, offered, several)
+        return inputs, functools.partial(tool_calls.reader, self._tool_format.reader, names, several), grammar
 
     @functools.cached_property
     def _tool_format(self) -> ToolFormat:
@@ -154,9 +159,16 @@ class _API:
         return self.engine.prepare(inputs, max_tokens)
 
     async def _generate(self, request: Request, req, inputs: dict, chat: bool,
-                        new_reader=tool_calls.PlainReply) -> Response:
-        """new_reader: makes the tool_calls reader of one chat reply (one per choice)."""
-        decoding = Decoding(**req.decoding())
+                        new_reader=tool_calls.PlainReply, tool_grammar: str | None = None) -> Response:
+        """new_reader: makes the tool_calls reader of one chat reply (one per choice); tool_grammar: the
+        grammar of the call tool_choice requires."""
+        options = req.decoding()
+        if tool_grammar is not None:
+            if options["grammar"] is not None:
+                raise APIError(400, "a response_format cannot be combined with a tool_choice that requires a call",
+                               param="response_format")
+            options.update(grammar=tool_grammar, grammar_field="tool_choice")
+        decoding = Decoding(**options)
         try:
             # off the event loop: a long prompt takes a while to template and tokenize
             ids, max_tokens = await asyncio.to_thread(self._prepare, inputs, req.token_limit, decoding)

@@ -79,7 +79,8 @@ class Decoding:
     n: int = 1  # independent choices, each its own sequence
     logprobs: int | None = None  # alternatives reported with each token's logprob; None: no logprobs
     logit_bias: dict[int, float] | None = None
-    grammar: str | None = None  # llguidance's, from the response format's JSON schema
+    grammar: str | None = None  # llguidance's, from the response format's JSON schema or the required tool call
+    grammar_field: str = "response_format"  # the request field the grammar enforces (named in refusals)
 
     def first_option(self) -> str | None:
         """The name of the first option set beyond one plainly sampled choice, or None."""
@@ -90,7 +91,7 @@ class Decoding:
         if self.logit_bias:
             return "logit_bias"
         if self.grammar is not None:
-            return "response_format"
+            return self.grammar_field
         return None
 
 
@@ -398,7 +399,8 @@ class BatchEngine(Engine):
             try:
                 check_grammar(decoding.grammar, self.vocabulary())
             except GrammarError as e:
-                raise BadOption("response_format", f"response_format's schema cannot be enforced: {e}") from None
+                field = decoding.grammar_field
+                raise BadOption(field, f"{field}'s schema cannot be enforced: {e}") from None
         if decoding.logprobs is not None:
             self.vocabulary()  # built now, off the event loop, before a response needs it
 

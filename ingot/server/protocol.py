@@ -312,10 +312,9 @@ class ChatCompletionRequest(_GenerationRequest):
         """The tools the model is shown, as OpenAI dicts; None where it must not call one.
 
         "none" offers none (OpenAI's "the model will not call any tool"; nothing is parsed either). A named
-        function is the only one offered; "required" offers all. Neither is enforced while decoding yet: a
-        reply without a call comes back as text. Constrained decoding (llguidance, as response_format uses)
-        could enforce them: a grammar of the parser's format, `<tool_call>` + JSON of that tool's
-        `parameters` schema + `</tool_call>`, from the first token."""
+        function is the only one offered; "required" offers all. Both are enforced while decoding (on the
+        batching engine): the app's grammar (constraint.tool_call_grammar) admits only calls of the offered
+        tools, in the format the reply is read in, with arguments matching their `parameters`."""
         if not self.tools or self.tool_choice == "none":
             return None
         tools = self.tools
