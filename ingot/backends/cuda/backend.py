@@ -62,6 +62,13 @@ def _heads(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     return t[:, : n_heads * head_dim].unflatten(1, (n_heads, head_dim))
 
 
+def _rope_slot(table: list[int], p: int, block_size: int) -> int:
+    """The "slot" c the RoPE kernel is given for position p of a paged sequence: it writes position p of slot
+    c at c * block_stride + p * row_stride, which is row p % block_size of block table[p // block_size] when
+    c = table[p // block_size] - p // block_size (c may be negative)."""
+    return table[p // block_size] - p // block_size
+
+
 def _linear_for(rows: int, s: "DecodeState | None" = None):
     """The projection kernel for `rows` activation rows: the GEMV (split-K workspace from the decode state,
     so a captured step never allocates) up to DECODE_ROWS, the tensor-core GEMM above."""
@@ -219,30 +226,16 @@ class PagedStep:
         self.s, self.batch, self.width, self.block_size = s, s.batch, width, block_size
         device = s.x.device
         self.inputs = torch.zeros(4, self.batch, device=device, dtype=torch.int32)
+        self.tokens, self.positions, self.slots, self.lens = self.inputs  # row views: set_inputs fills them
         self.tables = torch.zeros(self.batch, width, device=device, dtype=torch.int32)
 
     def set_inputs(self, seqs: list[tuple[list[int], int, list[int]]], spare: int) -> None:
         bs, pad = self.block_size, self.batch - len(seqs)
-        rows = [(tokens[0], p, table[p // bs] - p // bs, p + 1) for tokens, p, table in seqs] + [(0, 0, spare, 1)] * pad
+        rows = [(tokens[0], p, _rope_slot(table, p, bs), p + 1) for tokens, p, table in seqs] + [(0, 0, spare, 1)] * pad
         tables = [table + [0] * (self.width - len(table)) for *_, table in seqs] + [[spare] * self.width] * pad
         self.inputs.copy_(torch.tensor(rows, dtype=torch.int32).T)
         self.tables.copy_(torch.tensor(tables, dtype=torch.int32))
 
-    @property
-    def tokens(self):
-        return self.inputs[0]
-
-    @property
-    def positions(self):
-        return self.inputs[1]
-
-    @property
-    def slots(self):
-        return self.inputs[2]
-
-    @property
-    def lens(self):
-        return self.inputs[3]
 
 
 class CudaBackend:
@@ -439,19 +432,19 @@ class CudaBackend:
         through their block tables, each longer chunk attends alone over its blocks gathered in order.
         Returns fp32 logits (len(seqs), vocab) of each sequence's last new token. A step of single new tokens
         runs from static buffers instead (_paged_decode)."""
-        if (PAGED_GRAPH and len(seqs) <= BATCH_BUCKETS[-1] and cache.spare_block is not None
-                and all(len(tokens) == 1 for tokens, _, _ in seqs)):
-            return self._paged_decode(seqs, cache)
         spec, dev, bs = self.spec, self.device, cache.block_size
-        ids, pos, slot, last, decode, chunks = [], [], [], [], [], []
         for tokens, start, table in seqs:
             end = start + len(tokens)
             if not tokens or end > len(table) * bs:
                 raise ValueError(f"positions {start}..{end} need {-(-end // bs)} blocks, the table has {len(table)}")
+        if (PAGED_GRAPH and len(seqs) <= BATCH_BUCKETS[-1] and cache.spare_block is not None
+                and all(len(tokens) == 1 for tokens, _, _ in seqs)):
+            return self._paged_decode(seqs, cache)
+        ids, pos, slot, last, decode, chunks = [], [], [], [], [], []
+        for tokens, start, table in seqs:
+            end = start + len(tokens)
             p = range(start, end)
-            # The RoPE kernel writes position p of "slot" c at c * block_stride + p * row_stride, which is
-            # row p % bs of block table[p // bs] when c = table[p // bs] - p // bs (c may be negative).
-            slot.extend(table[q // bs] - q // bs for q in p)
+            slot.extend(_rope_slot(table, q, bs) for q in p)
             if len(tokens) == 1:
                 decode.append((len(ids), start, table))
             else:
@@ -491,12 +484,9 @@ class CudaBackend:
         return self._logits(x, _linear_for(x.shape[0]))
 
     def _paged_decode(self, seqs: list[tuple[list[int], int, list[int]]], cache: PagedKVCache) -> torch.Tensor:
-        """A step whose sequences have one new token each, from the static buffers of its (batch bucket, table
-        width): the captured graph's replay on the GPU, eagerly elsewhere."""
+        """A step whose sequences have one new token each (tables checked by forward_paged), from the static
+        buffers of its (batch bucket, table width): the captured graph's replay on the GPU, eagerly elsewhere."""
         bs = cache.block_size
-        for tokens, start, table in seqs:
-            if start + 1 > len(table) * bs:
-                raise ValueError(f"position {start} needs {start // bs + 1} blocks, the table has {len(table)}")
         if cache is not self._paged_cache:  # graphs read one cache's tensors
             self._paged, self._paged_graphs, self._paged_cache = {}, {}, cache
         batch = next(b for b in BATCH_BUCKETS if b >= len(seqs))
