@@ -67,10 +67,13 @@ async def run_level(url: str, streams: int, per_stream: int, prompt_words: int, 
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]  # the name the server wants
-        # warm-up, and the words-per-token ratio of this server's tokenizer from its usage counts
-        probe = await one_request(client, url, model, prompt_text(prompt_words, seed - 1), 8)
+        # warm-up, and the words-per-token ratio of this server's tokenizer from its usage counts; the probe
+        # is an eighth of the target, so a tokenizer of several tokens per word (Qwen3-8B's synthetic GGUF:
+        # 3.4) still fits the context
+        probe_words = max(1, prompt_words // 8)
+        probe = await one_request(client, url, model, prompt_text(probe_words, seed - 1), 8)
         if probe["prompt_tokens"]:
-            prompt_words = max(1, round(prompt_words * prompt_words / probe["prompt_tokens"]))
+            prompt_words = max(1, round(prompt_words * probe_words / probe["prompt_tokens"]))
 
         async def stream(i):
             return [await one_request(client, url, model, prompt_text(prompt_words, seed + i * per_stream + j), max_tokens)
