@@ -108,12 +108,15 @@ def time_decode(quant, w, nw, dev, bw, rows_out):
             print(f"  {quant} decode T={t} block_n={bn}: {sec * 1e6:7.1f} us{share}")
             rows_out.append(dict(what="decode", quant=quant, rows=t, variant=str(bn), us=f"{sec * 1e6:.2f}",
                                  active_mb=f"{active / 1e6:.2f}", gbps=f"{gbps:.0f}"))
-    buffers = moe.DecodeBuffers.for_layers([w], 1, dev)
-    xs = [torch.randn(1, H, device=dev) for _ in range(32)]
-    sec = time_graph(lambda i: moe.route(xs[i % 32], w, nw, EPS, ids=buffers.ids, weights=buffers.weights),
-                     launches=32, trials=11)
-    print(f"  {quant} router alone T=1: {sec * 1e6:.1f} us")
-    rows_out.append(dict(what="router", quant=quant, rows=1, us=f"{sec * 1e6:.2f}"))
+    for t in (1, 512):  # the decode tiles and the prefill (tl.dot) tiles
+        xs = [torch.randn(t, H, device=dev) for _ in range(32)]
+        ids = torch.empty(t, TOP_K, device=dev, dtype=torch.int32)
+        weights, logits = torch.empty(t, TOP_K, device=dev), torch.empty(t, E, device=dev)
+        counters = torch.zeros(t, device=dev, dtype=torch.int32)
+        sec = time_graph(lambda i: moe.route(xs[i % 32], w, nw, EPS, ids=ids, weights=weights, logits=logits,
+                                             counters=counters), launches=32, trials=11)
+        print(f"  {quant} router alone T={t}: {sec * 1e6:.1f} us")
+        rows_out.append(dict(what="router", quant=quant, rows=t, us=f"{sec * 1e6:.2f}"))
 
 
 def _median_time(fn, reps=10) -> float:

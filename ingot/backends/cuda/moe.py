@@ -96,7 +96,9 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, w
                    TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr, EXPERT_SCALE: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, E_ALL: tl.constexpr):
     """One [BLOCK_T rows, BLOCK_E experts] tile of the logits (rms_norm(x) * nw) @ R^T in fp32 FMAs (the
-    reference's sums: no tensor-core rounding that could flip a near-tied expert), stored to the workspace;
+    reference's sums: no tensor-core rounding that could flip a near-tied expert; from 16 rows through
+    tl.dot's ieee path, as the decode tiles' broadcast-and-sum took 146 µs a Qwen3-30B-A3B layer at 512 rows
+    on the H200, 2026-12-02), stored to the workspace;
     the row block's last tile to finish (an atomic ticket, as gemv's split-K) then takes the block's whole
     logit rows through the softmax, the top-k by repeated argmax (the lowest id among equals) and the
     renormalisation (then Gemma 4's per-expert scale), and puts the counter back to 0."""
@@ -115,7 +117,10 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, w
         x = x * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         r = tl.load(r_ptr + e.to(tl.int64)[:, None] * K + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * r[None, :, :], axis=2)
+        if BLOCK_T >= 16:
+            acc = tl.dot(x, tl.trans(r), acc, input_precision="ieee")
+        else:
+            acc += tl.sum(x[:, None, :] * r[None, :, :], axis=2)
     # rstd is one scalar per row: applied to the finished logits rather than to every x element.
     acc = acc / tl.sqrt(ss / K + eps)[:, None]
     rows = t.to(tl.int64)[:, None] * E
@@ -154,12 +159,13 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, w
 
 def _router_tiles(t: int, e: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_E, BLOCK_K). Decode rows (up to 32): 4 experts a program, so even one row spreads the
-    router's read over E / 4 SMs; prefill: 16 x 16 tiles. The [BLOCK_T, BLOCK_E, BLOCK_K] product, in
-    registers, is 2K to 8K values."""
+    router's read over E / 4 SMs, the [BLOCK_T, BLOCK_E, BLOCK_K] product in registers 2K to 8K values;
+    prefill: tl.dot tiles of 16 rows x 32 experts (its smallest M is 16), so 512 rows of 128 experts are 128
+    programs."""
     if t <= MAX_DECODE_ROWS:
         bt, be = min(triton.next_power_of_2(max(t, 1)), 8), min(triton.next_power_of_2(e), 4)
         return bt, be, max(16, 2048 // (bt * be))
-    return 16, min(triton.next_power_of_2(e), 16), 32
+    return 16, max(16, min(triton.next_power_of_2(e), 32)), 64
 
 
 def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, *,
