@@ -20,7 +20,11 @@ import torch
 import ingot
 from ingot.bench.synthetic import write_synthetic_gguf
 
-FAMILIES = [("llama-3.2-1b", "q4_0"), ("llama-3.2-1b", "q8_0"), ("qwen3-4b", "q4_0"), ("gemma-3-1b", "q8_0")]
+FAMILIES = [("llama-3.2-1b", "q4_0"), ("llama-3.2-1b", "q8_0"), ("qwen3-4b", "q4_0"), ("gemma-3-1b", "q8_0"),
+            ("gemma-4-e2b", "q4_0"), ("gemma-4-26b-a4b", "q8_0")]
+# Layers of each slice: 3, except Gemma 4's, which must end on a global layer; E2B's 20 reach five of its
+# KV-sharing layers (16 on); 26B-A4B's 6 are five sliding layers and a global one, each with its MoE block.
+LAYERS = {"gemma-4-e2b": 20, "gemma-4-26b-a4b": 6}
 N_PROMPT = 592  # two prefill chunks, 512 + 80, before the 8 decode steps
 RESULTS = []
 
@@ -36,9 +40,10 @@ def rel(a, b):
 
 def family_logits(models: Path, families=FAMILIES, n_prompt: int = N_PROMPT):
     for key, quant in families:
-        path = models / f"{key}-{quant}-L3.gguf"
+        layers = LAYERS.get(key, 3)
+        path = models / f"{key}-{quant}-L{layers}.gguf"
         if not path.exists():
-            write_synthetic_gguf(key, quant, path, layers=3, progress=False)
+            write_synthetic_gguf(key, quant, path, layers=layers, progress=False)
         fast = ingot.load(path, device="cuda", backend="cuda", max_context=1024)
         ref = ingot.load(path, device="cuda", backend="reference", dtype=torch.float32, max_context=1024)
         g = torch.Generator().manual_seed(0)
