@@ -46,7 +46,7 @@ def make_layer(quant: str, dev, seed: int = 0):
         w = torch.randn(n, k, device=dev, generator=g) * 0.02
         return pack.quantize(w, spec["kind"], group=32, sym=spec["sym"])
 
-    gate_up = moe.stack_gate_up(packed(E * FF, H), packed(E * FF, H), E)
+    gate_up = pack.interleave_rows([packed(E * FF, H), packed(E * FF, H)], E)
     down = packed(E * H, FF)
     router = torch.randn(E, H, device=dev, generator=g) * 0.05
     norm_weight = torch.rand(H, device=dev, generator=g) + 0.5

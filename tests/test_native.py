@@ -13,7 +13,7 @@ from ingot.bench.synthetic import write_synthetic_gguf
 from ingot.cli import main
 from ingot.errors import FormatError, IngotError, VerificationError
 from ingot.formats import open_checkpoint
-from ingot.formats.native import ALIGN, NativeFile, convert
+from ingot.formats.native import ALIGN, VERSION, NativeFile, convert
 
 TEXT = Path(__file__).parent / "data" / "perplexity.txt"
 SMALL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -72,12 +72,12 @@ def _planes(weights):
     return out
 
 
-def _cuda_weights(path):
+def _cuda_weights(path, quant=None):
     from ingot.backends.cuda.weights import load_weights
     from ingot.models import build_spec
 
     ckpt = open_checkpoint(path)
-    return load_weights(ckpt, build_spec(ckpt.arch, ckpt.config), "cpu", progress=False)
+    return load_weights(ckpt, build_spec(ckpt.arch, ckpt.config), "cpu", quant=quant, progress=False)
 
 
 def _same(a, b):
@@ -164,8 +164,15 @@ def test_moe_experts_convert(tmp_path):
         want = quantize(source[name].dequantize().reshape(-1, stored[name].shape[-1]), "q8", 32).dequantize()
         assert torch.equal(stored[name].dequantize(), want.reshape(stored[name].shape))
     assert stored["blk.0.ffn_gate_inp.weight"].qtype == "F32"  # the router stays exact
-    w = _cuda_weights(q8)
-    assert w.layers[0].moe is not None and w.layers[0].moe.gate_up.kind == "q8"
+    # gate and up are one matrix, [gate; up] per expert, which the CUDA backend takes as it is
+    experts, ffn, _ = stored["blk.0.ffn_gate_exps.weight"].shape
+    info = NativeFile(q8).info
+    assert info["matrices"]["blk.0.ffn_gate_up_exps"]["n"] == 2 * experts * ffn
+    assert info["tensors"]["blk.0.ffn_up_exps.weight"] == {"kind": "packed", "matrix": "blk.0.ffn_gate_up_exps",
+                                                            "rows": [ffn, 2 * ffn], "every": 2 * ffn,
+                                                            "shape": [experts, ffn, info["config"]["hidden_size"]]}
+    w, at_load = _cuda_weights(q8).layers[0].moe.gate_up, _cuda_weights(src, quant="q8").layers[0].moe.gate_up
+    assert w.kind == "q8" and torch.equal(w.qweight, at_load.qweight) and torch.equal(w.scales, at_load.scales)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gemma4"])
@@ -337,10 +344,11 @@ def test_wrong_magic(tmp_path, small_ingot):
 
 def test_newer_format_version(small_ingot):
     def bump(entries, info):
-        entries["__metadata__"]["format_version"] = "2"
+        entries["__metadata__"]["format_version"] = str(VERSION + 1)
 
     _rewrite_header(small_ingot, bump)
-    with pytest.raises(FormatError, match=f"{small_ingot.name}: .ingot format version 2 is newer.*upgrade"):
+    newer = f"{small_ingot.name}: .ingot format version {VERSION + 1} is newer.*upgrade"
+    with pytest.raises(FormatError, match=newer):
         open_checkpoint(small_ingot)
 
 
@@ -375,9 +383,11 @@ def test_planes_that_do_not_match_their_matrix(small_ingot):
         ingot.load(small_ingot, device="cpu")
 
 
-def test_tensor_that_does_not_fit_its_matrix(small_ingot):
+# rows past the matrix; a period that does not divide it; a period that the tensor's rows do not fill
+@pytest.mark.parametrize("entry", [{"rows": [1024, 1600]}, {"every": 7}, {"every": 8}])
+def test_tensor_that_does_not_fit_its_matrix(small_ingot, entry):
     def lie(entries, info):
-        info["tensors"]["blk.0.attn_k.weight"]["rows"] = [1024, 1600]
+        info["tensors"]["blk.0.attn_k.weight"].update(entry)
 
     _rewrite_header(small_ingot, lie)
     with pytest.raises(FormatError, match="tensor 'blk.0.attn_k.weight'.*does not fit matrix 'blk.0.attn_qkv'"):
@@ -436,7 +446,7 @@ def test_cli_convert_inspect_sign_verify(tmp_path, synthetic, capsys):
     assert "blk.0.attn_q.weight" in text and "exact" in text and f"wrote {out}" in text
     assert main(["inspect", str(out), "--verify", "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert "format_version    1" in captured.out and "source format     gguf" in captured.out
+    assert f"format_version    {VERSION}" in captured.out and "source format     gguf" in captured.out
     assert "verified: all" in captured.err
 
     stem = tmp_path / "me"

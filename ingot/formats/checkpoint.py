@@ -85,8 +85,9 @@ class DenseTensor(TensorRef):
 @dataclass
 class PackedTensor(TensorRef):
     """Rows [start, stop) of a matrix stored in kernel layout (ingot.quant.pack): attn_k inside a fused QKV of
-    a .ingot file, or the whole of an unfused one. `matrix` names the stored matrix; `whole` builds it (views
-    of a memory map, no copy)."""
+    a .ingot file, or the whole of an unfused one; with `every`, those rows of each block of `every` rows
+    (the experts' gates in a [gate; up] per expert). `matrix` names the stored matrix; `whole` builds it
+    (views of a memory map, no copy)."""
 
     name: str
     qtype: str  # the packed kind: q4 | q8 | f16 | q6k
@@ -96,11 +97,14 @@ class PackedTensor(TensorRef):
     start: int = 0
     stop: int = 0
     bytes_: int = 0
+    every: int = 0  # 0: the rows are one run
 
     def packed(self):
-        from ingot.quant.pack import rows
+        from ingot.quant.pack import periodic_rows, rows
 
         p = self.whole()
+        if self.every:
+            return periodic_rows(p, self.start, self.stop, self.every)
         return p if (self.start, self.stop) == (0, p.n) else rows(p, self.start, self.stop)
 
     def dequantize(self) -> torch.Tensor:
@@ -113,13 +117,15 @@ class PackedTensor(TensorRef):
 
 def fused_matrix(refs: list[TensorRef]):
     """The stored PackedLinear when refs are, in order, all the rows of one packed matrix (a .ingot file's
-    fused QKV or gate/up), else None: the caller then packs and concatenates them itself."""
+    fused QKV or gate/up; with `every`, of each of its blocks: the experts' [gate; up]), else None: the
+    caller then packs and concatenates (or interleaves) them itself."""
     first = refs[0]
-    if not all(isinstance(r, PackedTensor) and r.whole is first.whole for r in refs):
+    if not all(isinstance(r, PackedTensor) and r.whole is first.whole and r.every == first.every for r in refs):
         return None
     p = first.whole()
     bounds = [(r.start, r.stop) for r in refs]
-    if bounds[0][0] != 0 or bounds[-1][1] != p.n or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+    end = first.every or p.n
+    if bounds[0][0] != 0 or bounds[-1][1] != end or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
         return None
     return p
 

@@ -26,7 +26,7 @@ import torch
 from ingot.errors import FormatError, IngotError, UnsupportedError
 
 FORMAT = "ingot"
-VERSION = 1
+VERSION = 2  # 2: `every` (block-interleaved rows: the experts' [gate; up])
 ALIGN = 64 * 1024  # page- and DMA-friendly on every platform, and what O_DIRECT reads would need
 SUFFIX = ".ingot"
 MAGIC = b'{"__metadata__":{"format":"ingot"'  # bytes 8.. of the file
@@ -43,7 +43,9 @@ PROFILES = {
     "bf16": ("bfloat16 everywhere (not kernel layout: the CUDA backend makes f16 of it at load)", "bf16", "bf16"),
 }
 # Matrices the CUDA backend fuses (weights.load_weights), so they are stored fused: name -> parts in order.
-FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
+# Stacked experts ([E, rows, k]) fuse per expert: expert e's gate rows, then its up rows (pack.interleave_rows).
+FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up"),
+         "ffn_gate_up_exps": ("ffn_gate_exps", "ffn_up_exps")}
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8, "I8": torch.int8,
            "I32": torch.int32}
@@ -185,9 +187,11 @@ def load_native(path: str | Path):
             else:
                 m = info["matrices"][e["matrix"]]
                 start, stop = e["rows"]
-                nbytes = sum(_plane_bytes(f, p) for p in m["planes"].values()) * (stop - start) // m["n"]
+                every = e.get("every", 0)
+                rows = (stop - start) * (m["n"] // every if every else 1)
+                nbytes = sum(_plane_bytes(f, p) for p in m["planes"].values()) * rows // m["n"]
                 tensors[name] = PackedTensor(name, m["layout"], shape, e["matrix"], whole[e["matrix"]], start, stop,
-                                             nbytes)
+                                             nbytes, every)
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{f.path}: corrupt .ingot header ({e!r})") from None
 
@@ -209,8 +213,12 @@ def _check_entry(f: NativeFile, name: str, e: dict, shape: tuple) -> None:
         return
     m = f.info["matrices"][e["matrix"]]
     start, stop = e["rows"]
-    if not (0 <= start < stop <= m["n"]) or shape[-1] != m["k"] or int(np.prod(shape[:-1])) != stop - start:
-        raise FormatError(f"{f.path}: tensor '{name}' (shape {list(shape)}, rows {start}..{stop}) does not fit "
+    every = e.get("every", 0)
+    period, blocks = (every, m["n"] // every) if every else (m["n"], 1)
+    if (not (0 <= start < stop <= period) or period * blocks != m["n"] or shape[-1] != m["k"]
+            or int(np.prod(shape[:-1])) != (stop - start) * blocks):
+        rows = f"rows {start}..{stop}" + (f" of every {every}" if every else "")
+        raise FormatError(f"{f.path}: tensor '{name}' (shape {list(shape)}, {rows}) does not fit "
                           f"matrix '{e['matrix']}' ({m['n']} x {m['k']})")
 
 
@@ -402,7 +410,7 @@ def convert(src, out, quant: str | None = None, group_size: int = 32, profile: s
     from ingot.formats import open_checkpoint
     from ingot.models import build_spec
     from ingot.progress import byte_bar
-    from ingot.quant.pack import concat_rows
+    from ingot.quant.pack import interleave_rows
     from ingot.registry import resolve
 
     t0 = time.perf_counter()
@@ -442,8 +450,9 @@ def convert(src, out, quant: str | None = None, group_size: int = 32, profile: s
             w.add(n, value.contiguous())
             tensors[n] = {"kind": "dense", "plane": n, "shape": list(value.shape)}
 
-        def put_matrix(mname, p, parts):
-            """parts: [(canonical name, logical shape, rows)]."""
+        def put_matrix(mname, p, parts, blocks=1):
+            """parts: [(canonical name, logical shape, rows)], each part's rows in `blocks` equal runs, block-
+            interleaved in p (pack.interleave_rows)."""
             planes = {}
             for plane in PLANES:
                 value = getattr(p, plane)
@@ -454,8 +463,11 @@ def convert(src, out, quant: str | None = None, group_size: int = 32, profile: s
                                "source": p.source}
             at = 0
             for n, shape, rows in parts:
-                tensors[n] = {"kind": "packed", "matrix": mname, "rows": [at, at + rows], "shape": list(shape)}
-                at += rows
+                tensors[n] = {"kind": "packed", "matrix": mname, "rows": [at, at + rows // blocks],
+                              "shape": list(shape)}
+                if blocks > 1:
+                    tensors[n]["every"] = p.n // blocks
+                at += rows // blocks
 
         def target_of(n):
             return head_target if n in ("token_embd.weight", "output.weight") else body_target
@@ -490,8 +502,9 @@ def convert(src, out, quant: str | None = None, group_size: int = 32, profile: s
             rows = [int(np.prod(s[:-1])) for s in shapes]
             fusable = len(group) > 1 and not any(isinstance(v, torch.Tensor) for v in packed)
             if fusable:
+                blocks = shapes[0][0] if len(shapes[0]) == 3 else 1  # stacked experts
                 try:
-                    put_matrix(mname, concat_rows(packed), list(zip(group, shapes, rows)))
+                    put_matrix(mname, interleave_rows(packed, blocks), list(zip(group, shapes, rows)), blocks)
                     continue
                 except UnsupportedError:
                     pass  # no exact common form: stored apart, and the CUDA backend concatenates at load

@@ -171,6 +171,20 @@ def rows(p: PackedLinear, start: int, stop: int) -> PackedLinear:
                    qhigh=cut(p.qhigh), supers=cut(p.supers))
 
 
+def take_rows(p: PackedLinear, index: torch.Tensor) -> PackedLinear:
+    """The rows at `index` (int64, on the planes' device or the CPU), as a copy."""
+    pick = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
+    return replace(p, n=index.numel(), qweight=pick(p.qweight), scales=pick(p.scales), mins=pick(p.mins),
+                   qhigh=pick(p.qhigh), supers=pick(p.supers))
+
+
+def periodic_rows(p: PackedLinear, start: int, stop: int, period: int) -> PackedLinear:
+    """Rows [start, stop) of every block of `period` rows, block after block, as a copy: one part of a
+    matrix that interleave_rows made (an expert's gate rows in each expert's [gate; up])."""
+    index = torch.arange(p.n // period)[:, None] * period + torch.arange(start, stop)
+    return take_rows(p, index.reshape(-1))
+
+
 def to_device(p: PackedLinear, device) -> PackedLinear:
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
     return replace(p, qweight=move(p.qweight), scales=move(p.scales), mins=move(p.mins), qhigh=move(p.qhigh),
@@ -444,3 +458,16 @@ def concat_rows(parts: list[PackedLinear]) -> PackedLinear:
     else:
         raise UnsupportedError("signed and 0..255 q8 quants have no common exact form")
     return PackedLinear("q8", n, k, group, qw, scales, mins, source=source)
+
+
+def interleave_rows(parts: list[PackedLinear], blocks: int) -> PackedLinear:
+    """Parts made of `blocks` equal row blocks each (stacked experts, [E * F, k]) as one matrix whose block b
+    is block b of every part in turn: [gate; up] of each expert, where the MoE kernels read them. The parts
+    are brought to a common exact form by concat_rows first."""
+    both = concat_rows(parts)
+    if blocks == 1:
+        return both
+    starts = torch.tensor([0] + [p.n for p in parts[:-1]]).cumsum(0).tolist()
+    index = torch.cat([start + torch.arange(blocks)[:, None] * (p.n // blocks) + torch.arange(p.n // blocks)
+                       for start, p in zip(starts, parts)], dim=1)
+    return take_rows(both, index.reshape(-1))

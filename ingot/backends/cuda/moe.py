@@ -76,18 +76,6 @@ class MoEWeights:
         return self.router.numel() * self.router.element_size() + self.top_k * per_expert
 
 
-def stack_gate_up(gate: PackedLinear, up: PackedLinear, n_experts: int) -> PackedLinear:
-    """[E*F, H] gates and [E*F, H] ups -> [E * 2F, H] with each expert's gate rows then its up rows."""
-    from ingot.quant.pack import concat_rows
-
-    both = concat_rows([gate, up])  # all gates, then all ups, in one common exact form
-    f = gate.n // n_experts
-    order = torch.arange(2 * n_experts * f).view(2, n_experts, f).transpose(0, 1).reshape(-1)
-    pick = lambda t: None if t is None else t.index_select(0, order.to(t.device))  # noqa: E731
-    return PackedLinear(both.kind, both.n, both.k, both.group, pick(both.qweight), pick(both.scales),
-                        pick(both.mins), source=both.source)
-
-
 # ---------------------------------------------------------------- router
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ingot.backends.cuda import gemv
-from ingot.backends.cuda.moe import MoEWeights, stack_gate_up
+from ingot.backends.cuda.moe import MoEWeights
 from ingot.errors import IngotError
 from ingot.models.base import ModelSpec
 from ingot.quant import pack
@@ -178,12 +178,18 @@ def load_weights(ckpt, spec: ModelSpec, device, quant: str | None = None, progre
         return r.half() if torch.equal(r.half().float(), r) else r
 
     def experts(p, moe):
-        gate, up = linear(p + "ffn_gate_exps.weight"), linear(p + "ffn_up_exps.weight")
+        names = p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight"
+        stored = fused_matrix([t[n] for n in names])  # a .ingot file's [gate; up] per expert
+        if stored is not None:
+            bar.update(sum(t[n].nbytes for n in names))
+            gate_up = kernel_form(stored)
+        else:
+            gate_up = pack.interleave_rows([linear(n) for n in names], moe.n_experts)
         scales = {}
         if moe.router_scales:  # Gemma 4: the router's input is normed with scale / sqrt(hidden), not ffn_norm
             scales = dict(router_norm=norm(p + "ffn_gate_inp_scale.weight") * spec.hidden_size**-0.5,
                           expert_scale=norm(p + "ffn_exp_scale.weight"))
-        return MoEWeights(router=router(p + "ffn_gate_inp.weight"), gate_up=stack_gate_up(gate, up, moe.n_experts),
+        return MoEWeights(router=router(p + "ffn_gate_inp.weight"), gate_up=gate_up,
                           down=linear(p + "ffn_down_exps.weight"), top_k=moe.top_k, norm_topk=moe.norm_topk_prob,
                           **scales)
 
