@@ -137,11 +137,11 @@ def time_prefill(quant, w, nw, dev, rows_out):
     kind = QUANTS[quant]["kind"]
     for t in (512, 2048):
         x = torch.randn(t, H, device=dev)
-        variants = [None]
+        # around moe.prefill_tiles' choices (q4: BLOCK_M 32 up to 32 rows an expert, q8: 128-wide, 8 warps)
+        variants = [None, dict(BLOCK_M=64), dict(BLOCK_M=128, num_warps=8)]
         if t == 512:
             bk = 128 if kind == "q4" else 64
-            variants += [dict(BLOCK_M=32), dict(BLOCK_M=128, num_warps=8),
-                         dict(BLOCK_M=64, BLOCK_N=128, num_warps=8), dict(BLOCK_M=64, BLOCK_K=2 * bk)]
+            variants += [dict(BLOCK_M=32, BLOCK_N=128, num_warps=8), dict(BLOCK_M=32, BLOCK_K=2 * bk)]
         for tiles in variants:
             sec = _median_time(lambda: moe.prefill_block(x, w, nw, EPS, tiles=tiles))
             flop = 2 * t * TOP_K * 3 * FF * H
