@@ -20,8 +20,11 @@ CASES = [
 ]
 
 
+# parts: as parts_for chooses (1 for these narrow tables), one (the unsplit kernel), and 3 (some parts
+# of the short sequences empty)
+@pytest.mark.parametrize("parts", [None, 1, 3])
 @pytest.mark.parametrize("d,hkv,g,window,bs,lens", CASES)
-def test_paged_decode_equals_reference(kernel_device, d, hkv, g, window, bs, lens):
+def test_paged_decode_equals_reference(kernel_device, d, hkv, g, window, bs, lens, parts):
     gen = torch.Generator().manual_seed(d + 10 * hkv + 100 * g + window)
     S = max(lens)
     k = (torch.randn(len(lens), S, hkv, d, generator=gen) * 2).half()
@@ -32,7 +35,7 @@ def test_paged_decode_equals_reference(kernel_device, d, hkv, g, window, bs, len
     want = reference(q.float(), kc.float(), vc.float(), tables, seq_lens, d**-0.5, window)
     dev = kernel_device
     got = paged_decode_attention(q.to(dev), kc.to(dev), vc.to(dev), tables.to(dev), seq_lens.to(dev),
-                                 scale=d**-0.5, window=window)
+                                 scale=d**-0.5, window=window, parts=parts)
     assert got.dtype == torch.float16 and not got.isnan().any()
     err = ((got.float().cpu() - want).norm() / want.norm()).item()
     assert err < 2e-3, err
@@ -44,3 +47,12 @@ def test_paged_decode_refuses_mismatched_shapes(kernel_device):
     with pytest.raises(ValueError, match="does not fit"):
         paged_decode_attention(q, kc, kc, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
                                scale=1.0)
+
+
+def test_parts_fill_the_gpu_without_short_parts():
+    from ingot.backends.cuda.paged_attention import MAX_PARTS, parts_for
+
+    assert parts_for(8, 40) == 10  # one stream of 8 KV heads, 640 positions in blocks of 16: 4 blocks a part
+    assert parts_for(8, 1000) == MAX_PARTS
+    assert parts_for(256, 40) == 2  # 32 streams: the sequences nearly fill the GPU alone
+    assert parts_for(512, 40) == parts_for(8, 3) == 1
