@@ -16,6 +16,8 @@ kernel merges the parts in part order (deterministic).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -132,7 +134,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 TARGET_PROGRAMS = 264  # two per SM of an H100/H200
 MIN_BLOCKS_PER_PART = 4
-MAX_PARTS = 16
+# INGOT_PAGED_PARTS=1 keeps every sequence in one program (the unsplit kernel), for an A/B
+MAX_PARTS = int(os.environ.get("INGOT_PAGED_PARTS", "16"))
 
 
 def parts_for(programs: int, table_blocks: int) -> int:
