@@ -172,10 +172,12 @@ run_model() {  # key quants...
 }
 
 SERVE_STREAMS=${SERVE_STREAMS:-1 8 32}
+# SERVE_ENGINES=ingot SERVE_TAG=parts1 INGOT_PAGED_PARTS=1 ... serve: an A/B row, labelled ingot-parts1
+SERVE_ENGINES=${SERVE_ENGINES:-ingot llama.cpp} SERVE_TAG=${SERVE_TAG:-}
 SERVE_CTX=${SERVE_CTX:-1024}  # per sequence: a 512-token prompt and its 128-token answer fit
 # One server on one GGUF: start it, wait until it answers, load it, stop it; rows go to $OUT/serve.csv.
-serve_one() {  # engine key gguf
-  local port=8090 log=$RAW/serve-$1-$2.log pid up=""
+serve_one() {  # engine key gguf label
+  local port=8090 log=$RAW/serve-$4-$2.log pid up=""
   if [ "$1" = ingot ]; then
     $PY -m ingot.cli serve "$3" --port "$port" --max-batch 32 -c "$SERVE_CTX" > "$log" 2>&1 &
   else
@@ -192,10 +194,10 @@ serve_one() {  # engine key gguf
   if [ -n "$up" ]; then
     # shellcheck disable=SC2086
     # bounded: a server that stops answering must not take the rest of the call with it
-    timeout "${SERVE_TIMEOUT:-300}" $PY benchmarks/serve_bench.py "http://127.0.0.1:$port" --streams $SERVE_STREAMS --engine "$1" --model "$2" \
-      --csv "$OUT/serve.csv" || log "$1 serve bench failed on $2"
+    timeout "${SERVE_TIMEOUT:-300}" $PY benchmarks/serve_bench.py "http://127.0.0.1:$port" --streams $SERVE_STREAMS --engine "$4" --model "$2" \
+      --csv "$OUT/serve.csv" || log "$4 serve bench failed on $2"
   else
-    log "$1 server did not come up on $2"; tail -20 "$log"
+    log "$4 server did not come up on $2"; tail -20 "$log"
   fi
   kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
 }
@@ -246,10 +248,11 @@ case "$mode" in
     for key in ${*:-llama-3.2-1b qwen3-8b}; do
       gguf=$MODELS/$key-q4_0.gguf
       [ -e "$gguf" ] || { log "$key q4_0: GGUF"; $PY -m ingot.bench.synthetic "$key" --quant q4_0 -q -o "$gguf" || continue; }
-      for engine in ingot llama.cpp; do
-        [ -e "$STATE/done/serve-$key-$engine" ] && { log "$key $engine server already measured"; continue; }
-        log "$key: $engine server"; serve_one "$engine" "$key" "$gguf"
-        mkdir -p "$STATE/done"; touch "$STATE/done/serve-$key-$engine"
+      for engine in $SERVE_ENGINES; do
+        label=$engine${SERVE_TAG:+-$SERVE_TAG}
+        [ -e "$STATE/done/serve-$key-$label" ] && { log "$key $label server already measured"; continue; }
+        log "$key: $label server"; serve_one "$engine" "$key" "$gguf" "$label"
+        mkdir -p "$STATE/done"; touch "$STATE/done/serve-$key-$label"
       done
       [ -n "${KEEP_MODELS:-}" ] || rm -f "$gguf"
     done
