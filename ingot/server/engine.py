@@ -31,7 +31,7 @@ import torch
 from ingot.engine.block_manager import BLOCK_SIZE, BlockManager
 from ingot.engine.constraint import Constraint, GrammarError, check_grammar, ll_tokenizer
 from ingot.engine.generator import TextStream
-from ingot.engine.logits import LogitBias, TokenLogprob, TokenPicker
+from ingot.engine.logits import LogitBias, TokenLogprob, TokenPicker, greedy_tokens
 from ingot.engine.runner import DEFAULT_PREFILL_CHUNK
 from ingot.engine.sampler import Sampler, SamplingParams
 from ingot.engine.scheduler import Scheduler, Sequence
@@ -426,16 +426,17 @@ class BatchEngine(Engine):
                 logits = self.model.backend.forward_paged(
                     [(seq.tokens[seq.computed:seq.computed + n], seq.computed, seq.blocks) for seq, n in plan],
                     self.cache)
+                greedy = self._greedy_picks(plan, logits)
             except Exception as e:  # fails the step's requests, never the worker
                 log.exception("a batched step failed")
                 for seq, _ in plan:
                     self._end(seq, Failed(e))
                 continue
-            for (seq, n), row in zip(plan, logits):
+            for (seq, n), row, token in zip(plan, logits, greedy):
                 sched.advance(seq, n)
                 if seq.pending == 0:
                     try:
-                        self._next_token(seq, row)
+                        self._next_token(seq, row, token)
                     except Exception as e:
                         log.exception("request failed")
                         self._end(seq, Failed(e))
@@ -474,7 +475,18 @@ class BatchEngine(Engine):
                 self._end(seq, Failed(TimedOut(f"the request ran longer than the timeout of "
                                                f"{self.request_timeout:g} s")))
 
-    def _next_token(self, seq: Sequence, logits: torch.Tensor) -> None:
+    @staticmethod
+    def _greedy_picks(plan: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[int | None]:
+        """Each row's token where its sequence samples now and plainly greedily, else None. One argmax of all
+        the rows and one copy to the host serve the whole step: a row's own argmax is a sync of its own."""
+        plain = [seq.pending == n and seq.owner.picker.plain_greedy for seq, n in plan]
+        if not any(plain):
+            return [None] * len(plan)
+        return [token if p else None for token, p in zip(greedy_tokens(logits), plain)]
+
+    def _next_token(self, seq: Sequence, logits: torch.Tensor, greedy: int | None) -> None:
+        """Pick seq's next token from its logits row (`greedy`: the token already picked, for a plainly
+        greedy row) and pass it on: appended and its text sent, or the end of the choice."""
         live, job = seq.owner, seq.owner.job
         if not job.started:
             job.started = True
@@ -483,7 +495,7 @@ class BatchEngine(Engine):
             for sibling in reversed(live.siblings):
                 self.scheduler.add(sibling, first=True)
             live.siblings = []
-        token, scored = live.picker(logits, seq.tokens)
+        token, scored = (greedy, None) if greedy is not None else live.picker(logits, seq.tokens)
         if token in self._stop_ids:
             self._send_text(live, live.text.flush(), last=True)
             self._end(seq, self._done(seq, "stop"))
