@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ingot.engine.logits import greedy_tokens
 from ingot.errors import IngotError
 from ingot.server.app import create_app
 from tests.test_server import AUTH, MODEL_ID, _Running, assert_error, metric, post, until
@@ -54,9 +55,19 @@ def concurrently(server, bodies, path="/v1/completions") -> list[httpx.Response]
     return results
 
 
-def test_concurrent_greedy_requests_batch_and_equal_each_alone(server, smollm2):
+def test_concurrent_greedy_requests_batch_and_equal_each_alone(server, smollm2, monkeypatch):
+    """Their tokens come from one argmax of the step's rows (greedy_tokens), as each row's own would."""
+    import ingot.server.engine
+
     alone = [smollm2.generate(p, max_tokens=4) for p in PROMPTS]
     peak, done = [0.0], threading.Event()
+    batched = []  # rows of each step's greedy_tokens
+
+    def counted(logits):
+        batched.append(len(logits))
+        return greedy_tokens(logits)
+
+    monkeypatch.setattr(ingot.server.engine, "greedy_tokens", counted)
 
     def watch():
         while not done.wait(0.05):  # a tight loop would take the CPU from the requests it watches
@@ -72,7 +83,7 @@ def test_concurrent_greedy_requests_batch_and_equal_each_alone(server, smollm2):
         watcher.join()
     assert [r.status_code for r in results] == [200] * len(PROMPTS)
     assert [r.json()["choices"][0]["text"] for r in results] == alone
-    assert peak[0] > 1
+    assert peak[0] > 1 and max(batched) > 1
     server.wait_idle()
     assert blocks_used(server) == 0
 

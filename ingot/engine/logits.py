@@ -35,6 +35,12 @@ def token_logprob(row: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, numbers[0], list(zip(ids.tolist(), numbers[1:])))
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """The argmax of each row of (rows, vocab) logits, the lowest index among ties (torch.argmax's rule, as a
+    row's own argmax), with one copy to the host for all the rows rather than a sync for each."""
+    return logits.argmax(dim=-1).tolist()
+
+
 class LogitBias:
     """OpenAI's logit_bias: token id -> a number added to its logit before sampling."""
 
@@ -55,6 +61,13 @@ class TokenPicker:
     def __init__(self, sampler: Sampler, bias: LogitBias | None = None, constraint=None,
                  logprobs: int | None = None):
         self.sampler, self.bias, self.constraint, self.logprobs = sampler, bias, constraint, logprobs
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the token is the argmax of the raw row and nothing else is read from it, so a step may take
+        it from greedy_tokens of all its rows."""
+        return (self.sampler.p.plain_greedy and self.bias is None and self.constraint is None
+                and self.logprobs is None)
 
     def __call__(self, row: torch.Tensor, history: list[int]) -> tuple[int, TokenLogprob | None]:
         steered = row

@@ -49,6 +49,11 @@ class SamplingParams:
         return bool((self.repeat_penalty and self.repeat_penalty != 1.0) or self.presence_penalty
                     or self.frequency_penalty)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the token is always the argmax of the row as given: temperature 0 and no penalty."""
+        return self.temperature == 0.0 and not self.penalised
+
 
 def penalize(logits: torch.Tensor, recent: list[int], p: SamplingParams) -> None:
     """llama.cpp's penalties, in place, on a 1-D CPU logits row for the tokens in `recent`."""

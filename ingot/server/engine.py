@@ -31,7 +31,7 @@ import torch
 from ingot.engine.block_manager import BLOCK_SIZE, BlockManager
 from ingot.engine.constraint import Constraint, GrammarError, check_grammar, ll_tokenizer
 from ingot.engine.generator import TextStream
-from ingot.engine.logits import LogitBias, TokenLogprob, TokenPicker
+from ingot.engine.logits import LogitBias, TokenLogprob, TokenPicker, greedy_tokens
 from ingot.engine.runner import DEFAULT_PREFILL_CHUNK
 from ingot.engine.sampler import Sampler, SamplingParams
 from ingot.engine.scheduler import Scheduler, Sequence
@@ -138,13 +138,30 @@ class Job:
     started: bool = False  # the worker sent Started (once, for all choices)
 
     def send(self, event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: the server is shutting down, nobody listens
-            self.cancelled.set()
+        send_all([(self, event)])
 
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or time.monotonic() > self.deadline
+
+
+def send_all(events: list[tuple[Job, object]]) -> None:
+    """Each (job, event) to its job's client, in order, with one call into each event loop: a
+    call_soon_threadsafe wakes its loop through a pipe and contends with it for the GIL, which once per
+    token was a large share of a batched step's host time."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, object]]] = {}
+    for job, event in events:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # the event loop is closed: the server is shutting down, nobody listens
+            for job, _ in batch:
+                job.cancelled.set()
+
+
+def _put_all(events: list[tuple[Job, object]]) -> None:
+    for job, event in events:
+        job.events.put_nowait(event)
 
 
 def make_engine(model, max_queue: int = 64, request_timeout: float = 600.0, **batching) -> "Engine":
@@ -378,6 +395,7 @@ class BatchEngine(Engine):
         self.scheduler = Scheduler(self.blocks, max_batch, max(step_tokens, max_batch))
         self._tokenizer = model.tokenizer
         self._stop_ids = set(model.tokenizer.stop_ids)
+        self._outbox: list[tuple[Job, object]] = []  # the events of the step under way, sent at its end
         self._start()
 
     @property
@@ -409,41 +427,56 @@ class BatchEngine(Engine):
         return ll_tokenizer(self._tokenizer, self.model.spec.vocab_size)
 
     def _work(self) -> None:
-        sched = self.scheduler
         while not self._closing.is_set():
-            self._take_new(wait=not (sched.running or sched.waiting))
-            self._drop_stopped()
-            try:
-                plan = sched.schedule()
-            except Exception as e:  # a scheduler bug: fail what it holds rather than hang every client
-                log.exception("scheduling failed")
-                for seq in list(sched.running) + list(sched.waiting):
-                    self._end(seq, Failed(e))
-                continue
-            if not plan:
-                continue
-            try:
-                logits = self.model.backend.forward_paged(
-                    [(seq.tokens[seq.computed:seq.computed + n], seq.computed, seq.blocks) for seq, n in plan],
-                    self.cache)
-            except Exception as e:  # fails the step's requests, never the worker
-                log.exception("a batched step failed")
-                for seq, _ in plan:
-                    self._end(seq, Failed(e))
-                continue
-            for (seq, n), row in zip(plan, logits):
-                sched.advance(seq, n)
-                if seq.pending == 0:
-                    try:
-                        self._next_token(seq, row)
-                    except Exception as e:
-                        log.exception("request failed")
-                        self._end(seq, Failed(e))
+            self._step()
+            self._deliver()
         self._fail_running(Cancelled("the server is shutting down"))
+
+    def _step(self) -> None:
+        """Admit what arrived, run one batched forward pass and take each finished row's next token."""
+        sched = self.scheduler
+        self._take_new(wait=not (sched.running or sched.waiting))
+        self._drop_stopped()
+        try:
+            plan = sched.schedule()
+        except Exception as e:  # a scheduler bug: fail what it holds rather than hang every client
+            log.exception("scheduling failed")
+            for seq in list(sched.running) + list(sched.waiting):
+                self._end(seq, Failed(e))
+            return
+        if not plan:
+            return
+        try:
+            logits = self.model.backend.forward_paged(
+                [(seq.tokens[seq.computed:seq.computed + n], seq.computed, seq.blocks) for seq, n in plan],
+                self.cache)
+            greedy = self._greedy_picks(plan, logits)
+        except Exception as e:  # fails the step's requests, never the worker
+            log.exception("a batched step failed")
+            for seq, _ in plan:
+                self._end(seq, Failed(e))
+            return
+        for (seq, n), row, token in zip(plan, logits, greedy):
+            sched.advance(seq, n)
+            if seq.pending == 0:
+                try:
+                    self._next_token(seq, row, token)
+                except Exception as e:
+                    log.exception("request failed")
+                    self._end(seq, Failed(e))
+
+    def _post(self, job: Job, event) -> None:
+        """Queue an event for the job's client, sent with the rest of the step's by _deliver."""
+        self._outbox.append((job, event))
+
+    def _deliver(self) -> None:
+        events, self._outbox = self._outbox, []
+        send_all(events)
 
     def _fail_running(self, error: Exception) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._end(seq, Failed(error))
+        self._deliver()
 
     def _take_new(self, wait: bool) -> None:
         """Move submitted jobs into the scheduler; with wait, sleep until one comes (or close)."""
@@ -459,7 +492,7 @@ class BatchEngine(Engine):
                 vocabulary = None if job.decoding.grammar is None else self.vocabulary()
                 lives = [_Live(job, i, self._tokenizer, vocabulary) for i in range(job.decoding.n)]
             except Exception as e:  # what the checks let through but the sampler or the grammar refuses
-                job.send(Failed(e))
+                self._post(job, Failed(e))
                 continue
             seqs = [Sequence(list(job.ids), len(job.ids), owner=live) for live in lives]
             lives[0].siblings = seqs[1:]
@@ -474,16 +507,27 @@ class BatchEngine(Engine):
                 self._end(seq, Failed(TimedOut(f"the request ran longer than the timeout of "
                                                f"{self.request_timeout:g} s")))
 
-    def _next_token(self, seq: Sequence, logits: torch.Tensor) -> None:
+    @staticmethod
+    def _greedy_picks(plan: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[int | None]:
+        """Each row's token where its sequence samples now and plainly greedily, else None. One argmax of all
+        the rows and one copy to the host serve the whole step: a row's own argmax is a sync of its own."""
+        plain = [seq.pending == n and seq.owner.picker.plain_greedy for seq, n in plan]
+        if not any(plain):
+            return [None] * len(plan)
+        return [token if p else None for token, p in zip(greedy_tokens(logits), plain)]
+
+    def _next_token(self, seq: Sequence, logits: torch.Tensor, greedy: int | None) -> None:
+        """Pick seq's next token from its logits row (`greedy`: the token already picked, for a plainly
+        greedy row) and pass it on: appended and its text sent, or the end of the choice."""
         live, job = seq.owner, seq.owner.job
         if not job.started:
             job.started = True
-            job.send(Started(seq.n_prompt))
+            self._post(job, Started(seq.n_prompt))
         if live.siblings:  # the prompt is computed: the other choices come next, ahead of other requests
             for sibling in reversed(live.siblings):
                 self.scheduler.add(sibling, first=True)
             live.siblings = []
-        token, scored = live.picker(logits, seq.tokens)
+        token, scored = (greedy, None) if greedy is not None else live.picker(logits, seq.tokens)
         if token in self._stop_ids:
             self._send_text(live, live.text.flush(), last=True)
             self._end(seq, self._done(seq, "stop"))
@@ -519,7 +563,7 @@ class BatchEngine(Engine):
         scored = None
         if live.picker.logprobs is not None:
             scored, live.scored = live.scored, []
-        live.job.send(Text(piece, live.index, scored))
+        self._post(live.job, Text(piece, live.index, scored))
 
     def _done(self, seq: Sequence, reason: str) -> Done:
         return Done(seq.n_prompt, seq.owner.generated, reason, max(seq.cached_tokens, 0), seq.owner.index)
@@ -532,4 +576,4 @@ class BatchEngine(Engine):
         self.metrics.generation_tokens.inc(seq.owner.generated)
         if isinstance(event, Failed):  # the request has failed: its other choices stop too
             seq.owner.job.cancelled.set()
-        seq.owner.job.send(event)
+        self._post(seq.owner.job, event)
