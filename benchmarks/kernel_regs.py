@@ -43,7 +43,8 @@ def resources(kernel, constexprs: dict, num_warps: int = 4) -> tuple[int, int, i
         if n in consts:
             return "constexpr"
         if n.endswith("_ptr"):
-            return {"qw_ptr": "*i32", "cnt_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16"}.get(n, "*fp32")
+            return {"qw_ptr": "*i32", "cnt_ptr": "*i32", "ids_ptr": "*i32", "s_ptr": "*fp16",
+                    "m_ptr": "*fp16"}.get(n, "*fp32")
         return "fp32" if n == "eps" else "i32"
 
     src = ASTSource(kernel, {n: arg_type(n) for n in names},

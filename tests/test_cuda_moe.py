@@ -157,8 +157,9 @@ def test_prefill_block_matches_reference(gen, kernel_device, kind, mins, rows, t
     assert rel_err(got, reference_block(x, w, nw)) < 3e-3, f"seed {SEED}"
 
 
-@pytest.mark.parametrize("rows", [3, 35])  # the selected-experts path; the grouped GEMMs
-def test_gemma4_router_scales_and_separate_output(gen, kernel_device, rows):
+# the selected-experts path on either scheme; the grouped GEMMs
+@pytest.mark.parametrize("rows,decode_path", [(3, "byte"), (3, "word"), (35, "byte")], indirect=["decode_path"])
+def test_gemma4_router_scales_and_separate_output(gen, kernel_device, rows, decode_path):
     """Gemma 4's experts: the router normalises its input with its own weight (not the experts' norm), the
     chosen weights are scaled per expert, and the output goes to its own buffer, x left as it was."""
     w, nw = make_layer("q8", False, 2, gen)
@@ -206,6 +207,25 @@ def test_tiny_qwen3moe_on_the_cuda_backend_matches_reference(tmp_path, kernel_de
     for t in ids[34:]:
         a, b = fast.runner.decode(t).clone(), ref.runner.decode(t)
         assert rel_err(a, b.double().cpu()) < 5e-3
+
+
+def test_tiny_qwen3moe_word_decode_matches_byte(tmp_path, kernel_device, monkeypatch):
+    """Whole model quantized to q4 (with mins) at load, the word scheme's steps against the byte scheme's: a
+    6-token prefill (under 32 rows, the decode path) and two decode steps (the tiny model's f16 experts above
+    never take the word kernels)."""
+    import ingot
+    from tests.tiny_models import make_hf_model, save_hf
+
+    save_hf(make_hf_model("qwen3moe"), tmp_path)
+    logits = {}
+    for path in ("byte", "word"):  # a model each: on a GPU, each captures its own decode graph
+        monkeypatch.setattr(moe, "DECODE", path)
+        m = ingot.load(tmp_path, device=kernel_device, backend="cuda", max_context=64, quant="q4")
+        assert m.backend.w.layers[0].moe.down.kind == "q4"
+        ids = torch.randint(0, m.spec.vocab_size, (8,), generator=torch.Generator().manual_seed(0)).tolist()
+        steps = [m.runner.prefill(ids[:6]).clone()] + [m.runner.decode(t).clone() for t in ids[6:]]
+        logits[path] = torch.stack([s.double().cpu() for s in steps])
+    assert rel_err(logits["word"], logits["byte"]) < 1e-4  # fp32 both: 2.8e-6 apart when written
 
 
 def test_gguf_experts_pack_per_expert_exactly(tmp_path):

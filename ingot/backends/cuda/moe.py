@@ -335,8 +335,8 @@ def _word_dot(xrow, nw_ptr, wd, s, mn, wu, su, mu, k0, k_end, magic, WIDTH: tl.c
     xsum = tl.zeros((NG, WPG), tl.float32)
     sq = tl.zeros((NG, WPG), tl.float32)
     for j in tl.static_range(EPW):  # field j sits at bit j * WIDTH: q4 byte j // 2's low / high nibble
-        D: tl.constexpr = j // 2 + (j % 2) * HALF if WIDTH == 4 else j
-        x, xs, q = gemv._word_x(xrow, nw_ptr, e0 + D, w_ok, j * WIDTH, WIDTH, UNPACK, HAS_NORM)
+        xk = e0 + (j // 2 + (j % 2) * HALF if WIDTH == 4 else j)
+        x, xs, q = gemv._word_x(xrow, nw_ptr, xk, w_ok, j * WIDTH, WIDTH, UNPACK, HAS_NORM)
         xsum += x
         sq += q
         p += gemv._word_field(wd, w_hi, magic, j * WIDTH, WIDTH, UNPACK, OFFSET, SIGNED) * xs[:, None, :]
@@ -373,7 +373,8 @@ def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, r
     else:
         xrow = x_ptr + pair.to(tl.int64) * stride_xm
     # Each step loads the next step's tiles before it computes (two register buffers), as gemv's word kernel.
-    wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, 0, K, K,
+    k_first = tl.full((), 0, tl.int32)  # a tensor, not the constexpr 0: _weight_step hints multiple_of on it
+    wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k_first, K, K,
                                                   WIDTH, GROUP, HAS_MIN, GATED, NG, WPG)
     acc = tl.zeros((NG, BLOCK_N), tl.float32)
     acc_u = tl.zeros((NG, BLOCK_N), tl.float32)
@@ -487,32 +488,47 @@ def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps:
     route(x, w, norm_weight, eps, ids=ids, weights=wts, logits=buffers.logits[: t * w.n_experts].view(t, -1),
           counters=buffers.counters)
     ff = buffers.ff[: t * k * f].view(t * k, f)
-    bn_gu = block_n[0] if block_n else WORD_GATE_UP_BLOCK_N if _word(w.gate_up) else GATE_UP_BLOCK_N
-    bn_down = block_n[1] if block_n else WORD_DOWN_BLOCK_N if _word(w.down) else DOWN_BLOCK_N
-    grid = (t * k, triton.cdiv(f, bn_gu))
-    if _word(w.gate_up):
+    _gate_up(x, w, norm_weight, eps, act, ids, ff, block_n[0] if block_n else None)
+    _down(ff, w, ids, wts, x, out, buffers, block_n[1] if block_n else None)
+    return out
+
+
+def _gate_up(x, w: MoEWeights, norm_weight, eps: float, act: str, ids, ff, block_n: int | None):
+    """ff[pair] = act(gate) * up of the pair's expert on rms_norm(x[pair // k]) * norm_weight."""
+    (t, h), k, f = x.shape, w.top_k, w.ffn
+    word = _word(w.gate_up)
+    block_n = block_n or (WORD_GATE_UP_BLOCK_N if word else GATE_UP_BLOCK_N)
+    grid = (t * k, triton.cdiv(f, block_n))
+    if word:
         ptrs, flags = _word_flags(w.gate_up, gated=True)
-        _expert_word_kernel[grid](x, norm_weight, ids, wts, *ptrs, x, ff, ff, buffers.tickets, f, h, x.stride(0),
-                                  0, 0, float(eps), gemv.MAGIC, TOP_K=k, GATED=_ACTS[act], HAS_RES=False,
-                                  BLOCK_N=bn_gu, num_warps=4, **flags)
+        _expert_word_kernel[grid](x, norm_weight, ids, ids, *ptrs, x, ff, ff, ids, f, h, x.stride(0), 0, 0,
+                                  float(eps), gemv.MAGIC, TOP_K=k, GATED=_ACTS[act], HAS_RES=False,
+                                  BLOCK_N=block_n, num_warps=4, **flags)
     else:
         ptrs, flags = _gemv_flags(w.gate_up)
         _expert_gate_up_kernel[grid](x, norm_weight, ids, *ptrs, ff, f, h, x.stride(0), float(eps),
-                                     TOP_K=k, ACT=_ACTS[act], BLOCK_N=bn_gu, num_warps=4, **flags)
-    if _word(w.down):
-        tiles = triton.cdiv(h, bn_down)
-        if t * tiles > buffers.tickets.numel() or buffers.partials.numel() < t * k * h:
-            raise ValueError(f"decode buffers too small for the word down at block_n {bn_down}")
-        ptrs, flags = _word_flags(w.down, gated=False)
-        _expert_word_kernel[(t * k, tiles)](ff, ff, ids, wts, *ptrs, x, out, buffers.partials, buffers.tickets,
-                                            h, f, f, x.stride(0), out.stride(0), 0.0, gemv.MAGIC, TOP_K=k,
-                                            GATED=0, HAS_RES=out is x, BLOCK_N=bn_down, num_warps=4, **flags)
-    else:
+                                     TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n, num_warps=4, **flags)
+
+
+def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: int | None):
+    """out[row] = [x[row] +] sum over the row's choices, in order, of wts * (down of the expert @ ff[pair])."""
+    (t, h), k, f = x.shape, w.top_k, w.ffn
+    has_res = out is x
+    if not _word(w.down):
+        block_n = block_n or DOWN_BLOCK_N
         ptrs, flags = _gemv_flags(w.down, DOWN_BLOCK_K)
-        _expert_down_kernel[(t, triton.cdiv(h, bn_down))](
+        _expert_down_kernel[(t, triton.cdiv(h, block_n))](
             ff, ids, wts, *ptrs, x, out, h, f, x.stride(0), out.stride(0),
-            TOP_K=k, KP=triton.next_power_of_2(k), HAS_RES=out is x, BLOCK_N=bn_down, num_warps=4, **flags)
-    return out
+            TOP_K=k, KP=triton.next_power_of_2(k), HAS_RES=has_res, BLOCK_N=block_n, num_warps=4, **flags)
+        return
+    block_n = block_n or WORD_DOWN_BLOCK_N
+    tiles = triton.cdiv(h, block_n)
+    if t * tiles > buffers.tickets.numel() or buffers.partials.numel() < t * k * h:
+        raise ValueError(f"decode buffers too small for the word down at block_n {block_n}")
+    ptrs, flags = _word_flags(w.down, gated=False)
+    _expert_word_kernel[(t * k, tiles)](ff, ff, ids, wts, *ptrs, x, out, buffers.partials, buffers.tickets,
+                                        h, f, f, x.stride(0), out.stride(0), 0.0, gemv.MAGIC, TOP_K=k, GATED=0,
+                                        HAS_RES=has_res, BLOCK_N=block_n, num_warps=4, **flags)
 
 
 def _check_out(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
