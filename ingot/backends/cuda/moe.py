@@ -390,6 +390,7 @@ def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, r
         acc_u += cu
         ssv += sq
     ss = tl.sum(tl.sum(ssv, axis=1), axis=0)
+    # _row_epilogue's flags: HAS_NORM, GATED, HAS_RES, SPLIT
     if GATED != 0:
         out_row = out_ptr + pair.to(tl.int64) * N
         gemv._row_epilogue(acc, acc_u, ss, n, 0, 0, 1, N, K, eps, out_row, out_row, cnt_ptr, out_row, 0,
@@ -398,6 +399,7 @@ def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, r
         row = pair // TOP_K
         r64 = row.to(tl.int64)
         acc = acc * tl.load(wts_ptr + pair)
+        # split over the row's choices: partials at part[row * TOP_K + choice], one ticket per (row, tile)
         gemv._row_epilogue(acc, acc_u, ss, n, row * tl.num_programs(1) + tile, pair % TOP_K, TOP_K, N, K, eps,
                            part_ptr + r64 * TOP_K * N, part_ptr, cnt_ptr, res_ptr + r64 * stride_rm, 0,
                            out_ptr + r64 * stride_om, 0, False, 0, HAS_RES, True)
