@@ -1,5 +1,6 @@
-"""Registers, spills and shared memory of the M = 1 decode GEMV kernels compiled for sm_90a, on any machine
-(no GPU needed: Triton compiles to PTX and its bundled ptxas reports the resources).
+"""Registers, spills and shared memory of the M = 1 decode GEMV kernels (and of the word MoE experts kernel)
+compiled for sm_90a, on any machine (no GPU needed: Triton compiles to PTX and its bundled ptxas reports the
+resources).
 
     python3 benchmarks/kernel_regs.py [SOURCE_TREE]      (default: this checkout)
 
@@ -32,6 +33,13 @@ CASES = [
     ("q8 down (residual)", dict(WIDTH=8, HAS_NORM=False, GATED=0, HAS_RES=True, BLOCK_N=128, BLOCK_K=128)),
 ]
 COMMON = dict(GROUP=32, HAS_MIN=False, SIGNED=True, SPLIT=True, PDL=True, EARLY=True)
+# moe._expert_word_kernel (INGOT_MOE_DECODE=word) at Qwen3-30B-A3B's decode, its default block_n
+MOE_CASES = [
+    ("q4 experts gate_up (silu)", dict(WIDTH=4, GATED=1, HAS_RES=False, BLOCK_N=32, BLOCK_K=256)),
+    ("q4 experts down (residual)", dict(WIDTH=4, GATED=0, HAS_RES=True, BLOCK_N=64, BLOCK_K=256)),
+    ("q8 experts gate_up (silu)", dict(WIDTH=8, GATED=1, HAS_RES=False, BLOCK_N=32, BLOCK_K=128)),
+    ("q8 experts down (residual)", dict(WIDTH=8, GATED=0, HAS_RES=True, BLOCK_N=64, BLOCK_K=128)),
+]
 
 
 def resources(kernel, constexprs: dict, num_warps: int = 4) -> tuple[int, int, int]:
@@ -43,7 +51,8 @@ def resources(kernel, constexprs: dict, num_warps: int = 4) -> tuple[int, int, i
         if n in consts:
             return "constexpr"
         if n.endswith("_ptr"):
-            return {"qw_ptr": "*i32", "cnt_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16"}.get(n, "*fp32")
+            return {"qw_ptr": "*i32", "cnt_ptr": "*i32", "ids_ptr": "*i32", "s_ptr": "*fp16",
+                    "m_ptr": "*fp16"}.get(n, "*fp32")
         return "fp32" if n == "eps" else "i32"
 
     src = ASTSource(kernel, {n: arg_type(n) for n in names},
@@ -64,7 +73,7 @@ def resources(kernel, constexprs: dict, num_warps: int = 4) -> tuple[int, int, i
 def main():
     if len(sys.argv) > 1:
         sys.path.insert(0, os.path.abspath(sys.argv[1]))
-    from ingot.backends.cuda import gemv
+    from ingot.backends.cuda import gemv, moe
 
     print(f"{'kernel':6s} {'case':26s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s} {'programs/SM':>12s}")
     for name, case in CASES:
@@ -75,6 +84,11 @@ def main():
                 c["BLOCK_N"] = 64  # _plan_dp4a's q4 tiles
             regs, spills, smem = resources(kernel, c)
             print(f"{label:6s} {name:26s} {regs:5d} {spills:8d} {smem:7d} {65536 // (128 * regs):12d}", flush=True)
+    if hasattr(moe, "_expert_word_kernel"):  # trees before the word MoE decode lack it
+        for name, case in MOE_CASES:
+            c = dict(TOP_K=8, GROUP=32, HAS_MIN=False, SIGNED=case["WIDTH"] == 8, UNPACK=1, **case)
+            regs, spills, smem = resources(moe._expert_word_kernel, c)
+            print(f"{'moe':6s} {name:26s} {regs:5d} {spills:8d} {smem:7d} {65536 // (128 * regs):12d}", flush=True)
 
 
 if __name__ == "__main__":

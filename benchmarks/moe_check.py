@@ -1,7 +1,8 @@
 """One Qwen3-30B-A3B MoE layer (hidden 2048, 128 experts, top-8, expert width 768) on the H100: correctness
 against an fp32 torch MoE and timings of the decode and prefill MoE blocks, at Q4_0 and Q8_0.
 
-Correctness: 1 and 7 rows (the selected-experts decode path), 512 and 2048 rows (the grouped GEMMs). The
+Correctness: 1 and 7 rows (the selected-experts decode path, on both of its schemes, "byte" and "word":
+INGOT_MOE_DECODE), 512 and 2048 rows (the grouped GEMMs). The
 router is checked against fp32 torch (softmax, top-8, renormalised); the expert part against fp32 torch on
 the dequantized weights, using the kernel's own expert choice so that a near tie in the router cannot
 swap an expert and fail the comparison for a reason that is not an error. Pass: relative error (norm) under
@@ -9,15 +10,17 @@ swap an expert and fail the comparison for a reason that is not an error. Pass: 
 
 Timings: decode block at 1 and 8 rows as CUDA-graph replays over 32 distinct inputs (different experts
 each launch, so the 50 MB L2 cannot hold the active experts), with GB/s = bytes of the router and the 8
-active experts per row / time (1 row); a few block_n variants of the decode kernels. Prefill block at 512
+active experts per row / time (1 row); a few block_n variants of each decode scheme's kernels (CSV column
+`variant`: "byte (16, 8)", "word (32, 64)", ...). Prefill block at 512
 and 2048 rows (events, median of 10), with a few tile variants at 512.
 
-    python benchmarks/moe_check.py --out DIR        # ~1-2 minutes on the H100
+    python benchmarks/moe_check.py --out DIR        # ~2-3 minutes on the H100
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import statistics
 import sys
@@ -69,6 +72,16 @@ def reference(x, w: moe.MoEWeights, nw, gu, down, ids):
     return out, ref_ids, ref_w
 
 
+@contextlib.contextmanager
+def decode_scheme(scheme: str):
+    """moe's decode experts on `scheme` ("byte" | "word", as INGOT_MOE_DECODE would set it) inside."""
+    saved, moe.DECODE = moe.DECODE, scheme
+    try:
+        yield
+    finally:
+        moe.DECODE = saved
+
+
 def check(quant, w, nw, dev, rows_out):
     gu = w.gate_up.dequantize().view(E, 2 * FF, H)
     down = w.down.dequantize().view(E, H, FF)
@@ -78,36 +91,44 @@ def check(quant, w, nw, dev, rows_out):
         ids, wts = moe.route(x, w, nw, EPS)
         want, ref_ids, ref_w = reference(x, w, nw, gu, down, ids)
         same_set = (ids.long().sort(-1).values == ref_ids.sort(-1).values).all(-1)
-        got = moe.block(x.clone(), w, nw, EPS)
-        torch.cuda.synchronize()
-        err = float((got - want).norm() / (want - x).norm())  # relative to the MoE output itself
-        werr = float((wts - ref_w).abs().max())
-        passed = err < 1e-2 and werr < 1e-4 and float(same_set.float().mean()) > 0.99
-        ok &= passed
         path = "decode" if t <= moe.MAX_DECODE_ROWS else "prefill"
-        print(f"  {quant} T={t:5d} ({path}): rel err {err:.2e}, router: {int(same_set.sum())}/{t} rows pick the "
-              f"reference's experts, max weight err {werr:.1e}  {'PASS' if passed else 'FAIL'}")
-        rows_out.append(dict(what="check", quant=quant, rows=t, path=path, rel_err=f"{err:.3e}",
-                             router_rows_same=int(same_set.sum()), weight_err=f"{werr:.2e}", passed=passed))
+        for scheme in ("byte", "word") if path == "decode" else (None,):
+            with decode_scheme(scheme or moe.DECODE):
+                got = moe.block(x.clone(), w, nw, EPS)
+            torch.cuda.synchronize()
+            err = float((got - want).norm() / (want - x).norm())  # relative to the MoE output itself
+            werr = float((wts - ref_w).abs().max())
+            passed = err < 1e-2 and werr < 1e-4 and float(same_set.float().mean()) > 0.99
+            ok &= passed
+            variant = scheme or "grouped"
+            print(f"  {quant} T={t:5d} ({path} {variant}): rel err {err:.2e}, router: {int(same_set.sum())}/{t} "
+                  f"rows pick the reference's experts, max weight err {werr:.1e}  {'PASS' if passed else 'FAIL'}")
+            rows_out.append(dict(what="check", quant=quant, rows=t, path=path, variant=variant, rel_err=f"{err:.3e}",
+                                 router_rows_same=int(same_set.sum()), weight_err=f"{werr:.2e}", passed=passed))
     del gu, down
     return ok
 
 
 def time_decode(quant, w, nw, dev, bw, rows_out):
     active = w.active_bytes()
+    # block_n (gate/up, down) of each scheme: its default first (see decode_block for what they count)
+    schemes = {"byte": [(moe.GATE_UP_BLOCK_N, moe.DOWN_BLOCK_N), (8, 8), (32, 8), (16, 4), (8, 4)],
+               "word": [(moe.WORD_GATE_UP_BLOCK_N, moe.WORD_DOWN_BLOCK_N), (16, 64), (64, 64), (32, 32),
+                        (32, 128), (16, 32)]}
     for t in (1, 8):
         xs = [torch.randn(t, H, device=dev) for _ in range(32)]
-        default = (moe.GATE_UP_BLOCK_N, moe.DOWN_BLOCK_N)
-        variants = [default, (8, 8), (32, 8), (16, 4), (8, 4)] if t == 1 else [default]
-        for bn in variants:
-            buffers = moe.DecodeBuffers.for_layers([w], t, dev)
-            sec = time_graph(lambda i: moe.decode_block(xs[i % 32], w, nw, EPS, buffers=buffers, block_n=bn),
-                             launches=32, trials=11)
-            gbps = active / sec / 1e9 if t == 1 else float("nan")
-            share = f", {gbps:6.0f} GB/s of {active / 1e6:.1f} MB ({gbps * 1e9 / bw:.0%} of copy)" if t == 1 else ""
-            print(f"  {quant} decode T={t} block_n={bn}: {sec * 1e6:7.1f} us{share}")
-            rows_out.append(dict(what="decode", quant=quant, rows=t, variant=str(bn), us=f"{sec * 1e6:.2f}",
-                                 active_mb=f"{active / 1e6:.2f}", gbps=f"{gbps:.0f}"))
+        for scheme, variants in schemes.items():
+            for bn in variants if t == 1 else variants[:1]:
+                buffers = moe.DecodeBuffers.for_layers([w], t, dev)
+                with decode_scheme(scheme):  # the graph captures the scheme's kernels
+                    sec = time_graph(lambda i: moe.decode_block(xs[i % 32], w, nw, EPS, buffers=buffers,
+                                                                block_n=bn), launches=32, trials=11)
+                gbps = active / sec / 1e9 if t == 1 else float("nan")
+                share = (f", {gbps:6.0f} GB/s of {active / 1e6:.1f} MB ({gbps * 1e9 / bw:.0%} of copy)"
+                         if t == 1 else "")
+                print(f"  {quant} decode T={t} {scheme} block_n={bn}: {sec * 1e6:7.1f} us{share}")
+                rows_out.append(dict(what="decode", quant=quant, rows=t, variant=f"{scheme} {bn}",
+                                     us=f"{sec * 1e6:.2f}", active_mb=f"{active / 1e6:.2f}", gbps=f"{gbps:.0f}"))
     for t in (1, 512):  # the decode tiles and the prefill (tl.dot) tiles
         xs = [torch.randn(t, H, device=dev) for _ in range(32)]
         ids = torch.empty(t, TOP_K, device=dev, dtype=torch.int32)

@@ -84,6 +84,13 @@ def gen():
     return torch.Generator().manual_seed(SEED)
 
 
+@pytest.fixture
+def decode_path(request, monkeypatch):
+    """The decode experts' scheme (INGOT_MOE_DECODE) for this test: its `path` parameter."""
+    monkeypatch.setattr(moe, "DECODE", request.param)
+    return request.param
+
+
 # 1 and 7 rows take the decode tiles of the router's logits kernel, 40 the prefill ones.
 @pytest.mark.parametrize("top_k,norm_topk,rows", [(2, True, 7), (8, True, 40), (3, False, 1)])
 def test_router_picks_and_weighs_like_softmax_topk(gen, kernel_device, top_k, norm_topk, rows):
@@ -95,10 +102,13 @@ def test_router_picks_and_weighs_like_softmax_topk(gen, kernel_device, top_k, no
     torch.testing.assert_close(weights.cpu().double(), want_w, rtol=1e-5, atol=1e-6)
 
 
-# Each weight form, one or several rows, top-2 and top-8 (the interpreter is slow: few cases; the whole-model
-# test in test_cuda_backend.py adds q4 affine decode and f16 prefill).
-@pytest.mark.parametrize("kind,mins,rows,top_k", [("q4", True, 2, 8), ("q8", False, 5, 2), ("f16", False, 1, 2)])
-def test_decode_block_matches_reference(gen, kernel_device, kind, mins, rows, top_k):
+# Each weight form, one or several rows (expert 0 picked by several), top-2 and top-8, on both decode schemes
+# ("word" is q4/q8 only; f16 always takes "byte"). The interpreter is slow: few cases; the whole-model test in
+# test_cuda_backend.py adds q4 affine decode and f16 prefill.
+@pytest.mark.parametrize("decode_path,kind,mins,rows,top_k", [
+    ("byte", "q4", True, 2, 8), ("byte", "q8", False, 5, 2), ("byte", "f16", False, 1, 2),
+    ("word", "q4", True, 2, 8), ("word", "q4", False, 1, 8), ("word", "q8", False, 5, 2)], indirect=["decode_path"])
+def test_decode_block_matches_reference(gen, kernel_device, decode_path, kind, mins, rows, top_k):
     w, nw = make_layer(kind, mins, top_k, gen)
     x = make_x(rows, gen)
     got = moe.decode_block(x.clone().to(kernel_device), on(w, kernel_device), nw.to(kernel_device), EPS,
@@ -106,7 +116,8 @@ def test_decode_block_matches_reference(gen, kernel_device, kind, mins, rows, to
     assert rel_err(got, reference_block(x, w, nw)) < 1e-5, f"seed {SEED}"
 
 
-def test_decode_block_into_buffers_sized_for_more_rows(gen, kernel_device):
+@pytest.mark.parametrize("decode_path", ["byte", "word"], indirect=True)
+def test_decode_block_into_buffers_sized_for_more_rows(gen, kernel_device, decode_path):
     """The graph path: buffers of a bigger batch bucket, reused across calls."""
     w, nw = make_layer("q4", False, 2, gen)
     dw, dnw = on(w, kernel_device), nw.to(kernel_device)
@@ -146,8 +157,9 @@ def test_prefill_block_matches_reference(gen, kernel_device, kind, mins, rows, t
     assert rel_err(got, reference_block(x, w, nw)) < 3e-3, f"seed {SEED}"
 
 
-@pytest.mark.parametrize("rows", [3, 35])  # the selected-experts path; the grouped GEMMs
-def test_gemma4_router_scales_and_separate_output(gen, kernel_device, rows):
+# the selected-experts path on either scheme; the grouped GEMMs
+@pytest.mark.parametrize("rows,decode_path", [(3, "byte"), (3, "word"), (35, "byte")], indirect=["decode_path"])
+def test_gemma4_router_scales_and_separate_output(gen, kernel_device, rows, decode_path):
     """Gemma 4's experts: the router normalises its input with its own weight (not the experts' norm), the
     chosen weights are scaled per expert, and the output goes to its own buffer, x left as it was."""
     w, nw = make_layer("q8", False, 2, gen)
@@ -195,6 +207,25 @@ def test_tiny_qwen3moe_on_the_cuda_backend_matches_reference(tmp_path, kernel_de
     for t in ids[34:]:
         a, b = fast.runner.decode(t).clone(), ref.runner.decode(t)
         assert rel_err(a, b.double().cpu()) < 5e-3
+
+
+def test_tiny_qwen3moe_word_decode_matches_byte(tmp_path, kernel_device, monkeypatch):
+    """Whole model quantized to q4 (with mins) at load, the word scheme's steps against the byte scheme's: a
+    6-token prefill (under 32 rows, the decode path) and two decode steps (the tiny model's f16 experts above
+    never take the word kernels)."""
+    import ingot
+    from tests.tiny_models import make_hf_model, save_hf
+
+    save_hf(make_hf_model("qwen3moe"), tmp_path)
+    logits = {}
+    for path in ("byte", "word"):  # a model each: on a GPU, each captures its own decode graph
+        monkeypatch.setattr(moe, "DECODE", path)
+        m = ingot.load(tmp_path, device=kernel_device, backend="cuda", max_context=64, quant="q4")
+        assert m.backend.w.layers[0].moe.down.kind == "q4"
+        ids = torch.randint(0, m.spec.vocab_size, (8,), generator=torch.Generator().manual_seed(0)).tolist()
+        steps = [m.runner.prefill(ids[:6]).clone()] + [m.runner.decode(t).clone() for t in ids[6:]]
+        logits[path] = torch.stack([s.double().cpu() for s in steps])
+    assert rel_err(logits["word"], logits["byte"]) < 1e-4  # fp32 both: 2.8e-6 apart when written
 
 
 def test_gguf_experts_pack_per_expert_exactly(tmp_path):

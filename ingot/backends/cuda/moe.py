@@ -8,10 +8,14 @@ for the host (the decode step stays capturable in a CUDA graph).
   R: 84 us a layer on the H200); the last tile of a row block to finish then does the rows' softmax, top-k
   by repeated argmax, the renormalisation of the k weights (norm_topk_prob), and Gemma 4's per-expert scale
   of them. Gemma 4's router normalises x with its own weight (router_norm), not the experts' norm.
-- Decode (1..32 rows): one program per (row, choice) pair and slice of the expert's F rows computes gate and
-  up for that pair's expert alone (the RMSNorm in its prologue as in gemv), writing act(g) * u; then one
-  program per row and slice of the hidden size computes its k experts' down projections together and sums
-  them, weighted, plus the residual. Fixed-order reductions, no atomics: deterministic.
+- Decode (1..32 rows), two kernels after the router, on either of two schemes (INGOT_MOE_DECODE below):
+  "byte" (gemv's general dequantizing tiles): one program per (row, choice) pair and slice of the expert's
+  F rows computes gate and up for that pair's expert alone (the RMSNorm in its prologue as in gemv), writing
+  act(g) * u; then one program per row and slice of the hidden size computes its k experts' down projections
+  together and sums them, weighted, plus the residual. "word" (gemv's M = 1 int32-word scheme, q4/q8): the
+  same gate/up programs; the down runs per (pair, slice) too and the last of a slice's k pair programs sums
+  their weighted results in choice order, plus the residual (gemv's split-K ticket). Fixed-order
+  reductions: deterministic either way.
 - Prefill: the (row, choice) pairs are grouped by expert on the GPU (stable sort, histogram, prefix sums),
   each expert's run padded to the tile height, and one grouped tensor-core GEMM (gemm.py's dequantizing
   K loop) runs over all experts' tiles for gate/up, one for down; the down GEMM's epilogue applies the
@@ -38,6 +42,13 @@ from ingot.quant.pack import PackedLinear
 MAX_DECODE_ROWS = 32
 _ACTS = {"silu": 1, "gelu_tanh": 2}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# The decode experts' scheme for q4/q8 weights (f16 always takes "byte"): "byte", the kernels measured on the
+# H200 (2026-12-02: router + experts 36.8 us a Qwen3-30B-A3B layer at one row, 15% of copy bandwidth), stays
+# the default until a GPU run of benchmarks/moe_check.py has timed "word" against it.
+DECODE = os.environ.get("INGOT_MOE_DECODE", "byte")
+if DECODE not in ("byte", "word"):
+    raise ValueError(f"INGOT_MOE_DECODE must be 'byte' or 'word', not {DECODE!r}")
 
 
 @dataclass
@@ -267,6 +278,131 @@ def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, 
     tl.store(out_ptr + r64 * stride_om + cols, total, mask=cols < N)
 
 
+# The word scheme (see the comment above gemv._gemv_word_kernel): int32 weight words, several rows a thread
+# sharing each x load, nibbles to fp32 by the 2^23 mantissa trick, the scale applied once per group. One
+# kernel serves both projections, one program per (row, choice) pair and tile of BLOCK_N output rows, M = 1
+# GEMVs whose weight rows are the pair's expert's (its id read on the device):
+# - gate/up: x row pair // TOP_K, RMS-normed as in gemv (norm weight per element, rstd at the end), gated
+#   with the up rows at + F, act(gate) * up into ff[pair];
+# - down: x = ff[pair], times the pair's routing weight. Of the two deterministic layouts, a tile of all k
+#   choices' rows (as the byte kernel) would give each thread rows of different choices, so an x load would
+#   no longer serve all of a thread's rows, the point of the scheme; a separate fixed-order combine costs a
+#   launch. So each pair program stores its result as a split-K partial and the last of a row's k programs
+#   (an atomic ticket per (row, tile)) adds them in choice order plus the residual: gemv's _split_finish,
+#   split over choices instead of K. One launch, registers as one M = 1 GEMV tile.
+# K is not split (gate/up's rstd needs each program's whole row), so the grid is t * k * N / BLOCK_N programs.
+
+
+@triton.jit
+def _word_bits(wd, WIDTH: tl.constexpr, UNPACK: tl.constexpr, SIGNED: tl.constexpr):
+    """int32 words -> (uint32 words, their high part) as gemv._word_field takes them."""
+    if UNPACK == 1 and SIGNED:
+        wd = wd ^ -2139062144  # 0x80808080: q + 128 in every byte
+    wd = wd.to(tl.uint32, bitcast=True)  # logical shifts
+    return wd, wd >> (12 if WIDTH == 4 else 16)
+
+
+@triton.jit
+def _word_dot(xrow, nw_ptr, wd, s, mn, wu, su, mu, k0, k_end, magic, WIDTH: tl.constexpr, GROUP: tl.constexpr,
+              HAS_MIN: tl.constexpr, SIGNED: tl.constexpr, HAS_NORM: tl.constexpr, GATED: tl.constexpr,
+              UNPACK: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr):
+    """One K step of the word scheme against x row xrow: the [groups, rows] contributions of the weight tile
+    (and of the up tile, gated) and the [groups, words] sums of squares of x."""
+    EPW: tl.constexpr = 32 // WIDTH
+    HALF: tl.constexpr = GROUP // 2
+    # q4 sym: q - 8; q8 signed: (q + 128) after the xor, - 128; unsigned q8 / q4 with mins: q.
+    OFFSET: tl.constexpr = (8 if not HAS_MIN else 0) if WIDTH == 4 else (128 if SIGNED else 0)
+    gi = tl.arange(0, NG)
+    wi = tl.arange(0, WPG)
+    w_ok = tl.broadcast_to((k0 + gi * GROUP < k_end)[:, None], (NG, WPG))  # K is a multiple of GROUP
+    e0 = k0 + gi[:, None] * GROUP + wi[None, :] * 4  # element of byte 0's field (q4: its low nibble)
+    wd, w_hi = _word_bits(wd, WIDTH, UNPACK, SIGNED)
+    wu, u_hi = _word_bits(wu, WIDTH, UNPACK, SIGNED)
+    p = tl.zeros(wd.shape, tl.float32)
+    pu = tl.zeros(wd.shape, tl.float32)
+    xsum = tl.zeros((NG, WPG), tl.float32)
+    sq = tl.zeros((NG, WPG), tl.float32)
+    for j in tl.static_range(EPW):  # field j sits at bit j * WIDTH: q4 byte j // 2's low / high nibble
+        xk = e0 + (j // 2 + (j % 2) * HALF if WIDTH == 4 else j)
+        x, xs, q = gemv._word_x(xrow, nw_ptr, xk, w_ok, j * WIDTH, WIDTH, UNPACK, HAS_NORM)
+        xsum += x
+        sq += q
+        p += gemv._word_field(wd, w_hi, magic, j * WIDTH, WIDTH, UNPACK, OFFSET, SIGNED) * xs[:, None, :]
+        if GATED != 0:
+            pu += gemv._word_field(wu, u_hi, magic, j * WIDTH, WIDTH, UNPACK, OFFSET, SIGNED) * xs[:, None, :]
+    c = s * tl.sum(p, axis=2)
+    cu = su * tl.sum(pu, axis=2)
+    if HAS_MIN:
+        gsum = tl.sum(xsum, axis=1)[:, None]
+        c += mn * gsum
+        cu += mu * gsum
+    return c, cu, sq
+
+
+@triton.jit
+def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, out_ptr, part_ptr,
+                        cnt_ptr, N, K, stride_xm, stride_rm, stride_om, eps, magic,
+                        TOP_K: tl.constexpr, WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
+                        SIGNED: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, UNPACK: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """GATED (gate/up): out[pair, n] = act(g) * u of the pair's expert on rms_norm(x[pair // TOP_K]) * nw.
+    Else (down): out[row, n] = [res[row, n] +] sum over choices c, in order, of wts[pair] * (W_e @ x[pair])[n],
+    pair = row * TOP_K + c, through the partials part[pair, n] and tickets cnt[row * tiles + tile]."""
+    pair = tl.program_id(0)
+    tile = tl.program_id(1)
+    NG: tl.constexpr = BLOCK_K // GROUP
+    WPG: tl.constexpr = GROUP // (32 // WIDTH)  # words per group
+    expert = tl.load(ids_ptr + pair).to(tl.int64)  # read on the device: the step needs nothing from the host
+    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    rows64 = expert * (2 * N if GATED != 0 else N) + n
+    if GATED != 0:
+        xrow = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm
+    else:
+        xrow = x_ptr + pair.to(tl.int64) * stride_xm
+    # Each step loads the next step's tiles before it computes (two register buffers), as gemv's word kernel.
+    k_first = tl.full((), 0, tl.int32)  # a tensor, not the constexpr 0: _weight_step hints multiple_of on it
+    wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k_first, K, K,
+                                                  WIDTH, GROUP, HAS_MIN, GATED, NG, WPG)
+    acc = tl.zeros((NG, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((NG, BLOCK_N), tl.float32)
+    ssv = tl.zeros((NG, WPG), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cw0, cs0, cm0 = wd0, s0, m0
+        cw1, cs1, cm1 = wd1, s1, m1
+        wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k0 + BLOCK_K, K, K,
+                                                      WIDTH, GROUP, HAS_MIN, GATED, NG, WPG)
+        c, cu, sq = _word_dot(xrow, nw_ptr, cw0, cs0, cm0, cw1, cs1, cm1, k0, K, magic, WIDTH, GROUP, HAS_MIN,
+                              SIGNED, GATED != 0, GATED, UNPACK, NG, WPG)
+        acc += c
+        acc_u += cu
+        ssv += sq
+    ss = tl.sum(tl.sum(ssv, axis=1), axis=0)
+    # _row_epilogue's flags: HAS_NORM, GATED, HAS_RES, SPLIT
+    if GATED != 0:
+        out_row = out_ptr + pair.to(tl.int64) * N
+        gemv._row_epilogue(acc, acc_u, ss, n, 0, 0, 1, N, K, eps, out_row, out_row, cnt_ptr, out_row, 0,
+                           out_row, 0, True, GATED, False, False)
+    else:
+        row = pair // TOP_K
+        r64 = row.to(tl.int64)
+        acc = acc * tl.load(wts_ptr + pair)
+        # split over the row's choices: partials at part[row * TOP_K + choice], one ticket per (row, tile)
+        gemv._row_epilogue(acc, acc_u, ss, n, row * tl.num_programs(1) + tile, pair % TOP_K, TOP_K, N, K, eps,
+                           part_ptr + r64 * TOP_K * N, part_ptr, cnt_ptr, res_ptr + r64 * stride_rm, 0,
+                           out_ptr + r64 * stride_om, 0, False, 0, HAS_RES, True)
+
+
+def _word_flags(w: PackedLinear, gated: bool) -> tuple[tuple, dict]:
+    """Pointers and constexprs of the word kernel for w, at gemv's M = 1 K step for its kind."""
+    n_out = w.n // 2 if gated else w.n
+    block_k = gemv._plan_word(n_out, w.k, w.kind, w.group, gated).block_k
+    assert block_k % w.group == 0 and w.qweight.is_contiguous()
+    ptrs = (w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales)
+    return ptrs, dict(WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
+                      SIGNED=w.qweight.dtype == torch.int8, UNPACK=1, BLOCK_K=block_k)
+
+
 def _gemv_flags(w: PackedLinear, max_block_k: int = 1024) -> tuple[tuple, dict]:
     group = w.group if w.kind != "f16" else gemv.F16_PSEUDO_GROUP
     scales = w.scales if w.scales is not None else w.qweight
@@ -284,33 +420,50 @@ class DecodeBuffers:
     ff: torch.Tensor  # fp32 [rows * k, F]: act(gate) * up of each (row, choice) pair
     logits: torch.Tensor  # fp32 [rows * E]: the router's
     counters: torch.Tensor  # int32 [rows]: the router's tickets, zero between calls
+    partials: torch.Tensor  # fp32 [rows * k, H]: the word down's weighted result of each pair
+    tickets: torch.Tensor  # int32 [rows * H / WORD_MIN_BLOCK_N]: the word down's, one per (row, tile), zero
 
     @classmethod
     def for_layers(cls, moes: list[MoEWeights], rows: int, device) -> DecodeBuffers:
         k = max(m.top_k for m in moes)
         f = max(m.ffn for m in moes)
         e = max(m.n_experts for m in moes)
-        return cls(torch.zeros(rows, k, device=device, dtype=torch.int32),
-                   torch.zeros(rows, k, device=device, dtype=torch.float32),
-                   torch.zeros(rows * k * f, device=device, dtype=torch.float32),
-                   torch.zeros(rows * e, device=device, dtype=torch.float32),
-                   torch.zeros(rows, device=device, dtype=torch.int32))
+        h = max(m.hidden for m in moes)
+        zeros = lambda n, dtype=torch.float32: torch.zeros(n, device=device, dtype=dtype)  # noqa: E731
+        return cls(zeros((rows, k), torch.int32), zeros((rows, k)), zeros(rows * k * f), zeros(rows * e),
+                   zeros(rows, torch.int32), zeros(rows * k * h),
+                   zeros(rows * triton.cdiv(h, WORD_MIN_BLOCK_N), torch.int32))
 
     def tensors(self):
-        return (self.ids, self.weights, self.ff, self.logits, self.counters)
+        return (self.ids, self.weights, self.ff, self.logits, self.counters, self.partials, self.tickets)
 
 
 GATE_UP_BLOCK_N = 16  # gate and up tiles in registers at once
 DOWN_BLOCK_N = 8  # x top_k experts = 64 weight rows a tile; 2048 / 8 = 256 programs for Qwen3-30B-A3B at one row
 DOWN_BLOCK_K = 128  # the tile holds k experts' rows: a shorter K step keeps it in registers
+# Word kernels, rows a program of one pair (untimed; benchmarks/moe_check.py compares variants). Qwen3-30B-A3B
+# at one row: gate/up 8 pairs x 768 / 32 = 192 programs of 32 gate + 32 up rows (gemv's gated q4 tile holds
+# 64 + 64, which would leave 96 programs for 132 SMs); down 8 x 2048 / 64 = 256 programs.
+WORD_GATE_UP_BLOCK_N = 32
+WORD_DOWN_BLOCK_N = 64
+WORD_MIN_BLOCK_N = 16  # the smallest word down tile DecodeBuffers has tickets for
+
+
+def _word(w: PackedLinear) -> bool:
+    """Whether w's decode kernel is the word one: INGOT_MOE_DECODE=word and a kind the word helpers cover (as
+    gemv.linear's M = 1 choice)."""
+    return DECODE == "word" and w.kind in ("q4", "q8")
 
 
 def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
-                 buffers: DecodeBuffers | None = None, block_n: tuple[int, int] = (GATE_UP_BLOCK_N, DOWN_BLOCK_N),
+                 buffers: DecodeBuffers | None = None, block_n: tuple[int, int] | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """x (fp32 [T, H], T <= 32) += the MoE block of x, reading only the selected experts' weights; with `out`
     (fp32 [T, H]) the block's output goes there instead and x is left as it is.
-    block_n: rows per program of the gate/up and the down kernel (the interpreter tests use larger ones)."""
+    block_n (default: the kernels' own): output rows a program of the gate/up kernel (gate rows, each with
+    its up row, of one pair, on both schemes) and of the down kernel ("byte": hidden rows of one row's k
+    experts, k * block_n weight rows; "word": hidden rows of one pair's expert, at least WORD_MIN_BLOCK_N).
+    The interpreter tests use larger ones."""
     t, h = x.shape
     if not 1 <= t <= MAX_DECODE_ROWS:
         raise ValueError(f"the decode MoE path takes 1..{MAX_DECODE_ROWS} rows, got {t}")
@@ -325,15 +478,47 @@ def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps:
     route(x, w, norm_weight, eps, ids=ids, weights=wts, logits=buffers.logits[: t * w.n_experts].view(t, -1),
           counters=buffers.counters)
     ff = buffers.ff[: t * k * f].view(t * k, f)
-    ptrs, flags = _gemv_flags(w.gate_up)
-    _expert_gate_up_kernel[(t * k, triton.cdiv(f, block_n[0]))](
-        x, norm_weight, ids, *ptrs, ff, f, h, x.stride(0), float(eps),
-        TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n[0], num_warps=4, **flags)
-    ptrs, flags = _gemv_flags(w.down, DOWN_BLOCK_K)
-    _expert_down_kernel[(t, triton.cdiv(h, block_n[1]))](
-        ff, ids, wts, *ptrs, x, out, h, f, x.stride(0), out.stride(0),
-        TOP_K=k, KP=triton.next_power_of_2(k), HAS_RES=out is x, BLOCK_N=block_n[1], num_warps=4, **flags)
+    _gate_up(x, w, norm_weight, eps, act, ids, ff, block_n[0] if block_n else None)
+    _down(ff, w, ids, wts, x, out, buffers, block_n[1] if block_n else None)
     return out
+
+
+def _gate_up(x, w: MoEWeights, norm_weight, eps: float, act: str, ids, ff, block_n: int | None):
+    """ff[pair] = act(gate) * up of the pair's expert on rms_norm(x[pair // k]) * norm_weight."""
+    (t, h), k, f = x.shape, w.top_k, w.ffn
+    word = _word(w.gate_up)
+    block_n = block_n or (WORD_GATE_UP_BLOCK_N if word else GATE_UP_BLOCK_N)
+    grid = (t * k, triton.cdiv(f, block_n))
+    if word:
+        ptrs, flags = _word_flags(w.gate_up, gated=True)
+        _expert_word_kernel[grid](x, norm_weight, ids, ids, *ptrs, x, ff, ff, ids, f, h, x.stride(0), 0, 0,
+                                  float(eps), gemv.MAGIC, TOP_K=k, GATED=_ACTS[act], HAS_RES=False,
+                                  BLOCK_N=block_n, num_warps=4, **flags)
+    else:
+        ptrs, flags = _gemv_flags(w.gate_up)
+        _expert_gate_up_kernel[grid](x, norm_weight, ids, *ptrs, ff, f, h, x.stride(0), float(eps),
+                                     TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n, num_warps=4, **flags)
+
+
+def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: int | None):
+    """out[row] = [x[row] +] sum over the row's choices, in order, of wts * (down of the expert @ ff[pair])."""
+    (t, h), k, f = x.shape, w.top_k, w.ffn
+    has_res = out is x
+    if not _word(w.down):
+        block_n = block_n or DOWN_BLOCK_N
+        ptrs, flags = _gemv_flags(w.down, DOWN_BLOCK_K)
+        _expert_down_kernel[(t, triton.cdiv(h, block_n))](
+            ff, ids, wts, *ptrs, x, out, h, f, x.stride(0), out.stride(0),
+            TOP_K=k, KP=triton.next_power_of_2(k), HAS_RES=has_res, BLOCK_N=block_n, num_warps=4, **flags)
+        return
+    block_n = block_n or WORD_DOWN_BLOCK_N
+    tiles = triton.cdiv(h, block_n)
+    if t * tiles > buffers.tickets.numel() or buffers.partials.numel() < t * k * h:
+        raise ValueError(f"decode buffers too small for the word down at block_n {block_n}")
+    ptrs, flags = _word_flags(w.down, gated=False)
+    _expert_word_kernel[(t * k, tiles)](ff, ff, ids, wts, *ptrs, x, out, buffers.partials, buffers.tickets,
+                                        h, f, f, x.stride(0), out.stride(0), 0.0, gemv.MAGIC, TOP_K=k, GATED=0,
+                                        HAS_RES=has_res, BLOCK_N=block_n, num_warps=4, **flags)
 
 
 def _check_out(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
