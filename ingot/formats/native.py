@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ingot.errors import FormatError, IngotError, UnsupportedError
+from ingot.quant.pack import PLANES
 
 FORMAT = "ingot"
 VERSION = 2  # 2: `every` (block-interleaved rows: the experts' [gate; up])
@@ -31,7 +32,6 @@ ALIGN = 64 * 1024  # page- and DMA-friendly on every platform, and what O_DIRECT
 SUFFIX = ".ingot"
 MAGIC = b'{"__metadata__":{"format":"ingot"'  # bytes 8.. of the file
 PAD_PREFIX = "__pad__."
-PLANES = ("qweight", "scales", "mins", "qhigh", "supers")
 TARGETS = ("q4", "q8", "f16", "bf16")
 GROUPS = (32, 64, 128)
 # name -> (what it is, target of token_embd / output, target of every other matrix)
@@ -187,11 +187,10 @@ def load_native(path: str | Path):
             else:
                 m = info["matrices"][e["matrix"]]
                 start, stop = e["rows"]
-                every = e.get("every", 0)
-                rows = (stop - start) * (m["n"] // every if every else 1)
+                rows = (stop - start) * _period(e, m)[1]
                 nbytes = sum(_plane_bytes(f, p) for p in m["planes"].values()) * rows // m["n"]
                 tensors[name] = PackedTensor(name, m["layout"], shape, e["matrix"], whole[e["matrix"]], start, stop,
-                                             nbytes, every)
+                                             nbytes, e.get("every", 0))
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{f.path}: corrupt .ingot header ({e!r})") from None
 
@@ -213,13 +212,18 @@ def _check_entry(f: NativeFile, name: str, e: dict, shape: tuple) -> None:
         return
     m = f.info["matrices"][e["matrix"]]
     start, stop = e["rows"]
-    every = e.get("every", 0)
-    period, blocks = (every, m["n"] // every) if every else (m["n"], 1)
+    period, blocks = _period(e, m)
     if (not (0 <= start < stop <= period) or period * blocks != m["n"] or shape[-1] != m["k"]
             or int(np.prod(shape[:-1])) != (stop - start) * blocks):
-        rows = f"rows {start}..{stop}" + (f" of every {every}" if every else "")
+        rows = f"rows {start}..{stop}" + (f" of every {period}" if e.get("every") else "")
         raise FormatError(f"{f.path}: tensor '{name}' (shape {list(shape)}, {rows}) does not fit "
                           f"matrix '{e['matrix']}' ({m['n']} x {m['k']})")
+
+
+def _period(e: dict, m: dict) -> tuple[int, int]:
+    """(rows a block, blocks) of a packed tensor entry's matrix m: its `every`, or the whole matrix once."""
+    every = e.get("every", 0)
+    return (every, m["n"] // every) if every else (m["n"], 1)
 
 
 def _plane_bytes(f: NativeFile, name: str) -> int:

@@ -164,18 +164,22 @@ def q6k_as_q8(p: PackedLinear) -> PackedLinear:
     return PackedLinear("q8", p.n, p.k, 16, q, sc, source=p.source)
 
 
+PLANES = ("qweight", "scales", "mins", "qhigh", "supers")  # PackedLinear's tensors, each one row per feature
+
+
+def _each_plane(p: PackedLinear, fn, **fields) -> PackedLinear:
+    """p with fn applied to every plane it has (and `fields` replaced)."""
+    return replace(p, **{name: None if (t := getattr(p, name)) is None else fn(t) for name in PLANES}, **fields)
+
+
 def rows(p: PackedLinear, start: int, stop: int) -> PackedLinear:
     """Rows [start, stop) as views: every plane is row-major with one row per output feature."""
-    cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
-    return replace(p, n=stop - start, qweight=cut(p.qweight), scales=cut(p.scales), mins=cut(p.mins),
-                   qhigh=cut(p.qhigh), supers=cut(p.supers))
+    return _each_plane(p, lambda t: t[start:stop], n=stop - start)
 
 
 def take_rows(p: PackedLinear, index: torch.Tensor) -> PackedLinear:
     """The rows at `index` (int64, on the planes' device or the CPU), as a copy."""
-    pick = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
-    return replace(p, n=index.numel(), qweight=pick(p.qweight), scales=pick(p.scales), mins=pick(p.mins),
-                   qhigh=pick(p.qhigh), supers=pick(p.supers))
+    return _each_plane(p, lambda t: t.index_select(0, index.to(t.device)), n=index.numel())
 
 
 def periodic_rows(p: PackedLinear, start: int, stop: int, period: int) -> PackedLinear:
@@ -186,9 +190,7 @@ def periodic_rows(p: PackedLinear, start: int, stop: int, period: int) -> Packed
 
 
 def to_device(p: PackedLinear, device) -> PackedLinear:
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return replace(p, qweight=move(p.qweight), scales=move(p.scales), mins=move(p.mins), qhigh=move(p.qhigh),
-                   supers=move(p.supers))
+    return _each_plane(p, lambda t: t.to(device))
 
 
 # ---------------------------------------------------------------- GGUF
