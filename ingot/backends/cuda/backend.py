@@ -237,7 +237,6 @@ class PagedStep:
         self.tables.copy_(torch.tensor(tables, dtype=torch.int32))
 
 
-
 class CudaBackend:
     name = "cuda"
 

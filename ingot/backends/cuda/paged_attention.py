@@ -119,8 +119,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     g = hq // hkv
     out = torch.empty_like(q) if out is None else out
     parts = parts or parts_for(B * hkv, block_tables.shape[1])
-    # a captured step allocates its workspace once, from the graph's pool
-    ws = torch.empty(B * hq * parts * (D + 2) if parts > 1 else 1, device=q.device, dtype=torch.float32)
+    # a captured step allocates its workspace once, from the graph's pool; unsplit, the kernel reads none
+    ws = torch.empty(B * hq * parts * (D + 2), device=q.device, dtype=torch.float32) if parts > 1 else out
     _paged_decode_kernel[(B, hkv, parts)](
         q, k_cache, v_cache, block_tables, seq_lens, out, ws,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
