@@ -32,7 +32,7 @@ CASES = [
     ("q8 gate_up (norm, silu)", dict(WIDTH=8, HAS_NORM=True, GATED=1, HAS_RES=False, BLOCK_N=128, BLOCK_K=128)),
     ("q8 down (residual)", dict(WIDTH=8, HAS_NORM=False, GATED=0, HAS_RES=True, BLOCK_N=128, BLOCK_K=128)),
 ]
-COMMON = dict(GROUP=32, HAS_MIN=False, SIGNED=True, SPLIT=True, PDL=True, EARLY=True)
+COMMON = dict(GROUP=32, HAS_MIN=False, SIGNED=True, SPLIT=True, PDL=True, EARLY=True, X_PAIRS=True)
 # moe._expert_word_kernel (INGOT_MOE_DECODE=word) at Qwen3-30B-A3B's decode, its default block_n
 MOE_CASES = [
     ("q4 experts gate_up (silu)", dict(WIDTH=4, GATED=1, HAS_RES=False, BLOCK_N=32, BLOCK_K=256)),

@@ -168,11 +168,14 @@ def test_embed_rows(kind, mins, group, gen, kernel_device):
     assert torch.allclose(out, ref, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("pairs", [True, False])
 @pytest.mark.parametrize("unpack", [0, 1])
 @pytest.mark.parametrize("kind,mins,group", [("q4", False, 16), ("q4", True, 32), ("q4", False, 128),
                                              ("q8", False, 32), ("q8", True, 16), ("q8", "u8", 64)])
-def test_word_kernel(kind, mins, group, unpack, gen, kernel_device):
-    """The M = 1 word path (both unpack forms), whole-K and split-K, with a K tail; q8 "u8": 0..255 + mins."""
+def test_word_kernel(kind, mins, group, unpack, pairs, gen, kernel_device, monkeypatch):
+    """The M = 1 word path (both unpack forms, x read in pairs or one element a load), whole-K and split-K,
+    with a K tail; q8 "u8": 0..255 + mins."""
+    monkeypatch.setattr(gemv, "X_PAIRS", pairs)
     n, k = 70, 3 * 256 + 2 * group
     w = packed(gen, kind, n, k, group, bool(mins))
     if mins == "u8":
@@ -185,11 +188,12 @@ def test_word_kernel(kind, mins, group, unpack, gen, kernel_device):
         check(out, expected(x, w), 1e-5)
 
 
-def test_word_kernel_fused_gated(gen, kernel_device):
-    """Gated + norm + residual on the word path, split-K, fp16 x."""
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.float32])  # fp32: x and norm weight read in pairs
+def test_word_kernel_fused_gated(x_dtype, gen, kernel_device):
+    """Gated + norm + residual on the word path, split-K, fp16 and fp32 x."""
     n, k = 2 * 40, 512
     w = packed(gen, "q4", n, k, 32, False)
-    x = (torch.randn(1, k, generator=gen) * 3).half()
+    x = (torch.randn(1, k, generator=gen) * 3).to(x_dtype)
     nw = torch.randn(k, generator=gen)
     res = torch.randn(1, n // 2, generator=gen)
     dev = kernel_device

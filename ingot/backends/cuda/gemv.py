@@ -279,20 +279,46 @@ def _word_field(wd, w_hi, magic, SHIFT: tl.constexpr, WIDTH: tl.constexpr, UNPAC
 
 
 @triton.jit
-def _word_x(x_ptr, nw_ptr, xk, ok, SHIFT: tl.constexpr, WIDTH: tl.constexpr, UNPACK: tl.constexpr,
-            HAS_NORM: tl.constexpr):
-    """x (times norm_weight) at element indices xk, and the same scaled by 2^-b for the matching field."""
-    x = tl.load(x_ptr + xk, mask=ok, other=0.0).to(tl.float32)
-    sq = x * x
+def _word_x2(x_ptr, nw_ptr, xk, ok, SHIFT_A: tl.constexpr, SHIFT_B: tl.constexpr, WIDTH: tl.constexpr,
+             UNPACK: tl.constexpr, HAS_NORM: tl.constexpr, X_PAIRS: tl.constexpr):
+    """_x_of for elements xk (field at SHIFT_A) and xk + 1 (at SHIFT_B). With X_PAIRS (fp32 x and norm weight,
+    xk even) each pair is one 8-byte load: the x loads of every weight row a thread holds go through L1,
+    and at one 4-byte load a field they, not the weights, bound the big q4 GEMVs (ncu on the H200: L1 82% busy
+    at 29% of DRAM bandwidth, Qwen3-8B gate_up)."""
+    if X_PAIRS:
+        pair = tl.load(x_ptr.to(tl.pointer_type(tl.int64)) + xk // 2, mask=ok, other=0)
+        va = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        vb = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        if HAS_NORM:
+            npair = tl.load(nw_ptr.to(tl.pointer_type(tl.int64)) + xk // 2, mask=ok, other=0)
+            na = npair.to(tl.int32).to(tl.float32, bitcast=True)
+            nb = (npair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        va = tl.load(x_ptr + xk, mask=ok, other=0.0)
+        vb = tl.load(x_ptr + xk + 1, mask=ok, other=0.0)
+        if HAS_NORM:
+            na = tl.load(nw_ptr + xk, mask=ok, other=0.0)
+            nb = tl.load(nw_ptr + xk + 1, mask=ok, other=0.0)
+    xa = va.to(tl.float32)
+    xb = vb.to(tl.float32)
+    sqa = xa * xa
+    sqb = xb * xb
     if HAS_NORM:
-        x = x * tl.load(nw_ptr + xk, mask=ok, other=0.0).to(tl.float32)
+        xa = xa * na.to(tl.float32)
+        xb = xb * nb.to(tl.float32)
+    return xa, _x_prescaled(xa, SHIFT_A, WIDTH, UNPACK), sqa, xb, _x_prescaled(xb, SHIFT_B, WIDTH, UNPACK), sqb
+
+
+@triton.jit
+def _x_prescaled(x, SHIFT: tl.constexpr, WIDTH: tl.constexpr, UNPACK: tl.constexpr):
+    """x scaled by 2^-b for the field at bit SHIFT, b where UNPACK 1 masks it (_word_field)."""
     xs = x
     if UNPACK == 1:
         DOWN: tl.constexpr = 12 if WIDTH == 4 else 16
         B: tl.constexpr = SHIFT - DOWN if SHIFT + WIDTH > 23 else SHIFT
         if B > 0:
             xs = x * (1.0 / (1 << B))
-    return x, xs, sq
+    return xs
 
 
 @triton.jit
@@ -336,8 +362,8 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
                       N, K, k_split, n_split, stride_rm, stride_om, eps, magic,
                       WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
                       HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
-                      UNPACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PDL: tl.constexpr, EARLY: tl.constexpr):
+                      UNPACK: tl.constexpr, X_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -377,21 +403,19 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
         e0 = k0 + gi[:, None] * GROUP + wi[None, :] * 4
         # x for each field of a word, in the order of the fields' bit positions.
         if WIDTH == 4:
-            x0, xs0, q0 = _word_x(x_ptr, nw_ptr, e0, w_ok, 0, WIDTH, UNPACK, HAS_NORM)
-            x1, xs1, q1 = _word_x(x_ptr, nw_ptr, e0 + HALF, w_ok, 4, WIDTH, UNPACK, HAS_NORM)
-            x2, xs2, q2 = _word_x(x_ptr, nw_ptr, e0 + 1, w_ok, 8, WIDTH, UNPACK, HAS_NORM)
-            x3, xs3, q3 = _word_x(x_ptr, nw_ptr, e0 + 1 + HALF, w_ok, 12, WIDTH, UNPACK, HAS_NORM)
-            x4, xs4, q4 = _word_x(x_ptr, nw_ptr, e0 + 2, w_ok, 16, WIDTH, UNPACK, HAS_NORM)
-            x5, xs5, q5 = _word_x(x_ptr, nw_ptr, e0 + 2 + HALF, w_ok, 20, WIDTH, UNPACK, HAS_NORM)
-            x6, xs6, q6 = _word_x(x_ptr, nw_ptr, e0 + 3, w_ok, 24, WIDTH, UNPACK, HAS_NORM)
-            x7, xs7, q7 = _word_x(x_ptr, nw_ptr, e0 + 3 + HALF, w_ok, 28, WIDTH, UNPACK, HAS_NORM)
+            x0, xs0, q0, x2, xs2, q2 = _word_x2(x_ptr, nw_ptr, e0, w_ok, 0, 8, WIDTH, UNPACK, HAS_NORM, X_PAIRS)
+            x4, xs4, q4, x6, xs6, q6 = _word_x2(x_ptr, nw_ptr, e0 + 2, w_ok, 16, 24, WIDTH, UNPACK, HAS_NORM,
+                                                X_PAIRS)
+            x1, xs1, q1, x3, xs3, q3 = _word_x2(x_ptr, nw_ptr, e0 + HALF, w_ok, 4, 12, WIDTH, UNPACK, HAS_NORM,
+                                                X_PAIRS)
+            x5, xs5, q5, x7, xs7, q7 = _word_x2(x_ptr, nw_ptr, e0 + 2 + HALF, w_ok, 20, 28, WIDTH, UNPACK,
+                                                HAS_NORM, X_PAIRS)
             xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
             sq = ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
         else:
-            x0, xs0, q0 = _word_x(x_ptr, nw_ptr, e0, w_ok, 0, WIDTH, UNPACK, HAS_NORM)
-            x1, xs1, q1 = _word_x(x_ptr, nw_ptr, e0 + 1, w_ok, 8, WIDTH, UNPACK, HAS_NORM)
-            x2, xs2, q2 = _word_x(x_ptr, nw_ptr, e0 + 2, w_ok, 16, WIDTH, UNPACK, HAS_NORM)
-            x3, xs3, q3 = _word_x(x_ptr, nw_ptr, e0 + 3, w_ok, 24, WIDTH, UNPACK, HAS_NORM)
+            x0, xs0, q0, x1, xs1, q1 = _word_x2(x_ptr, nw_ptr, e0, w_ok, 0, 8, WIDTH, UNPACK, HAS_NORM, X_PAIRS)
+            x2, xs2, q2, x3, xs3, q3 = _word_x2(x_ptr, nw_ptr, e0 + 2, w_ok, 16, 24, WIDTH, UNPACK, HAS_NORM,
+                                                X_PAIRS)
             xsum = (x0 + x1) + (x2 + x3)
             sq = (q0 + q1) + (q2 + q3)
         if HAS_NORM:
@@ -629,14 +653,20 @@ DP4A_TARGET_PROGRAMS = 512
 
 def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvConfig:
     """M = 1 word kernel: 128 weight bytes per row per K step (one 16-byte load per thread per row), 128 rows
-    per program (64 for gated q4, whose gate and up tiles double the registers), so each thread reuses every
-    x value it loads across its rows. K is split until the grid holds ~320 programs (~2.4 per SM): the
-    benchmarks/gemv_sweep.py winners on the H100 (2026-11-24) sit there for every shape from 2048x2048 to
-    151936x4096, where small shapes are latency-bound and want all their loads in flight at once."""
+    per program (64 for gated, whose gate and up tiles double the registers), so each thread reuses every
+    x value it loads across its rows. K is split until the grid holds about TARGET_PROGRAMS programs (q8: 512),
+    gated calls about one per 48 KiB of weights (320 to 1152). benchmarks/gemv_sweep.py's winners at the
+    Qwen3-8B shapes on the H200 (2026-12-02): q4 gate_up 27.8 us at 1152 programs against 31.8 at 384, q8
+    gate_up 64 rows against 128 (33.6 / 38.8 against 52.5 us), q8 o/down/qkv at ~512 programs (8.9, 18.6,
+    11.5 us against 10.4, 26.0, 14.5 at ~320); small shapes (H100, 2026-11-24) at ~320-400."""
     block_k = max(256 if kind == "q4" else 128, group)
-    block_n = 64 if gated and kind == "q4" else 128
+    block_n = 64 if gated else 128
+    programs = TARGET_PROGRAMS if kind == "q4" else 512
+    if gated:
+        weight_bytes = 2 * n_out * k * (0.5 if kind == "q4" else 1.0)
+        programs = min(1152, max(TARGET_PROGRAMS, round(weight_bytes / 49152)))
     return _split_for(GemvConfig(1, block_n, block_k, 1, num_warps=4, kernel="word", unpack=1), n_out, k,
-                      TARGET_PROGRAMS)
+                      programs)
 
 
 def _plan_dp4a(n_out: int, k: int, kind: str, group: int) -> GemvConfig:
@@ -649,13 +679,24 @@ def _plan_dp4a(n_out: int, k: int, kind: str, group: int) -> GemvConfig:
                       DP4A_TARGET_PROGRAMS)
 
 
+# The word kernel reads x (and the norm weight) two fp32 elements a load (_word_x2); INGOT_GEMV_X_PAIRS=0 for
+# one a load, the form before, for an A/B.
+X_PAIRS = os.environ.get("INGOT_GEMV_X_PAIRS", "1") == "1"
+
+
+def _pairs_ok(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.data_ptr() % 8 == 0
+
+
 def _split_for(cfg: GemvConfig, n_out: int, k: int, programs: int) -> GemvConfig:
-    """cfg with K split so that the grid holds about `programs` programs, and no split is empty."""
+    """cfg with K split so that the grid holds about `programs` programs, and no split is empty. The K
+    tiles a split takes are rounded to the nearest whole number, not up: 16 tiles in 7 splits become 8 of 2
+    (Qwen3-8B's q4 qkv: 9.5 us on the H200), not 6 of up to 3 (11.5 us)."""
     tiles_n = triton.cdiv(n_out, cfg.block_n)
     k_tiles = triton.cdiv(k, cfg.block_k)
     split = max(1, min(round(programs / tiles_n), k_tiles))
-    split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
-    return dataclasses.replace(cfg, split=split)
+    per_split = max(1, round(k_tiles / split))
+    return dataclasses.replace(cfg, split=triton.cdiv(k_tiles, per_split))
 
 
 def _k_split(k: int, cfg: GemvConfig) -> int:
@@ -745,7 +786,9 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
     if word_like and cfg.kernel in ("word", "dp4a"):
         assert cfg.block_k % w.group == 0 and w.qweight.is_contiguous()
         if cfg.kernel == "word":
-            kernel, extra_args, extra = _gemv_word_kernel, (MAGIC,), dict(UNPACK=cfg.unpack, EARLY=pdl.EARLY)
+            pairs = X_PAIRS and _pairs_ok(x) and (norm_weight is None or _pairs_ok(norm_weight))
+            kernel, extra_args, extra = _gemv_word_kernel, (MAGIC,), dict(UNPACK=cfg.unpack, X_PAIRS=pairs,
+                                                                          EARLY=pdl.EARLY)
         else:  # inline PTX only on a GPU; the interpreter runs the same integer arithmetic in plain ops
             kernel, extra_args, extra = _gemv_dp4a_kernel, (), dict(ASM=os.environ.get("TRITON_INTERPRET") != "1",
                                                                      EARLY=pdl.EARLY)

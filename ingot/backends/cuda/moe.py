@@ -303,6 +303,23 @@ def _word_bits(wd, WIDTH: tl.constexpr, UNPACK: tl.constexpr, SIGNED: tl.constex
 
 
 @triton.jit
+def _pair_fields(xrow, nw_ptr, xk, w_ok, wd, w_hi, wu, u_hi, magic, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
+                 UNPACK: tl.constexpr, OFFSET: tl.constexpr, SIGNED: tl.constexpr, HAS_NORM: tl.constexpr,
+                 GATED: tl.constexpr, p, pu, xsum, sq):
+    """The fields at bits SHIFT and SHIFT + 8 (elements xk and xk + 1) against x: added to the running
+    products p (pu: up tile) [groups, rows, words], x sums and sums of squares [groups, words]."""
+    xa, xsa, qa, xb, xsb, qb = gemv._word_x2(xrow, nw_ptr, xk, w_ok, SHIFT, SHIFT + 8, WIDTH, UNPACK, HAS_NORM,
+                                             False)
+    dp = gemv._word_field(wd, w_hi, magic, SHIFT, WIDTH, UNPACK, OFFSET, SIGNED) * xsa[:, None, :]
+    dp += gemv._word_field(wd, w_hi, magic, SHIFT + 8, WIDTH, UNPACK, OFFSET, SIGNED) * xsb[:, None, :]
+    dpu = dp
+    if GATED != 0:
+        dpu = gemv._word_field(wu, u_hi, magic, SHIFT, WIDTH, UNPACK, OFFSET, SIGNED) * xsa[:, None, :]
+        dpu += gemv._word_field(wu, u_hi, magic, SHIFT + 8, WIDTH, UNPACK, OFFSET, SIGNED) * xsb[:, None, :]
+    return p + dp, pu + dpu, xsum + xa + xb, sq + qa + qb
+
+
+@triton.jit
 def _word_dot(xrow, nw_ptr, wd, s, mn, wu, su, mu, k0, k_end, magic, WIDTH: tl.constexpr, GROUP: tl.constexpr,
               HAS_MIN: tl.constexpr, SIGNED: tl.constexpr, HAS_NORM: tl.constexpr, GATED: tl.constexpr,
               UNPACK: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr):
@@ -318,18 +335,21 @@ def _word_dot(xrow, nw_ptr, wd, s, mn, wu, su, mu, k0, k_end, magic, WIDTH: tl.c
     e0 = k0 + gi[:, None] * GROUP + wi[None, :] * 4  # element of byte 0's field (q4: its low nibble)
     wd, w_hi = _word_bits(wd, WIDTH, UNPACK, SIGNED)
     wu, u_hi = _word_bits(wu, WIDTH, UNPACK, SIGNED)
+    # Fields in pairs of neighbouring elements, the fields of bytes 2i and 2i + 1 (q4: both low or both high
+    # nibbles), so gemv._word_x2 reads their x together.
     p = tl.zeros(wd.shape, tl.float32)
     pu = tl.zeros(wd.shape, tl.float32)
     xsum = tl.zeros((NG, WPG), tl.float32)
     sq = tl.zeros((NG, WPG), tl.float32)
-    for j in tl.static_range(EPW):  # field j sits at bit j * WIDTH: q4 byte j // 2's low / high nibble
-        xk = e0 + (j // 2 + (j % 2) * HALF if WIDTH == 4 else j)
-        x, xs, q = gemv._word_x(xrow, nw_ptr, xk, w_ok, j * WIDTH, WIDTH, UNPACK, HAS_NORM)
-        xsum += x
-        sq += q
-        p += gemv._word_field(wd, w_hi, magic, j * WIDTH, WIDTH, UNPACK, OFFSET, SIGNED) * xs[:, None, :]
-        if GATED != 0:
-            pu += gemv._word_field(wu, u_hi, magic, j * WIDTH, WIDTH, UNPACK, OFFSET, SIGNED) * xs[:, None, :]
+    p, pu, xsum, sq = _pair_fields(xrow, nw_ptr, e0, w_ok, wd, w_hi, wu, u_hi, magic, 0, WIDTH, UNPACK, OFFSET,
+                                   SIGNED, HAS_NORM, GATED, p, pu, xsum, sq)
+    p, pu, xsum, sq = _pair_fields(xrow, nw_ptr, e0 + 2, w_ok, wd, w_hi, wu, u_hi, magic, 16, WIDTH, UNPACK,
+                                   OFFSET, SIGNED, HAS_NORM, GATED, p, pu, xsum, sq)
+    if WIDTH == 4:
+        p, pu, xsum, sq = _pair_fields(xrow, nw_ptr, e0 + HALF, w_ok, wd, w_hi, wu, u_hi, magic, 4, WIDTH, UNPACK,
+                                       OFFSET, SIGNED, HAS_NORM, GATED, p, pu, xsum, sq)
+        p, pu, xsum, sq = _pair_fields(xrow, nw_ptr, e0 + 2 + HALF, w_ok, wd, w_hi, wu, u_hi, magic, 20, WIDTH,
+                                       UNPACK, OFFSET, SIGNED, HAS_NORM, GATED, p, pu, xsum, sq)
     c = s * tl.sum(p, axis=2)
     cu = su * tl.sum(pu, axis=2)
     if HAS_MIN:
