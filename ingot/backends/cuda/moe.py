@@ -43,12 +43,13 @@ MAX_DECODE_ROWS = 32
 _ACTS = {"silu": 1, "gelu_tanh": 2}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# The decode experts' scheme for q4/q8 weights (f16 always takes "byte"): "byte", the kernels measured on the
-# H200 (2026-12-02: router + experts 36.8 us a Qwen3-30B-A3B layer at one row, 15% of copy bandwidth), stays
-# the default until a GPU run of benchmarks/moe_check.py has timed "word" against it.
-DECODE = os.environ.get("INGOT_MOE_DECODE", "byte")
-if DECODE not in ("byte", "word"):
-    raise ValueError(f"INGOT_MOE_DECODE must be 'byte' or 'word', not {DECODE!r}")
+# The decode experts' scheme (f16 always takes "byte"): "auto" picks per kind what benchmarks/moe_check.py
+# measured faster on the H200 (2026-12-02, a Qwen3-30B-A3B layer at one row, router included): q4 "byte"
+# (37.3 us at its best tiles against the word kernels' 42.0), q8 "word" (40.8 against 55.9; 163 against 238 us
+# at 8 rows). "byte" or "word" forces one for every kind (the A/B).
+DECODE = os.environ.get("INGOT_MOE_DECODE", "auto")
+if DECODE not in ("auto", "byte", "word"):
+    raise ValueError(f"INGOT_MOE_DECODE must be 'auto', 'byte' or 'word', not {DECODE!r}")
 
 
 @dataclass
@@ -458,10 +459,11 @@ class DecodeBuffers:
         return (self.ids, self.weights, self.ff, self.logits, self.counters, self.partials, self.tickets)
 
 
-GATE_UP_BLOCK_N = 16  # gate and up tiles in registers at once
+GATE_UP_BLOCK_N = 8  # gate and up tiles in registers at once (moe_check, H200: 8 a little ahead of 16)
 DOWN_BLOCK_N = 8  # x top_k experts = 64 weight rows a tile; 2048 / 8 = 256 programs for Qwen3-30B-A3B at one row
 DOWN_BLOCK_K = 128  # the tile holds k experts' rows: a shorter K step keeps it in registers
-# Word kernels, rows a program of one pair (untimed; benchmarks/moe_check.py compares variants). Qwen3-30B-A3B
+# Word kernels, rows a program of one pair (benchmarks/moe_check.py compares variants: these within 3% of the
+# best on the H200, 2026-12-02). Qwen3-30B-A3B
 # at one row: gate/up 8 pairs x 768 / 32 = 192 programs of 32 gate + 32 up rows (gemv's gated q4 tile holds
 # 64 + 64, which would leave 96 programs for 132 SMs); down 8 x 2048 / 64 = 256 programs.
 WORD_GATE_UP_BLOCK_N = 32
@@ -470,9 +472,9 @@ WORD_MIN_BLOCK_N = 16  # the smallest word down tile DecodeBuffers has tickets f
 
 
 def _word(w: PackedLinear) -> bool:
-    """Whether w's decode kernel is the word one: INGOT_MOE_DECODE=word and a kind the word helpers cover (as
-    gemv.linear's M = 1 choice)."""
-    return DECODE == "word" and w.kind in ("q4", "q8")
+    """Whether w's decode kernel is the word one: a kind the word helpers cover (as gemv.linear's M = 1 choice)
+    that INGOT_MOE_DECODE gives it (auto: q8)."""
+    return w.kind in ("q4", "q8") and (DECODE == "word" or (DECODE == "auto" and w.kind == "q8"))
 
 
 def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
