@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ingot.backends import reference
-from ingot.backends.cuda.gemm import matmul, pick_tiles, rms_norm_half
+from ingot.backends.cuda import gemm
+from ingot.backends.cuda.gemm import matmul, pick_tiles, rms_norm_half, workspace_numel
 from ingot.quant.pack import PackedLinear, quantize, to_device
 
 SEED = int(os.environ.get("INGOT_TEST_SEED", torch.seed() % 2**31))
@@ -208,6 +209,40 @@ def test_bf16_operands(gen, kernel_device):
     got = matmul(x.to(kernel_device), to(w, kernel_device), norm_weight=nw.to(kernel_device), norm_out=buf,
                  dot_dtype=torch.bfloat16, tiles=SMALL)
     check(got, reference.rms_norm(x, nw, 1e-6) @ dq.T, tol=1e-2)
+
+
+@pytest.mark.parametrize("kind,act,swap", [("q4", "silu", 0), ("q8", None, 1), ("q4", None, 1), ("f16", "gelu_tanh", 0)])
+def test_split_k(kind, act, swap, gen, kernel_device):
+    """Short calls split K across programs (gemv's tickets): plain, gated, with a residual that aliases out,
+    a K whose last split is shorter, twice on one workspace (the counters go back to 0)."""
+    M, F_, K = 12, 40, 5 * 64
+    w = make_weight(kind, 2 * F_ if act else F_, K, 32, kind == "q8", gen)
+    x = torch.randn(M, K, generator=gen)
+    dq = w.dequantize()
+    want = reference.activation(act, x @ dq[:F_].T) * (x @ dq[F_:].T) if act else x @ dq.T
+    tiles = dict(SMALL, SWAP=swap, SPLIT=3)  # 5 K steps in splits of 2, 2, 1
+    ws = torch.zeros(4096, device=kernel_device)
+    for _ in range(2):
+        res = torch.randn(M, F_, generator=gen)
+        buf = res.clone().to(kernel_device)
+        got = matmul(x.to(kernel_device), to(w, kernel_device), out=buf, residual=buf, gated=act, tiles=tiles,
+                     workspace=ws)
+        check(got, want + res)
+        assert not ws[: gemm.gemv.SPLIT_COUNTERS].any(), "ticket counters left non-zero"
+    with pytest.raises(ValueError, match="one M tile"):
+        matmul(torch.randn(40, K).to(kernel_device), to(w, kernel_device), gated=act, tiles=tiles)
+
+
+def test_split_plan():
+    """A short call with few column tiles splits towards SPLIT_PROGRAMS programs, whole K steps each; a long
+    one or a wide one does not; the workspace it asks for is the split layout's."""
+    w = quantize(torch.randn(2048, 8192), "q4", group=32, sym=True)
+    cfg = pick_tiles(16, 2048, 8192, "q4", 32, False)
+    splits = gemm._splits(16, 2048, 8192, cfg)
+    assert splits > 1 and -(-2048 // cfg["BLOCK_N"]) * splits <= 2 * gemm.SPLIT_PROGRAMS
+    assert workspace_numel(w, 16) > 0
+    assert gemm._splits(512, 2048, 8192, pick_tiles(512, 2048, 8192, "q4", 32, False)) == 1
+    assert gemm._splits(16, 128256, 2048, pick_tiles(16, 128256, 2048, "q4", 32, False)) == 1
 
 
 def test_bad_arguments(gen, kernel_device):

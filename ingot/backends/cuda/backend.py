@@ -27,8 +27,9 @@ COVERED = frozenset({
 
 # Up to this many rows use the GEMV kernels; more go to the tensor-core GEMM. H100, Llama-3.2-1B q4_0 decode
 # (2026-11-24): the GEMV's step takes 0.9 ms at 1 row, 2.0 at 2, 2.7 at 4, 4.1 at 8 and 7.2 at 16; the GEMM's
-# 3.5 ms at 32 rows and about as much at any M up to its 64-row tile.
-DECODE_ROWS = 8
+# 3.5 ms at 32 rows and about as much at any M up to its 64-row tile (before the GEMM split K for short calls:
+# gemm._splits). INGOT_DECODE_ROWS moves the switch (the A/B).
+DECODE_ROWS = int(os.environ.get("INGOT_DECODE_ROWS", "8"))
 
 # MoE layers in the prefill graphs: their token grouping (sort, histogram, prefix sums) runs on the device with
 # sizes fixed by the bucket, so it captures. Eagerly, a 512-token chunk of Qwen3-30B-A3B spends about as long
@@ -72,11 +73,8 @@ def _rope_slot(table: list[int], p: int, block_size: int) -> int:
 def _linear_for(rows: int, s: "DecodeState | None" = None):
     """The projection kernel for `rows` activation rows: the GEMV (split-K workspace from the decode state,
     so a captured step never allocates) up to DECODE_ROWS, the tensor-core GEMM above."""
-    if rows > DECODE_ROWS:
-        return gemm.matmul
-    if s is None:
-        return gemv.linear
-    return functools.partial(gemv.linear, workspace=s.workspace)
+    kernel = gemm.matmul if rows > DECODE_ROWS else gemv.linear
+    return kernel if s is None else functools.partial(kernel, workspace=s.workspace)
 
 
 class CudaKVCache:
@@ -319,12 +317,13 @@ class CudaBackend:
         static buffers of a decode step or prefill view, or None to allocate temporaries."""
         spec, eps = self.spec, self.spec.norm_eps
         decode = isinstance(s, DecodeState)
+        workspace = s.workspace if s is not None else None
         if rows <= DECODE_ROWS:
-            lin = functools.partial(gemv.linear, workspace=s.workspace if s is not None else None)
+            lin = functools.partial(gemv.linear, workspace=workspace)
         elif s is not None and not decode:
-            lin = functools.partial(gemm.matmul, norm_out=s.norm_out)
+            lin = functools.partial(gemm.matmul, norm_out=s.norm_out, workspace=workspace)
         else:
-            lin = gemm.matmul
+            lin = functools.partial(gemm.matmul, workspace=workspace)
 
         def buf(name, width):
             """The first `width` columns of the static buffer `name`, or a new fp32 [rows, width]."""

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.backends.cuda import gemv_q6k
+from ingot.backends.cuda import gemv, gemv_q6k
 
 _KINDS = {"q4": 0, "q8": 1, "f16": 2}
 _ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}
@@ -259,18 +259,19 @@ def _dot_tile(acc, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn,
 # M varies from call to call (a server's steps mix chunks and decode rows): unspecialized, so a new row
 # count never recompiles the kernel (Triton would otherwise specialize on M == 1 and M % 16 == 0).
 @triton.jit(do_not_specialize=["M"])
-def _gemm_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, res_ptr, out_ptr,
-                 M, N_OUT, K, stride_xm, stride_qn, stride_sn, stride_rm, stride_om,
+def _gemm_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, res_ptr, out_ptr, part_ptr, ss_ptr, cnt_ptr,
+                 M, N_OUT, K, k_split, n_split, stride_xm, stride_qn, stride_sn, stride_rm, stride_om,
                  KIND: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, HAS_MINS: tl.constexpr,
                  ACT: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FAST: tl.constexpr = 0, SWAP: tl.constexpr = 0):
+                 FAST: tl.constexpr = 0, SWAP: tl.constexpr = 0, SPLIT: tl.constexpr = 0):
     # M varies fastest across consecutive programs: those running together share one weight tile, so W
     # streams from DRAM about once while the (much smaller) activations stay resident in L2.
     num_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m
     pid_n = pid // num_m
+    pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -281,7 +282,8 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, res_ptr, out_ptr,
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = acc
-    for k0 in range(0, K, BLOCK_K):
+    # A split program (SPLIT: one M tile, see _splits) takes k_split columns (whole K steps) of K.
+    for k0 in range(pid_k * k_split, tl.minimum(K, pid_k * k_split + k_split), BLOCK_K):
         x_a, x_b = _x_tiles(x_ptr, stride_xm, offs_m, m_mask, k0, K, KIND, GROUP, DOT, BLOCK_K)
         acc = _dot_tile(acc, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn, offs_n, n_mask,
                         KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K, FAST, SWAP)
@@ -291,15 +293,23 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, res_ptr, out_ptr,
                                offs_n + N_OUT, n_mask, KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K,
                                FAST, SWAP)
 
-    if ACT != 0:
-        acc = _act(acc, ACT) * acc_up
-    if SWAP:
-        acc = tl.trans(acc)
-    o_mask = m_mask[:, None] & n_mask[None, :]
-    m64 = offs_m.to(tl.int64)[:, None]
-    if HAS_RES:
-        acc += tl.load(res_ptr + m64 * stride_rm + offs_n[None, :], mask=o_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m64 * stride_om + offs_n[None, :], acc, mask=o_mask)
+    if SPLIT:  # partial sums to the workspace; the column tile's last program adds them up and finishes
+        if SWAP:
+            acc = tl.trans(acc)
+            acc_up = tl.trans(acc_up)
+        gemv._split_finish(acc, acc_up, tl.zeros((BLOCK_M,), tl.float32), offs_m, offs_n, pid_n, pid_k, n_split,
+                           M, N_OUT, K, 0.0, part_ptr, ss_ptr, cnt_ptr, res_ptr, stride_rm, out_ptr, stride_om,
+                           False, ACT, HAS_RES)
+    else:
+        if ACT != 0:
+            acc = _act(acc, ACT) * acc_up
+        if SWAP:
+            acc = tl.trans(acc)
+        o_mask = m_mask[:, None] & n_mask[None, :]
+        m64 = offs_m.to(tl.int64)[:, None]
+        if HAS_RES:
+            acc += tl.load(res_ptr + m64 * stride_rm + offs_n[None, :], mask=o_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m64 * stride_om + offs_n[None, :], acc, mask=o_mask)
 
 
 @triton.jit
@@ -399,8 +409,9 @@ def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_byt
     while bn > 64 and triton.cdiv(M, bm) * triton.cdiv(N, bn) < 264:
         bn //= 2
     w_tiles = 2 if gated else 1
-    # fp32 activations (o, down) are converted in registers: with 4 warps a 128x64 q4 tile spills (255 regs).
-    warps = 8 if bm * bn * w_tiles >= 128 * 128 or (bm >= 128 and x_bytes == 4) else 4
+    # fp32 activations (o, down) are converted in registers: with 4 warps a 128x64 q4 tile spills (255 regs),
+    # and so do the short calls' 64x64 tiles (ptxas for sm_90a: 240-676 bytes of spills; none on 8 warps).
+    warps = 8 if bm * bn * w_tiles >= 128 * 128 or (bm >= 128 and x_bytes == 4) or M <= 64 else 4
     per_stage = bm * bk * x_bytes + w_tiles * bn * bk * _W_BYTES[kind]
     if kind != "f16":
         per_stage += w_tiles * bn * max(1, bk // group) * 4  # scales and mins
@@ -408,10 +419,39 @@ def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_byt
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, FAST=2, SWAP=0)
 
 
+# Short calls (one M tile, as a server's batched decode steps of 9..32 rows) whose output tiles alone are
+# fewer than this many programs split K across programs (gemv's one-launch split-K); INGOT_GEMM_SPLIT=0 never.
+SPLIT_PROGRAMS = 264 if os.environ.get("INGOT_GEMM_SPLIT", "1") != "0" else 0
+
+
+def _splits(M: int, n_out: int, K: int, cfg: dict) -> int:
+    """Programs along K for this call: 1 unless its rows are one M tile and its N tiles too few programs to
+    fill the GPU (~2 per SM), then about SPLIT_PROGRAMS in all, each a whole number of K steps."""
+    tiles_n = triton.cdiv(n_out, cfg["BLOCK_N"])
+    steps = triton.cdiv(K, cfg["BLOCK_K"])
+    if M > cfg["BLOCK_M"] or tiles_n >= SPLIT_PROGRAMS or tiles_n > gemv.SPLIT_COUNTERS:
+        return 1
+    per_split = max(1, round(steps / max(1, round(SPLIT_PROGRAMS / tiles_n))))
+    return triton.cdiv(steps, per_split)
+
+
+def workspace_numel(w, m: int, gated: str | None = None) -> int:
+    """fp32 elements of the split-K workspace a call of m rows needs (0: it does not split); allocated zeroed,
+    as gemv's (the two share its layout, so one workspace serves both kinds of call)."""
+    if w.kind not in _KINDS:
+        return 0
+    n_out = w.n // 2 if gated else w.n
+    cfg = pick_tiles(m, n_out, w.k, w.kind, w.group if w.kind != "f16" else 1, gated is not None)
+    splits = _splits(m, n_out, w.k, cfg)
+    if splits == 1:
+        return 0
+    return gemv._split_layout(w.n, m, triton.cdiv(n_out, cfg["BLOCK_N"]), splits)[1]
+
+
 def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
            eps: float = 1e-6, residual: torch.Tensor | None = None, gated: str | None = None,
            norm_out: torch.Tensor | None = None, dot_dtype: torch.dtype = torch.float16,
-           tiles: dict | None = None) -> torch.Tensor:
+           tiles: dict | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """out = [residual +] x' @ W^T, or act(x' @ Wg^T) * (x' @ Wu^T) [+ residual] with gated="silu" or
     "gelu_tanh", where x' is x, or rms_norm(x) * norm_weight rounded to dot_dtype when norm_weight is given
     (written into norm_out, allocated if None).
@@ -419,7 +459,8 @@ def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: 
     x: [M, K] fp16/fp32, rows contiguous. w: PackedLinear (q4/q8/f16). out: fp32 [M, N], [M, N/2] when
     gated. residual: same shape as out, may be out itself. dot_dtype: the tensor-core operand type, fp16
     (default, ~5e-4 relative error) or bf16 (~4e-3, for activations that may pass 65504). tiles: overrides
-    of pick_tiles' choices (the interpreter tests use small tiles).
+    of pick_tiles' choices (the interpreter tests use small tiles). workspace: the split-K workspace of a
+    short call (workspace_numel; zeroed when allocated), else a split call allocates its own.
     """
     if w.kind == "q6k":  # only the lm_head in practice (see gemv_q6k.matmul): no tensor-core path
         return gemv_q6k.matmul(x, w, out=out, norm_weight=norm_weight, eps=eps, residual=residual, gated=gated)
@@ -459,11 +500,19 @@ def matmul(x: torch.Tensor, w, *, out: torch.Tensor | None = None, norm_weight: 
         cfg["FAST"] = 1  # the interpreter runs no PTX; FAST 1 is the same arithmetic in Triton ops
     scales, mins, wflags = weight_operands(w, cfg["BLOCK_K"])
     res = residual if residual is not None else out
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    tiles_n = triton.cdiv(n_out, cfg["BLOCK_N"])
+    splits = cfg.pop("SPLIT", None) or _splits(M, n_out, K, cfg)
+    k_split = triton.cdiv(triton.cdiv(K, cfg["BLOCK_K"]), splits) * cfg["BLOCK_K"]
+    splits = triton.cdiv(K, k_split)
+    if splits > 1 and M > cfg["BLOCK_M"]:
+        raise ValueError(f"a split-K call takes one M tile: {M} rows > BLOCK_M {cfg['BLOCK_M']}")
+    cnt, ss, part = gemv._split_buffers(workspace, out, w.n, M, tiles_n, splits)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * tiles_n, splits)
     _gemm_kernel[grid](
-        x, w.qweight, scales, mins, res, out,
-        M, n_out, K, x.stride(0), w.qweight.stride(0), scales.stride(0), res.stride(0), out.stride(0),
-        ACT=_ACTS[gated], HAS_RES=residual is not None, DOT=_DOT[dot_dtype], **wflags, **cfg,
+        x, w.qweight, scales, mins, res, out, part, ss, cnt,
+        M, n_out, K, k_split, splits, x.stride(0), w.qweight.stride(0), scales.stride(0), res.stride(0),
+        out.stride(0), ACT=_ACTS[gated], HAS_RES=residual is not None, DOT=_DOT[dot_dtype], SPLIT=splits > 1,
+        **wflags, **cfg,
     )
     return out
 

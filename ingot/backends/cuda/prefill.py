@@ -75,9 +75,10 @@ class PrefillBuffers:
         for name, (shape, dtype) in _shapes(spec, self.rows, self.vocab).items():
             setattr(self, name, torch.zeros(shape, device=device, dtype=dtype))
         torch.arange(self.rows, out=self.arange)
-        # One split-K workspace for the largest GEMV a chunk runs: lm_head on the last row, and every layer's
-        # linears at the 16-row bucket (MoE blocks bring their own buffers).
-        need = weights.workspace_numel(min(self.rows, BUCKETS[0]), lm_head_rows=1)
+        # One split-K workspace for the largest projection a chunk runs: lm_head on the last row, every layer's
+        # linears as GEMVs at the 16-row bucket and as short GEMMs up to 64 rows (the GEMM splits K only for
+        # one M tile, at most 64 rows; MoE blocks bring their own buffers).
+        need = max(weights.workspace_numel(min(self.rows, r), lm_head_rows=1) for r in (BUCKETS[0], 64))
         self.workspace = torch.zeros(need, device=device, dtype=torch.float32)  # ticket counters at 0
         self.per_row = [n for n in _shapes(spec, 1, 1) if n not in ("inputs", "arange", "x_last", "logits")]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ingot.backends.cuda import gemv
+from ingot.backends.cuda import gemm, gemv
 from ingot.backends.cuda.moe import MoEWeights
 from ingot.errors import IngotError
 from ingot.models.base import ModelSpec
@@ -67,14 +67,18 @@ class ModelWeights:
                 yield from (l.moe.gate_up, l.moe.down)
 
     def workspace_numel(self, m: int, lm_head_rows: int) -> int:
-        """The split-K workspace the largest GEMV of a step needs: every layer's linears at m rows, the
-        lm_head at lm_head_rows (so one workspace serves the whole step and no call allocates)."""
-        need = [gemv.workspace_numel(self.lm_head, lm_head_rows)]
+        """The split-K workspace the largest projection of a step needs, GEMV or short GEMM (whichever runs at
+        that row count; the two share one layout): every layer's linears at m rows, the lm_head at
+        lm_head_rows (so one workspace serves the whole step and no call allocates)."""
+        def numel(p, rows, gated=None):
+            n = gemm.workspace_numel(p, rows, gated)
+            return max(n, gemv.workspace_numel(p, rows, gated)) if rows <= gemv.MAX_M else n
+
+        need = [numel(self.lm_head, lm_head_rows)]
         if self.per_layer_proj is not None:
-            need.append(gemv.workspace_numel(self.per_layer_proj, m))
+            need.append(numel(self.per_layer_proj, m))
         for l in self.layers:
-            need += [gemv.workspace_numel(p, m, gated="silu" if p is l.gate_up else None)
-                     for p in self.layer_linears(l)]
+            need += [numel(p, m, gated="silu" if p is l.gate_up else None) for p in self.layer_linears(l)]
         return max(max(need), 1)
 
     def decode_bytes_per_token(self) -> int:
