@@ -25,14 +25,15 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-# stride_tb is the widest block table of the step: it grows with the sequences, and a specialization on its
-# value (1, a multiple of 16) would recompile the kernel mid-stream, seconds of one request's latency.
-@triton.jit(do_not_specialize=["window", "stride_tb"])
+# stride_tb is the widest block table of the step and parts follows it (parts_for): both grow with the
+# sequences, and a specialization on their values (1, a multiple of 16) or a constexpr would recompile the
+# kernel mid-stream, seconds of one request's latency. SPLIT (parts > 1) is the only compile-time choice.
+@triton.jit(do_not_specialize=["window", "stride_tb", "parts"])
 def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, ws_ptr,
                          stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                         stride_tb, stride_ob, stride_oh, scale_log2, window,
+                         stride_tb, stride_ob, stride_oh, scale_log2, window, parts,
                          G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                         PARTS: tl.constexpr):
+                         SPLIT: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     part = tl.program_id(2)
@@ -52,7 +53,7 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, ws_
     # Every block in [lo // BS, cdiv(n, BS)) holds at least one visible key, so the running max of a part
     # with blocks stays finite; the blocks are shared out in runs of `per`, the last parts possibly empty.
     j_lo, j_hi = lo // BS, tl.cdiv(n, BS)
-    per = tl.cdiv(j_hi - j_lo, PARTS)
+    per = tl.cdiv(j_hi - j_lo, parts)
     j_end = tl.minimum(j_lo + (part + 1) * per, j_hi)
     for j in range(j_lo + part * per, j_end):
         blk = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
@@ -70,29 +71,29 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, ws_
                     mask=visible[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.sum(e[:, :, None] * v[None, :, :], axis=1)
         m_i = m_new
-    if PARTS == 1:
+    if not SPLIT:
         out = acc / l_i[:, None]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
     else:
-        # workspace [B, Hq, PARTS, D + 2]: the part's unnormalized output, then its max and its sum
-        row = ws_ptr + ((b * tl.num_programs(1) * G + heads) * PARTS + part).to(tl.int64)[:, None] * (D + 2)
+        # workspace [B, Hq, parts, D + 2]: the part's unnormalized output, then its max and its sum
+        row = ws_ptr + ((b * tl.num_programs(1) * G + heads) * parts + part).to(tl.int64)[:, None] * (D + 2)
         tl.store(row + d[None, :], acc, mask=(g < G)[:, None])
         tl.store(row + D + tl.arange(0, 2)[None, :],
                  tl.where(tl.arange(0, 2)[None, :] == 0, m_i[:, None], l_i[:, None]), mask=(g < G)[:, None])
 
 
-@triton.jit
-def _paged_merge_kernel(ws_ptr, out_ptr, stride_ob, stride_oh, n_heads,
-                        D: tl.constexpr, PARTS: tl.constexpr, PP: tl.constexpr):
-    """out[b, head] from the head's PARTS partial results: rescaled to their common max, summed in part
-    order. An empty part (max -inf, sum 0) weighs 0."""
+@triton.jit(do_not_specialize=["parts"])
+def _paged_merge_kernel(ws_ptr, out_ptr, stride_ob, stride_oh, n_heads, parts,
+                        D: tl.constexpr, PP: tl.constexpr):
+    """out[b, head] from the head's `parts` partial results (PP >= parts: one compile for every count):
+    rescaled to their common max, summed in part order. An empty part (max -inf, sum 0) weighs 0."""
     b = tl.program_id(0)
     head = tl.program_id(1)
     p = tl.arange(0, PP)
     d = tl.arange(0, D)
-    base = ws_ptr + ((b * n_heads + head) * PARTS).to(tl.int64) * (D + 2)
-    p_ok = p < PARTS
+    base = ws_ptr + ((b * n_heads + head) * parts).to(tl.int64) * (D + 2)
+    p_ok = p < parts
     m = tl.load(base + p * (D + 2) + D, mask=p_ok, other=float("-inf"))
     l = tl.load(base + p * (D + 2) + D + 1, mask=p_ok, other=0.0)
     acc = tl.load(base + p[:, None] * (D + 2) + d[None, :], mask=p_ok[:, None], other=0.0)
@@ -125,10 +126,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, seq_lens, out, ws,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
-        out.stride(1), scale * LOG2E, window, G=g, GP=max(triton.next_power_of_2(g), 1), D=D, BS=bs, PARTS=parts)
+        out.stride(1), scale * LOG2E, window, parts, G=g, GP=max(triton.next_power_of_2(g), 1), D=D, BS=bs,
+        SPLIT=parts > 1)
     if parts > 1:
-        _paged_merge_kernel[(B, hq)](ws, out, out.stride(0), out.stride(1), hq, D=D, PARTS=parts,
-                                     PP=triton.next_power_of_2(parts))
+        _paged_merge_kernel[(B, hq)](ws, out, out.stride(0), out.stride(1), hq, parts, D=D,
+                                     PP=triton.next_power_of_2(max(parts, MAX_PARTS)))
     return out
 
 
