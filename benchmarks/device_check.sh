@@ -4,7 +4,8 @@
 #   benchmarks/device_check.sh check          GPU kernel tests + correctness at real shapes + real models
 #   benchmarks/device_check.sh bench [KEYS]   synthetic models (GGUF q4_0/q8_0) and `ingot bench` on each
 #   benchmarks/device_check.sh kernels        per-kernel bandwidth at real shapes
-#   benchmarks/device_check.sh batch [KEYS]   `ingot bench --batch B` for B = 1..32 (q4_0), throughput per batch
+#   benchmarks/device_check.sh batch [KEYS]   `ingot bench --batch B` for B = 1..32 (q4_0), throughput per batch,
+#                                             for this checkout and each carried source tree (as trees)
 #   benchmarks/device_check.sh ab [KEYS]      `ingot bench` of each model once per value of an environment
 #                                             switch (AB_VAR, default INGOT_PDL; AB_VALUES, default "0 1"),
 #                                             the runs interleaved so clock drift hits both alike
@@ -75,11 +76,16 @@ case "$mode" in
   batch)
     gpu_info
     keys=${*:-"llama-3.2-1b qwen3-8b"}
+    trees=("$PWD")
+    for t in .carry/trees/*/; do [ -d "$t/ingot" ] && trees+=("$PWD/${t%/}"); done
     for key in $keys; do
       f="$MODELS/$key-q4_0.gguf"
-      [ -e "$f" ] || $PY -m ingot.bench.synthetic "$key" --quant q4_0 -o "$f" || continue
+      [ -e "$f" ] || $PY -m ingot.bench.synthetic "$key" --quant q4_0 -q -o "$f" || continue
       for b in ${BATCHES:-1 2 4 8 16 32}; do
-        $PY -m ingot.cli bench "$f" -p 512 -n 128 -r 3 --batch "$b" -o csv 2>>"$OUT/bench.err" | tee -a "$OUT/batch.csv"
+        for t in "${trees[@]}"; do  # each carried source tree too (see trees), its name first on each row
+          PYTHONPATH="$t:$PYTHONPATH" $PY -m ingot.cli bench "$f" -p "${BATCH_P:-512}" -n 128 -r 3 --batch "$b" \
+            -o csv 2>>"$OUT/bench.err" | sed "s|^|$(basename "$t"),|" | tee -a "$OUT/batch.csv"
+        done
       done
     done
     ;;
