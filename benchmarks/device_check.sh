@@ -13,7 +13,7 @@
 #                                             checksum of its greedy tokens) for this checkout and for each
 #                                             source tree carried in .carry/trees/NAME/ingot (make one with
 #                                             `git archive REF ingot | tar -x -C .carry/trees/NAME`),
-#                                             interleaved, twice
+#                                             interleaved, twice (TREE_REPS)
 #
 # On this workplace's device tool the machine has no network: missing wheels travel in .whl/ and model
 # files in .carry/ (split by benchmarks/carry_split.sh; parts from consecutive calls are collected in
@@ -110,7 +110,7 @@ case "$mode" in
     keys=${*:-"llama-3.2-1b qwen3-8b"}
     trees=("$PWD")
     for t in .carry/trees/*/; do [ -d "$t/ingot" ] && trees+=("$PWD/${t%/}"); done
-    for rep in 1 2; do
+    for rep in $(seq "${TREE_REPS:-2}"); do
       for key in $keys; do
         for quant in ${QUANTS:-q4_0}; do
           f="$MODELS/$key-$quant.gguf"
