@@ -284,6 +284,34 @@ def test_gemma4_synthetic_is_the_full_models_first_layers(files, key, layers, ov
         assert torch.isfinite(logits).all() and 0.05 < float(logits.std()) < full.final_softcap
 
 
+def test_gemma4_synthetic_attention_survives_fp16_rounding(files, monkeypatch):
+    """Gemma 4 attends with softmax scale 1 on RMS-normed q and k: with q/k norm weights near 1 the scores
+    would have std sqrt(head_dim) and the attention would be near argmax, so that rounding q, k and v to fp16
+    (as the CUDA backend's KV cache does) moved the logits of gpu_correctness.py's slices by ~0.6
+    (benchmarks/gemma4_sensitivity.py). The synthetic norms keep scores near std 1: the reference's logits
+    move by well under 1e-2."""
+    import ingot.backends.reference as R
+
+    path = files("gemma-4-e2b", "q4_0", layers=5, **SMALL_VOCAB)
+    model = ingot.load(path, device="cpu", backend="reference", dtype=torch.float32, max_context=160,
+                       progress=False)
+    ids = torch.randint(0, model.spec.vocab_size, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    attend, stds = R.attend, []
+
+    def probe(q, k, *a):
+        g = q.shape[1] // k.shape[1]
+        stds.append(float(torch.einsum("thd,shd->hts", q, k.repeat_interleave(g, 1)).std()))
+        return attend(q, k, *a)
+
+    monkeypatch.setattr(R, "attend", probe)
+    want = model.runner.forward_all(ids)[-1]
+    assert max(stds) < 2  # sqrt(head_dim) = 16 and 22.6 with norms near 1
+    monkeypatch.setattr(R, "attend", lambda q, k, v, *a: attend(q.half().float(), k.half().float(),
+                                                                v.half().float(), *a))
+    got = model.runner.forward_all(ids)[-1]
+    assert float((got - want).norm() / want.norm()) < 1e-2
+
+
 def test_gemma4_layers_must_end_on_a_global_layer(tmp_path):
     with pytest.raises(SystemExit, match="must end on a global layer: one of 5, 10"):
         synthetic.write_synthetic_gguf("gemma-4-e2b", "q4_0", tmp_path / "x.gguf", layers=3, progress=False)

@@ -34,6 +34,7 @@ import numpy as np
 
 WEIGHT_STD = 0.02
 NORM_STD = 0.02
+GEMMA4_QK_NORMS = ("attn_q_norm.weight", "attn_k_norm.weight")  # see _tensor_chunks
 _CHUNK_BYTES = 64 << 20
 
 # Ingot family / GGUF architecture per HF model_type.
@@ -491,6 +492,12 @@ def _tensor_chunks(name: str, shape, qtype: str, seed: int, cfg: dict):
     if qtype == "F32":
         std = NORM_STD if len(shape) == 1 else WEIGHT_STD
         mean = 1.0 if len(shape) == 1 else 0.0  # norms near 1 (Gemma's stored 1 + w with w near 0)
+        if cfg.get("model_type") == "gemma4_text" and name.endswith(GEMMA4_QK_NORMS):
+            # Gemma 4 attends with softmax scale 1 on these norms' output: weights near 1 would give scores of
+            # std sqrt(head_dim) (16 / 22.6), a near-argmax attention that fp16 rounding of q/k/v alone moves
+            # the logits ~0.6 through (benchmarks/gemma4_sensitivity.py). head_dim**-0.25 on q and k gives
+            # scores of std ~1, like a 1/sqrt(head_dim) scale.
+            mean, std = mean * shape[0] ** -0.25, std * shape[0] ** -0.25
         yield rng.normal(mean, std, size=shape).astype(np.float32)
         return
     elems, nbytes = BLOCKS[qtype]
