@@ -103,6 +103,17 @@ def test_prefill_buffers_are_counted_and_check_their_input(pair):
         p.set_inputs(torch.tensor([1, fast.spec.vocab_size]), 0)
     with pytest.raises(ValueError, match="exceeds the 48 rows"):
         p.set_inputs(torch.zeros(49, dtype=torch.long), 0)
+    # every bucket's split-K GEMMs fit the one workspace (a graph's call cannot allocate its own)
+    from ingot.backends.cuda import gemm
+    from ingot.backends.cuda.prefill import BUCKETS, PrefillBuffers
+
+    w = fast.backend.w
+    full = PrefillBuffers(fast.spec, w, 1024, p.workspace.device)  # every bucket, up to 512 rows
+    for rows in BUCKETS:
+        for lw in w.layers:
+            for lin in w.layer_linears(lw):
+                gated = "silu" if lin is lw.gate_up else None
+                assert gemm.workspace_numel(lin, rows, gated) <= full.workspace.numel(), (rows, lin.n, lin.k)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -242,6 +242,10 @@ def test_split_plan():
     assert splits > 1 and -(-2048 // cfg["BLOCK_N"]) * splits <= 2 * gemm.SPLIT_PROGRAMS
     assert workspace_numel(w, 16) > 0
     assert gemm._splits(512, 2048, 8192, pick_tiles(512, 2048, 8192, "q4", 32, False)) == 1
+    # one M tile but more rows than the workspaces are sized for (a 96- or 128-row prefill bucket): no split
+    for m in (96, 128, 256):
+        assert gemm._splits(m, 2048, 8192, pick_tiles(m, 2048, 8192, "q4", 32, False, 4)) == 1
+        assert workspace_numel(w, m) == 0
     assert gemm._splits(16, 128256, 2048, pick_tiles(16, 128256, 2048, "q4", 32, False)) == 1
 
 

@@ -419,17 +419,21 @@ def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_byt
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, FAST=2, SWAP=0)
 
 
-# Short calls (one M tile, as a server's batched decode steps of 9..32 rows) whose output tiles alone are
-# fewer than this many programs split K across programs (gemv's one-launch split-K); INGOT_GEMM_SPLIT=0 never.
+# Short calls (up to SPLIT_MAX_ROWS rows in one M tile, as a server's batched decode steps of 9..32 rows)
+# whose output tiles alone are fewer than this many programs split K across programs (gemv's one-launch
+# split-K); INGOT_GEMM_SPLIT=0 never. The decode states and prefill buffers size their workspaces for calls of
+# at most SPLIT_MAX_ROWS rows.
 SPLIT_PROGRAMS = 264 if os.environ.get("INGOT_GEMM_SPLIT", "1") != "0" else 0
+SPLIT_MAX_ROWS = 64
 
 
 def _splits(M: int, n_out: int, K: int, cfg: dict) -> int:
-    """Programs along K for this call: 1 unless its rows are one M tile and its N tiles too few programs to
+    """Programs along K for this call: 1 unless its rows are one M tile of at most SPLIT_MAX_ROWS and its N
+    tiles too few programs to
     fill the GPU (~2 per SM), then about SPLIT_PROGRAMS in all, each a whole number of K steps."""
     tiles_n = triton.cdiv(n_out, cfg["BLOCK_N"])
     steps = triton.cdiv(K, cfg["BLOCK_K"])
-    if M > cfg["BLOCK_M"] or tiles_n >= SPLIT_PROGRAMS or tiles_n > gemv.SPLIT_COUNTERS:
+    if M > min(cfg["BLOCK_M"], SPLIT_MAX_ROWS) or tiles_n >= SPLIT_PROGRAMS or tiles_n > gemv.SPLIT_COUNTERS:
         return 1
     per_split = max(1, round(steps / max(1, round(SPLIT_PROGRAMS / tiles_n))))
     return triton.cdiv(steps, per_split)
