@@ -429,8 +429,8 @@ SPLIT_MAX_ROWS = 64
 
 def _splits(M: int, n_out: int, K: int, cfg: dict) -> int:
     """Programs along K for this call: 1 unless its rows are one M tile of at most SPLIT_MAX_ROWS and its N
-    tiles too few programs to
-    fill the GPU (~2 per SM), then about SPLIT_PROGRAMS in all, each a whole number of K steps."""
+    tiles too few programs to fill the GPU (~2 per SM), then about SPLIT_PROGRAMS in all, each a whole number
+    of K steps."""
     tiles_n = triton.cdiv(n_out, cfg["BLOCK_N"])
     steps = triton.cdiv(K, cfg["BLOCK_K"])
     if M > min(cfg["BLOCK_M"], SPLIT_MAX_ROWS) or tiles_n >= SPLIT_PROGRAMS or tiles_n > gemv.SPLIT_COUNTERS:

@@ -281,7 +281,8 @@ def _word_field(wd, w_hi, magic, SHIFT: tl.constexpr, WIDTH: tl.constexpr, UNPAC
 @triton.jit
 def _word_x2(x_ptr, nw_ptr, xk, ok, SHIFT_A: tl.constexpr, SHIFT_B: tl.constexpr, WIDTH: tl.constexpr,
              UNPACK: tl.constexpr, HAS_NORM: tl.constexpr, X_PAIRS: tl.constexpr):
-    """_x_of for elements xk (field at SHIFT_A) and xk + 1 (at SHIFT_B). With X_PAIRS (fp32 x and norm weight,
+    """x (times norm_weight), the same pre-scaled for its field (_x_prescaled) and x^2, for elements xk (field at
+    SHIFT_A) and xk + 1 (at SHIFT_B). With X_PAIRS (fp32 x and norm weight,
     xk even) each pair is one 8-byte load: the x loads of every weight row a thread holds go through L1,
     and at one 4-byte load a field they, not the weights, bound the big q4 GEMVs (ncu on the H200: L1 82% busy
     at 29% of DRAM bandwidth, Qwen3-8B gate_up)."""

@@ -313,11 +313,10 @@ def _pair_fields(xrow, nw_ptr, xk, w_ok, wd, w_hi, wu, u_hi, magic, SHIFT: tl.co
                                              False)
     dp = gemv._word_field(wd, w_hi, magic, SHIFT, WIDTH, UNPACK, OFFSET, SIGNED) * xsa[:, None, :]
     dp += gemv._word_field(wd, w_hi, magic, SHIFT + 8, WIDTH, UNPACK, OFFSET, SIGNED) * xsb[:, None, :]
-    dpu = dp
     if GATED != 0:
-        dpu = gemv._word_field(wu, u_hi, magic, SHIFT, WIDTH, UNPACK, OFFSET, SIGNED) * xsa[:, None, :]
-        dpu += gemv._word_field(wu, u_hi, magic, SHIFT + 8, WIDTH, UNPACK, OFFSET, SIGNED) * xsb[:, None, :]
-    return p + dp, pu + dpu, xsum + xa + xb, sq + qa + qb
+        pu += gemv._word_field(wu, u_hi, magic, SHIFT, WIDTH, UNPACK, OFFSET, SIGNED) * xsa[:, None, :]
+        pu += gemv._word_field(wu, u_hi, magic, SHIFT + 8, WIDTH, UNPACK, OFFSET, SIGNED) * xsb[:, None, :]
+    return p + dp, pu, xsum + xa + xb, sq + qa + qb
 
 
 @triton.jit

@@ -78,7 +78,8 @@ class PrefillBuffers:
         # One split-K workspace for the largest projection a chunk runs: lm_head on the last row, every layer's
         # linears as GEMVs at the 16-row bucket and as short GEMMs up to 64 rows (the GEMM splits K only for
         # one M tile, at most 64 rows; MoE blocks bring their own buffers).
-        need = max(weights.workspace_numel(min(self.rows, r), lm_head_rows=1) for r in (BUCKETS[0], gemm.SPLIT_MAX_ROWS))
+        need = max(weights.workspace_numel(min(self.rows, r), lm_head_rows=1)
+                   for r in (BUCKETS[0], gemm.SPLIT_MAX_ROWS))
         self.workspace = torch.zeros(need, device=device, dtype=torch.float32)  # ticket counters at 0
         self.per_row = [n for n in _shapes(spec, 1, 1) if n not in ("inputs", "arange", "x_last", "logits")]
 
