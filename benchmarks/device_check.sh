@@ -13,7 +13,9 @@
 #                                             checksum of its greedy tokens) for this checkout and for each
 #                                             source tree carried in .carry/trees/NAME/ingot (make one with
 #                                             `git archive REF ingot | tar -x -C .carry/trees/NAME`),
-#                                             interleaved, twice (TREE_REPS)
+#                                             and for this checkout under each assignment in TREE_ENVS
+#                                             (e.g. "INGOT_GEMV_X_PAIRS=0 INGOT_GEMM_SPLIT=0"), interleaved,
+#                                             twice (TREE_REPS)
 #
 # On this workplace's device tool the machine has no network: missing wheels travel in .whl/ and model
 # files in .carry/ (split by benchmarks/carry_split.sh; parts from consecutive calls are collected in
@@ -53,7 +55,8 @@ mode=${1:-check}; shift || true
 case "$mode" in
   check)
     gpu_info
-    $PY -m pytest -q -p no:cacheprovider tests/test_cuda_*.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+    # PYTEST_ARGS="-n 12" (pytest-xdist carried in .whl/) spreads the kernels' compiles over the CPU cores.
+    $PY -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} tests/test_cuda_*.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
     real=()
     for f in "$MODELS"/*.gguf; do case "$(basename "$f")" in SmolLM2*|gemma-3-270m*) real+=("$f");; esac; done
     $PY benchmarks/gpu_correctness.py --models "$MODELS" --out "$OUT" --real "${real[@]}" 2>&1 | tee "$OUT/gpu_correctness.log" | grep -v "^  " | tail -30
@@ -118,6 +121,9 @@ case "$mode" in
           for t in "${trees[@]}"; do
             PYTHONPATH="$t:$PYTHONPATH" $PY benchmarks/step_time.py "$f" --tag "$(basename "$t")" 2>>"$OUT/bench.err" \
               | tee -a "$OUT/trees.txt"
+          done
+          for e in ${TREE_ENVS:-}; do
+            env "$e" $PY benchmarks/step_time.py "$f" --tag "$e" 2>>"$OUT/bench.err" | tee -a "$OUT/trees.txt"
           done
         done
       done

@@ -690,14 +690,15 @@ def _pairs_ok(t: torch.Tensor) -> bool:
 
 
 def _split_for(cfg: GemvConfig, n_out: int, k: int, programs: int) -> GemvConfig:
-    """cfg with K split so that the grid holds about `programs` programs, and no split is empty. The K
-    tiles a split takes are rounded to the nearest whole number, not up: 16 tiles in 7 splits become 8 of 2
-    (Qwen3-8B's q4 qkv: 9.5 us on the H200), not 6 of up to 3 (11.5 us)."""
+    """cfg with K split so that the grid holds about `programs` programs, and no split is empty (the K tiles
+    a split takes rounded up). Rounding them to the nearest whole number instead won the lone-kernel sweep at
+    one shape (Qwen3-8B's q4 qkv, 9.5 against 11.5 us) but lost the whole decode step on the H200
+    (2026-12-02, benchmarks/step_time.py): Qwen3-8B q4_0 3,862 against 3,685 us, q8_0 3,626 against 3,479,
+    Llama-3.2-3B q4_0 2,086 against 1,999."""
     tiles_n = triton.cdiv(n_out, cfg.block_n)
     k_tiles = triton.cdiv(k, cfg.block_k)
     split = max(1, min(round(programs / tiles_n), k_tiles))
-    per_split = max(1, round(k_tiles / split))
-    return dataclasses.replace(cfg, split=triton.cdiv(k_tiles, per_split))
+    return dataclasses.replace(cfg, split=triton.cdiv(k_tiles, triton.cdiv(k_tiles, split)))
 
 
 def _k_split(k: int, cfg: GemvConfig) -> int:
