@@ -25,11 +25,11 @@ COVERED = frozenset({
     "router input and per-expert scales",
 })
 
-# Up to this many rows use the GEMV kernels; more go to the tensor-core GEMM. H100, Llama-3.2-1B q4_0 decode
-# (2026-11-24): the GEMV's step takes 0.9 ms at 1 row, 2.0 at 2, 2.7 at 4, 4.1 at 8 and 7.2 at 16; the GEMM's
-# 3.5 ms at 32 rows and about as much at any M up to its 64-row tile (before the GEMM split K for short calls:
-# gemm._splits). INGOT_DECODE_ROWS moves the switch (the A/B).
-DECODE_ROWS = int(os.environ.get("INGOT_DECODE_ROWS", "8"))
+# Up to this many rows use the GEMV kernels; more go to the tensor-core GEMM (split K for short calls:
+# gemm._splits). The M > 1 byte GEMV's step grows with its rows, the GEMM's hardly: Qwen3-8B q4_0 on the H200
+# (2026-12-02, `ingot bench --batch B`, tg128 tok/s, GEMV against GEMM) 225 / 131 at 2 rows, 280 / 261 at 4,
+# 333 / 527 at 8. INGOT_DECODE_ROWS moves the switch (the A/B).
+DECODE_ROWS = int(os.environ.get("INGOT_DECODE_ROWS", "4"))
 
 # MoE layers in the prefill graphs: their token grouping (sort, histogram, prefix sums) runs on the device with
 # sizes fixed by the bucket, so it captures. Eagerly, a 512-token chunk of Qwen3-30B-A3B spends about as long
