@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a plain checkout
 
-from ingot.backends.cuda import gemm  # noqa: E402
+from ingot.backends.cuda import gemm, gemv  # noqa: E402
 from ingot.quant.pack import PackedLinear  # noqa: E402
 
 M = 512
@@ -54,6 +54,8 @@ def candidates(kind: str, gated: bool) -> list[tuple[str, dict]]:
     h = 2 if gated else 1
     q4 = kind == "q4"
     bk = 128 if q4 else 64
+    if M <= 64:
+        return short_candidates(bk)
     c = [
         ("f1", dict(FAST=1, SWAP=0)),
         ("f2_128x128", dict(BLOCK_M=128, BLOCK_N=128 // h, BLOCK_K=bk, num_warps=8, num_stages=3, FAST=2, SWAP=0)),
@@ -66,6 +68,20 @@ def candidates(kind: str, gated: bool) -> list[tuple[str, dict]]:
         ("sw_256x64", dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, FAST=2, SWAP=1)),
         ("sw_128x64", dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=bk, num_warps=4, num_stages=3, FAST=2, SWAP=1)),
     ]
+    return c
+
+
+def short_candidates(bk: int) -> list[tuple[str, dict]]:
+    """Batched decode rows (--m 8, 16): 16-row tiles instead of pick_tiles' 64, swapped (W as wgmma's A
+    operand from registers) or as mma.sync dots; the ones ptxas compiles for sm_90a without big spills."""
+    c = []
+    for swap in (1, 0):
+        for bn, warps in ((128, 8), (64, 4)):
+            c.append((f"{'sw' if swap else 'mma'}16_n{bn}_w{warps}",
+                      dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, num_warps=warps, num_stages=4, FAST=2, SWAP=swap)))
+    c.append(("sw32_n128_w8", dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4, FAST=2, SWAP=1)))
+    c.append(("f2_64_k" + str(bk), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, num_warps=8, num_stages=4, FAST=2,
+                                        SWAP=0)))
     return c
 
 
@@ -197,6 +213,15 @@ def main():  # noqa: C901 (one linear sweep)
                         f"FAILED {rec['note'] or rec['rel_err']}"
                     print(f"  {model:8s} {name:8s} {kind_label} {label:11s} {status}  err {rec['rel_err']}",
                           flush=True)
+                if M <= gemv.MAX_M:  # what batched decode runs at this row count below DECODE_ROWS
+                    xg = x.float().contiguous()
+                    try:
+                        err = rel_err(gemv.linear(xg, w, out=out, gated=act, residual=res), want)
+                        gms = time_ms(lambda: gemv.linear(xg, w, out=out, gated=act))
+                        print(f"  {model:8s} {name:8s} {kind_label} {'gemv':11s} {gms:8.3f} ms  err {err:.2e}",
+                              flush=True)
+                    except Exception as e:
+                        print(f"  {model:8s} {name:8s} {kind_label} gemv FAILED {type(e).__name__}: {e}", flush=True)
                 timed = [r for r in rows if r["model"] == model and r["matrix"] == name and r["kind"] == kind_label
                          and r["ms"]]
                 if not timed:
