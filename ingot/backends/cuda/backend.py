@@ -25,11 +25,11 @@ COVERED = frozenset({
     "router input and per-expert scales",
 })
 
-# Up to this many rows use the GEMV kernels; more go to the tensor-core GEMM (split K for short calls:
-# gemm._splits). The M > 1 byte GEMV's step grows with its rows, the GEMM's hardly: Qwen3-8B q4_0 on the H200
-# (2026-12-02, `ingot bench --batch B`, tg128 tok/s, GEMV against GEMM) 225 / 131 at 2 rows, 280 / 261 at 4,
-# 333 / 527 at 8. INGOT_DECODE_ROWS moves the switch (the A/B).
-DECODE_ROWS = int(os.environ.get("INGOT_DECODE_ROWS", "4"))
+# Up to this many rows use the GEMV kernels; more go to the tensor-core GEMM (gemm._short_tiles, split K:
+# gemm._splits). Qwen3-8B q4_0 on the H200 (2026-12-02, `ingot bench --batch B`, tg128 tok/s): at 2 rows the
+# byte GEMV 225, the GEMM 352; at 8 rows 333 against 1,394; at 16 the GEMM 2,709. INGOT_DECODE_ROWS moves the
+# switch (the A/B).
+DECODE_ROWS = int(os.environ.get("INGOT_DECODE_ROWS", "1"))
 
 # MoE layers in the prefill graphs: their token grouping (sort, histogram, prefix sums) runs on the device with
 # sizes fixed by the bucket, so it captures. Eagerly, a 512-token chunk of Qwen3-30B-A3B spends about as long

@@ -376,6 +376,21 @@ def _swept_tiles(M: int, N: int, kind: str, group: int, gated: bool, x_bytes: in
     return _tiles(64, 128, 64, 4, 4)
 
 
+def _short_tiles(M: int, kind: str, group: int) -> dict | None:
+    """Batched decode rows: 16-row tiles (32 for q4 above 16 rows), not the general rule's 64, whose
+    padding rows the tensor cores would compute and whose x tiles crowd the weights out of shared memory.
+    benchmarks/prefill_sweep.py --m 8/16/32 on the H200 (2026-12-02), Qwen3-8B, the summed GEMMs of one
+    step: q4_0 at 8 rows 14.0 -> 4.8 ms (cuBLAS on fp16 weights 4.3), at 16 14.6 -> 4.9, at 32 14.8 -> 6.0;
+    q8_0 at 8 rows 8.3 -> 4.7. q4 wins swapped (the dequantized W feeds wgmma from registers), q8 as
+    mma.sync dots; None where no sweep ran (q8 above 16 rows, f16)."""
+    if kind == "q4" and M <= 32:
+        bk = max(128, group)
+        return _tiles(16, 64, bk, 4, 4, swap=1) if M <= 16 else _tiles(32, 128, bk, 8, 4, swap=1)
+    if kind == "q8" and M <= 16:
+        return _tiles(16, 64, 128, 4, 4, swap=0)
+    return None
+
+
 def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_bytes: int = 2) -> dict:
     """H100 tiles: BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages.
 
@@ -400,7 +415,7 @@ def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_byt
     weight is dequantized at M=512; ptxas warns its wgmmas serialize, so it is off until
     benchmarks/prefill_sweep.py says otherwise.
     """
-    swept = _swept_tiles(M, N, kind, group, gated, x_bytes)
+    swept = _swept_tiles(M, N, kind, group, gated, x_bytes) or _short_tiles(M, kind, group)
     if swept:
         return swept
     bm = 128 if M > 64 else 64
