@@ -213,7 +213,7 @@ def main():  # noqa: C901 (one linear sweep)
                         f"FAILED {rec['note'] or rec['rel_err']}"
                     print(f"  {model:8s} {name:8s} {kind_label} {label:11s} {status}  err {rec['rel_err']}",
                           flush=True)
-                if M <= gemv.MAX_M:  # what batched decode runs at this row count below DECODE_ROWS
+                if M <= gemv.MAX_M:  # what these rows would take with INGOT_DECODE_ROWS >= M (the M > 1 byte GEMV)
                     xg = x.float().contiguous()
                     try:
                         err = rel_err(gemv.linear(xg, w, out=out, gated=act, residual=res), want)

@@ -434,7 +434,7 @@ def pick_tiles(M: int, N: int, K: int, kind: str, group: int, gated: bool, x_byt
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, FAST=2, SWAP=0)
 
 
-# Short calls (up to SPLIT_MAX_ROWS rows in one M tile, as a server's batched decode steps of 5..32 rows)
+# Short calls (up to SPLIT_MAX_ROWS rows in one M tile, as a server's batched decode steps of 2..32 rows)
 # whose output tiles alone are fewer than this many programs split K across programs (gemv's one-launch
 # split-K); INGOT_GEMM_SPLIT=0 never. The decode states and prefill buffers size their workspaces for calls of
 # at most SPLIT_MAX_ROWS rows.
