@@ -118,12 +118,12 @@ case "$mode" in
         for quant in ${QUANTS:-q4_0}; do
           f="$MODELS/$key-$quant.gguf"
           [ -e "$f" ] || $PY -m ingot.bench.synthetic "$key" --quant "$quant" -q -o "$f" || continue
-          for t in "${trees[@]}"; do
-            PYTHONPATH="$t:$PYTHONPATH" $PY benchmarks/step_time.py "$f" --tag "$(basename "$t")" 2>>"$OUT/bench.err" \
-              | tee -a "$OUT/trees.txt"
-          done
-          for e in ${TREE_ENVS:-}; do
-            env "$e" $PY benchmarks/step_time.py "$f" --tag "$e" 2>>"$OUT/bench.err" | tee -a "$OUT/trees.txt"
+          # each tree under its own name, then this checkout under each TREE_ENVS assignment
+          variants=()
+          for t in "${trees[@]}"; do variants+=("$(basename "$t")|PYTHONPATH=$t:$PYTHONPATH"); done
+          for e in ${TREE_ENVS:-}; do variants+=("$e|$e"); done
+          for v in "${variants[@]}"; do
+            env "${v#*|}" $PY benchmarks/step_time.py "$f" --tag "${v%%|*}" 2>>"$OUT/bench.err" | tee -a "$OUT/trees.txt"
           done
         done
       done
