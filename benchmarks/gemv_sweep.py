@@ -5,7 +5,7 @@
 For each model shape x kind (q4-sym, q4-affine, q8-sym; group 32) it times the old byte kernel with its old
 heuristic (the baseline), plan()'s current pick, and a set of word-kernel candidates (unpack form, BLOCK_N,
 num_warps, K split). Every candidate's output is first checked against x @ w.dequantize().T in fp32 (rel err
-< 1e-4); a failing one is reported and not timed. Times are medians of CUDA-graph replays of back-to-back
+< 1e-4; 2e-3 for unpack 2's fp16 products); a failing one is reported and not timed. Times are medians of CUDA-graph replays of back-to-back
 launches over rotated weight copies (>= 160 MB in all, so the 50 MB L2 cannot hold them), as in
 benchmarks/kernel_bench.py. GB/s = packed weight bytes / time, also as a share of the measured copy bandwidth.
 Prints the best config per shape/kind and writes DIR/gemv_sweep.csv (every candidate) and
@@ -40,7 +40,8 @@ SHAPES = {  # name: (N, K, gated)
 KINDS = {"q4-sym": ("q4", True), "q4-affine": ("q4", False), "q8-sym": ("q8", True)}
 GROUP = 32
 # word-kernel shapes: (unpack, block_n, num_warps)
-WORD_TILES = [(1, 32, 4), (1, 64, 4), (1, 128, 4), (1, 128, 8), (1, 256, 8), (0, 64, 4), (0, 128, 8)]
+WORD_TILES = [(1, 32, 4), (1, 64, 4), (1, 128, 4), (1, 128, 8), (1, 256, 8), (0, 64, 4), (0, 128, 8),
+              (2, 64, 4), (2, 128, 4), (2, 128, 8), (2, 256, 8)]  # unpack 2: q4 only
 
 
 def no_empty(split: int, k_tiles: int) -> int:
@@ -55,6 +56,8 @@ def candidates(n_out, k, kind, gated):
     block_k = max(256 if kind == "q4" else 128, GROUP)
     k_tiles = triton.cdiv(k, block_k)
     for unpack, block_n, warps in WORD_TILES:
+        if unpack == 2 and kind != "q4":
+            continue
         tiles = triton.cdiv(n_out, block_n)
         splits = {1} | {no_empty(triton.cdiv(c * gemv.N_SMS, tiles), k_tiles) for c in (2, 4, 8)}
         for s in sorted(splits):
@@ -76,6 +79,7 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget-s", type=float, default=200.0, help="after this, only baseline + plan() are timed")
     ap.add_argument("--shapes", default="", help="comma-separated subset of shape names")
+    ap.add_argument("--kinds", default="", help="comma-separated subset of " + ", ".join(KINDS))
     args = ap.parse_args()
     t_start = time.time()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -89,6 +93,8 @@ def main():
         act = "silu" if gated else None
         n_out = n // 2 if gated else n
         for label, (kind, sym) in KINDS.items():
+            if args.kinds and label not in args.kinds.split(","):
+                continue
             torch.manual_seed(0)
             w = torch.randn(n, k, device=dev) * 0.02
             w0 = pack.quantize(w, kind, group=GROUP, sym=sym)
@@ -120,7 +126,7 @@ def main():
                     print(f"  {name} {label} {cfg_str(cfg)}: error {type(e).__name__}: {e}"[:300], flush=True)
                     continue
                 err = ((out - ref).norm() / ref.norm()).item()
-                ok = math.isfinite(err) and err < 1e-4
+                ok = math.isfinite(err) and err < (2e-3 if cfg.unpack == 2 else 1e-4)  # 2: fp16 products
                 t = time_graph(step, reps) if ok else float("nan")
                 r = dict(shape=name, n=n, k=k, gated=int(gated), kind=label, cand=cname, config=cfg_str(cfg),
                          block_n=cfg.block_n, block_k=cfg.block_k, split=cfg.split, num_warps=cfg.num_warps,

@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of the M = 1 decode GEMV kernels (and of the word MoE experts kernel)
 compiled for sm_90a, on any machine (no GPU needed: Triton compiles to PTX and its bundled ptxas reports the
-resources).
+resources), and the instructions in each kernel's main loop (the longest backward branch of its SASS) with
+the five most frequent opcodes.
 
     python3 benchmarks/kernel_regs.py [SOURCE_TREE]      (default: this checkout)
 
@@ -12,6 +13,7 @@ before spending device time on them (e.g. `git archive BRANCH ingot | tar -x -C 
 from __future__ import annotations
 
 import os
+import collections
 import re
 import subprocess
 import sys
@@ -32,7 +34,7 @@ CASES = [
     ("q8 gate_up (norm, silu)", dict(WIDTH=8, HAS_NORM=True, GATED=1, HAS_RES=False, BLOCK_N=128, BLOCK_K=128)),
     ("q8 down (residual)", dict(WIDTH=8, HAS_NORM=False, GATED=0, HAS_RES=True, BLOCK_N=128, BLOCK_K=128)),
 ]
-COMMON = dict(GROUP=32, HAS_MIN=False, SIGNED=True, SPLIT=True, PDL=True, EARLY=True, X_PAIRS=True)
+COMMON = dict(GROUP=32, HAS_MIN=False, SPLIT=True, PDL=True, EARLY=True, X_PAIRS=True)  # SIGNED: q8 (int8)
 # moe._expert_word_kernel (INGOT_MOE_DECODE=word) at Qwen3-30B-A3B's decode, its default block_n
 MOE_CASES = [
     ("q4 experts gate_up (silu)", dict(WIDTH=4, GATED=1, HAS_RES=False, BLOCK_N=32, BLOCK_K=256)),
@@ -42,8 +44,31 @@ MOE_CASES = [
 ]
 
 
-def resources(kernel, constexprs: dict, num_warps: int = 4) -> tuple[int, int, int]:
-    """(registers per thread, spill store bytes, shared memory bytes) of `kernel` for sm_90a."""
+# Integer arguments that are multiples of 16 at every decode shape: Triton specializes them at launch, and
+# without that hint the weight loads compile to 4-byte loads instead of 16-byte ones.
+DIV16_INTS = ("N", "K", "k_split", "stride_rm", "stride_om")
+
+
+def loop_mix(cubin: bytes) -> str:
+    """Instruction count of the longest loop in the SASS and its five most frequent opcodes."""
+    cuobjdump = os.path.join(os.path.dirname(nv_compiler.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(m.group(1), 16), a) for a, t in ins if (m := re.search(r"BRA (0x[0-9a-f]+)", t))
+             and int(m.group(1), 16) < a]
+    if not loops:
+        return "no loop"
+    lo, hi = max(loops, key=lambda r: r[1] - r[0])
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
+                              for a, t in ins if lo <= a <= hi)
+    return f"{sum(ops.values())}: " + " ".join(f"{k} {v}" for k, v in ops.most_common(5))
+
+
+def resources(kernel, constexprs: dict, num_warps: int = 4) -> tuple[int, int, int, str]:
+    """(registers per thread, spill store bytes, shared memory bytes, loop_mix) of `kernel` for sm_90a."""
     names = kernel.arg_names
     consts = {n: v for n, v in constexprs.items() if n in names}
 
@@ -57,7 +82,8 @@ def resources(kernel, constexprs: dict, num_warps: int = 4) -> tuple[int, int, i
 
     src = ASTSource(kernel, {n: arg_type(n) for n in names},
                     constexprs={(names.index(n),): v for n, v in consts.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr")})
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names
+                           if n.endswith("_ptr") or n in DIV16_INTS})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     ptxas = os.path.join(os.path.dirname(nv_compiler.__file__), "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
@@ -67,7 +93,7 @@ def resources(kernel, constexprs: dict, num_warps: int = 4) -> tuple[int, int, i
                                 capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
-    return regs, spills, compiled.metadata.shared
+    return regs, spills, compiled.metadata.shared, loop_mix(compiled.asm["cubin"])
 
 
 def main():
@@ -75,20 +101,26 @@ def main():
         sys.path.insert(0, os.path.abspath(sys.argv[1]))
     from ingot.backends.cuda import gemv, moe
 
-    print(f"{'kernel':6s} {'case':26s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s} {'programs/SM':>12s}")
+    print(f"{'kernel':7s} {'case':26s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s} {'programs/SM':>12s}  main loop")
+
+    def row(label, name, kernel, c):
+        regs, spills, smem, mix = resources(kernel, c)
+        print(f"{label:7s} {name:26s} {regs:5d} {spills:8d} {smem:7d} {65536 // (128 * regs):12d}  {mix}", flush=True)
+
     for name, case in CASES:
-        for label, kernel, extra in (("word", gemv._gemv_word_kernel, dict(UNPACK=1)),
+        for label, kernel, extra in (("word", gemv._gemv_word_kernel, dict(UNPACK=1, ASM=True, EVEN=True)),
+                                     ("word-u2", gemv._gemv_word_kernel, dict(UNPACK=2, ASM=True, EVEN=True)),
                                      ("dp4a", gemv._gemv_dp4a_kernel, dict(ASM=True))):
-            c = {**COMMON, **case, **extra}
+            c = {**COMMON, "SIGNED": case["WIDTH"] == 8, **case, **extra}
+            if label == "word-u2" and c["WIDTH"] != 4:
+                continue  # fp16 pairs: q4 only
             if label == "dp4a" and c["WIDTH"] == 4:
                 c["BLOCK_N"] = 64  # _plan_dp4a's q4 tiles
-            regs, spills, smem = resources(kernel, c)
-            print(f"{label:6s} {name:26s} {regs:5d} {spills:8d} {smem:7d} {65536 // (128 * regs):12d}", flush=True)
+            row(label, name, kernel, c)
     if hasattr(moe, "_expert_word_kernel"):  # trees before the word MoE decode lack it
         for name, case in MOE_CASES:
-            c = dict(TOP_K=8, GROUP=32, HAS_MIN=False, SIGNED=case["WIDTH"] == 8, UNPACK=1, **case)
-            regs, spills, smem = resources(moe._expert_word_kernel, c)
-            print(f"{'moe':6s} {name:26s} {regs:5d} {spills:8d} {smem:7d} {65536 // (128 * regs):12d}", flush=True)
+            c = dict(TOP_K=8, GROUP=32, HAS_MIN=False, SIGNED=case["WIDTH"] == 8, UNPACK=1, EVEN=True, **case)
+            row("moe", name, moe._expert_word_kernel, c)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,49 @@ def test_word_kernel(kind, mins, group, unpack, pairs, gen, kernel_device, monke
         check(out, expected(x, w), 1e-5)
 
 
+@pytest.mark.parametrize("kind,mins,group", [("q4", False, 32), ("q4", True, 32), ("q4", False, 128)])
+def test_word_kernel_half2(kind, mins, group, gen, kernel_device):
+    """UNPACK 2 (fp16 products): within fp16's error of the fp32 result, whole-K and split-K, with a K tail,
+    plain and norm + gated + residual; x large enough (x 2^-8 in fp16: |x| up to ~1e3) not to overflow."""
+    n, k = 2 * 70, 3 * 256 + 2 * group
+    w = packed(gen, kind, n, k, group, mins)
+    x = torch.randn(1, k, generator=gen) * 300
+    nw = torch.rand(k, generator=gen) + 0.5
+    res = torch.randn(1, n // 2, generator=gen)
+    dev = kernel_device
+    for block_n, split in ((32, 1), (64, 2)):
+        cfg = GemvConfig(1, block_n, 256, split, kernel="word", unpack=2)
+        out = linear(x.to(dev), to(w, dev), out=poison(1, n, dev), config=cfg)
+        check(out, expected(x, w), 2e-3)
+        ws = torch.zeros(workspace_numel(w, 1, "silu", cfg), device=dev)
+        out = linear(x.to(dev), to(w, dev), out=poison(1, n // 2, dev), norm_weight=nw.to(dev), eps=1e-5,
+                     residual=res.to(dev), gated="silu", workspace=ws, config=cfg)
+        check(out, expected(x, w, nw, 1e-5, res, "silu"), 2e-3)
+
+
+@pytest.mark.parametrize("unpack", [1, 2])
+@pytest.mark.parametrize("kind,mins", [("q4", False), ("q4", True), ("q8", False)])
+def test_word_kernel_even(kind, mins, unpack, gen, kernel_device):
+    """Whole tiles (N a multiple of BLOCK_N, K of BLOCK_K: the unmasked loads, the last step's reload in
+    place of a prefetch past its split), plain and norm + gated + residual, at 1, 2 and 4 K splits."""
+    if unpack == 2 and kind != "q4":
+        pytest.skip("fp16 pairs: q4 only")
+    n, k = 2 * 64, 4 * 256
+    w = packed(gen, kind, n, k, 32, mins)
+    x = torch.randn(1, k, generator=gen)
+    nw = torch.rand(k, generator=gen) + 0.5
+    res = torch.randn(1, n // 2, generator=gen)
+    tol = 2e-3 if unpack == 2 else 1e-5
+    dev = kernel_device
+    for split in (1, 2, 4):
+        cfg = GemvConfig(1, 32, 256 if kind == "q4" else 128, split, kernel="word", unpack=unpack)
+        check(linear(x.to(dev), to(w, dev), out=poison(1, n, dev), config=cfg), expected(x, w), tol)
+        ws = torch.zeros(workspace_numel(w, 1, "silu", cfg), device=dev)
+        out = linear(x.to(dev), to(w, dev), out=poison(1, n // 2, dev), norm_weight=nw.to(dev), eps=1e-5,
+                     residual=res.to(dev), gated="silu", workspace=ws, config=cfg)
+        check(out, expected(x, w, nw, 1e-5, res, "silu"), max(tol, 1e-4))
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.float32])  # fp32: x and norm weight read in pairs
 def test_word_kernel_fused_gated(x_dtype, gen, kernel_device):
     """Gated + norm + residual on the word path, split-K, fp16 and fp32 x."""

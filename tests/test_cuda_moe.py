@@ -6,6 +6,7 @@ each run (INGOT_TEST_SEED fixes them). The router is steered so that one expert 
 gets none, the uneven loads a grouped GEMM must pad and skip."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -111,6 +112,19 @@ def test_router_picks_and_weighs_like_softmax_topk(gen, kernel_device, top_k, no
 def test_decode_block_matches_reference(gen, kernel_device, decode_path, kind, mins, rows, top_k):
     w, nw = make_layer(kind, mins, top_k, gen)
     x = make_x(rows, gen)
+    got = moe.decode_block(x.clone().to(kernel_device), on(w, kernel_device), nw.to(kernel_device), EPS,
+                           block_n=DECODE_BLOCK_N)
+    assert rel_err(got, reference_block(x, w, nw)) < 1e-5, f"seed {SEED}"
+
+
+@pytest.mark.parametrize("decode_path,kind", [("word", "q4"), ("word", "q8")], indirect=["decode_path"])
+def test_word_decode_whole_tiles(gen, kernel_device, decode_path, kind, monkeypatch):
+    """Widths that fill whole tiles and K steps (hidden 512, expert width 256): the word kernel's unmasked
+    loads and its last step's reload in place of a prefetch past K."""
+    monkeypatch.setattr(sys.modules[__name__], "H", 512)
+    monkeypatch.setattr(sys.modules[__name__], "FF", 256)
+    w, nw = make_layer(kind, False, 2, gen)
+    x = make_x(3, gen)
     got = moe.decode_block(x.clone().to(kernel_device), on(w, kernel_device), nw.to(kernel_device), EPS,
                            block_n=DECODE_BLOCK_N)
     assert rel_err(got, reference_block(x, w, nw)) < 1e-5, f"seed {SEED}"

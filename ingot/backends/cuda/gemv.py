@@ -278,6 +278,89 @@ def _word_field(wd, w_hi, magic, SHIFT: tl.constexpr, WIDTH: tl.constexpr, UNPAC
         return v - (_TWO23 + OFFSET * (1 << B))
 
 
+# UNPACK 2 (q4 only) does the products in fp16 pairs: one LOP3 turns two nibbles (bits b and 16 + b of a word,
+# b = 0 or 4) into the fp16 pair 1024 + q * 2^b (0x6400 is 1024, whose ulp is 1), one HSUB2 removes 1024 and the
+# offset exactly, one HFMA2 multiplies by the matching x pair: three instructions for two weights against six.
+# A word's eight products are summed in fp16 (per lane, then the two lanes in fp32), so each word costs ~1e-3
+# relative error. x enters scaled by 2^-8 (undone per group in fp32) so the fp16 sums stay far from 65504.
+_HALF2_X_SCALE = tl.constexpr(1.0 / 256)
+
+
+@triton.jit
+def _half2(lo, hi, ASM: tl.constexpr):
+    """fp32 pairs as fp16x2 words, lo in bits 0-15 (without ASM, for the interpreter, in plain ops)."""
+    if ASM:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        hi16 = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return lo16 | (hi16 << 16)
+
+
+@triton.jit
+def _half_lane(xp, HI: tl.constexpr):
+    """fp32 of the fp16 in bits 16-31 (HI) or 0-15 of fp16x2 words."""
+    bits = (xp >> 16) & 0xFFFF if HI else xp & 0xFFFF
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _q4_half2_dot(wd, xp0, xp1, xp2, xp3, HAS_MIN: tl.constexpr, ASM: tl.constexpr):
+    """fp32 sum of the 8 products (q - offset) * x of each q4 word, the x as _half2 made them from the
+    _x_prescaled x of the fields at bits 0|16, 4|20, 8|24 and 12|28."""
+    if ASM:
+        op: tl.constexpr = _HALF2_DOT_MIN if HAS_MIN else _HALF2_DOT_SYM
+        return tl.inline_asm_elementwise(op, "=f,r,r,r,r,r", [wd, xp0, xp1, xp2, xp3], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        off: tl.constexpr = 0.0 if HAS_MIN else 8.0
+        t = tl.zeros(wd.shape, tl.float32)
+        for i in tl.static_range(4):
+            if i == 0:
+                xp = xp0
+            elif i == 1:
+                xp = xp1
+            elif i == 2:
+                xp = xp2
+            else:
+                xp = xp3
+            lane: tl.constexpr = 1.0 if i % 2 == 0 else 16.0  # the bit-4 nibbles' x came in / 16
+            q_lo = ((wd >> (4 * i)) & 15).to(tl.float32) - off
+            q_hi = ((wd >> (16 + 4 * i)) & 15).to(tl.float32) - off
+            t += (q_lo * lane) * _half_lane(xp, False) + (q_hi * lane) * _half_lane(xp, True)
+        return t
+
+
+_HALF2_DOT = """{
+.reg .b32 a, b, c, d, h, s;
+.reg .f16 lo, hi;
+.reg .f32 flo, fhi;
+lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xEA;
+shr.u32 h, $1, 8;
+lop3.b32 c, h, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 d, h, 0x00F000F0, 0x64006400, 0xEA;
+mov.b32 s, SUB_LO;
+sub.rn.f16x2 a, a, s;
+sub.rn.f16x2 c, c, s;
+mov.b32 s, SUB_HI;
+sub.rn.f16x2 b, b, s;
+sub.rn.f16x2 d, d, s;
+mul.rn.f16x2 a, a, $2;
+fma.rn.f16x2 a, b, $3, a;
+fma.rn.f16x2 a, c, $4, a;
+fma.rn.f16x2 a, d, $5, a;
+mov.b32 {lo, hi}, a;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}"""
+# what HSUB2 takes off each pair: 1024 + 8 (0x6408) and 1024 + 16 * 8 (0x6480) for symmetric q4, 1024 with mins
+_HALF2_DOT_SYM = tl.constexpr(_HALF2_DOT.replace("SUB_LO", "0x64086408").replace("SUB_HI", "0x64806480"))
+_HALF2_DOT_MIN = tl.constexpr(_HALF2_DOT.replace("SUB_LO", "0x64006400").replace("SUB_HI", "0x64006400"))
+
+
 @triton.jit
 def _word_x2(x_ptr, nw_ptr, xk, ok, SHIFT_A: tl.constexpr, SHIFT_B: tl.constexpr, WIDTH: tl.constexpr,
              UNPACK: tl.constexpr, HAS_NORM: tl.constexpr, X_PAIRS: tl.constexpr):
@@ -312,21 +395,29 @@ def _word_x2(x_ptr, nw_ptr, xk, ok, SHIFT_A: tl.constexpr, SHIFT_B: tl.constexpr
 
 @triton.jit
 def _x_prescaled(x, SHIFT: tl.constexpr, WIDTH: tl.constexpr, UNPACK: tl.constexpr):
-    """x scaled by 2^-b for the field at bit SHIFT, b where UNPACK 1 masks it (_word_field)."""
+    """x scaled by 2^-b for the field at bit SHIFT, b where UNPACK 1 masks it (_word_field); UNPACK 2: by
+    2^-8, and 2^-4 more for the nibbles at bit 4 of a 16-bit lane (_q4_half2_dot)."""
     xs = x
     if UNPACK == 1:
         DOWN: tl.constexpr = 12 if WIDTH == 4 else 16
         B: tl.constexpr = SHIFT - DOWN if SHIFT + WIDTH > 23 else SHIFT
         if B > 0:
             xs = x * (1.0 / (1 << B))
+    elif UNPACK == 2:  # the nibble at bit 4 of each 16-bit lane stays there: x / 16
+        if SHIFT % 8 == 4:
+            xs = x * (_HALF2_X_SCALE / 16)
+        else:
+            xs = x * _HALF2_X_SCALE
     return xs
 
 
 @triton.jit
 def _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, r_off, k0, k_end, K, WIDTH: tl.constexpr,
-                  GROUP: tl.constexpr, HAS_MIN: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr):
+                  GROUP: tl.constexpr, HAS_MIN: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr,
+                  EVEN: tl.constexpr):
     """Weight rows rows64 + r_off at the K step from k0: int32 words [groups, rows, words of a group] and
-    fp32 scales and mins [groups, rows] (mins: the scales again without them). Past k_end: all masked."""
+    fp32 scales and mins [groups, rows] (mins: the scales again without them). Past k_end: all masked.
+    EVEN (every row in range, the step whole and inside the matrix): no masks, so no zero-filled registers."""
     EPW: tl.constexpr = 32 // WIDTH
     gi = tl.arange(0, NG)
     wi = tl.arange(0, WPG)
@@ -334,28 +425,126 @@ def _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, r_off, k0, k_end, K, WIDT
     w_ok = tl.broadcast_to(g_ok[:, None], (NG, WPG))  # constant along a group's words: no split vectors
     words_per_row = tl.multiple_of(K // EPW, WPG)
     wrow = qw_ptr + (rows64 + r_off) * words_per_row + tl.multiple_of(k0 // EPW, WPG)
-    wd = tl.load(wrow[None, :, None] + (gi[:, None] * WPG + wi[None, :])[:, None, :],
-                 mask=row_ok[None, :, None] & w_ok[:, None, :], other=0)
+    w_ptrs = wrow[None, :, None] + (gi[:, None] * WPG + wi[None, :])[:, None, :]
     s_off = (rows64 + r_off)[None, :] * (K // GROUP) + (k0 // GROUP + gi)[:, None]
-    s_ok = row_ok[None, :] & g_ok[:, None]
-    s = tl.load(s_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
-    mn = s
-    if HAS_MIN:
-        mn = tl.load(m_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
+    if EVEN:
+        wd = tl.load(w_ptrs)
+        s = tl.load(s_ptr + s_off).to(tl.float32)
+        mn = s
+        if HAS_MIN:
+            mn = tl.load(m_ptr + s_off).to(tl.float32)
+    else:
+        wd = tl.load(w_ptrs, mask=row_ok[None, :, None] & w_ok[:, None, :], other=0)
+        s_ok = row_ok[None, :] & g_ok[:, None]
+        s = tl.load(s_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
+        mn = s
+        if HAS_MIN:
+            mn = tl.load(m_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
     return wd, s, mn
 
 
 @triton.jit
 def _gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k0, k_end, K, WIDTH: tl.constexpr,
                   GROUP: tl.constexpr, HAS_MIN: tl.constexpr, GATED: tl.constexpr, NG: tl.constexpr,
-                  WPG: tl.constexpr):
+                  WPG: tl.constexpr, EVEN: tl.constexpr = False):
     """_weight_step of the rows and, for a gated weight, of their up rows at + N (else the first again)."""
-    wd0, s0, m0 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, 0, k0, k_end, K, WIDTH, GROUP, HAS_MIN, NG, WPG)
+    wd0, s0, m0 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, 0, k0, k_end, K, WIDTH, GROUP, HAS_MIN, NG, WPG,
+                               EVEN)
     wd1, s1, m1 = wd0, s0, m0
     if GATED != 0:
         wd1, s1, m1 = _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k0, k_end, K,
-                                   WIDTH, GROUP, HAS_MIN, NG, WPG)
+                                   WIDTH, GROUP, HAS_MIN, NG, WPG, EVEN)
     return wd0, s0, m0, wd1, s1, m1
+
+
+@triton.jit
+def _word_bits(wd, WIDTH: tl.constexpr, UNPACK: tl.constexpr, SIGNED: tl.constexpr):
+    """int32 words -> (uint32 words, their high part) as _word_field takes them."""
+    if UNPACK == 1 and SIGNED:
+        wd = wd ^ -2139062144  # 0x80808080: q + 128 in every byte
+    wd = wd.to(tl.uint32, bitcast=True)  # logical shifts
+    return wd, wd >> (12 if WIDTH == 4 else 16)
+
+
+@triton.jit
+def _pair_fields(xrow, nw_ptr, xk, w_ok, wd, w_hi, wu, u_hi, magic, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
+                 UNPACK: tl.constexpr, OFFSET: tl.constexpr, SIGNED: tl.constexpr, HAS_NORM: tl.constexpr,
+                 GATED: tl.constexpr, X_PAIRS: tl.constexpr, p, pu, xsum, sq):
+    """The fields at bits SHIFT and SHIFT + 8 (elements xk and xk + 1) against x: added to the running
+    products p (pu: up tile) [groups, rows, words], x sums and sums of squares [groups, words]."""
+    xa, xsa, qa, xb, xsb, qb = _word_x2(xrow, nw_ptr, xk, w_ok, SHIFT, SHIFT + 8, WIDTH, UNPACK, HAS_NORM, X_PAIRS)
+    # One FFMA chain per word (p += field * x): a separate sum per pair costs an FMUL and an FADD more.
+    p += _word_field(wd, w_hi, magic, SHIFT, WIDTH, UNPACK, OFFSET, SIGNED) * xsa[:, None, :]
+    p += _word_field(wd, w_hi, magic, SHIFT + 8, WIDTH, UNPACK, OFFSET, SIGNED) * xsb[:, None, :]
+    if GATED != 0:
+        pu += _word_field(wu, u_hi, magic, SHIFT, WIDTH, UNPACK, OFFSET, SIGNED) * xsa[:, None, :]
+        pu += _word_field(wu, u_hi, magic, SHIFT + 8, WIDTH, UNPACK, OFFSET, SIGNED) * xsb[:, None, :]
+    return p, pu, xsum + xa + xb, sq + qa + qb
+
+
+@triton.jit
+def _word_dot(xrow, nw_ptr, wd, s, mn, wu, su, mu, k0, k_end, magic, WIDTH: tl.constexpr, GROUP: tl.constexpr,
+              HAS_MIN: tl.constexpr, SIGNED: tl.constexpr, HAS_NORM: tl.constexpr, GATED: tl.constexpr,
+              UNPACK: tl.constexpr, X_PAIRS: tl.constexpr, ASM: tl.constexpr, NG: tl.constexpr,
+              WPG: tl.constexpr, EVEN: tl.constexpr = False):
+    """One K step of the word scheme against x row xrow: the [groups, rows] contributions of the weight tile
+    (and of the up tile, gated) and the [groups, words] sums of squares of x."""
+    HALF: tl.constexpr = GROUP // 2
+    # q4 sym: q - 8; q8 signed: (q + 128) after the xor, - 128; unsigned q8 / q4 with mins: q.
+    OFFSET: tl.constexpr = (8 if not HAS_MIN else 0) if WIDTH == 4 else (128 if SIGNED else 0)
+    gi = tl.arange(0, NG)
+    wi = tl.arange(0, WPG)
+    if EVEN:  # a constant mask folds away
+        w_ok = tl.full((NG, WPG), 1, tl.int1)
+    else:
+        w_ok = tl.broadcast_to((k0 + gi * GROUP < k_end)[:, None], (NG, WPG))  # K is a multiple of GROUP
+    e0 = k0 + gi[:, None] * GROUP + wi[None, :] * 4  # element of byte 0's field (q4: its low nibble)
+    wd, w_hi = _word_bits(wd, WIDTH, UNPACK, SIGNED)
+    wu, u_hi = _word_bits(wu, WIDTH, UNPACK, SIGNED)
+    if UNPACK == 2:  # q4: the word's eight x first, then each word against their fp16 pairs
+        x0, xs0, q0, x2, xs2, q2 = _word_x2(xrow, nw_ptr, e0, w_ok, 0, 8, WIDTH, UNPACK, HAS_NORM, X_PAIRS)
+        x4, xs4, q4, x6, xs6, q6 = _word_x2(xrow, nw_ptr, e0 + 2, w_ok, 16, 24, WIDTH, UNPACK, HAS_NORM, X_PAIRS)
+        x1, xs1, q1, x3, xs3, q3 = _word_x2(xrow, nw_ptr, e0 + HALF, w_ok, 4, 12, WIDTH, UNPACK, HAS_NORM,
+                                            X_PAIRS)
+        x5, xs5, q5, x7, xs7, q7 = _word_x2(xrow, nw_ptr, e0 + 2 + HALF, w_ok, 20, 28, WIDTH, UNPACK, HAS_NORM,
+                                            X_PAIRS)
+        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        sq = ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
+        xp0 = _half2(xs0, xs4, ASM)[:, None, :]
+        xp1 = _half2(xs1, xs5, ASM)[:, None, :]
+        xp2 = _half2(xs2, xs6, ASM)[:, None, :]
+        xp3 = _half2(xs3, xs7, ASM)[:, None, :]
+        p = _q4_half2_dot(wd, xp0, xp1, xp2, xp3, HAS_MIN, ASM)
+        pu = p
+        if GATED != 0:
+            pu = _q4_half2_dot(wu, xp0, xp1, xp2, xp3, HAS_MIN, ASM)
+        t = tl.sum(p, axis=2) * (1.0 / _HALF2_X_SCALE)
+        tu = tl.sum(pu, axis=2) * (1.0 / _HALF2_X_SCALE)
+    else:
+        # Fields in pairs of neighbouring elements, the fields of bytes 2i and 2i + 1 (q4: both low or both
+        # high nibbles), so _word_x2 reads their x together.
+        p = tl.zeros(wd.shape, tl.float32)
+        pu = tl.zeros(wd.shape, tl.float32)
+        xsum = tl.zeros((NG, WPG), tl.float32)
+        sq = tl.zeros((NG, WPG), tl.float32)
+        p, pu, xsum, sq = _pair_fields(xrow, nw_ptr, e0, w_ok, wd, w_hi, wu, u_hi, magic, 0, WIDTH, UNPACK, OFFSET,
+                                       SIGNED, HAS_NORM, GATED, X_PAIRS, p, pu, xsum, sq)
+        p, pu, xsum, sq = _pair_fields(xrow, nw_ptr, e0 + 2, w_ok, wd, w_hi, wu, u_hi, magic, 16, WIDTH, UNPACK,
+                                       OFFSET, SIGNED, HAS_NORM, GATED, X_PAIRS, p, pu, xsum, sq)
+        if WIDTH == 4:
+            p, pu, xsum, sq = _pair_fields(xrow, nw_ptr, e0 + HALF, w_ok, wd, w_hi, wu, u_hi, magic, 4, WIDTH,
+                                           UNPACK, OFFSET, SIGNED, HAS_NORM, GATED, X_PAIRS, p, pu, xsum, sq)
+            p, pu, xsum, sq = _pair_fields(xrow, nw_ptr, e0 + 2 + HALF, w_ok, wd, w_hi, wu, u_hi, magic, 20, WIDTH,
+                                           UNPACK, OFFSET, SIGNED, HAS_NORM, GATED, X_PAIRS, p, pu, xsum, sq)
+        t = tl.sum(p, axis=2)
+        tu = tl.sum(pu, axis=2)
+    c = s * t
+    cu = su * tu
+    if HAS_MIN:
+        gsum = tl.sum(xsum, axis=1)[:, None]
+        c += mn * gsum
+        cu += mu * gsum
+    return c, cu, sq
 
 
 @triton.jit
@@ -363,27 +552,22 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
                       N, K, k_split, n_split, stride_rm, stride_om, eps, magic,
                       WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
                       HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
-                      UNPACK: tl.constexpr, X_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+                      UNPACK: tl.constexpr, X_PAIRS: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP
     EPW: tl.constexpr = 32 // WIDTH  # elements per int32 word
     WPG: tl.constexpr = GROUP // EPW  # words per group
-    HALF: tl.constexpr = GROUP // 2
-    # q4 sym: q - 8; q8 signed: (q + 128) after the xor, - 128; unsigned q8 / q4 with mins: q.
-    OFFSET: tl.constexpr = (8 if not HAS_MIN else 0) if WIDTH == 4 else (128 if SIGNED else 0)
     k_begin = pid_k * k_split
     k_end = tl.minimum(K, k_begin + k_split)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    gi = tl.arange(0, NG)
-    wi = tl.arange(0, WPG)
     # The weights do not depend on the previous kernel: the first K step's tiles are loaded before the PDL
     # wait, and each step loads the next step's tiles before it computes (two register buffers).
     wd0, s0, m0, wd1, s1, m1 = _gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k_begin, k_end, K,
-                                              WIDTH, GROUP, HAS_MIN, GATED, NG, WPG)
+                                              WIDTH, GROUP, HAS_MIN, GATED, NG, WPG, EVEN)
     pdl.wait(PDL)
     if EARLY:
         tl.extra.cuda.gdc_launch_dependents()
@@ -396,63 +580,16 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     for k0 in range(k_begin, k_end, BLOCK_K):
         cw0, cs0, cm0 = wd0, s0, m0
         cw1, cs1, cm1 = wd1, s1, m1
-        wd0, s0, m0, wd1, s1, m1 = _gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k0 + BLOCK_K, k_end,
-                                                  K, WIDTH, GROUP, HAS_MIN, GATED, NG, WPG)
-        g_ok = k0 + gi * GROUP < k_end  # K is a multiple of GROUP: groups are whole
-        w_ok = tl.broadcast_to(g_ok[:, None], (NG, WPG))
-        # element index of byte j (q8) / low nibble of byte j (q4) of each word
-        e0 = k0 + gi[:, None] * GROUP + wi[None, :] * 4
-        # x for each field of a word, in the order of the fields' bit positions.
-        if WIDTH == 4:
-            x0, xs0, q0, x2, xs2, q2 = _word_x2(x_ptr, nw_ptr, e0, w_ok, 0, 8, WIDTH, UNPACK, HAS_NORM, X_PAIRS)
-            x4, xs4, q4, x6, xs6, q6 = _word_x2(x_ptr, nw_ptr, e0 + 2, w_ok, 16, 24, WIDTH, UNPACK, HAS_NORM,
-                                                X_PAIRS)
-            x1, xs1, q1, x3, xs3, q3 = _word_x2(x_ptr, nw_ptr, e0 + HALF, w_ok, 4, 12, WIDTH, UNPACK, HAS_NORM,
-                                                X_PAIRS)
-            x5, xs5, q5, x7, xs7, q7 = _word_x2(x_ptr, nw_ptr, e0 + 2 + HALF, w_ok, 20, 28, WIDTH, UNPACK,
-                                                HAS_NORM, X_PAIRS)
-            xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-            sq = ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
-        else:
-            x0, xs0, q0, x1, xs1, q1 = _word_x2(x_ptr, nw_ptr, e0, w_ok, 0, 8, WIDTH, UNPACK, HAS_NORM, X_PAIRS)
-            x2, xs2, q2, x3, xs3, q3 = _word_x2(x_ptr, nw_ptr, e0 + 2, w_ok, 16, 24, WIDTH, UNPACK, HAS_NORM,
-                                                X_PAIRS)
-            xsum = (x0 + x1) + (x2 + x3)
-            sq = (q0 + q1) + (q2 + q3)
-        if HAS_NORM:
-            ssv += sq
-        for half in tl.static_range(2 if GATED != 0 else 1):
-            if half == 0:
-                wd, s, mn = cw0, cs0, cm0
-            else:
-                wd, s, mn = cw1, cs1, cm1
-            if UNPACK == 1 and SIGNED:
-                wd = wd ^ -2139062144  # 0x80808080: q + 128 in every byte
-            wd = wd.to(tl.uint32, bitcast=True)  # logical shifts
-            w_hi = wd >> (12 if WIDTH == 4 else 16)
-            if WIDTH == 4:
-                p = _word_field(wd, w_hi, magic, 0, 4, UNPACK, OFFSET, SIGNED) * xs0[:, None, :]
-                p += _word_field(wd, w_hi, magic, 4, 4, UNPACK, OFFSET, SIGNED) * xs1[:, None, :]
-                p += _word_field(wd, w_hi, magic, 8, 4, UNPACK, OFFSET, SIGNED) * xs2[:, None, :]
-                p += _word_field(wd, w_hi, magic, 12, 4, UNPACK, OFFSET, SIGNED) * xs3[:, None, :]
-                p += _word_field(wd, w_hi, magic, 16, 4, UNPACK, OFFSET, SIGNED) * xs4[:, None, :]
-                p += _word_field(wd, w_hi, magic, 20, 4, UNPACK, OFFSET, SIGNED) * xs5[:, None, :]
-                p += _word_field(wd, w_hi, magic, 24, 4, UNPACK, OFFSET, SIGNED) * xs6[:, None, :]
-                p += _word_field(wd, w_hi, magic, 28, 4, UNPACK, OFFSET, SIGNED) * xs7[:, None, :]
-            else:
-                p = _word_field(wd, w_hi, magic, 0, 8, UNPACK, OFFSET, SIGNED) * xs0[:, None, :]
-                p += _word_field(wd, w_hi, magic, 8, 8, UNPACK, OFFSET, SIGNED) * xs1[:, None, :]
-                p += _word_field(wd, w_hi, magic, 16, 8, UNPACK, OFFSET, SIGNED) * xs2[:, None, :]
-                p += _word_field(wd, w_hi, magic, 24, 8, UNPACK, OFFSET, SIGNED) * xs3[:, None, :]
-            t = tl.sum(p, axis=2)
-            if HAS_MIN:
-                c = s * t + mn * tl.sum(xsum, axis=1)[:, None]
-            else:
-                c = s * t
-            if half == 0:
-                acc += c
-            else:
-                acc_u += c
+        k_next = k0 + BLOCK_K
+        if EVEN:  # the last step reloads itself instead of reading past the split (or the matrix)
+            k_next = tl.minimum(k_next, k_end - BLOCK_K)
+        wd0, s0, m0, wd1, s1, m1 = _gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k_next, k_end,
+                                                  K, WIDTH, GROUP, HAS_MIN, GATED, NG, WPG, EVEN)
+        c, cu, sq = _word_dot(x_ptr, nw_ptr, cw0, cs0, cm0, cw1, cs1, cm1, k0, k_end, magic, WIDTH, GROUP,
+                              HAS_MIN, SIGNED, HAS_NORM, GATED, UNPACK, X_PAIRS, ASM, NG, WPG, EVEN)
+        acc += c
+        acc_u += cu
+        ssv += sq
     ss = tl.sum(tl.sum(ssv, axis=1), axis=0)
     _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
                   res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES, SPLIT)
@@ -608,7 +745,7 @@ class GemvConfig:
     # M = 1 q4/q8 only (other calls fall back to "byte", the general kernel): "word", the int32-word kernel
     # on fp32 x, or "dp4a", int8 x and integer dot products
     kernel: str = "word"
-    unpack: int = 1  # word kernel: 0 shift every field down, 1 mask in place and pre-scale x
+    unpack: int = 1  # word kernel: 0 shift every field down, 1 mask in place and pre-scale x, 2 fp16 pairs (q4)
 
 
 def _block_k(kind: str, group: int) -> int:
@@ -650,6 +787,8 @@ TARGET_PROGRAMS = 320
 # The M = 1 q4/q8 kernel: "word" (fp32 activations, the default) or "dp4a" (int8; INGOT_DECODE_GEMV=dp4a).
 DECODE_KERNEL = os.environ.get("INGOT_DECODE_GEMV", "word")
 DP4A_TARGET_PROGRAMS = 512
+# The word kernel's q4 unpack form (GemvConfig.unpack); INGOT_GEMV_UNPACK=2, fp16 products, for an A/B.
+WORD_UNPACK = int(os.environ.get("INGOT_GEMV_UNPACK", "1"))
 
 
 def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvConfig:
@@ -666,7 +805,8 @@ def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvCo
     if gated:
         weight_bytes = 2 * n_out * k * (0.5 if kind == "q4" else 1.0)
         programs = min(1152, max(TARGET_PROGRAMS, round(weight_bytes / 49152)))
-    return _split_for(GemvConfig(1, block_n, block_k, 1, num_warps=4, kernel="word", unpack=1), n_out, k,
+    unpack = WORD_UNPACK if kind == "q4" else 1
+    return _split_for(GemvConfig(1, block_n, block_k, 1, num_warps=4, kernel="word", unpack=unpack), n_out, k,
                       programs)
 
 
@@ -788,12 +928,16 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
     if word_like and cfg.kernel in ("word", "dp4a"):
         assert cfg.block_k % w.group == 0 and w.qweight.is_contiguous()
         if cfg.kernel == "word":
+            if cfg.unpack == 2 and w.kind != "q4":
+                raise ValueError(f"the word kernel's fp16 pairs (unpack 2) take q4 weights, not {w.kind}")
             pairs = X_PAIRS and _pairs_ok(x) and (norm_weight is None or _pairs_ok(norm_weight))
+            even = n_out % cfg.block_n == 0 and k % cfg.block_k == 0  # k_split is a multiple of block_k
             kernel, extra_args, extra = _gemv_word_kernel, (MAGIC,), dict(UNPACK=cfg.unpack, X_PAIRS=pairs,
-                                                                          EARLY=pdl.EARLY)
-        else:  # inline PTX only on a GPU; the interpreter runs the same integer arithmetic in plain ops
-            kernel, extra_args, extra = _gemv_dp4a_kernel, (), dict(ASM=os.environ.get("TRITON_INTERPRET") != "1",
-                                                                     EARLY=pdl.EARLY)
+                                                                          EVEN=even)
+        else:
+            kernel, extra_args, extra = _gemv_dp4a_kernel, (), {}
+        # inline PTX only on a GPU; the interpreter runs the same arithmetic in plain ops
+        extra.update(ASM=os.environ.get("TRITON_INTERPRET") != "1", EARLY=pdl.EARLY)
         kernel[(tiles_n, splits)](
             x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales, *common,
             n_out, k, k_split, splits, res.stride(0), out.stride(0), eps, *extra_args,

@@ -295,76 +295,11 @@ def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, 
 
 
 @triton.jit
-def _word_bits(wd, WIDTH: tl.constexpr, UNPACK: tl.constexpr, SIGNED: tl.constexpr):
-    """int32 words -> (uint32 words, their high part) as gemv._word_field takes them."""
-    if UNPACK == 1 and SIGNED:
-        wd = wd ^ -2139062144  # 0x80808080: q + 128 in every byte
-    wd = wd.to(tl.uint32, bitcast=True)  # logical shifts
-    return wd, wd >> (12 if WIDTH == 4 else 16)
-
-
-@triton.jit
-def _pair_fields(xrow, nw_ptr, xk, w_ok, wd, w_hi, wu, u_hi, magic, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
-                 UNPACK: tl.constexpr, OFFSET: tl.constexpr, SIGNED: tl.constexpr, HAS_NORM: tl.constexpr,
-                 GATED: tl.constexpr, p, pu, xsum, sq):
-    """The fields at bits SHIFT and SHIFT + 8 (elements xk and xk + 1) against x: added to the running
-    products p (pu: up tile) [groups, rows, words], x sums and sums of squares [groups, words]."""
-    xa, xsa, qa, xb, xsb, qb = gemv._word_x2(xrow, nw_ptr, xk, w_ok, SHIFT, SHIFT + 8, WIDTH, UNPACK, HAS_NORM,
-                                             False)
-    dp = gemv._word_field(wd, w_hi, magic, SHIFT, WIDTH, UNPACK, OFFSET, SIGNED) * xsa[:, None, :]
-    dp += gemv._word_field(wd, w_hi, magic, SHIFT + 8, WIDTH, UNPACK, OFFSET, SIGNED) * xsb[:, None, :]
-    if GATED != 0:
-        pu += gemv._word_field(wu, u_hi, magic, SHIFT, WIDTH, UNPACK, OFFSET, SIGNED) * xsa[:, None, :]
-        pu += gemv._word_field(wu, u_hi, magic, SHIFT + 8, WIDTH, UNPACK, OFFSET, SIGNED) * xsb[:, None, :]
-    return p + dp, pu, xsum + xa + xb, sq + qa + qb
-
-
-@triton.jit
-def _word_dot(xrow, nw_ptr, wd, s, mn, wu, su, mu, k0, k_end, magic, WIDTH: tl.constexpr, GROUP: tl.constexpr,
-              HAS_MIN: tl.constexpr, SIGNED: tl.constexpr, HAS_NORM: tl.constexpr, GATED: tl.constexpr,
-              UNPACK: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr):
-    """One K step of the word scheme against x row xrow: the [groups, rows] contributions of the weight tile
-    (and of the up tile, gated) and the [groups, words] sums of squares of x."""
-    EPW: tl.constexpr = 32 // WIDTH
-    HALF: tl.constexpr = GROUP // 2
-    # q4 sym: q - 8; q8 signed: (q + 128) after the xor, - 128; unsigned q8 / q4 with mins: q.
-    OFFSET: tl.constexpr = (8 if not HAS_MIN else 0) if WIDTH == 4 else (128 if SIGNED else 0)
-    gi = tl.arange(0, NG)
-    wi = tl.arange(0, WPG)
-    w_ok = tl.broadcast_to((k0 + gi * GROUP < k_end)[:, None], (NG, WPG))  # K is a multiple of GROUP
-    e0 = k0 + gi[:, None] * GROUP + wi[None, :] * 4  # element of byte 0's field (q4: its low nibble)
-    wd, w_hi = _word_bits(wd, WIDTH, UNPACK, SIGNED)
-    wu, u_hi = _word_bits(wu, WIDTH, UNPACK, SIGNED)
-    # Fields in pairs of neighbouring elements, the fields of bytes 2i and 2i + 1 (q4: both low or both high
-    # nibbles), so gemv._word_x2 reads their x together.
-    p = tl.zeros(wd.shape, tl.float32)
-    pu = tl.zeros(wd.shape, tl.float32)
-    xsum = tl.zeros((NG, WPG), tl.float32)
-    sq = tl.zeros((NG, WPG), tl.float32)
-    p, pu, xsum, sq = _pair_fields(xrow, nw_ptr, e0, w_ok, wd, w_hi, wu, u_hi, magic, 0, WIDTH, UNPACK, OFFSET,
-                                   SIGNED, HAS_NORM, GATED, p, pu, xsum, sq)
-    p, pu, xsum, sq = _pair_fields(xrow, nw_ptr, e0 + 2, w_ok, wd, w_hi, wu, u_hi, magic, 16, WIDTH, UNPACK,
-                                   OFFSET, SIGNED, HAS_NORM, GATED, p, pu, xsum, sq)
-    if WIDTH == 4:
-        p, pu, xsum, sq = _pair_fields(xrow, nw_ptr, e0 + HALF, w_ok, wd, w_hi, wu, u_hi, magic, 4, WIDTH, UNPACK,
-                                       OFFSET, SIGNED, HAS_NORM, GATED, p, pu, xsum, sq)
-        p, pu, xsum, sq = _pair_fields(xrow, nw_ptr, e0 + 2 + HALF, w_ok, wd, w_hi, wu, u_hi, magic, 20, WIDTH,
-                                       UNPACK, OFFSET, SIGNED, HAS_NORM, GATED, p, pu, xsum, sq)
-    c = s * tl.sum(p, axis=2)
-    cu = su * tl.sum(pu, axis=2)
-    if HAS_MIN:
-        gsum = tl.sum(xsum, axis=1)[:, None]
-        c += mn * gsum
-        cu += mu * gsum
-    return c, cu, sq
-
-
-@triton.jit
 def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, out_ptr, part_ptr,
                         cnt_ptr, N, K, stride_xm, stride_rm, stride_om, eps, magic,
                         TOP_K: tl.constexpr, WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                         SIGNED: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, UNPACK: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """GATED (gate/up): out[pair, n] = act(g) * u of the pair's expert on rms_norm(x[pair // TOP_K]) * nw.
     Else (down): out[row, n] = [res[row, n] +] sum over choices c, in order, of wts[pair] * (W_e @ x[pair])[n],
     pair = row * TOP_K + c, through the partials part[pair, n] and tickets cnt[row * tiles + tile]."""
@@ -383,17 +318,20 @@ def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, r
     # Each step loads the next step's tiles before it computes (two register buffers), as gemv's word kernel.
     k_first = tl.full((), 0, tl.int32)  # a tensor, not the constexpr 0: _weight_step hints multiple_of on it
     wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k_first, K, K,
-                                                  WIDTH, GROUP, HAS_MIN, GATED, NG, WPG)
+                                                  WIDTH, GROUP, HAS_MIN, GATED, NG, WPG, EVEN)
     acc = tl.zeros((NG, BLOCK_N), tl.float32)
     acc_u = tl.zeros((NG, BLOCK_N), tl.float32)
     ssv = tl.zeros((NG, WPG), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cw0, cs0, cm0 = wd0, s0, m0
         cw1, cs1, cm1 = wd1, s1, m1
-        wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k0 + BLOCK_K, K, K,
-                                                      WIDTH, GROUP, HAS_MIN, GATED, NG, WPG)
-        c, cu, sq = _word_dot(xrow, nw_ptr, cw0, cs0, cm0, cw1, cs1, cm1, k0, K, magic, WIDTH, GROUP, HAS_MIN,
-                              SIGNED, GATED != 0, GATED, UNPACK, NG, WPG)
+        k_next = k0 + BLOCK_K
+        if EVEN:  # as gemv's word kernel: the last step reloads itself, unmasked
+            k_next = tl.minimum(k_next, K - BLOCK_K)
+        wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k_next, K, K,
+                                                      WIDTH, GROUP, HAS_MIN, GATED, NG, WPG, EVEN)
+        c, cu, sq = gemv._word_dot(xrow, nw_ptr, cw0, cs0, cm0, cw1, cs1, cm1, k0, K, magic, WIDTH, GROUP,
+                                   HAS_MIN, SIGNED, GATED != 0, GATED, UNPACK, False, False, NG, WPG, EVEN)
         acc += c
         acc_u += cu
         ssv += sq
@@ -413,14 +351,15 @@ def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, r
                            out_ptr + r64 * stride_om, 0, False, 0, HAS_RES, True)
 
 
-def _word_flags(w: PackedLinear, gated: bool) -> tuple[tuple, dict]:
+def _word_flags(w: PackedLinear, gated: bool, block_n: int) -> tuple[tuple, dict]:
     """Pointers and constexprs of the word kernel for w, at gemv's M = 1 K step for its kind."""
     n_out = w.n // 2 if gated else w.n
     block_k = gemv._plan_word(n_out, w.k, w.kind, w.group, gated).block_k
     assert block_k % w.group == 0 and w.qweight.is_contiguous()
     ptrs = (w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales)
+    even = n_out % block_n == 0 and w.k % block_k == 0
     return ptrs, dict(WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
-                      SIGNED=w.qweight.dtype == torch.int8, UNPACK=1, BLOCK_K=block_k)
+                      SIGNED=w.qweight.dtype == torch.int8, UNPACK=1, EVEN=even, BLOCK_K=block_k)
 
 
 def _gemv_flags(w: PackedLinear, max_block_k: int = 1024) -> tuple[tuple, dict]:
@@ -511,7 +450,7 @@ def _gate_up(x, w: MoEWeights, norm_weight, eps: float, act: str, ids, ff, block
     block_n = block_n or (WORD_GATE_UP_BLOCK_N if word else GATE_UP_BLOCK_N)
     grid = (t * k, triton.cdiv(f, block_n))
     if word:
-        ptrs, flags = _word_flags(w.gate_up, gated=True)
+        ptrs, flags = _word_flags(w.gate_up, gated=True, block_n=block_n)
         _expert_word_kernel[grid](x, norm_weight, ids, ids, *ptrs, x, ff, ff, ids, f, h, x.stride(0), 0, 0,
                                   float(eps), gemv.MAGIC, TOP_K=k, GATED=_ACTS[act], HAS_RES=False,
                                   BLOCK_N=block_n, num_warps=4, **flags)
@@ -536,7 +475,7 @@ def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: 
     tiles = triton.cdiv(h, block_n)
     if t * tiles > buffers.tickets.numel() or buffers.partials.numel() < t * k * h:
         raise ValueError(f"decode buffers too small for the word down at block_n {block_n}")
-    ptrs, flags = _word_flags(w.down, gated=False)
+    ptrs, flags = _word_flags(w.down, gated=False, block_n=block_n)
     _expert_word_kernel[(t * k, tiles)](ff, ff, ids, wts, *ptrs, x, out, buffers.partials, buffers.tickets,
                                         h, f, f, x.stride(0), out.stride(0), 0.0, gemv.MAGIC, TOP_K=k, GATED=0,
                                         HAS_RES=has_res, BLOCK_N=block_n, num_warps=4, **flags)
