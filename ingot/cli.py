@@ -307,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve one model over OpenAI's HTTP API: POST /v1/chat/completions and "
                                    "/v1/completions (streamed as server-sent events with \"stream\": true), "
                                    "GET /v1/models, GET /health and GET /metrics (Prometheus). Requests are batched "
-                                   "continuously over a paged KV cache with prefix caching (on the reference "
-                                   "backend; the CUDA backend runs them one at a time so far); the clients' model "
-                                   "name is MODEL as given here. SIGTERM lets running requests finish, then exits; "
+                                   "continuously over a paged KV cache with prefix caching (--max-batch 1: one "
+                                   "at a time, through the CUDA backend's single-stream decode graphs); the "
+                                   "clients' model name is MODEL as given here. SIGTERM lets running requests finish, then exits; "
                                    "Ctrl-C too.",
                        epilog="Try: ingot serve smollm2-135m, then point an OpenAI client at "
                               "http://127.0.0.1:8080/v1 (any API key unless --api-key is set).")
@@ -335,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV cache size in blocks of 16 positions (default: room for --max-batch full contexts)")
     kv.add_argument("--kv-cache-gb", type=float, default=None, metavar="G",
                     help="KV cache size in GiB, instead of --kv-blocks")
+    p.add_argument("--step-tokens", type=int, default=512, metavar="N",
+                   help="tokens one batched step may carry: a token for each running request, then chunks of "
+                        "waiting prompts (default 512); more lets several prompts start in one step, at the cost "
+                        "of that step's delay to the running streams")
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of a prompt prefix seen before, e.g. a repeated system prompt "
                         "(default: on)")

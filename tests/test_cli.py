@@ -87,7 +87,8 @@ def test_error_has_no_traceback(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--max-queue", "0"], ["--request-timeout", "0"], ["--port", "70000"],
-                                   ["--max-batch", "0"], ["--kv-blocks", "0"], ["--kv-cache-gb", "-2"]])
+                                   ["--max-batch", "0"], ["--kv-blocks", "0"], ["--kv-cache-gb", "-2"],
+                                   ["--step-tokens", "0"]])
 def test_serve_refuses_bad_settings_before_loading(flags, capsys):
     assert main(["serve", "no-such-model", *flags]) == 1
     assert flags[0] in capsys.readouterr().err

@@ -88,6 +88,22 @@ def test_concurrent_greedy_requests_batch_and_equal_each_alone(server, smollm2, 
     assert blocks_used(server) == 0
 
 
+def test_a_small_step_budget_spreads_prompts_over_steps_and_gives_the_same_text(smollm2):
+    """--step-tokens 4: every prompt is prefilled 4 tokens (less the running decodes) a step, next to the
+    other requests' decode rows, and each request still returns what it returns alone."""
+    running = _Running(create_app(smollm2, MODEL_ID, max_batch=4, kv_blocks=64, step_tokens=4))
+    try:
+        prompts = PROMPTS[:4]
+        alone = [smollm2.generate(p, max_tokens=3) for p in prompts]
+        results = concurrently(running, [{"model": MODEL_ID, "prompt": p, "max_tokens": 3, "temperature": 0}
+                                         for p in prompts])
+        assert [r.status_code for r in results] == [200] * len(prompts)
+        assert [r.json()["choices"][0]["text"] for r in results] == alone
+        assert running.app.state.engine.scheduler.step_tokens == 4
+    finally:
+        running.stop()
+
+
 def test_each_sequence_samples_with_its_own_parameters(server, smollm2):
     """Seeded sampling, penalties and stop strings, different for each request of one batch, give what
     each gives alone."""
@@ -236,6 +252,7 @@ def test_fuzz_leaves_the_server_up_and_every_block_free(small_server, batch):
     (dict(kv_cache_gb=-1.0), "must be positive"),
     (dict(kv_blocks=64, kv_cache_gb=1.0), "not both"),
     (dict(max_batch=0), "at least 1"),
+    (dict(step_tokens=0), "--step-tokens must be at least 1"),
 ])
 def test_bad_kv_cache_sizes_are_refused_at_start(smollm2, kw, message):
     with pytest.raises(IngotError, match=message):

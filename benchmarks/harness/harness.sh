@@ -172,14 +172,16 @@ run_model() {  # key quants...
 }
 
 SERVE_STREAMS=${SERVE_STREAMS:-1 8 32}
-# SERVE_ENGINES=ingot SERVE_TAG=parts1 INGOT_PAGED_PARTS=1 ... serve: an A/B row, labelled ingot-parts1
-SERVE_ENGINES=${SERVE_ENGINES:-ingot llama.cpp} SERVE_TAG=${SERVE_TAG:-}
+# SERVE_ENGINES=ingot SERVE_TAG=parts1 INGOT_PAGED_PARTS=1 ... serve: an A/B row, labelled ingot-parts1;
+# SERVE_ARGS="--step-tokens 2048" adds flags to `ingot serve` (label it with SERVE_TAG too)
+SERVE_ENGINES=${SERVE_ENGINES:-ingot llama.cpp} SERVE_TAG=${SERVE_TAG:-} SERVE_ARGS=${SERVE_ARGS:-}
 SERVE_CTX=${SERVE_CTX:-1024}  # per sequence: a 512-token prompt and its 128-token answer fit
 # One server on one GGUF: start it, wait until it answers, load it, stop it; rows go to $OUT/serve.csv.
 serve_one() {  # engine key gguf label
   local port=8090 log=$RAW/serve-$4-$2.log pid up=""
   if [ "$1" = ingot ]; then
-    $PY -m ingot.cli serve "$3" --port "$port" --max-batch 32 -c "$SERVE_CTX" > "$log" 2>&1 &
+    # shellcheck disable=SC2086
+    $PY -m ingot.cli serve "$3" --port "$port" --max-batch 32 -c "$SERVE_CTX" $SERVE_ARGS > "$log" 2>&1 &
   else
     "$LLAMA_BIN/llama-server" -m "$3" --port "$port" -np 32 -cb -c $((32 * SERVE_CTX)) -ngl 99 -fa on \
       -ctk f16 -ctv f16 > "$log" 2>&1 &

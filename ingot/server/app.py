@@ -42,7 +42,8 @@ OPEN_PATHS = {"/health"}  # answered without the API key, so a supervisor can pr
 def create_app(model, model_id: str, api_key: str | None = None, max_queue: int = 64,
                request_timeout: float = 600.0, **batching) -> Starlette:
     """The app serving `model` under the name `model_id`. It owns a worker thread, ended at shutdown.
-    batching: max_batch, kv_blocks or kv_cache_gb, prefix_cache, for backends that run batched steps."""
+    batching: max_batch, kv_blocks or kv_cache_gb, prefix_cache, step_tokens, for backends that run batched
+    steps."""
     api = _API(make_engine(model, max_queue, request_timeout, **batching), model_id)
 
     @contextlib.asynccontextmanager

@@ -378,6 +378,8 @@ class BatchEngine(Engine):
         backend, context = model.backend, model.max_context
         if max_batch < 1:
             raise IngotError(f"--max-batch must be at least 1, got {max_batch}")
+        if step_tokens < 1:
+            raise IngotError(f"--step-tokens must be at least 1, got {step_tokens}")
         if kv_blocks is not None and kv_cache_gb is not None:
             raise IngotError("give --kv-blocks or --kv-cache-gb, not both")
         if kv_cache_gb is not None:

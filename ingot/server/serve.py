@@ -28,6 +28,8 @@ def serve(args) -> int:
         raise IngotError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_batch < 1:
         raise IngotError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.step_tokens < 1:
+        raise IngotError(f"--step-tokens must be at least 1, got {args.step_tokens}")
     if args.kv_blocks is not None and args.kv_blocks < 1:
         raise IngotError(f"--kv-blocks must be at least 1, got {args.kv_blocks}")
     if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
@@ -35,7 +37,7 @@ def serve(args) -> int:
     model = ingot.load(args.model, device=args.device, max_context=args.ctx)
     app = create_app(model, args.model, api_key=args.api_key, max_queue=args.max_queue,
                      request_timeout=args.request_timeout, max_batch=args.max_batch, kv_blocks=args.kv_blocks,
-                     kv_cache_gb=args.kv_cache_gb, prefix_cache=args.prefix_cache)
+                     kv_cache_gb=args.kv_cache_gb, prefix_cache=args.prefix_cache, step_tokens=args.step_tokens)
     engine = app.state.engine
     host = f"[{args.host}]" if ":" in args.host else args.host
     if hasattr(engine, "blocks"):
