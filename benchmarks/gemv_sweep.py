@@ -5,8 +5,8 @@
 For each model shape x kind (q4-sym, q4-affine, q8-sym; group 32) it times the old byte kernel with its old
 heuristic (the baseline), plan()'s current pick, and a set of word-kernel candidates (unpack form, BLOCK_N,
 num_warps, K split). Every candidate's output is first checked against x @ w.dequantize().T in fp32 (rel err
-< 1e-4; 2e-3 for unpack 2's fp16 products); a failing one is reported and not timed. Times are medians of CUDA-graph replays of back-to-back
-launches over rotated weight copies (>= 160 MB in all, so the 50 MB L2 cannot hold them), as in
+< 1e-4; 2e-3 for unpack 2's fp16 products); a failing one is reported and not timed. Times are medians of
+CUDA-graph replays of back-to-back launches over rotated weight copies (>= 160 MB in all, so the 50 MB L2 cannot hold them), as in
 benchmarks/kernel_bench.py. GB/s = packed weight bytes / time, also as a share of the measured copy bandwidth.
 Prints the best config per shape/kind and writes DIR/gemv_sweep.csv (every candidate) and
 DIR/gemv_sweep_best.csv. Past --budget-s seconds only the baseline and plan() are timed for the remaining shapes.

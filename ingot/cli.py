@@ -309,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "GET /v1/models, GET /health and GET /metrics (Prometheus). Requests are batched "
                                    "continuously over a paged KV cache with prefix caching (--max-batch 1: one "
                                    "at a time, through the CUDA backend's single-stream decode graphs); the "
-                                   "clients' model name is MODEL as given here. SIGTERM lets running requests finish, then exits; "
-                                   "Ctrl-C too.",
+                                   "clients' model name is MODEL as given here. SIGTERM lets running requests "
+                                   "finish, then exits; Ctrl-C too.",
                        epilog="Try: ingot serve smollm2-135m, then point an OpenAI client at "
                               "http://127.0.0.1:8080/v1 (any API key unless --api-key is set).")
     p.add_argument("model", metavar="MODEL",

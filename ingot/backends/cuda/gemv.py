@@ -417,29 +417,27 @@ def _weight_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, r_off, k0, k_end, K, WIDT
                   EVEN: tl.constexpr):
     """Weight rows rows64 + r_off at the K step from k0: int32 words [groups, rows, words of a group] and
     fp32 scales and mins [groups, rows] (mins: the scales again without them). Past k_end: all masked.
-    EVEN (every row in range, the step whole and inside the matrix): no masks, so no zero-filled registers."""
+    EVEN (every row in range, the step whole and inside the matrix): constant masks, which fold away, so no
+    zero-filled registers."""
     EPW: tl.constexpr = 32 // WIDTH
     gi = tl.arange(0, NG)
     wi = tl.arange(0, WPG)
-    g_ok = k0 + gi * GROUP < k_end
+    if EVEN:
+        row_ok = tl.full(row_ok.shape, 1, tl.int1)
+        g_ok = tl.full((NG,), 1, tl.int1)
+    else:
+        g_ok = k0 + gi * GROUP < k_end
     w_ok = tl.broadcast_to(g_ok[:, None], (NG, WPG))  # constant along a group's words: no split vectors
     words_per_row = tl.multiple_of(K // EPW, WPG)
     wrow = qw_ptr + (rows64 + r_off) * words_per_row + tl.multiple_of(k0 // EPW, WPG)
-    w_ptrs = wrow[None, :, None] + (gi[:, None] * WPG + wi[None, :])[:, None, :]
+    wd = tl.load(wrow[None, :, None] + (gi[:, None] * WPG + wi[None, :])[:, None, :],
+                 mask=row_ok[None, :, None] & w_ok[:, None, :], other=0)
     s_off = (rows64 + r_off)[None, :] * (K // GROUP) + (k0 // GROUP + gi)[:, None]
-    if EVEN:
-        wd = tl.load(w_ptrs)
-        s = tl.load(s_ptr + s_off).to(tl.float32)
-        mn = s
-        if HAS_MIN:
-            mn = tl.load(m_ptr + s_off).to(tl.float32)
-    else:
-        wd = tl.load(w_ptrs, mask=row_ok[None, :, None] & w_ok[:, None, :], other=0)
-        s_ok = row_ok[None, :] & g_ok[:, None]
-        s = tl.load(s_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
-        mn = s
-        if HAS_MIN:
-            mn = tl.load(m_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
+    s_ok = row_ok[None, :] & g_ok[:, None]
+    s = tl.load(s_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
+    mn = s
+    if HAS_MIN:
+        mn = tl.load(m_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
     return wd, s, mn
 
 
@@ -841,6 +839,12 @@ def _split_for(cfg: GemvConfig, n_out: int, k: int, programs: int) -> GemvConfig
     return dataclasses.replace(cfg, split=triton.cdiv(k_tiles, triton.cdiv(k_tiles, split)))
 
 
+def whole_tiles(n_out: int, k: int, block_n: int, block_k: int) -> bool:
+    """Whether a word kernel's tiles cover n_out x k exactly (its EVEN: no masks). K splits stay whole, as
+    _k_split makes each a multiple of block_k."""
+    return n_out % block_n == 0 and k % block_k == 0
+
+
 def _k_split(k: int, cfg: GemvConfig) -> int:
     return triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split) * cfg.block_k
 
@@ -931,9 +935,8 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
             if cfg.unpack == 2 and w.kind != "q4":
                 raise ValueError(f"the word kernel's fp16 pairs (unpack 2) take q4 weights, not {w.kind}")
             pairs = X_PAIRS and _pairs_ok(x) and (norm_weight is None or _pairs_ok(norm_weight))
-            even = n_out % cfg.block_n == 0 and k % cfg.block_k == 0  # k_split is a multiple of block_k
-            kernel, extra_args, extra = _gemv_word_kernel, (MAGIC,), dict(UNPACK=cfg.unpack, X_PAIRS=pairs,
-                                                                          EVEN=even)
+            kernel, extra_args, extra = _gemv_word_kernel, (MAGIC,), dict(
+                UNPACK=cfg.unpack, X_PAIRS=pairs, EVEN=whole_tiles(n_out, k, cfg.block_n, cfg.block_k))
         else:
             kernel, extra_args, extra = _gemv_dp4a_kernel, (), {}
         # inline PTX only on a GPU; the interpreter runs the same arithmetic in plain ops

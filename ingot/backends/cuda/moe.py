@@ -357,9 +357,9 @@ def _word_flags(w: PackedLinear, gated: bool, block_n: int) -> tuple[tuple, dict
     block_k = gemv._plan_word(n_out, w.k, w.kind, w.group, gated).block_k
     assert block_k % w.group == 0 and w.qweight.is_contiguous()
     ptrs = (w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales)
-    even = n_out % block_n == 0 and w.k % block_k == 0
     return ptrs, dict(WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
-                      SIGNED=w.qweight.dtype == torch.int8, UNPACK=1, EVEN=even, BLOCK_K=block_k)
+                      SIGNED=w.qweight.dtype == torch.int8, UNPACK=1,
+                      EVEN=gemv.whole_tiles(n_out, w.k, block_n, block_k), BLOCK_K=block_k)
 
 
 def _gemv_flags(w: PackedLinear, max_block_k: int = 1024) -> tuple[tuple, dict]:
