@@ -123,7 +123,8 @@ case "$mode" in
           for t in "${trees[@]}"; do variants+=("$(basename "$t")|PYTHONPATH=$t:$PYTHONPATH"); done
           for e in ${TREE_ENVS:-}; do variants+=("$e|$e"); done
           for v in "${variants[@]}"; do
-            env "${v#*|}" $PY benchmarks/step_time.py "$f" --tag "${v%%|*}" 2>>"$OUT/bench.err" | tee -a "$OUT/trees.txt"
+            env "${v#*|}" $PY benchmarks/step_time.py "$f" --tag "${v%%|*}" 2>>"$OUT/bench.err" \
+              | tee -a "$OUT/trees.txt"
           done
         done
       done

@@ -12,8 +12,8 @@ before spending device time on them (e.g. `git archive BRANCH ingot | tar -x -C 
 
 from __future__ import annotations
 
-import os
 import collections
+import os
 import re
 import subprocess
 import sys
