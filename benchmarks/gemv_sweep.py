@@ -33,6 +33,8 @@ SHAPES = {  # name: (N, K, gated)
     "llama1b.qkv": (3072, 2048, False), "llama1b.o": (2048, 2048, False),
     "llama1b.gate_up": (16384, 2048, True), "llama1b.down": (2048, 8192, False),
     "llama1b.lm_head": (128256, 2048, False),
+    "llama3b.qkv": (5120, 3072, False), "llama3b.o": (3072, 3072, False),
+    "llama3b.gate_up": (16384, 3072, True), "llama3b.down": (3072, 8192, False),
     "qwen8b.qkv": (6144, 4096, False), "qwen8b.o": (4096, 4096, False),
     "qwen8b.gate_up": (24576, 4096, True), "qwen8b.down": (4096, 12288, False),
     "qwen8b.lm_head": (151936, 4096, False),

@@ -3,11 +3,17 @@ torch profiler), the replay time of the captured step graph alone, and the whole
 runs it (graph + host work + the token's copy to the host). With --prefill N, first the GPU time per kernel
 family of one N-token prefill chunk (as the runner runs it: the chunk's graph, when it has one).
 
-    python3 benchmarks/profile_decode.py MODEL.gguf [--steps 32] [--prefill 512]"""
+With --launches, also every kernel of one decode step in launch order (grid, duration, gap since the
+previous kernel ended; negative = overlapped, as PDL allows), eager and inside the replayed graph.
+
+    python3 benchmarks/profile_decode.py MODEL.gguf [--steps 32] [--prefill 512] [--launches]"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import tempfile
 import time
 from collections import defaultdict
 
@@ -30,11 +36,32 @@ def kernel_table(prof, runs: int, title: str, unit: str) -> None:
         print(f"  {us / runs:8.1f} {unit}  {count // runs:4d}x  {name[:90]}")
 
 
+def launch_table(prof, title: str) -> None:
+    """Each kernel of the profiled step in order: start offset, duration, gap after the previous one, grid."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
+    events.sort(key=lambda e: e["ts"])
+    if not events:
+        print(f"{title}: the profiler saw no kernels")
+        return
+    t0, prev_end = events[0]["ts"], events[0]["ts"]
+    print(f"{title}: {len(events)} kernels, {events[-1]['ts'] + events[-1]['dur'] - t0:.1f} us first start to last end")
+    print("     start      dur      gap  grid            kernel")
+    for e in events:
+        grid = "x".join(str(g) for g in e.get("args", {}).get("grid", []))
+        print(f"  {e['ts'] - t0:8.1f} {e['dur']:8.1f} {e['ts'] - prev_end:8.1f}  {grid:15s} {e['name'][:60]}")
+        prev_end = max(prev_end, e["ts"] + e["dur"])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=0, metavar="N", help="also profile an N-token prefill")
+    ap.add_argument("--launches", action="store_true", help="also list one step's kernels in launch order")
     args = ap.parse_args()
     m = ingot.load(args.model, device="cuda", max_context=max(1024, args.prefill + 64), progress=False)
     b = m.backend
@@ -60,6 +87,11 @@ def main():
             m.runner.decode(200 + t)
         torch.cuda.synchronize()
     kernel_table(prof, args.steps, "GPU kernel time per step", "us/step")
+    if args.launches:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            m.runner.decode(300)
+            torch.cuda.synchronize()
+        launch_table(prof, "one eager step")
 
     # 2. graph replay alone
     b.use_graph = True
@@ -68,6 +100,11 @@ def main():
     m.runner.decode(6)
     torch.cuda.synchronize()
     print(f"graph replay alone: {replay_us(b._graphs[1], args.steps, trials=1):.1f} us/step")
+    if args.launches:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            b._graphs[1].replay()
+            torch.cuda.synchronize()
+        launch_table(prof, "one graph replay")
 
     # 3. the generator's loop
     ids = list(range(100, 108))
