@@ -30,6 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 CASES = [
     ("q4 qkv (norm)", dict(WIDTH=4, HAS_NORM=True, GATED=0, HAS_RES=False, BLOCK_N=128, BLOCK_K=256)),
     ("q4 gate_up (norm, silu)", dict(WIDTH=4, HAS_NORM=True, GATED=1, HAS_RES=False, BLOCK_N=64, BLOCK_K=256)),
+    ("q4 gate_up (silu, no norm)", dict(WIDTH=4, HAS_NORM=False, GATED=1, HAS_RES=False, BLOCK_N=64, BLOCK_K=256)),
     ("q4 down (residual)", dict(WIDTH=4, HAS_NORM=False, GATED=0, HAS_RES=True, BLOCK_N=128, BLOCK_K=256)),
     ("q8 gate_up (norm, silu)", dict(WIDTH=8, HAS_NORM=True, GATED=1, HAS_RES=False, BLOCK_N=128, BLOCK_K=128)),
     ("q8 down (residual)", dict(WIDTH=8, HAS_NORM=False, GATED=0, HAS_RES=True, BLOCK_N=128, BLOCK_K=128)),
