@@ -335,9 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV cache size in blocks of 16 positions (default: room for --max-batch full contexts)")
     kv.add_argument("--kv-cache-gb", type=float, default=None, metavar="G",
                     help="KV cache size in GiB, instead of --kv-blocks")
-    p.add_argument("--step-tokens", type=int, default=512, metavar="N",
+    p.add_argument("--step-tokens", type=int, default=2048, metavar="N",
                    help="tokens one batched step may carry: a token for each running request, then chunks of "
-                        "waiting prompts (default 512); more lets several prompts start in one step, at the cost "
+                        "waiting prompts (default 2048); more lets more prompts start in one step, at the cost "
                         "of that step's delay to the running streams")
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of a prompt prefix seen before, e.g. a repeated system prompt "
