@@ -30,12 +30,16 @@ from triton.compiler import ASTSource  # noqa: E402
 CASES = [
     ("q4 qkv (norm)", dict(WIDTH=4, HAS_NORM=True, GATED=0, HAS_RES=False, BLOCK_N=128, BLOCK_K=256)),
     ("q4 gate_up (norm, silu)", dict(WIDTH=4, HAS_NORM=True, GATED=1, HAS_RES=False, BLOCK_N=64, BLOCK_K=256)),
-    ("q4 gate_up (silu, no norm)", dict(WIDTH=4, HAS_NORM=False, GATED=1, HAS_RES=False, BLOCK_N=64, BLOCK_K=256)),
+    ("q4 gate_up (norm handed in)", dict(WIDTH=4, HAS_NORM=False, NORMED=True, GATED=1, HAS_RES=False, BLOCK_N=64,
+                                         BLOCK_K=256)),
     ("q4 down (residual)", dict(WIDTH=4, HAS_NORM=False, GATED=0, HAS_RES=True, BLOCK_N=128, BLOCK_K=256)),
+    ("q4 down (norm handed on)", dict(WIDTH=4, HAS_NORM=False, GATED=0, HAS_RES=True, NORM_OUT=True, BLOCK_N=128,
+                                      BLOCK_K=256)),
     ("q8 gate_up (norm, silu)", dict(WIDTH=8, HAS_NORM=True, GATED=1, HAS_RES=False, BLOCK_N=128, BLOCK_K=128)),
     ("q8 down (residual)", dict(WIDTH=8, HAS_NORM=False, GATED=0, HAS_RES=True, BLOCK_N=128, BLOCK_K=128)),
 ]
-COMMON = dict(GROUP=32, HAS_MIN=False, SPLIT=True, PDL=True, EARLY=True, X_PAIRS=True)  # SIGNED: q8 (int8)
+COMMON = dict(GROUP=32, HAS_MIN=False, SPLIT=True, PDL=True, EARLY=True, X_PAIRS=True, NORMED=False, NORM_OUT=False,
+              PARTS_BLOCK=32)  # SIGNED: q8 (int8)
 # moe._expert_word_kernel (INGOT_MOE_DECODE=word) at Qwen3-30B-A3B's decode, its default block_n
 MOE_CASES = [
     ("q4 experts gate_up (silu)", dict(WIDTH=4, GATED=1, HAS_RES=False, BLOCK_N=32, BLOCK_K=256)),
@@ -102,11 +106,11 @@ def main():
         sys.path.insert(0, os.path.abspath(sys.argv[1]))
     from ingot.backends.cuda import gemv, moe
 
-    print(f"{'kernel':7s} {'case':26s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s} {'programs/SM':>12s}  main loop")
+    print(f"{'kernel':7s} {'case':28s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s} {'programs/SM':>12s}  main loop")
 
     def row(label, name, kernel, c):
         regs, spills, smem, mix = resources(kernel, c)
-        print(f"{label:7s} {name:26s} {regs:5d} {spills:8d} {smem:7d} {65536 // (128 * regs):12d}  {mix}", flush=True)
+        print(f"{label:7s} {name:28s} {regs:5d} {spills:8d} {smem:7d} {65536 // (128 * regs):12d}  {mix}", flush=True)
 
     for name, case in CASES:
         for label, kernel, extra in (("word", gemv._gemv_word_kernel, dict(UNPACK=1, ASM=True, EVEN=True)),

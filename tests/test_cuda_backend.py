@@ -143,15 +143,18 @@ def test_graph_prefill_equals_eager(family, tmp_path):
     assert set(m.backend._prefill_graphs) == {16, 32, 64, 128, 256, 384, 512}
 
 
-def test_split_k_decode_matches_full_forward(tmp_path):
+@pytest.mark.parametrize("family,quant,layers", [("llama", "q8", 1), ("qwen3", "q4", 2)])
+def test_split_k_decode_matches_full_forward(family, quant, layers, tmp_path):
     """Decode steps whose GEMVs split K (wider than the tiny models: every projection splits, with different
     column-tile counts sharing one workspace) give the logits of a full-sequence forward of the same tokens.
-    Until 48a62dc a call could find the previous call's partial sums where its ticket counters sit."""
+    Until 48a62dc a call could find the previous call's partial sums where its ticket counters sit. The
+    decode steps hand each residual row on pre-normed (o and down to gate_up, the next qkv and lm_head)."""
     from tests.conftest import KERNEL_DEVICE
 
-    save_hf(make_hf_model("llama", hidden_size=512, intermediate_size=1536, num_attention_heads=8,
-                          num_key_value_heads=2, head_dim=64, num_hidden_layers=1), tmp_path)
-    m = ingot.load(tmp_path, device=KERNEL_DEVICE, backend="cuda", max_context=32, quant="q8")
+    save_hf(make_hf_model(family, hidden_size=512, intermediate_size=1536, num_attention_heads=8,
+                          num_key_value_heads=2, head_dim=64, num_hidden_layers=layers), tmp_path)
+    m = ingot.load(tmp_path, device=KERNEL_DEVICE, backend="cuda", max_context=32, quant=quant)
+    assert m.backend._handoff
     ids = torch.randint(0, m.spec.vocab_size, (14,), generator=torch.Generator().manual_seed(1)).tolist()
     full = m.runner.forward_all(ids).clone()
     m.runner.tokens = []

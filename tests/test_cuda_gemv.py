@@ -248,6 +248,41 @@ def test_word_kernel_fused_gated(x_dtype, gen, kernel_device):
         check(out, expected(x, w, nw, 1e-5, res, "silu"), 2e-3)
 
 
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("kind,mins", [("q4", False), ("q8", False), ("q4", True)])
+def test_word_norm_handoff(kind, mins, split, gen, kernel_device):
+    """A residual call hands its row on pre-normed (norm_out: x * weight and per-tile sums of squares), and
+    the next call (norm_parts) equals the same call normalizing x itself; odd N (a partial last tile), plain
+    and gated consumers, whole and split K on both sides."""
+    hidden, k_in, n2 = 224, 256, 2 * 48
+    w1 = packed(gen, kind, hidden, k_in, 32, mins)  # the producer: a [hidden, k_in] residual projection
+    w2 = packed(gen, kind, n2, hidden, 32, mins)  # the consumer
+    a = torch.randn(1, k_in, generator=gen)
+    res = torch.randn(1, hidden, generator=gen) * 2
+    nw = torch.rand(hidden, generator=gen) + 0.5
+    dev = kernel_device
+    block_k = 256 if kind == "q4" else 128
+    cfg1 = GemvConfig(1, 64, block_k, split, kernel="word")
+    x = res.to(dev).clone()
+    hand = gemv.NormOut(nw.to(dev), poison(1, hidden, dev), torch.full((8,), float("nan"), device=dev))
+    ws = torch.zeros(1 << 14, device=dev)
+    linear(a.to(dev), to(w1, dev), residual=x, out=x, workspace=ws, config=cfg1, norm_out=hand)
+    x_ref = expected(a, w1, residual=res)
+    check(x, x_ref)
+    parts = gemv.norm_parts(w1, 1, cfg1)
+    assert parts == 4
+    check(hand.xn, x_ref * nw)
+    assert torch.allclose(hand.ss[:parts].sum().cpu(), (x_ref**2).sum(), rtol=1e-5)
+    for gated in (None, "silu"):
+        cfg2 = GemvConfig(1, 16, 64 if kind == "q4" else 32, split, kernel="word")
+        n_out = n2 // 2 if gated else n2
+        got = linear(hand.xn, to(w2, dev), out=poison(1, n_out, dev), norm_parts=hand.ss[:parts], eps=1e-5,
+                     gated=gated, workspace=ws, config=cfg2)
+        check(got, expected(x_ref, w2, nw, 1e-5, gated=gated), 1e-4)
+    with pytest.raises(ValueError, match="norm_weight or norm_parts"):
+        linear(hand.xn, to(w2, dev), norm_weight=nw.to(dev), norm_parts=hand.ss[:parts], config=cfg2)
+
+
 def test_plan_word():
     for n, k, kind in ((3072, 2048, "q4"), (128256, 2048, "q4"), (4096, 12288, "q8")):
         c = plan(n, k, 1, kind, 32, False)

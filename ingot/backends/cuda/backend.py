@@ -70,6 +70,23 @@ def _rope_slot(table: list[int], p: int, block_size: int) -> int:
     return table[p // block_size] - p // block_size
 
 
+def _normed_lin(lin, x, w, norm_weight, normed, eps, **kw):
+    """lin on rms_norm(x, norm_weight): from x's pre-normed handoff (xn, sums of squares) when there is one."""
+    if normed is not None:
+        return lin(normed[0], w, norm_parts=normed[1], eps=eps, **kw)
+    return lin(x, w, norm_weight=norm_weight, eps=eps, **kw)
+
+
+def _residual_lin(lin, a, w, x, hand_to: "gemv.NormOut | None"):
+    """x += a @ w^T in place; with hand_to, x is also handed on pre-normed there: returns the handoff
+    (xn, its sums of squares) for _normed_lin, else None."""
+    if hand_to is None:
+        lin(a, w, residual=x, out=x)
+        return None
+    lin(a, w, residual=x, out=x, norm_out=hand_to)
+    return hand_to.xn, hand_to.ss[: gemv.norm_parts(w)]
+
+
 def _linear_for(rows: int, s: "DecodeState | None" = None):
     """The projection kernel for `rows` activation rows: the GEMV (split-K workspace from the decode state,
     so a captured step never allocates) up to DECODE_ROWS, the tensor-core GEMM above."""
@@ -138,6 +155,9 @@ class DecodeState:
         for name, t in self.rows.items():
             setattr(self, name, t)
         self.logits = torch.zeros(batch, weights.lm_head.n, **f32)
+        # x handed from one projection to the next pre-normed (gemv.NormOut): x * norm weight, sums of squares
+        self.xn = torch.zeros(batch, spec.hidden_size, **f32)
+        self.norm_ss = torch.zeros(gemv.SPLIT_COUNTERS, **f32)
         # Greedy decoding picks the next tokens inside the graph: one small copy to the host per step.
         self.next_ids = torch.zeros(batch, device=device, dtype=torch.int64)
         self.argmax_ws = sampling.argmax_workspace(batch, weights.lm_head.n, device)
@@ -154,7 +174,8 @@ class DecodeState:
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def _tensors(self):
-        yield from (self.step_in, *self.rows.values(), self.logits, self.next_ids, self.workspace, *self.argmax_ws)
+        yield from (self.step_in, *self.rows.values(), self.logits, self.xn, self.norm_ss, self.next_ids,
+                    self.workspace, *self.argmax_ws)
         yield from self.moe.tensors() if self.moe else ()
         yield from (t for sc in self.scratch.values() for t in sc if isinstance(t, torch.Tensor))
 
@@ -257,6 +278,13 @@ class CudaBackend:
         self._paged_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._paged_cache: PagedKVCache | None = None  # the cache those graphs read
         self.shapes = layout.attn_shapes(spec)
+        # One-row decode steps hand each residual row to the next projection pre-normed (gemv.NormOut) where
+        # every projection runs the word kernel and the norms sit between them (no sandwich norms, experts or
+        # per-layer inputs).
+        self._handoff = (not spec.sandwich_norm and not spec.per_layer_dim and gemv.handoff_ok(weights.lm_head, 1)
+                         and all(lw.gate_up is not None and not lw.moe
+                                 and all(gemv.handoff_ok(p, 1) for p in (lw.qkv, lw.o, lw.gate_up, lw.down))
+                                 for lw in weights.layers))
         if spec.layer_scale and not spec.sandwich_norm:  # the scale rides on a sandwich norm's residual add
             raise UnsupportedError(f"{spec.arch}: a layer output scale without sandwich norms is not supported")
 
@@ -280,7 +308,7 @@ class CudaBackend:
         """Every transformer block on activation rows x (fp32 [rows, hidden]) of tokens ids, updating x in
         place. Decode (s a DecodeState): seq_lens [B]. Prefill: seq_lens is the chunk's span (start, count) on
         the device, s its static buffers (a prefill view) or None to allocate temporaries, `slot` its cache
-        slot."""
+        slot. Returns _blocks' handoff of the final x."""
         spec = self.spec
         hq = spec.n_heads
 
@@ -314,9 +342,14 @@ class CudaBackend:
     def _blocks(self, x, ids, rows: int, s, attend):
         """The transformer blocks on x (fp32 [rows, hidden]) in place; attend(i, layer, lw, qkv) stores layer
         i's keys and values from the fused qkv rows and returns the attention output [rows, Hq, D]. s: the
-        static buffers of a decode step or prefill view, or None to allocate temporaries."""
+        static buffers of a decode step or prefill view, or None to allocate temporaries. Returns the final x
+        handed on normed by the output norm (_residual_lin), or None."""
         spec, eps = self.spec, self.spec.norm_eps
         decode = isinstance(s, DecodeState)
+        hand = decode and rows == 1 and rows <= DECODE_ROWS and self._handoff
+
+        def hand_to(norm_weight):
+            return gemv.NormOut(norm_weight, s.xn, s.norm_ss) if hand else None
         workspace = s.workspace if s is not None else None
         if rows <= DECODE_ROWS:
             lin = functools.partial(gemv.linear, workspace=workspace)
@@ -333,32 +366,36 @@ class CudaBackend:
 
         per_layer = self._per_layer_inputs(ids, x, lin, buf) if spec.per_layer_dim else None
         hidden = spec.hidden_size
+        normed = None
         for i, (layer, lw) in enumerate(zip(spec.layers, self.w.layers)):
-            qkv = lin(x, lw.qkv, norm_weight=lw.attn_norm, eps=eps, out=buf("qkv", lw.qkv.n))
+            qkv = _normed_lin(lin, x, lw.qkv, lw.attn_norm, normed, eps, out=buf("qkv", lw.qkv.n))
             a = attend(i, layer, lw, qkv).flatten(1)
             if spec.sandwich_norm:
                 norm.add_rms_norm(x, lin(a, lw.o, out=buf("h", hidden)), lw.post_attn_norm, eps)
             else:
-                lin(a, lw.o, residual=x, out=x)
+                normed = _residual_lin(lin, a, lw.o, x, hand_to(lw.ffn_norm))
+            next_norm = self.w.layers[i + 1].attn_norm if i + 1 < len(spec.layers) else self.w.output_norm
             # the layer output scale rides on the layer's last residual add
-            self._ffn(x, lw, lin, buf, s.moe if decode else None, lw.layer_scale if per_layer is None else None)
+            normed = self._ffn(x, lw, lin, buf, s.moe if decode else None,
+                               lw.layer_scale if per_layer is None else None, normed, hand_to(next_norm))
             if per_layer is not None:
                 p = spec.per_layer_dim
                 g = gemma4_ops.gelu_gate(lin(x, lw.inp_gate, out=buf("ple_gate", p)), per_layer[:, i * p:(i + 1) * p])
                 norm.add_rms_norm(x, lin(g, lw.proj, out=buf("h", hidden)), lw.post_norm, eps, scale=lw.layer_scale)
-        return x
+        return normed
 
-    def _ffn(self, x, lw, lin, buf, moe_buffers, scale):
-        """The MLP, the experts, or both side by side (Gemma 4), added to x in place (then x *= scale)."""
+    def _ffn(self, x, lw, lin, buf, moe_buffers, scale, normed=None, hand_to=None):
+        """The MLP, the experts, or both side by side (Gemma 4), added to x in place (then x *= scale).
+        normed: x handed on pre-normed by ffn_norm (_normed_lin); hand_to: where to hand the new x on
+        (_residual_lin). Returns the new x's handoff, or None."""
         spec, eps = self.spec, self.spec.norm_eps
         act = "silu" if spec.activation == "silu" else "gelu_tanh"
         if lw.gate_up is None:  # experts alone (Qwen3-MoE): they add to x themselves
             moe.block(x, lw.moe, lw.ffn_norm, eps, act, moe_buffers)
-            return
-        ff = lin(x, lw.gate_up, norm_weight=lw.ffn_norm, eps=eps, gated=act, out=buf("ff", lw.gate_up.n // 2))
+            return None
+        ff = _normed_lin(lin, x, lw.gate_up, lw.ffn_norm, normed, eps, gated=act, out=buf("ff", lw.gate_up.n // 2))
         if not spec.sandwich_norm:
-            lin(ff, lw.down, residual=x, out=x)
-            return
+            return _residual_lin(lin, ff, lw.down, x, hand_to)
         h = lin(ff, lw.down, out=buf("h", spec.hidden_size))
         if lw.moe:  # the dense output and the experts' (on their own input norm), each normed, then summed
             mix = norm.rms_norm(h, lw.post_ffn_norm_1, eps, out=buf("mix", spec.hidden_size))
@@ -375,9 +412,10 @@ class CudaBackend:
         proj = lin(x, w.per_layer_proj, out=buf("ple_proj", width))
         return gemma4_ops.per_layer_inputs(proj, own, w.per_layer_norm, spec.norm_eps, spec.hidden_size**-0.5)
 
-    def _logits(self, x, lin, out=None):
-        """fp32 logits of the final hidden rows x, softcapped where the model says."""
-        logits = lin(x, self.w.lm_head, norm_weight=self.w.output_norm, eps=self.spec.norm_eps, out=out)
+    def _logits(self, x, lin, out=None, normed=None):
+        """fp32 logits of the final hidden rows x (or of their handoff normed, see _normed_lin), softcapped
+        where the model says."""
+        logits = _normed_lin(lin, x, self.w.lm_head, self.w.output_norm, normed, self.spec.norm_eps, out=out)
         if self.spec.final_softcap:
             gemma4_ops.softcap_(logits, self.spec.final_softcap)
         return logits
@@ -386,8 +424,8 @@ class CudaBackend:
         """One token per row through the model, entirely from the static buffers (what a graph captures);
         it ends by making its chosen tokens the next step's inputs, so steps can be queued back to back."""
         gemv.embed_rows(s.tokens, self.w.embed, self.spec.embed_scale, out=s.x)
-        self._layers(s.x, s.tokens, cache, None, s.seq_lens, s.slots, s.batch, s)
-        self._logits(s.x, _linear_for(s.batch, s), out=s.logits)
+        normed = self._layers(s.x, s.tokens, cache, None, s.seq_lens, s.slots, s.batch, s)
+        self._logits(s.x, _linear_for(s.batch, s), out=s.logits, normed=normed)
         sampling.argmax(s.logits, out=s.next_ids, workspace=s.argmax_ws)
         s.advance()
 
@@ -516,8 +554,8 @@ class CudaBackend:
                                           out=_heads(s.attn, hq, a.head_dim))
 
         gemv.embed_rows(step.tokens, self.w.embed, spec.embed_scale, out=s.x)
-        self._blocks(s.x, step.tokens, step.batch, s, attend)
-        self._logits(s.x, _linear_for(step.batch, s), out=s.logits)
+        normed = self._blocks(s.x, step.tokens, step.batch, s, attend)
+        self._logits(s.x, _linear_for(step.batch, s), out=s.logits, normed=normed)
 
     # -- prefill from static buffers and graphs -----------------------------------------------------------------
     def _prefill_chunk(self, tokens: torch.Tensor, cache: CudaKVCache, rows: int, graph: bool) -> torch.Tensor:

@@ -110,6 +110,7 @@ def _finish(acc, acc_u, ss, mi, cols, M, N, K, eps, res_ptr, stride_rm, out_ptr,
     if HAS_RES:
         acc += tl.load(res_ptr + mi64 * stride_rm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + mi64 * stride_om + cols[None, :], acc, mask=ok)
+    return acc
 
 
 @triton.jit
@@ -120,6 +121,7 @@ def _split_finish(acc, acc_u, ss, mi, rows, pid_n, pid_k, n_split, M, N, K, eps,
 
     Partials: [split, M, rows of W] (gate columns first, up at +N, as in W); sums of squares: [tile, split, M]
     (every tile's programs compute the same ones, but only its own are ordered before its counter).
+    Returns (what _finish stored, whether this program finished; zeros where it did not).
     """
     n_w = N * (2 if GATED != 0 else 1)
     ok = (mi < M)[:, None] & (rows < N)[None, :]
@@ -133,7 +135,9 @@ def _split_finish(acc, acc_u, ss, mi, rows, pid_n, pid_k, n_split, M, N, K, eps,
     # Every thread's stores happen before the barrier, the barrier before the (one-thread) release.
     tl.debug_barrier()
     ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-    if ticket == n_split - 1:
+    done = ticket == n_split - 1
+    y = tl.zeros_like(acc)
+    if done:
         acc = tl.zeros_like(acc)
         acc_u = tl.zeros_like(acc_u)
         ss = tl.zeros_like(ss)
@@ -145,9 +149,10 @@ def _split_finish(acc, acc_u, ss, mi, rows, pid_n, pid_k, n_split, M, N, K, eps,
                 acc_u += tl.load(p + N, mask=ok, other=0.0, cache_modifier=".cg")
             if HAS_NORM:
                 ss += tl.load(ss_tile + s * M + mi, mask=mi < M, other=0.0, cache_modifier=".cg")
-        _finish(acc, acc_u, ss, mi, rows, M, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
-                HAS_NORM, GATED, HAS_RES)
+        y = _finish(acc, acc_u, ss, mi, rows, M, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
+                    HAS_NORM, GATED, HAS_RES)
         tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call / graph replay
+    return y, done
 
 
 @triton.jit
@@ -219,17 +224,31 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr
 def _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr, res_ptr,
                   stride_rm, out_ptr, stride_om, HAS_NORM: tl.constexpr, GATED: tl.constexpr,
                   HAS_RES: tl.constexpr, SPLIT: tl.constexpr):
-    """M = 1 kernels: per-(group, row) accumulators [groups, rows] -> the row results, then finish or split."""
+    """M = 1 kernels: per-(group, row) accumulators [groups, rows] -> the row results, then finish or split.
+    Returns (the finished [1, rows] values, whether this program finished them), as _split_finish."""
     res = tl.sum(acc, axis=0)[None, :]
     res_u = tl.sum(acc_u, axis=0)[None, :]
     ss1 = ss + tl.zeros((1,), tl.float32)
     mi = tl.arange(0, 1)
     if SPLIT:
-        _split_finish(res, res_u, ss1, mi, rows, pid_n, pid_k, n_split, 1, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
-                      res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES)
+        y, done = _split_finish(res, res_u, ss1, mi, rows, pid_n, pid_k, n_split, 1, N, K, eps, part_ptr, ss_ptr,
+                                cnt_ptr, res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES)
     else:
-        _finish(res, res_u, ss1, mi, rows, 1, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
-                HAS_NORM, GATED, HAS_RES)
+        y = _finish(res, res_u, ss1, mi, rows, 1, N, K, eps, res_ptr, stride_rm, out_ptr, stride_om,
+                    HAS_NORM, GATED, HAS_RES)
+        done = pid_k == 0  # (always: one program per column tile) as a tensor, like the split path's
+    return y, done
+
+
+@triton.jit
+def _norm_out(y, done, rows, N, nwo_ptr, xn_ptr, sso_ptr):
+    """Hand a finished residual row [1, rows] on pre-normed (linear's norm_out): y times the next norm's
+    weight, and the tile's part of the row's sum of squares; nothing where this program did not finish."""
+    ok = (rows < N) & done
+    nwo = tl.load(nwo_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    tl.store(xn_ptr + rows[None, :], y * nwo[None, :], mask=ok[None, :])
+    part = tl.sum(tl.sum(tl.where(ok[None, :], y * y, 0.0), axis=1), axis=0)
+    tl.store(sso_ptr + tl.arange(0, 1), part + tl.zeros((1,), tl.float32), mask=done)
 
 
 # ---------------------------------------------------------------- M = 1: int32 words, scales factored out
@@ -547,9 +566,11 @@ def _word_dot(xrow, nw_ptr, wd, s, mn, wu, su, mu, k0, k_end, magic, WIDTH: tl.c
 
 @triton.jit
 def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr, cnt_ptr,
-                      N, K, k_split, n_split, stride_rm, stride_om, eps, magic,
+                      ssi_ptr, nwo_ptr, xn_ptr, sso_ptr,
+                      N, K, k_split, n_split, stride_rm, stride_om, eps, magic, n_parts,
                       WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr,
                       HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
+                      NORMED: tl.constexpr, NORM_OUT: tl.constexpr, PARTS_BLOCK: tl.constexpr,
                       UNPACK: tl.constexpr, X_PAIRS: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -589,8 +610,15 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
         acc_u += cu
         ssv += sq
     ss = tl.sum(tl.sum(ssv, axis=1), axis=0)
-    _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
-                  res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES, SPLIT)
+    if NORMED:  # x came times the norm weight, its sum of squares in parts: rstd scales the partial sums
+        pi = tl.arange(0, PARTS_BLOCK)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.load(ssi_ptr + pi, mask=pi < n_parts, other=0.0), axis=0) / K + eps)
+        acc *= rstd
+        acc_u *= rstd
+    y, done = _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
+                            res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES, SPLIT)
+    if NORM_OUT:
+        _norm_out(y, done, rows, N, nwo_ptr, xn_ptr, sso_ptr + pid_n)
 
 
 # ---------------------------------------------------------------- M = 1: int8 activations, dp4a
@@ -731,6 +759,26 @@ def _gemv_dp4a_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     ss = tl.sum(ssv, axis=0)
     _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
                   res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES, SPLIT)
+
+
+@dataclass(frozen=True)
+class NormOut:
+    """Where a call hands its output row on pre-normed (linear's norm_out): the next norm's weight [N], the
+    row times it (fp32 [1, N]) and the sums of squares of the row, one per column tile (fp32, >= that many)."""
+    weight: torch.Tensor
+    xn: torch.Tensor
+    ss: torch.Tensor
+
+
+def handoff_ok(w: PackedLinear, m: int) -> bool:
+    """Whether a call on w with m rows runs the word kernel, so it can take part in a norm handoff."""
+    return m == 1 and w.kind in ("q4", "q8") and DECODE_KERNEL == "word"
+
+
+def norm_parts(w: PackedLinear, m: int = 1, config: GemvConfig | None = None) -> int:
+    """How many sums of squares a norm_out call on w writes: its column tiles."""
+    cfg = config or plan(w.n, w.k, m, w.kind, w.group, False)
+    return triton.cdiv(w.n, cfg.block_n)
 
 
 @dataclass(frozen=True)
@@ -892,10 +940,18 @@ def workspace_numel(w: PackedLinear, m: int, gated: str | None = None, config: G
 def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
            norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
            gated: str | None = None, workspace: torch.Tensor | None = None,
-           config: GemvConfig | None = None) -> torch.Tensor:
+           config: GemvConfig | None = None, norm_parts: torch.Tensor | None = None,
+           norm_out: NormOut | None = None) -> torch.Tensor:
     """out[M, N] (fp32) = [residual +] x' @ W^T, or act(x' @ Wg^T) * (x' @ Wu^T) with `gated`;
     x' = rms_norm(x, norm_weight, eps) when norm_weight is given. x: fp32 or fp16 [M, K], rows contiguous.
-    `workspace`: fp32, zeroed once when allocated (see workspace_numel); without it a split call allocates."""
+    `workspace`: fp32, zeroed once when allocated (see workspace_numel); without it a split call allocates.
+
+    The norm handed on between two M = 1 word-kernel calls (handoff_ok), which saves the second call
+    reading the norm weight beside x (in the decode step that cost as much as 50% of a normed GEMV):
+    - norm_out: this call (its output a residual row that the next call norms) also writes norm_out.xn =
+      out * norm_out.weight and, in norm_out.ss, the sums of squares of out, one per column tile
+      (norm_parts(...) of them);
+    - norm_parts: x is such an xn and norm_parts those sums; x' = x * rsqrt(sum(norm_parts) / K + eps)."""
     if w.kind == "q6k":  # GGML Q6_K at its own 6.56 bits per weight: its own kernel
         from ingot.backends.cuda import gemv_q6k
 
@@ -912,6 +968,10 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
     cfg = config or plan(n_out, k, m, w.kind, w.group, bool(gated))
     if cfg.block_m < m:
         raise ValueError(f"config block_m={cfg.block_m} < M={m}")
+    if (norm_parts is not None or norm_out is not None) and not (handoff_ok(w, m) and cfg.kernel == "word"):
+        raise ValueError("norm_parts / norm_out need the M = 1 word kernel (q4 / q8 weights)")
+    if norm_parts is not None and norm_weight is not None:
+        raise ValueError("give norm_weight or norm_parts, not both")
     if out is None:
         out = torch.empty(m, n_out, device=x.device, dtype=torch.float32)
     assert out.shape == (m, n_out) and out.dtype == torch.float32 and out.stride(1) == 1
@@ -922,6 +982,9 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
     k_split = _k_split(k, cfg)
     splits = triton.cdiv(k, k_split)
     tiles_n = triton.cdiv(n_out, cfg.block_n)
+    if norm_out is not None:
+        assert not gated and norm_out.weight.shape == (n_out,) and norm_out.xn.shape == (1, n_out)
+        assert norm_out.ss.numel() >= tiles_n and norm_out.xn.stride(1) == 1
     cnt, ss, part = _split_buffers(workspace, out, w.n, m, tiles_n, splits)
     res = residual if residual is not None else out
     flags = dict(HAS_NORM=norm_weight is not None, GATED=GATED_IDS[gated], HAS_RES=residual is not None)
@@ -935,15 +998,20 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
             if cfg.unpack == 2 and w.kind != "q4":
                 raise ValueError(f"the word kernel's fp16 pairs (unpack 2) take q4 weights, not {w.kind}")
             pairs = X_PAIRS and _pairs_ok(x) and (norm_weight is None or _pairs_ok(norm_weight))
-            kernel, extra_args, extra = _gemv_word_kernel, (MAGIC,), dict(
-                UNPACK=cfg.unpack, X_PAIRS=pairs, EVEN=whole_tiles(n_out, k, cfg.block_n, cfg.block_k))
+            n_parts = 0 if norm_parts is None else norm_parts.numel()
+            handoff = (norm_parts if norm_parts is not None else out,
+                       *((norm_out.weight, norm_out.xn, norm_out.ss) if norm_out is not None else (out, out, out)))
+            kernel, args_before, args_after, extra = _gemv_word_kernel, handoff, (MAGIC, n_parts), dict(
+                UNPACK=cfg.unpack, X_PAIRS=pairs, EVEN=whole_tiles(n_out, k, cfg.block_n, cfg.block_k),
+                NORMED=norm_parts is not None, NORM_OUT=norm_out is not None,
+                PARTS_BLOCK=max(16, triton.next_power_of_2(n_parts)))
         else:
-            kernel, extra_args, extra = _gemv_dp4a_kernel, (), {}
+            kernel, args_before, args_after, extra = _gemv_dp4a_kernel, (), (), {}
         # inline PTX only on a GPU; the interpreter runs the same arithmetic in plain ops
         extra.update(ASM=os.environ.get("TRITON_INTERPRET") != "1", EARLY=pdl.EARLY)
         kernel[(tiles_n, splits)](
             x, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales, *common,
-            n_out, k, k_split, splits, res.stride(0), out.stride(0), eps, *extra_args,
+            *args_before, n_out, k, k_split, splits, res.stride(0), out.stride(0), eps, *args_after,
             WIDTH=4 if w.kind == "q4" else 8, GROUP=w.group, HAS_MIN=w.mins is not None,
             SIGNED=w.qweight.dtype == torch.int8, SPLIT=splits > 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, **pdl.LAUNCH, **extra, **flags)
