@@ -29,8 +29,8 @@ from triton.compiler import ASTSource  # noqa: E402
 # (name, constexprs) at the decode step's shapes: plan()'s tiles for each kind
 CASES = [
     ("q4 qkv (norm)", dict(WIDTH=4, HAS_NORM=True, GATED=0, HAS_RES=False, BLOCK_N=128, BLOCK_K=256)),
-    ("q4 gate_up (norm, silu)", dict(WIDTH=4, HAS_NORM=True, GATED=1, HAS_RES=False, BLOCK_N=64, BLOCK_K=256)),
-    ("q4 gate_up (norm handed in)", dict(WIDTH=4, HAS_NORM=False, NORMED=True, GATED=1, HAS_RES=False, BLOCK_N=64,
+    ("q4 gate_up (norm, silu)", dict(WIDTH=4, HAS_NORM=True, GATED=1, HAS_RES=False, BLOCK_N=128, BLOCK_K=256)),
+    ("q4 gate_up (norm handed in)", dict(WIDTH=4, HAS_NORM=False, NORMED=True, GATED=1, HAS_RES=False, BLOCK_N=128,
                                          BLOCK_K=256)),
     ("q4 down (residual)", dict(WIDTH=4, HAS_NORM=False, GATED=0, HAS_RES=True, BLOCK_N=128, BLOCK_K=256)),
     ("q4 down (norm handed on)", dict(WIDTH=4, HAS_NORM=False, GATED=0, HAS_RES=True, NORM_OUT=True, BLOCK_N=128,

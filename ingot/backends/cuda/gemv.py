@@ -829,29 +829,37 @@ def _plan_byte(n_out: int, k: int, m: int, kind: str, group: int, gated: bool) -
     return GemvConfig(block_m, block_n, block_k, split, kernel="byte")
 
 
-TARGET_PROGRAMS = 320
+# q4 programs in flight: kernel_regs.py puts the word kernel at 168 registers (3 programs of 4 warps per SM)
+# and its fp16-pair form (unpack 2) at 128 (4 per SM).
+TARGET_PROGRAMS = 3 * N_SMS
+GATED_Q4_PROGRAMS = 4 * N_SMS
 # The M = 1 q4/q8 kernel: "word" (fp32 activations, the default) or "dp4a" (int8; INGOT_DECODE_GEMV=dp4a).
 DECODE_KERNEL = os.environ.get("INGOT_DECODE_GEMV", "word")
 DP4A_TARGET_PROGRAMS = 512
-# The word kernel's q4 unpack form (GemvConfig.unpack); INGOT_GEMV_UNPACK=2, fp16 products, for an A/B.
+# The word kernel's unpack form for ungated q4 calls (GemvConfig.unpack); INGOT_GEMV_UNPACK=2 for an A/B.
 WORD_UNPACK = int(os.environ.get("INGOT_GEMV_UNPACK", "1"))
 
 
 def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvConfig:
     """M = 1 word kernel: 128 weight bytes per row per K step (one 16-byte load per thread per row), 128 rows
-    per program (64 for gated, whose gate and up tiles double the registers), so each thread reuses every
-    x value it loads across its rows. K is split until the grid holds about TARGET_PROGRAMS programs (q8: 512),
-    gated calls about one per 48 KiB of weights (320 to 1152). benchmarks/gemv_sweep.py's winners at the
-    Qwen3-8B shapes on the H200 (2026-12-02): q4 gate_up 27.8 us at 1152 programs against 31.8 at 384, q8
-    gate_up 64 rows against 128 (33.6 / 38.8 against 52.5 us), q8 o/down/qkv at ~512 programs (8.9, 18.6,
-    11.5 us against 10.4, 26.0, 14.5 at ~320); small shapes (H100, 2026-11-24) at ~320-400."""
+    per program (q8 gated: 64, whose gate and up tiles double the registers), so each thread reuses every
+    x value it loads across its rows. K is split until the grid holds about TARGET_PROGRAMS programs (q8: 512);
+    q8 gated calls about one per 48 KiB of weights (320 to 1152); q4 gated calls take fp16 pairs (unpack 2)
+    at GATED_Q4_PROGRAMS. The decode step on the H200 (benchmarks/step_time.py, 2026-12-03, with the norm
+    handoff): TARGET_PROGRAMS 396 against 320, Qwen3-8B q4_0 2,749 against 2,826 us, Llama-3.2-3B 1,662
+    against 1,644; then q4 gated as now against 64 rows, unpack 1, ~1 program per 48 KiB: 2,633 and 1,603 us.
+    benchmarks/gemv_sweep.py's winners at the Qwen3-8B shapes (2026-12-02): q8 gate_up 64 rows against 128
+    (33.6 / 38.8 against 52.5 us), q8 o/down/qkv at ~512 programs (8.9, 18.6, 11.5 us against 10.4, 26.0,
+    14.5 at ~320)."""
     block_k = max(256 if kind == "q4" else 128, group)
-    block_n = 64 if gated else 128
-    programs = TARGET_PROGRAMS if kind == "q4" else 512
-    if gated:
-        weight_bytes = 2 * n_out * k * (0.5 if kind == "q4" else 1.0)
-        programs = min(1152, max(TARGET_PROGRAMS, round(weight_bytes / 49152)))
+    block_n = 128
     unpack = WORD_UNPACK if kind == "q4" else 1
+    programs = TARGET_PROGRAMS if kind == "q4" else 512
+    if gated and kind == "q4":
+        unpack, programs = 2, GATED_Q4_PROGRAMS
+    elif gated:
+        block_n = 64
+        programs = min(1152, max(320, round(2 * n_out * k / 49152)))
     return _split_for(GemvConfig(1, block_n, block_k, 1, num_warps=4, kernel="word", unpack=unpack), n_out, k,
                       programs)
 
