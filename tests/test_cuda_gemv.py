@@ -118,7 +118,8 @@ def test_fusions(fusion, split, gen, kernel_device):
                  residual=out if f.get("in_place") else (None if res is None else res.to(dev)),
                  gated=f.get("gated"), workspace=ws, config=cfg)
     assert got is out
-    check(out, expected(x, w, nw, 1e-5, res, f.get("gated")), 1e-5)
+    # plan()'s gated q4 calls multiply in fp16 pairs (unpack 2); the interpreter's stand-in for them is exact
+    check(out, expected(x, w, nw, 1e-5, res, f.get("gated")), 2e-3 if cfg.unpack == 2 else 1e-5)
     tiles_n = -(-f_out // cfg.block_n)  # the workspace starts with one ticket counter per column tile
     assert not ws[:tiles_n].view(torch.int32).any(), "a split-K ticket counter was not reset"
 
