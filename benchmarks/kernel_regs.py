@@ -3,7 +3,8 @@ compiled for sm_90a, on any machine (no GPU needed: Triton compiles to PTX and i
 resources), and the instructions in each kernel's main loop (the longest backward branch of its SASS) with
 the five most frequent opcodes.
 
-    python3 benchmarks/kernel_regs.py [SOURCE_TREE]      (default: this checkout)
+    python3 benchmarks/kernel_regs.py [SOURCE_TREE]          (default: this checkout)
+    python3 benchmarks/kernel_regs.py --gemm [SOURCE_TREE]   the prefill GEMM at M = 512 instead (Qwen3-8B, q4)
 
 At 4 warps a program of R registers per thread leaves 65536 / (128 R) programs per SM: above 128 registers,
 at most 3; at 255, 2. For the latency-bound decode GEMVs that is the loads in flight, so compare trees
@@ -72,24 +73,29 @@ def loop_mix(cubin: bytes) -> str:
     return f"{sum(ops.values())}: " + " ".join(f"{k} {v}" for k, v in ops.most_common(5))
 
 
-def resources(kernel, constexprs: dict, num_warps: int = 4) -> tuple[int, int, int, str]:
-    """(registers per thread, spill store bytes, shared memory bytes, loop_mix) of `kernel` for sm_90a."""
+def resources(kernel, constexprs: dict, num_warps: int = 4, types: dict | None = None, div16=DIV16_INTS,
+              num_stages: int | None = None) -> tuple[int, int, int, str]:
+    """(registers per thread, spill store bytes, shared memory bytes, loop_mix) of `kernel` for sm_90a.
+    types: pointer types other than the GEMV's (fp32 unless named here); div16: the integer arguments
+    that are multiples of 16."""
     names = kernel.arg_names
     consts = {n: v for n, v in constexprs.items() if n in names}
+    ptr_types = {"qw_ptr": "*i32", "cnt_ptr": "*i32", "ids_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16",
+                 **(types or {})}
 
     def arg_type(n):
         if n in consts:
             return "constexpr"
         if n.endswith("_ptr"):
-            return {"qw_ptr": "*i32", "cnt_ptr": "*i32", "ids_ptr": "*i32", "s_ptr": "*fp16",
-                    "m_ptr": "*fp16"}.get(n, "*fp32")
+            return ptr_types.get(n, "*fp32")
         return "fp32" if n == "eps" else "i32"
 
     src = ASTSource(kernel, {n: arg_type(n) for n in names},
                     constexprs={(names.index(n),): v for n, v in consts.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names
-                           if n.endswith("_ptr") or n in DIV16_INTS})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                           if n.endswith("_ptr") or n in div16})
+    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     ptxas = os.path.join(os.path.dirname(nv_compiler.__file__), "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(compiled.asm["ptx"])
@@ -101,9 +107,46 @@ def resources(kernel, constexprs: dict, num_warps: int = 4) -> tuple[int, int, i
     return regs, spills, compiled.metadata.shared, loop_mix(compiled.asm["cubin"])
 
 
+# The prefill GEMM at a 512-token chunk, Qwen3-8B: (name, N out, K, gated, x dtype)
+GEMM_CASES = [("qkv", 6144, 4096, False, "fp16"), ("o", 4096, 4096, False, "fp32"),
+              ("gate_up", 12288, 4096, True, "fp16"), ("down", 4096, 12288, False, "fp32")]
+
+
+def gemm_main():
+    """The prefill GEMM's resources at pick_tiles()' choice for each GEMM_CASES call, q4 group 32."""
+    import torch
+    import triton.language as tl
+
+    from ingot.backends.cuda import gemm
+    from ingot.quant.pack import PackedLinear
+
+    print(f"{'case':8s} {'tiles':34s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s}  main loop")
+    for name, n_out, k, gated, x_dtype in GEMM_CASES:
+        rows = 2 * n_out if gated else n_out
+        w = PackedLinear("q4", rows, k, 32, torch.zeros(rows, k // 2, dtype=torch.uint8),
+                         torch.zeros(rows, k // 32, dtype=torch.float16))
+        cfg = dict(gemm.pick_tiles(512, n_out, k, "q4", 32, gated, 4 if x_dtype == "fp32" else 2))
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        _, _, flags = gemm.weight_operands(w, cfg["BLOCK_K"])
+        c = dict(cfg, **flags, ACT=1 if gated else 0, HAS_RES=not gated and name in ("o", "down"),
+                 DOT=tl.float16, SPLIT=0)
+        regs, spills, smem, mix = resources(
+            gemm._gemm_kernel, c, warps, types={"x_ptr": "*" + x_dtype, "qw_ptr": "*u8", "mn_ptr": "*fp16"},
+            div16=("M", "N_OUT", "K", "k_split", "stride_xm", "stride_qn", "stride_sn", "stride_rm", "stride_om"),
+            num_stages=stages)
+        tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{warps} s{stages} swap{cfg.get('SWAP', 0)}"
+        print(f"{name:8s} {tiles:34s} {regs:5d} {spills:8d} {smem:7d}  {mix}", flush=True)
+
+
 def main():
-    if len(sys.argv) > 1:
-        sys.path.insert(0, os.path.abspath(sys.argv[1]))
+    args = sys.argv[1:]
+    gemm_mode = "--gemm" in args
+    args = [a for a in args if a != "--gemm"]
+    if args:
+        sys.path.insert(0, os.path.abspath(args[0]))
+    if gemm_mode:
+        gemm_main()
+        return
     from ingot.backends.cuda import gemv, moe
 
     print(f"{'kernel':7s} {'case':28s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s} {'programs/SM':>12s}  main loop")

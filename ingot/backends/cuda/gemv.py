@@ -9,6 +9,9 @@ Fusions (any combination):
   writes act(gate) * up.
 - residual epilogue (`residual`): out = residual + result (residual may be out itself: each element is read
   and written by the same program).
+- norm handoff (M = 1 word kernel: `norm_out` on a residual call, `norm_parts` on the next): the call that
+  writes a residual row also writes it times the next norm's weight and its sums of squares in parts, so the
+  next call reads one pre-normed row instead of x and the norm weight (see linear).
 
 Each program owns BLOCK_N weight rows and a K range; it loads each weight tile once, dequantizes it to fp32
 in registers, and loops over the M activation rows against it, so the packed weight is read exactly once per
