@@ -294,7 +294,7 @@ def test_plan_word():
     for n_out, k in ((8192, 2048), (12288, 4096)):  # gated q4: fp16 pairs, 128 rows, ~4 programs per SM
         c = plan(n_out, k, 1, "q4", 32, True)
         assert (c.kernel, c.block_n, c.unpack) == ("word", 128, 2)
-        assert gemv.GATED_Q4_PROGRAMS // 2 <= -(-n_out // 128) * c.split <= 2 * gemv.GATED_Q4_PROGRAMS
+        assert gemv.HALF2_PROGRAMS // 2 <= -(-n_out // 128) * c.split <= 2 * gemv.HALF2_PROGRAMS
 
 
 def test_plan_dp4a(monkeypatch):

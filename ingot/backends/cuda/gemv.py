@@ -835,11 +835,12 @@ def _plan_byte(n_out: int, k: int, m: int, kind: str, group: int, gated: bool) -
 # q4 programs in flight: kernel_regs.py puts the word kernel at 168 registers (3 programs of 4 warps per SM)
 # and its fp16-pair form (unpack 2) at 128 (4 per SM).
 TARGET_PROGRAMS = 3 * N_SMS
-GATED_Q4_PROGRAMS = 4 * N_SMS
+HALF2_PROGRAMS = 4 * N_SMS
 # The M = 1 q4/q8 kernel: "word" (fp32 activations, the default) or "dp4a" (int8; INGOT_DECODE_GEMV=dp4a).
 DECODE_KERNEL = os.environ.get("INGOT_DECODE_GEMV", "word")
 DP4A_TARGET_PROGRAMS = 512
-# The word kernel's unpack form for ungated q4 calls (GemvConfig.unpack); INGOT_GEMV_UNPACK=2 for an A/B.
+# The word kernel's unpack form for ungated q4 calls (GemvConfig.unpack); INGOT_GEMV_UNPACK=2 for an A/B
+# (fp16 pairs for every q4 call, at their HALF2_PROGRAMS).
 WORD_UNPACK = int(os.environ.get("INGOT_GEMV_UNPACK", "1"))
 
 
@@ -847,8 +848,8 @@ def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvCo
     """M = 1 word kernel: 128 weight bytes per row per K step (one 16-byte load per thread per row), 128 rows
     per program (q8 gated: 64, whose gate and up tiles double the registers), so each thread reuses every
     x value it loads across its rows. K is split until the grid holds about TARGET_PROGRAMS programs (q8: 512);
-    q8 gated calls about one per 48 KiB of weights (320 to 1152); q4 gated calls take fp16 pairs (unpack 2)
-    at GATED_Q4_PROGRAMS. The decode step on the H200 (benchmarks/step_time.py, 2026-12-03, with the norm
+    q8 gated calls about one per 48 KiB of weights (320 to 1152); q4 gated calls take fp16 pairs (unpack 2),
+    and unpack 2 calls about HALF2_PROGRAMS. The decode step on the H200 (benchmarks/step_time.py, 2026-12-03, with the norm
     handoff): TARGET_PROGRAMS 396 against 320, Qwen3-8B q4_0 2,749 against 2,826 us, Llama-3.2-3B 1,662
     against 1,644; then q4 gated as now against 64 rows, unpack 1, ~1 program per 48 KiB: 2,633 and 1,603 us.
     benchmarks/gemv_sweep.py's winners at the Qwen3-8B shapes (2026-12-02): q8 gate_up 64 rows against 128
@@ -857,10 +858,10 @@ def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvCo
     block_k = max(256 if kind == "q4" else 128, group)
     block_n = 128
     unpack = WORD_UNPACK if kind == "q4" else 1
-    programs = TARGET_PROGRAMS if kind == "q4" else 512
     if gated and kind == "q4":
-        unpack, programs = 2, GATED_Q4_PROGRAMS
-    elif gated:
+        unpack = 2
+    programs = (HALF2_PROGRAMS if unpack == 2 else TARGET_PROGRAMS) if kind == "q4" else 512
+    if gated and kind != "q4":
         block_n = 64
         programs = min(1152, max(320, round(2 * n_out * k / 49152)))
     return _split_for(GemvConfig(1, block_n, block_k, 1, num_warps=4, kernel="word", unpack=unpack), n_out, k,
