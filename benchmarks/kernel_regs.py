@@ -167,7 +167,8 @@ def main():
             row(label, name, kernel, c)
     if hasattr(moe, "_expert_word_kernel"):  # trees before the word MoE decode lack it
         for name, case in MOE_CASES:
-            c = dict(TOP_K=8, GROUP=32, HAS_MIN=False, SIGNED=case["WIDTH"] == 8, UNPACK=1, EVEN=True, **case)
+            c = dict(TOP_K=8, GROUP=32, HAS_MIN=False, SIGNED=case["WIDTH"] == 8, UNPACK=1, EVEN=True, NORM_OUT=False,
+                     **case)
             row("moe", name, moe._expert_word_kernel, c)
 
 

@@ -142,6 +142,27 @@ def test_decode_block_into_buffers_sized_for_more_rows(gen, kernel_device, decod
         assert rel_err(got, reference_block(x, w, nw)) < 1e-5
 
 
+@pytest.mark.parametrize("decode_path,kind", [("byte", "q4"), ("word", "q8")], indirect=["decode_path"])
+def test_decode_block_hands_its_row_on_normed(gen, kernel_device, decode_path, kind):
+    """norm_out: one row's block output also as out * weight, and its sum of squares in norm_parts pieces
+    (one per down tile: the byte kernel's tiles of all k experts, the word kernel's split over choices)."""
+    from ingot.backends.cuda import gemv
+
+    w, nw = make_layer(kind, False, 2, gen)
+    x, nxt = make_x(1, gen), torch.rand(H, generator=gen) + 0.5
+    dw, dev = on(w, kernel_device), kernel_device
+    block_n = (64, 32)
+    hand = gemv.NormOut(nxt.to(dev), torch.full((1, H), float("nan"), device=dev),
+                        torch.full((64,), float("nan"), device=dev))
+    got = moe.decode_block(x.clone().to(dev), dw, nw.to(dev), EPS, block_n=block_n, norm_out=hand)
+    want = reference_block(x, w, nw)
+    assert rel_err(got, want) < 1e-5
+    parts = -(-H // block_n[1])
+    assert moe.norm_parts(dw) == -(-H // moe._down_block_n(dw))
+    assert rel_err(hand.xn, want * nxt.double()) < 1e-5
+    assert abs(hand.ss[:parts].sum().item() / want.pow(2).sum().item() - 1) < 1e-5
+
+
 def test_grouping_pads_each_expert_and_skips_empty_ones(kernel_device):
     ids = torch.tensor([[0, 5], [0, 2], [5, 0], [0, 7], [2, 0]], dtype=torch.int32, device=kernel_device)
     g = moe.group_by_expert(ids, E, block_m=4)
@@ -232,14 +253,16 @@ def test_tiny_qwen3moe_word_decode_matches_byte(tmp_path, kernel_device, monkeyp
 
     save_hf(make_hf_model("qwen3moe"), tmp_path)
     logits = {}
-    for path in ("byte", "word"):  # a model each: on a GPU, each captures its own decode graph
+    for path, handoff in (("byte", True), ("word", True), ("byte", False)):  # a model each (a graph each on a GPU)
         monkeypatch.setattr(moe, "DECODE", path)
         m = ingot.load(tmp_path, device=kernel_device, backend="cuda", max_context=64, quant="q4")
-        assert m.backend.w.layers[0].moe.down.kind == "q4"
+        assert m.backend.w.layers[0].moe.down.kind == "q4" and m.backend._handoff
+        m.backend._handoff = handoff  # the experts hand their row on to the next qkv and lm_head, or not
         ids = torch.randint(0, m.spec.vocab_size, (8,), generator=torch.Generator().manual_seed(0)).tolist()
         steps = [m.runner.prefill(ids[:6]).clone()] + [m.runner.decode(t).clone() for t in ids[6:]]
-        logits[path] = torch.stack([s.double().cpu() for s in steps])
-    assert rel_err(logits["word"], logits["byte"]) < 1e-4  # fp32 both: 2.8e-6 apart when written
+        logits[path, handoff] = torch.stack([s.double().cpu() for s in steps])
+    assert rel_err(logits["word", True], logits["byte", True]) < 1e-4  # fp32 both: 2.8e-6 apart when written
+    assert rel_err(logits["byte", True], logits["byte", False]) < 1e-5
 
 
 def test_gguf_experts_pack_per_expert_exactly(tmp_path):

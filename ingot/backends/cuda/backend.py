@@ -279,12 +279,11 @@ class CudaBackend:
         self._paged_cache: PagedKVCache | None = None  # the cache those graphs read
         self.shapes = layout.attn_shapes(spec)
         # One-row decode steps hand each residual row to the next projection pre-normed (gemv.NormOut) where
-        # every projection runs the word kernel and the norms sit between them (no sandwich norms, experts or
-        # per-layer inputs).
-        self._handoff = (not spec.sandwich_norm and not spec.per_layer_dim and gemv.handoff_ok(weights.lm_head, 1)
-                         and all(lw.gate_up is not None and not lw.moe
-                                 and all(gemv.handoff_ok(p, 1) for p in (lw.qkv, lw.o, lw.gate_up, lw.down))
-                                 for lw in weights.layers))
+        # every projection runs the word kernel and the norms sit between them (no sandwich norms or per-layer
+        # inputs); an experts block hands its output on to the next qkv, but takes its own input as it is.
+        projections = [p for lw in weights.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down) if p is not None]
+        self._handoff = (not spec.sandwich_norm and not spec.per_layer_dim
+                         and all(gemv.handoff_ok(p, 1) for p in [weights.lm_head, *projections]))
         if spec.layer_scale and not spec.sandwich_norm:  # the scale rides on a sandwich norm's residual add
             raise UnsupportedError(f"{spec.arch}: a layer output scale without sandwich norms is not supported")
 
@@ -373,7 +372,7 @@ class CudaBackend:
             if spec.sandwich_norm:
                 norm.add_rms_norm(x, lin(a, lw.o, out=buf("h", hidden)), lw.post_attn_norm, eps)
             else:
-                normed = _residual_lin(lin, a, lw.o, x, hand_to(lw.ffn_norm))
+                normed = _residual_lin(lin, a, lw.o, x, hand_to(lw.ffn_norm) if lw.gate_up is not None else None)
             next_norm = self.w.layers[i + 1].attn_norm if i + 1 < len(spec.layers) else self.w.output_norm
             # the layer output scale rides on the layer's last residual add
             normed = self._ffn(x, lw, lin, buf, s.moe if decode else None,
@@ -391,8 +390,8 @@ class CudaBackend:
         spec, eps = self.spec, self.spec.norm_eps
         act = "silu" if spec.activation == "silu" else "gelu_tanh"
         if lw.gate_up is None:  # experts alone (Qwen3-MoE): they add to x themselves
-            moe.block(x, lw.moe, lw.ffn_norm, eps, act, moe_buffers)
-            return None
+            moe.block(x, lw.moe, lw.ffn_norm, eps, act, moe_buffers, norm_out=hand_to)
+            return None if hand_to is None else (hand_to.xn, hand_to.ss[: moe.norm_parts(lw.moe)])
         ff = _normed_lin(lin, x, lw.gate_up, lw.ffn_norm, normed, eps, gated=act, out=buf("ff", lw.gate_up.n // 2))
         if not spec.sandwich_norm:
             return _residual_lin(lin, ff, lw.down, x, hand_to)

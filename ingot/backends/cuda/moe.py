@@ -240,15 +240,15 @@ def _expert_gate_up_kernel(x_ptr, nw_ptr, ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr
 
 
 @triton.jit
-def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, out_ptr, N, K,
-                        stride_rm, stride_om,
+def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, out_ptr, nwo_ptr, xn_ptr, sso_ptr,
+                        N, K, stride_rm, stride_om,
                         TOP_K: tl.constexpr, KP: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
-                        HAS_MIN: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        HAS_MIN: tl.constexpr, HAS_RES: tl.constexpr, NORM_OUT: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[row, n] = [res[row, n] +] sum over choices c of w_c * (down of expert e_c @ h[pair c])[n]. The tile
     holds all the row's experts at once (KP * BLOCK_N weight rows, choice-major), so their loads are in
     flight together rather than one expert after another; the weighted sum over choices is a fixed-order
-    tree reduction (deterministic)."""
+    tree reduction (deterministic). NORM_OUT (one row): also the row handed on pre-normed, as gemv's."""
     row = tl.program_id(0)
     R: tl.constexpr = KP * BLOCK_N
     r = tl.arange(0, R)
@@ -277,6 +277,8 @@ def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, 
     if HAS_RES:
         total += tl.load(res_ptr + r64 * stride_rm + cols, mask=cols < N, other=0.0)
     tl.store(out_ptr + r64 * stride_om + cols, total, mask=cols < N)
+    if NORM_OUT:
+        gemv._norm_out(total[None, :], row == 0, cols, N, nwo_ptr, xn_ptr, sso_ptr + tl.program_id(1))
 
 
 # The word scheme (see the comment above gemv._gemv_word_kernel): int32 weight words, several rows a thread
@@ -296,13 +298,15 @@ def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, 
 
 @triton.jit
 def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, out_ptr, part_ptr,
-                        cnt_ptr, N, K, stride_xm, stride_rm, stride_om, eps, magic,
+                        cnt_ptr, nwo_ptr, xn_ptr, sso_ptr, N, K, stride_xm, stride_rm, stride_om, eps, magic,
                         TOP_K: tl.constexpr, WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                         SIGNED: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, UNPACK: tl.constexpr,
-                        EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        EVEN: tl.constexpr, NORM_OUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     """GATED (gate/up): out[pair, n] = act(g) * u of the pair's expert on rms_norm(x[pair // TOP_K]) * nw.
     Else (down): out[row, n] = [res[row, n] +] sum over choices c, in order, of wts[pair] * (W_e @ x[pair])[n],
-    pair = row * TOP_K + c, through the partials part[pair, n] and tickets cnt[row * tiles + tile]."""
+    pair = row * TOP_K + c, through the partials part[pair, n] and tickets cnt[row * tiles + tile]; NORM_OUT
+    (down, one row): also the row handed on pre-normed, as gemv's."""
     pair = tl.program_id(0)
     tile = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -346,9 +350,12 @@ def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, r
         r64 = row.to(tl.int64)
         acc = acc * tl.load(wts_ptr + pair)
         # split over the row's choices: partials at part[row * TOP_K + choice], one ticket per (row, tile)
-        gemv._row_epilogue(acc, acc_u, ss, n, row * tl.num_programs(1) + tile, pair % TOP_K, TOP_K, N, K, eps,
-                           part_ptr + r64 * TOP_K * N, part_ptr, cnt_ptr, res_ptr + r64 * stride_rm, 0,
-                           out_ptr + r64 * stride_om, 0, False, 0, HAS_RES, True)
+        y, done = gemv._row_epilogue(acc, acc_u, ss, n, row * tl.num_programs(1) + tile, pair % TOP_K, TOP_K, N,
+                                     K, eps, part_ptr + r64 * TOP_K * N, part_ptr, cnt_ptr,
+                                     res_ptr + r64 * stride_rm, 0, out_ptr + r64 * stride_om, 0, False, 0,
+                                     HAS_RES, True)
+        if NORM_OUT:
+            gemv._norm_out(y, done, n, N, nwo_ptr, xn_ptr, sso_ptr + tile)
 
 
 def _word_flags(w: PackedLinear, gated: bool, block_n: int) -> tuple[tuple, dict]:
@@ -417,13 +424,14 @@ def _word(w: PackedLinear) -> bool:
 
 def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
                  buffers: DecodeBuffers | None = None, block_n: tuple[int, int] | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, norm_out: "gemv.NormOut | None" = None) -> torch.Tensor:
     """x (fp32 [T, H], T <= 32) += the MoE block of x, reading only the selected experts' weights; with `out`
     (fp32 [T, H]) the block's output goes there instead and x is left as it is.
     block_n (default: the kernels' own): output rows a program of the gate/up kernel (gate rows, each with
     its up row, of one pair, on both schemes) and of the down kernel ("byte": hidden rows of one row's k
     experts, k * block_n weight rows; "word": hidden rows of one pair's expert, at least WORD_MIN_BLOCK_N).
-    The interpreter tests use larger ones."""
+    The interpreter tests use larger ones. norm_out (one row): the block's output also handed on pre-normed,
+    as gemv.linear's, in norm_parts(w) sums of squares."""
     t, h = x.shape
     if not 1 <= t <= MAX_DECODE_ROWS:
         raise ValueError(f"the decode MoE path takes 1..{MAX_DECODE_ROWS} rows, got {t}")
@@ -439,7 +447,7 @@ def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps:
           counters=buffers.counters)
     ff = buffers.ff[: t * k * f].view(t * k, f)
     _gate_up(x, w, norm_weight, eps, act, ids, ff, block_n[0] if block_n else None)
-    _down(ff, w, ids, wts, x, out, buffers, block_n[1] if block_n else None)
+    _down(ff, w, ids, wts, x, out, buffers, block_n[1] if block_n else None, norm_out)
     return out
 
 
@@ -451,34 +459,48 @@ def _gate_up(x, w: MoEWeights, norm_weight, eps: float, act: str, ids, ff, block
     grid = (t * k, triton.cdiv(f, block_n))
     if word:
         ptrs, flags = _word_flags(w.gate_up, gated=True, block_n=block_n)
-        _expert_word_kernel[grid](x, norm_weight, ids, ids, *ptrs, x, ff, ff, ids, f, h, x.stride(0), 0, 0,
-                                  float(eps), gemv.MAGIC, TOP_K=k, GATED=_ACTS[act], HAS_RES=False,
-                                  BLOCK_N=block_n, num_warps=4, **flags)
+        _expert_word_kernel[grid](x, norm_weight, ids, ids, *ptrs, x, ff, ff, ids, ff, ff, ff, f, h, x.stride(0),
+                                  0, 0, float(eps), gemv.MAGIC, TOP_K=k, GATED=_ACTS[act], HAS_RES=False,
+                                  NORM_OUT=False, BLOCK_N=block_n, num_warps=4, **flags)
     else:
         ptrs, flags = _gemv_flags(w.gate_up)
         _expert_gate_up_kernel[grid](x, norm_weight, ids, *ptrs, ff, f, h, x.stride(0), float(eps),
                                      TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n, num_warps=4, **flags)
 
 
-def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: int | None):
+def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: int | None,
+          norm_out: "gemv.NormOut | None"):
     """out[row] = [x[row] +] sum over the row's choices, in order, of wts * (down of the expert @ ff[pair])."""
     (t, h), k, f = x.shape, w.top_k, w.ffn
     has_res = out is x
+    block_n = block_n or _down_block_n(w)
+    hand = (norm_out.weight, norm_out.xn, norm_out.ss) if norm_out is not None else (out, out, out)
+    if norm_out is not None:
+        assert t == 1 and norm_out.ss.numel() >= triton.cdiv(h, block_n), "a handoff takes one row, all tiles"
     if not _word(w.down):
-        block_n = block_n or DOWN_BLOCK_N
         ptrs, flags = _gemv_flags(w.down, DOWN_BLOCK_K)
         _expert_down_kernel[(t, triton.cdiv(h, block_n))](
-            ff, ids, wts, *ptrs, x, out, h, f, x.stride(0), out.stride(0),
-            TOP_K=k, KP=triton.next_power_of_2(k), HAS_RES=has_res, BLOCK_N=block_n, num_warps=4, **flags)
+            ff, ids, wts, *ptrs, x, out, *hand, h, f, x.stride(0), out.stride(0),
+            TOP_K=k, KP=triton.next_power_of_2(k), HAS_RES=has_res, NORM_OUT=norm_out is not None,
+            BLOCK_N=block_n, num_warps=4, **flags)
         return
-    block_n = block_n or WORD_DOWN_BLOCK_N
     tiles = triton.cdiv(h, block_n)
     if t * tiles > buffers.tickets.numel() or buffers.partials.numel() < t * k * h:
         raise ValueError(f"decode buffers too small for the word down at block_n {block_n}")
     ptrs, flags = _word_flags(w.down, gated=False, block_n=block_n)
-    _expert_word_kernel[(t * k, tiles)](ff, ff, ids, wts, *ptrs, x, out, buffers.partials, buffers.tickets,
+    _expert_word_kernel[(t * k, tiles)](ff, ff, ids, wts, *ptrs, x, out, buffers.partials, buffers.tickets, *hand,
                                         h, f, f, x.stride(0), out.stride(0), 0.0, gemv.MAGIC, TOP_K=k, GATED=0,
-                                        HAS_RES=has_res, BLOCK_N=block_n, num_warps=4, **flags)
+                                        HAS_RES=has_res, NORM_OUT=norm_out is not None, BLOCK_N=block_n,
+                                        num_warps=4, **flags)
+
+
+def _down_block_n(w: MoEWeights) -> int:
+    return WORD_DOWN_BLOCK_N if _word(w.down) else DOWN_BLOCK_N
+
+
+def norm_parts(w: MoEWeights) -> int:
+    """How many sums of squares a decode block handing its row on (norm_out) writes: its down's column tiles."""
+    return triton.cdiv(w.router.shape[1], _down_block_n(w))
 
 
 def _check_out(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -650,9 +672,12 @@ def prefill_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps
 
 
 def block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
-          buffers: DecodeBuffers | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+          buffers: DecodeBuffers | None = None, out: torch.Tensor | None = None,
+          norm_out: "gemv.NormOut | None" = None) -> torch.Tensor:
     """The MoE block on x in place (into `out` where given): the selected-experts kernels for up to 32 rows
-    (or whenever decode buffers are given), the grouped GEMMs beyond."""
+    (or whenever decode buffers are given; norm_out: see decode_block), the grouped GEMMs beyond."""
     if buffers is not None or x.shape[0] <= MAX_DECODE_ROWS:
-        return decode_block(x, w, norm_weight, eps, act, buffers, out=out)
+        return decode_block(x, w, norm_weight, eps, act, buffers, out=out, norm_out=norm_out)
+    if norm_out is not None:
+        raise ValueError("a norm handoff takes the decode path (one row)")
     return prefill_block(x, w, norm_weight, eps, act, out=out)
