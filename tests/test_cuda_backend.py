@@ -143,12 +143,13 @@ def test_graph_prefill_equals_eager(family, tmp_path):
     assert set(m.backend._prefill_graphs) == {16, 32, 64, 128, 256, 384, 512}
 
 
-@pytest.mark.parametrize("family,quant,layers", [("llama", "q8", 1), ("qwen3", "q4", 2)])
+@pytest.mark.parametrize("family,quant,layers", [("llama", "q8", 1), ("qwen3", "q4", 2), ("gemma3", "q4", 1)])
 def test_split_k_decode_matches_full_forward(family, quant, layers, tmp_path):
     """Decode steps whose GEMVs split K (wider than the tiny models: every projection splits, with different
     column-tile counts sharing one workspace) give the logits of a full-sequence forward of the same tokens.
     Until 48a62dc a call could find the previous call's partial sums where its ticket counters sit. The
-    decode steps hand each residual row on pre-normed (o and down to gate_up, the next qkv and lm_head)."""
+    decode steps hand each residual row on pre-normed (o and down, or Gemma's sandwich norms, to gate_up, the
+    next qkv and lm_head)."""
     from tests.conftest import KERNEL_DEVICE
 
     save_hf(make_hf_model(family, hidden_size=512, intermediate_size=1536, num_attention_heads=8,

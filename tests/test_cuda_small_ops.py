@@ -73,6 +73,24 @@ def test_add_rms_norm_then_scale(g, kernel_device):
         norm.add_rms_norm(residual, h, w, 1e-6, scale=w)
 
 
+def test_add_rms_norm_hands_its_rows_on_normed(g, kernel_device):
+    """norm_out: the new residual rows times the next norm's weight, and each row's sum of squares (what
+    gemv.linear's norm_parts reads); after the layer scale where there is one."""
+    from ingot.backends.cuda.gemv import NormOut
+
+    M, K, dev = 2, 200, kernel_device
+    h, residual = randn(g, M, K, device=dev), randn(g, M, K, device=dev)
+    w, nxt, scale = randn(g, K, device=dev), randn(g, K, device=dev), randn(g, 1, device=dev)
+    expected = (residual + rms_norm(h, w, 1e-6)) * scale
+    hand = NormOut(nxt, torch.full((M, K), float("nan"), device=dev), torch.full((4,), float("nan"), device=dev))
+    norm.add_rms_norm(residual, h, w, 1e-6, scale=scale, norm_out=hand)
+    assert_close(residual, expected, 1e-5)
+    assert_close(hand.xn, expected * nxt, 1e-5)
+    assert_close(hand.ss[:M], expected.pow(2).sum(1), 1e-5)
+    with pytest.raises(ValueError, match="one-pass"):
+        norm.add_rms_norm(residual, h, w, 1e-6, block=64, norm_out=hand)
+
+
 def test_rms_norm_heads(g, kernel_device):
     x = randn(g, 3, 4, 128, device=kernel_device)
     w = randn(g, 128, device=kernel_device)

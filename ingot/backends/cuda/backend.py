@@ -279,11 +279,11 @@ class CudaBackend:
         self._paged_cache: PagedKVCache | None = None  # the cache those graphs read
         self.shapes = layout.attn_shapes(spec)
         # One-row decode steps hand each residual row to the next projection pre-normed (gemv.NormOut) where
-        # every projection runs the word kernel and the norms sit between them (no sandwich norms or per-layer
-        # inputs); an experts block hands its output on to the next qkv, but takes its own input as it is.
+        # every projection runs the word kernel (the residual GEMVs, sandwich norms and experts blocks that
+        # write x hand it on; experts take their own input as it is) and no per-layer inputs sit between.
         projections = [p for lw in weights.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down) if p is not None]
-        self._handoff = (not spec.sandwich_norm and not spec.per_layer_dim
-                         and all(gemv.handoff_ok(p, 1) for p in [weights.lm_head, *projections]))
+        self._handoff = not spec.per_layer_dim and all(gemv.handoff_ok(p, 1)
+                                                       for p in [weights.lm_head, *projections])
         if spec.layer_scale and not spec.sandwich_norm:  # the scale rides on a sandwich norm's residual add
             raise UnsupportedError(f"{spec.arch}: a layer output scale without sandwich norms is not supported")
 
@@ -370,7 +370,9 @@ class CudaBackend:
             qkv = _normed_lin(lin, x, lw.qkv, lw.attn_norm, normed, eps, out=buf("qkv", lw.qkv.n))
             a = attend(i, layer, lw, qkv).flatten(1)
             if spec.sandwich_norm:
-                norm.add_rms_norm(x, lin(a, lw.o, out=buf("h", hidden)), lw.post_attn_norm, eps)
+                to = hand_to(lw.ffn_norm) if lw.gate_up is not None else None
+                norm.add_rms_norm(x, lin(a, lw.o, out=buf("h", hidden)), lw.post_attn_norm, eps, norm_out=to)
+                normed = None if to is None else (to.xn, to.ss[:1])
             else:
                 normed = _residual_lin(lin, a, lw.o, x, hand_to(lw.ffn_norm) if lw.gate_up is not None else None)
             next_norm = self.w.layers[i + 1].attn_norm if i + 1 < len(spec.layers) else self.w.output_norm
@@ -400,7 +402,8 @@ class CudaBackend:
             mix = norm.rms_norm(h, lw.post_ffn_norm_1, eps, out=buf("mix", spec.hidden_size))
             experts = moe.block(x, lw.moe, lw.pre_ffn_norm_2, eps, act, moe_buffers, out=h)
             h = norm.add_rms_norm(mix, experts, lw.post_ffn_norm_2, eps)
-        norm.add_rms_norm(x, h, lw.post_ffn_norm, eps, scale=scale)
+        norm.add_rms_norm(x, h, lw.post_ffn_norm, eps, scale=scale, norm_out=hand_to)
+        return None if hand_to is None else (hand_to.xn, hand_to.ss[:1])
 
     def _per_layer_inputs(self, ids, x, lin, buf):
         """Gemma 4's per-layer inputs [rows, L * P] of tokens ids with embeddings x: their own embedding rows

@@ -849,9 +849,10 @@ def _plan_word(n_out: int, k: int, kind: str, group: int, gated: bool) -> GemvCo
     per program (q8 gated: 64, whose gate and up tiles double the registers), so each thread reuses every
     x value it loads across its rows. K is split until the grid holds about TARGET_PROGRAMS programs (q8: 512);
     q8 gated calls about one per 48 KiB of weights (320 to 1152); q4 gated calls take fp16 pairs (unpack 2),
-    and unpack 2 calls about HALF2_PROGRAMS. The decode step on the H200 (benchmarks/step_time.py, 2026-12-03, with the norm
-    handoff): TARGET_PROGRAMS 396 against 320, Qwen3-8B q4_0 2,749 against 2,826 us, Llama-3.2-3B 1,662
-    against 1,644; then q4 gated as now against 64 rows, unpack 1, ~1 program per 48 KiB: 2,633 and 1,603 us.
+    and unpack 2 calls about HALF2_PROGRAMS. The decode step on the H200 (benchmarks/step_time.py,
+    2026-12-03, with the norm handoff): TARGET_PROGRAMS 396 against 320, Qwen3-8B q4_0 2,749 against
+    2,826 us, Llama-3.2-3B 1,662 against 1,644; then q4 gated as now against 64 rows, unpack 1, ~1 program
+    per 48 KiB: 2,633 and 1,603 us.
     benchmarks/gemv_sweep.py's winners at the Qwen3-8B shapes (2026-12-02): q8 gate_up 64 rows against 128
     (33.6 / 38.8 against 52.5 us), q8 o/down/qkv at ~512 programs (8.9, 18.6, 11.5 us against 10.4, 26.0,
     14.5 at ~320)."""

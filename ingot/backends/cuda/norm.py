@@ -14,10 +14,12 @@ MAX_ONE_PASS = 16384
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, x_stride, w_ptr, res_ptr, res_stride, out_ptr, out_stride, scale_ptr, K, eps,
-                     ADD: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+def _rms_norm_kernel(x_ptr, x_stride, w_ptr, res_ptr, res_stride, out_ptr, out_stride, scale_ptr,
+                     nwo_ptr, xn_ptr, sso_ptr, K, eps, ADD: tl.constexpr, SCALE: tl.constexpr,
+                     NORM_OUT: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
     # ADD: res += norm(x) * w in place (Gemma's sandwich norms), then with SCALE res *= scale_ptr[0] (Gemma 4's
-    # layer output scale); otherwise out = norm(x) * w.
+    # layer output scale); otherwise out = norm(x) * w. NORM_OUT (ADD, one pass): the new residual row handed
+    # on pre-normed as gemv's (xn = res * nwo, its sum of squares in one part per row).
     scale = tl.load(scale_ptr).to(tl.float32) if SCALE else 1.0
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
@@ -29,7 +31,11 @@ def _rms_norm_kernel(x_ptr, x_stride, w_ptr, res_ptr, res_stride, out_ptr, out_s
         y = x * inv * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if ADD:
             r_ptrs = res_ptr + row * res_stride + offs
-            tl.store(r_ptrs, (tl.load(r_ptrs, mask=mask, other=0.0) + y) * scale, mask=mask)
+            r = (tl.load(r_ptrs, mask=mask, other=0.0) + y) * scale
+            tl.store(r_ptrs, r, mask=mask)
+            if NORM_OUT:
+                tl.store(xn_ptr + row * res_stride + offs, r * tl.load(nwo_ptr + offs, mask=mask, other=0.0), mask=mask)
+                tl.store(sso_ptr + row, tl.sum(r * r, axis=0))
         else:
             o_ptrs = out_ptr + row * out_stride + offs
             tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -52,7 +58,7 @@ def _rms_norm_kernel(x_ptr, x_stride, w_ptr, res_ptr, res_stride, out_ptr, out_s
                 tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x, w, eps, res, out, block, scale=None):
+def _launch(x, w, eps, res, out, block, scale=None, norm_out=None):
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be 2-D with contiguous rows, got shape {tuple(x.shape)} strides {x.stride()}")
     M, K = x.shape
@@ -64,13 +70,19 @@ def _launch(x, w, eps, res, out, block, scale=None):
     if block is None:
         block = triton.next_power_of_2(K) if K <= MAX_ONE_PASS else 4096
     one_pass = block >= K
+    if norm_out is not None:
+        if not one_pass or norm_out.xn.shape != (M, K) or norm_out.xn.stride(0) != target.stride(0):
+            raise ValueError("a norm handoff needs one-pass rows and xn shaped and strided as the residual")
+        assert norm_out.weight.shape == (K,) and norm_out.ss.numel() >= M
     num_warps = 4 if min(block, triton.next_power_of_2(K)) <= 2048 else 8
     # The unused pointer of the pair gets a real tensor so both signatures compile the same way.
     other = target
+    hand = (norm_out.weight, norm_out.xn, norm_out.ss) if norm_out is not None else (w, other, other)
     _rms_norm_kernel[(M,)](
         x, x.stride(0), w, res if res is not None else other, target.stride(0),
-        out if out is not None else other, target.stride(0), scale if scale is not None else w, K, float(eps),
-        ADD=res is not None, SCALE=scale is not None, BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps)
+        out if out is not None else other, target.stride(0), scale if scale is not None else w, *hand, K,
+        float(eps), ADD=res is not None, SCALE=scale is not None, NORM_OUT=norm_out is not None, BLOCK=block,
+        ONE_PASS=one_pass, num_warps=num_warps)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None,
@@ -85,15 +97,16 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | N
 
 
 def add_rms_norm(residual: torch.Tensor, h: torch.Tensor, w: torch.Tensor, eps: float,
-                 block: int | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+                 block: int | None = None, scale: torch.Tensor | None = None, norm_out=None) -> torch.Tensor:
     """residual += rms_norm(h) * w in place (residual fp32 [M, K], h fp32 or fp16): Gemma's post-attention
     and post-MLP norms fused with the residual add; then residual *= scale[0] where a one-element scale is
-    given (Gemma 4's layer output scale, read on the device). Returns residual."""
+    given (Gemma 4's layer output scale, read on the device). norm_out (a gemv.NormOut): the new residual
+    rows also handed on pre-normed, one sum of squares per row. Returns residual."""
     if residual.dtype != torch.float32:
         raise ValueError(f"the residual stream must be float32, got {residual.dtype}")
     if scale is not None and scale.numel() != 1:
         raise ValueError(f"scale must hold one value, got shape {tuple(scale.shape)}")
-    _launch(h, w, eps, residual, None, block, scale)
+    _launch(h, w, eps, residual, None, block, scale, norm_out)
     return residual
 
 
