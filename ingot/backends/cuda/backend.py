@@ -84,7 +84,7 @@ def _residual_lin(lin, a, w, x, hand_to: "gemv.NormOut | None"):
         lin(a, w, residual=x, out=x)
         return None
     lin(a, w, residual=x, out=x, norm_out=hand_to)
-    return hand_to.xn, hand_to.ss[: gemv.norm_parts(w)]
+    return hand_to.for_next(gemv.norm_parts(w))
 
 
 def _linear_for(rows: int, s: "DecodeState | None" = None):
@@ -372,7 +372,7 @@ class CudaBackend:
             if spec.sandwich_norm:
                 to = hand_to(lw.ffn_norm) if lw.gate_up is not None else None
                 norm.add_rms_norm(x, lin(a, lw.o, out=buf("h", hidden)), lw.post_attn_norm, eps, norm_out=to)
-                normed = None if to is None else (to.xn, to.ss[:1])
+                normed = None if to is None else to.for_next(1)
             else:
                 normed = _residual_lin(lin, a, lw.o, x, hand_to(lw.ffn_norm) if lw.gate_up is not None else None)
             next_norm = self.w.layers[i + 1].attn_norm if i + 1 < len(spec.layers) else self.w.output_norm
@@ -393,7 +393,7 @@ class CudaBackend:
         act = "silu" if spec.activation == "silu" else "gelu_tanh"
         if lw.gate_up is None:  # experts alone (Qwen3-MoE): they add to x themselves
             moe.block(x, lw.moe, lw.ffn_norm, eps, act, moe_buffers, norm_out=hand_to)
-            return None if hand_to is None else (hand_to.xn, hand_to.ss[: moe.norm_parts(lw.moe)])
+            return None if hand_to is None else hand_to.for_next(moe.norm_parts(lw.moe))
         ff = _normed_lin(lin, x, lw.gate_up, lw.ffn_norm, normed, eps, gated=act, out=buf("ff", lw.gate_up.n // 2))
         if not spec.sandwich_norm:
             return _residual_lin(lin, ff, lw.down, x, hand_to)
@@ -403,7 +403,7 @@ class CudaBackend:
             experts = moe.block(x, lw.moe, lw.pre_ffn_norm_2, eps, act, moe_buffers, out=h)
             h = norm.add_rms_norm(mix, experts, lw.post_ffn_norm_2, eps)
         norm.add_rms_norm(x, h, lw.post_ffn_norm, eps, scale=scale, norm_out=hand_to)
-        return None if hand_to is None else (hand_to.xn, hand_to.ss[:1])
+        return None if hand_to is None else hand_to.for_next(1)  # one sum of squares a row
 
     def _per_layer_inputs(self, ids, x, lin, buf):
         """Gemma 4's per-layer inputs [rows, L * P] of tokens ids with embeddings x: their own embedding rows

@@ -772,6 +772,10 @@ class NormOut:
     xn: torch.Tensor
     ss: torch.Tensor
 
+    def for_next(self, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the next call reads (its x and norm_parts) after a producer that wrote `parts` sums."""
+        return self.xn, self.ss[:parts]
+
 
 def handoff_ok(w: PackedLinear, m: int) -> bool:
     """Whether a call on w with m rows runs the word kernel, so it can take part in a norm handoff."""
