@@ -161,6 +161,11 @@ def test_decode_block_hands_its_row_on_normed(gen, kernel_device, decode_path, k
     assert moe.norm_parts(dw) == -(-H // moe._down_block_n(dw))
     assert rel_err(hand.xn, want * nxt.double()) < 1e-5
     assert abs(hand.ss[:parts].sum().item() / want.pow(2).sum().item() - 1) < 1e-5
+    # and a block reading its own input so (router and gate/up on x * nw, rstd from the sums of squares)
+    xs = x.to(dev)
+    split = torch.stack([xs[0, :100].pow(2).sum(), xs[0, 100:].pow(2).sum()])
+    got = moe.decode_block(xs.clone(), dw, nw.to(dev), EPS, block_n=block_n, normed=(xs * nw.to(dev), split))
+    assert rel_err(got, want) < 1e-5
 
 
 def test_grouping_pads_each_expert_and_skips_empty_ones(kernel_device):

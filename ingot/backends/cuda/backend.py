@@ -280,7 +280,7 @@ class CudaBackend:
         self.shapes = layout.attn_shapes(spec)
         # One-row decode steps hand each residual row to the next projection pre-normed (gemv.NormOut) where
         # every projection runs the word kernel (the residual GEMVs, sandwich norms and experts blocks that
-        # write x hand it on; experts take their own input as it is) and no per-layer inputs sit between.
+        # write x hand it on, and the experts blocks read theirs so too) and no per-layer inputs sit between.
         projections = [p for lw in weights.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down) if p is not None]
         self._handoff = not spec.per_layer_dim and all(gemv.handoff_ok(p, 1)
                                                        for p in [weights.lm_head, *projections])
@@ -374,7 +374,9 @@ class CudaBackend:
                 norm.add_rms_norm(x, lin(a, lw.o, out=buf("h", hidden)), lw.post_attn_norm, eps, norm_out=to)
                 normed = None if to is None else to.for_next(1)
             else:
-                normed = _residual_lin(lin, a, lw.o, x, hand_to(lw.ffn_norm) if lw.gate_up is not None else None)
+                # the MLP, or experts routed on ffn_norm too (a router with a norm of its own takes x as it is)
+                to_ffn = lw.gate_up is not None or lw.moe.router_norm is None
+                normed = _residual_lin(lin, a, lw.o, x, hand_to(lw.ffn_norm) if to_ffn else None)
             next_norm = self.w.layers[i + 1].attn_norm if i + 1 < len(spec.layers) else self.w.output_norm
             # the layer output scale rides on the layer's last residual add
             normed = self._ffn(x, lw, lin, buf, s.moe if decode else None,
@@ -392,7 +394,7 @@ class CudaBackend:
         spec, eps = self.spec, self.spec.norm_eps
         act = "silu" if spec.activation == "silu" else "gelu_tanh"
         if lw.gate_up is None:  # experts alone (Qwen3-MoE): they add to x themselves
-            moe.block(x, lw.moe, lw.ffn_norm, eps, act, moe_buffers, norm_out=hand_to)
+            moe.block(x, lw.moe, lw.ffn_norm, eps, act, moe_buffers, norm_out=hand_to, normed=normed)
             return None if hand_to is None else hand_to.for_next(moe.norm_parts(lw.moe))
         ff = _normed_lin(lin, x, lw.gate_up, lw.ffn_norm, normed, eps, gated=act, out=buf("ff", lw.gate_up.n // 2))
         if not spec.sandwich_norm:

@@ -244,6 +244,18 @@ def _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_p
 
 
 @triton.jit
+def _handed_rstd(ssi_ptr, n_parts, K, eps, PARTS_BLOCK: tl.constexpr):
+    """rsqrt(mean(x^2) + eps) of a row handed on pre-normed, from its n_parts sums of squares."""
+    pi = tl.arange(0, PARTS_BLOCK)
+    return 1.0 / tl.sqrt(tl.sum(tl.load(ssi_ptr + pi, mask=pi < n_parts, other=0.0), axis=0) / K + eps)
+
+
+def parts_block(n_parts: int) -> int:
+    """The PARTS_BLOCK constexpr of a kernel reading n_parts sums of squares (_handed_rstd)."""
+    return max(16, triton.next_power_of_2(n_parts))
+
+
+@triton.jit
 def _norm_out(y, done, rows, N, nwo_ptr, xn_ptr, sso_ptr):
     """Hand a finished residual row [1, rows] on pre-normed (linear's norm_out): y times the next norm's
     weight, and the tile's part of the row's sum of squares; nothing where this program did not finish."""
@@ -614,8 +626,7 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
         ssv += sq
     ss = tl.sum(tl.sum(ssv, axis=1), axis=0)
     if NORMED:  # x came times the norm weight, its sum of squares in parts: rstd scales the partial sums
-        pi = tl.arange(0, PARTS_BLOCK)
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.load(ssi_ptr + pi, mask=pi < n_parts, other=0.0), axis=0) / K + eps)
+        rstd = _handed_rstd(ssi_ptr, n_parts, K, eps, PARTS_BLOCK)
         acc *= rstd
         acc_u *= rstd
     y, done = _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
@@ -1021,7 +1032,7 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
             kernel, args_before, args_after, extra = _gemv_word_kernel, handoff, (MAGIC, n_parts), dict(
                 UNPACK=cfg.unpack, X_PAIRS=pairs, EVEN=whole_tiles(n_out, k, cfg.block_n, cfg.block_k),
                 NORMED=norm_parts is not None, NORM_OUT=norm_out is not None,
-                PARTS_BLOCK=max(16, triton.next_power_of_2(n_parts)))
+                PARTS_BLOCK=parts_block(n_parts))
         else:
             kernel, args_before, args_after, extra = _gemv_dp4a_kernel, (), (), {}
         # inline PTX only on a GPU; the interpreter runs the same arithmetic in plain ops

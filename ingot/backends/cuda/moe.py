@@ -92,8 +92,9 @@ class MoEWeights:
 
 
 @triton.jit
-def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, wts_ptr, T, K, E, stride_xm, eps,
-                   TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr, EXPERT_SCALE: tl.constexpr,
+def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, wts_ptr, ssi_ptr, T, K, E, stride_xm,
+                   eps, n_parts, TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr,
+                   EXPERT_SCALE: tl.constexpr, NORMED: tl.constexpr, PARTS_BLOCK: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, E_ALL: tl.constexpr):
     """One [BLOCK_T rows, BLOCK_E experts] tile of the logits (rms_norm(x) * nw) @ R^T in fp32 FMAs (the
     reference's sums: no tensor-core rounding that could flip a near-tied expert; from 16 rows through
@@ -101,7 +102,8 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, w
     on the H200, 2026-12-02), stored to the workspace;
     the row block's last tile to finish (an atomic ticket, as gemv's split-K) then takes the block's whole
     logit rows through the softmax, the top-k by repeated argmax (the lowest id among equals) and the
-    renormalisation (then Gemma 4's per-expert scale), and puts the counter back to 0."""
+    renormalisation (then Gemma 4's per-expert scale), and puts the counter back to 0. NORMED (one row): x
+    came times nw, its sum of squares in n_parts pieces (gemv.linear's norm_parts)."""
     pid_t, pid_e = tl.program_id(0), tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -113,8 +115,9 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, w
         k_ok = k < K
         x = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_xm + k[None, :], mask=t_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
-        ss += tl.sum(x * x, axis=1)
-        x = x * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if not NORMED:
+            ss += tl.sum(x * x, axis=1)
+            x = x * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         r = tl.load(r_ptr + e.to(tl.int64)[:, None] * K + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
         if BLOCK_T >= 16:
@@ -122,7 +125,10 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, w
         else:
             acc += tl.sum(x[:, None, :] * r[None, :, :], axis=2)
     # rstd is one scalar per row: applied to the finished logits rather than to every x element.
-    acc = acc / tl.sqrt(ss / K + eps)[:, None]
+    if NORMED:
+        acc = acc * gemv._handed_rstd(ssi_ptr, n_parts, K, eps, PARTS_BLOCK)
+    else:
+        acc = acc / tl.sqrt(ss / K + eps)[:, None]
     rows = t.to(tl.int64)[:, None] * E
     tl.store(logits_ptr + rows + e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
     tl.debug_barrier()  # every thread's stores before the (one-thread) release
@@ -170,11 +176,13 @@ def _router_tiles(t: int, e: int) -> tuple[int, int, int]:
 
 def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, *,
           ids: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-          logits: torch.Tensor | None = None, counters: torch.Tensor | None = None):
+          logits: torch.Tensor | None = None, counters: torch.Tensor | None = None,
+          norm_parts: torch.Tensor | None = None):
     """Expert ids (int32 [T, k]) and routing weights (fp32 [T, k]) of rows x (fp32/fp16 [T, H]), normed by
     w.router_norm where the model has one, else by norm_weight. `logits` (fp32 [T, E]) and `counters` (int32,
     one per BLOCK_T rows, zero) are the router's workspace: a captured step passes its own (the counters are
-    back at zero after each call), else they are allocated."""
+    back at zero after each call), else they are allocated. norm_parts: x is one row handed on pre-normed
+    by norm_weight (as gemv.linear's norm_parts)."""
     t, h = x.shape
     if h != w.hidden or x.stride(1) != 1:
         raise ValueError(f"x of shape {tuple(x.shape)} (row stride 1 needed) does not match hidden {w.hidden}")
@@ -188,13 +196,18 @@ def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float,
     assert weights.shape == (t, k) and weights.dtype == torch.float32 and weights.is_contiguous()
     assert logits.shape == (t, e) and logits.dtype == torch.float32 and logits.is_contiguous()
     assert counters.numel() >= triton.cdiv(t, bt) and counters.dtype == torch.int32
+    if norm_parts is not None and (t != 1 or w.router_norm is not None):
+        raise ValueError("a handed-on row is one row normed by the block's own norm weight")
     if t:
         nw = w.router_norm if w.router_norm is not None else norm_weight
         es = w.expert_scale if w.expert_scale is not None else weights
+        n_parts = 0 if norm_parts is None else norm_parts.numel()
         _router_kernel[(triton.cdiv(t, bt), triton.cdiv(e, be))](
-            x, nw, w.router, es, logits, counters, ids, weights, t, h, e, x.stride(0), float(eps),
-            TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, EXPERT_SCALE=w.expert_scale is not None,
-            BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, E_ALL=triton.next_power_of_2(e), num_warps=4)
+            x, nw, w.router, es, logits, counters, ids, weights, norm_parts if norm_parts is not None else weights,
+            t, h, e, x.stride(0), float(eps), n_parts, TOP_K=k, KP=triton.next_power_of_2(k),
+            NORM_TOPK=w.norm_topk, EXPERT_SCALE=w.expert_scale is not None, NORMED=norm_parts is not None,
+            PARTS_BLOCK=gemv.parts_block(n_parts), BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk,
+            E_ALL=triton.next_power_of_2(e), num_warps=4)
     return ids, weights
 
 
@@ -202,10 +215,10 @@ def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _expert_gate_up_kernel(x_ptr, nw_ptr, ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, F, K, stride_xm, eps,
-                           TOP_K: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
-                           HAS_MIN: tl.constexpr, ACT: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _expert_gate_up_kernel(x_ptr, nw_ptr, ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, ssi_ptr, F, K, stride_xm, eps,
+                           n_parts, TOP_K: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
+                           HAS_MIN: tl.constexpr, ACT: tl.constexpr, NORMED: tl.constexpr,
+                           PARTS_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pair = tl.program_id(0)  # row * TOP_K + choice
     xrow = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm
     expert = tl.load(ids_ptr + pair)  # read on the device: the step needs nothing from the host
@@ -224,9 +237,10 @@ def _expert_gate_up_kernel(x_ptr, nw_ptr, ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr
         ok_hi = kk + HALF < K
         x_lo = tl.load(xrow + kk, mask=ok_lo, other=0.0).to(tl.float32)
         x_hi = tl.load(xrow + kk + HALF, mask=ok_hi, other=0.0).to(tl.float32)
-        ss += x_lo * x_lo + x_hi * x_hi
-        x_lo = x_lo * tl.load(nw_ptr + kk, mask=ok_lo, other=0.0)
-        x_hi = x_hi * tl.load(nw_ptr + kk + HALF, mask=ok_hi, other=0.0)
+        if not NORMED:  # else x came times nw (gemv's norm handoff)
+            ss += x_lo * x_lo + x_hi * x_hi
+            x_lo = x_lo * tl.load(nw_ptr + kk, mask=ok_lo, other=0.0)
+            x_hi = x_hi * tl.load(nw_ptr + kk + HALF, mask=ok_hi, other=0.0)
         w_lo, w_hi = gemv._dequant_tile(qw_ptr, s_ptr, m_ptr, gate_rows, n_ok, k0, K, K,
                                         KIND, GROUP, HAS_MIN, BLOCK_K)
         acc += tl.sum(tl.sum(w_lo * x_lo[None] + w_hi * x_hi[None], axis=2), axis=1)
@@ -234,9 +248,13 @@ def _expert_gate_up_kernel(x_ptr, nw_ptr, ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr
                                         KIND, GROUP, HAS_MIN, BLOCK_K)
         acc_u += tl.sum(tl.sum(u_lo * x_lo[None] + u_hi * x_hi[None], axis=2), axis=1)
     ssq = tl.sum(tl.sum(ss, axis=1), axis=0) + tl.zeros((1,), tl.float32)
+    if NORMED:
+        rstd = gemv._handed_rstd(ssi_ptr, n_parts, K, eps, PARTS_BLOCK)
+        acc *= rstd
+        acc_u *= rstd
     out_row = out_ptr + pair.to(tl.int64) * F
     gemv._finish(acc[None, :], acc_u[None, :], ssq, tl.arange(0, 1), n, 1, F, K, eps, out_row, 0, out_row, 0,
-                 True, ACT, False)
+                 not NORMED, ACT, False)
 
 
 @triton.jit
@@ -298,15 +316,15 @@ def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, 
 
 @triton.jit
 def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, out_ptr, part_ptr,
-                        cnt_ptr, nwo_ptr, xn_ptr, sso_ptr, N, K, stride_xm, stride_rm, stride_om, eps, magic,
-                        TOP_K: tl.constexpr, WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                        SIGNED: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, UNPACK: tl.constexpr,
-                        EVEN: tl.constexpr, NORM_OUT: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        cnt_ptr, nwo_ptr, xn_ptr, sso_ptr, ssi_ptr, N, K, stride_xm, stride_rm, stride_om, eps,
+                        magic, n_parts, TOP_K: tl.constexpr, WIDTH: tl.constexpr, GROUP: tl.constexpr,
+                        HAS_MIN: tl.constexpr, SIGNED: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
+                        UNPACK: tl.constexpr, EVEN: tl.constexpr, NORM_OUT: tl.constexpr, NORMED: tl.constexpr,
+                        PARTS_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """GATED (gate/up): out[pair, n] = act(g) * u of the pair's expert on rms_norm(x[pair // TOP_K]) * nw.
     Else (down): out[row, n] = [res[row, n] +] sum over choices c, in order, of wts[pair] * (W_e @ x[pair])[n],
     pair = row * TOP_K + c, through the partials part[pair, n] and tickets cnt[row * tiles + tile]; NORM_OUT
-    (down, one row): also the row handed on pre-normed, as gemv's."""
+    (down, one row): also the row handed on pre-normed, as gemv's; NORMED (gate/up): x came so."""
     pair = tl.program_id(0)
     tile = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -335,16 +353,21 @@ def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, r
         wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k_next, K, K,
                                                       WIDTH, GROUP, HAS_MIN, GATED, NG, WPG, EVEN)
         c, cu, sq = gemv._word_dot(xrow, nw_ptr, cw0, cs0, cm0, cw1, cs1, cm1, k0, K, magic, WIDTH, GROUP,
-                                   HAS_MIN, SIGNED, GATED != 0, GATED, UNPACK, False, False, NG, WPG, EVEN)
+                                   HAS_MIN, SIGNED, GATED != 0 and not NORMED, GATED, UNPACK, False, False, NG, WPG,
+                                   EVEN)
         acc += c
         acc_u += cu
         ssv += sq
     ss = tl.sum(tl.sum(ssv, axis=1), axis=0)
     # _row_epilogue's flags: HAS_NORM, GATED, HAS_RES, SPLIT
     if GATED != 0:
+        if NORMED:
+            rstd = gemv._handed_rstd(ssi_ptr, n_parts, K, eps, PARTS_BLOCK)
+            acc *= rstd
+            acc_u *= rstd
         out_row = out_ptr + pair.to(tl.int64) * N
         gemv._row_epilogue(acc, acc_u, ss, n, 0, 0, 1, N, K, eps, out_row, out_row, cnt_ptr, out_row, 0,
-                           out_row, 0, True, GATED, False, False)
+                           out_row, 0, not NORMED, GATED, False, False)
     else:
         row = pair // TOP_K
         r64 = row.to(tl.int64)
@@ -424,14 +447,16 @@ def _word(w: PackedLinear) -> bool:
 
 def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
                  buffers: DecodeBuffers | None = None, block_n: tuple[int, int] | None = None,
-                 out: torch.Tensor | None = None, norm_out: "gemv.NormOut | None" = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, norm_out: "gemv.NormOut | None" = None,
+                 normed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x (fp32 [T, H], T <= 32) += the MoE block of x, reading only the selected experts' weights; with `out`
     (fp32 [T, H]) the block's output goes there instead and x is left as it is.
     block_n (default: the kernels' own): output rows a program of the gate/up kernel (gate rows, each with
     its up row, of one pair, on both schemes) and of the down kernel ("byte": hidden rows of one row's k
     experts, k * block_n weight rows; "word": hidden rows of one pair's expert, at least WORD_MIN_BLOCK_N).
     The interpreter tests use larger ones. norm_out (one row): the block's output also handed on pre-normed,
-    as gemv.linear's, in norm_parts(w) sums of squares."""
+    as gemv.linear's, in norm_parts(w) sums of squares. normed: x's own handoff (xn, sums of squares; one row,
+    normed by norm_weight), which the router and the gate/up read in place of x (x stays the residual)."""
     t, h = x.shape
     if not 1 <= t <= MAX_DECODE_ROWS:
         raise ValueError(f"the decode MoE path takes 1..{MAX_DECODE_ROWS} rows, got {t}")
@@ -443,29 +468,34 @@ def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps:
     ids, wts = buffers.ids[:t, :k], buffers.weights[:t, :k]
     if not (ids.is_contiguous() and wts.is_contiguous()):
         raise ValueError("decode buffers must be sized for this layer's top_k")
-    route(x, w, norm_weight, eps, ids=ids, weights=wts, logits=buffers.logits[: t * w.n_experts].view(t, -1),
-          counters=buffers.counters)
+    xin, parts = normed if normed is not None else (x, None)
+    route(xin, w, norm_weight, eps, ids=ids, weights=wts, logits=buffers.logits[: t * w.n_experts].view(t, -1),
+          counters=buffers.counters, norm_parts=parts)
     ff = buffers.ff[: t * k * f].view(t * k, f)
-    _gate_up(x, w, norm_weight, eps, act, ids, ff, block_n[0] if block_n else None)
+    _gate_up(xin, w, norm_weight, eps, act, ids, ff, block_n[0] if block_n else None, parts)
     _down(ff, w, ids, wts, x, out, buffers, block_n[1] if block_n else None, norm_out)
     return out
 
 
-def _gate_up(x, w: MoEWeights, norm_weight, eps: float, act: str, ids, ff, block_n: int | None):
-    """ff[pair] = act(gate) * up of the pair's expert on rms_norm(x[pair // k]) * norm_weight."""
+def _gate_up(x, w: MoEWeights, norm_weight, eps: float, act: str, ids, ff, block_n: int | None, norm_parts=None):
+    """ff[pair] = act(gate) * up of the pair's expert on rms_norm(x[pair // k]) * norm_weight (x handed on
+    so already, with its sums of squares in norm_parts, where they are given)."""
     (t, h), k, f = x.shape, w.top_k, w.ffn
     word = _word(w.gate_up)
     block_n = block_n or (WORD_GATE_UP_BLOCK_N if word else GATE_UP_BLOCK_N)
     grid = (t * k, triton.cdiv(f, block_n))
+    n_parts = 0 if norm_parts is None else norm_parts.numel()
+    handed = dict(NORMED=norm_parts is not None, PARTS_BLOCK=gemv.parts_block(n_parts))
+    ssi = norm_parts if norm_parts is not None else ff
     if word:
         ptrs, flags = _word_flags(w.gate_up, gated=True, block_n=block_n)
-        _expert_word_kernel[grid](x, norm_weight, ids, ids, *ptrs, x, ff, ff, ids, ff, ff, ff, f, h, x.stride(0),
-                                  0, 0, float(eps), gemv.MAGIC, TOP_K=k, GATED=_ACTS[act], HAS_RES=False,
-                                  NORM_OUT=False, BLOCK_N=block_n, num_warps=4, **flags)
+        _expert_word_kernel[grid](x, norm_weight, ids, ids, *ptrs, x, ff, ff, ids, ff, ff, ff, ssi, f, h,
+                                  x.stride(0), 0, 0, float(eps), gemv.MAGIC, n_parts, TOP_K=k, GATED=_ACTS[act],
+                                  HAS_RES=False, NORM_OUT=False, BLOCK_N=block_n, num_warps=4, **handed, **flags)
     else:
         ptrs, flags = _gemv_flags(w.gate_up)
-        _expert_gate_up_kernel[grid](x, norm_weight, ids, *ptrs, ff, f, h, x.stride(0), float(eps),
-                                     TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n, num_warps=4, **flags)
+        _expert_gate_up_kernel[grid](x, norm_weight, ids, *ptrs, ff, ssi, f, h, x.stride(0), float(eps), n_parts,
+                                     TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n, num_warps=4, **handed, **flags)
 
 
 def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: int | None,
@@ -489,9 +519,9 @@ def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: 
         raise ValueError(f"decode buffers too small for the word down at block_n {block_n}")
     ptrs, flags = _word_flags(w.down, gated=False, block_n=block_n)
     _expert_word_kernel[(t * k, tiles)](ff, ff, ids, wts, *ptrs, x, out, buffers.partials, buffers.tickets, *hand,
-                                        h, f, f, x.stride(0), out.stride(0), 0.0, gemv.MAGIC, TOP_K=k, GATED=0,
-                                        HAS_RES=has_res, NORM_OUT=norm_out is not None, BLOCK_N=block_n,
-                                        num_warps=4, **flags)
+                                        ff, h, f, f, x.stride(0), out.stride(0), 0.0, gemv.MAGIC, 0, TOP_K=k,
+                                        GATED=0, HAS_RES=has_res, NORM_OUT=norm_out is not None, NORMED=False,
+                                        PARTS_BLOCK=16, BLOCK_N=block_n, num_warps=4, **flags)
 
 
 def _down_block_n(w: MoEWeights) -> int:
@@ -673,11 +703,12 @@ def prefill_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps
 
 def block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, act: str = "silu",
           buffers: DecodeBuffers | None = None, out: torch.Tensor | None = None,
-          norm_out: "gemv.NormOut | None" = None) -> torch.Tensor:
+          norm_out: "gemv.NormOut | None" = None, normed: tuple[torch.Tensor, torch.Tensor] | None = None
+          ) -> torch.Tensor:
     """The MoE block on x in place (into `out` where given): the selected-experts kernels for up to 32 rows
-    (or whenever decode buffers are given; norm_out: see decode_block), the grouped GEMMs beyond."""
+    (or whenever decode buffers are given; norm_out, normed: see decode_block), the grouped GEMMs beyond."""
     if buffers is not None or x.shape[0] <= MAX_DECODE_ROWS:
-        return decode_block(x, w, norm_weight, eps, act, buffers, out=out, norm_out=norm_out)
-    if norm_out is not None:
+        return decode_block(x, w, norm_weight, eps, act, buffers, out=out, norm_out=norm_out, normed=normed)
+    if norm_out is not None or normed is not None:
         raise ValueError("a norm handoff takes the decode path (one row)")
     return prefill_block(x, w, norm_weight, eps, act, out=out)
