@@ -250,9 +250,18 @@ def _handed_rstd(ssi_ptr, n_parts, K, eps, PARTS_BLOCK: tl.constexpr):
     return 1.0 / tl.sqrt(tl.sum(tl.load(ssi_ptr + pi, mask=pi < n_parts, other=0.0), axis=0) / K + eps)
 
 
-def parts_block(n_parts: int) -> int:
-    """The PARTS_BLOCK constexpr of a kernel reading n_parts sums of squares (_handed_rstd)."""
-    return max(16, triton.next_power_of_2(n_parts))
+def handed_args(norm_parts: torch.Tensor | None, placeholder: torch.Tensor) -> tuple:
+    """(sums-of-squares pointer, their count, dict(NORMED=, PARTS_BLOCK=)) of a kernel that may read a row
+    handed on pre-normed (_handed_rstd); placeholder: any tensor, never read, where there is none."""
+    n_parts = 0 if norm_parts is None else norm_parts.numel()
+    flags = dict(NORMED=norm_parts is not None, PARTS_BLOCK=max(16, triton.next_power_of_2(n_parts)))
+    return (norm_parts if norm_parts is not None else placeholder), n_parts, flags
+
+
+def norm_out_args(norm_out: "NormOut | None", placeholder: torch.Tensor) -> tuple:
+    """The (next norm weight, xn, sums of squares) pointers of a kernel that may hand its row on (_norm_out);
+    placeholder: any tensor, never touched, where it does not."""
+    return (norm_out.weight, norm_out.xn, norm_out.ss) if norm_out is not None else (placeholder,) * 3
 
 
 @triton.jit
@@ -1026,13 +1035,11 @@ def linear(x: torch.Tensor, w: PackedLinear, *, out: torch.Tensor | None = None,
             if cfg.unpack == 2 and w.kind != "q4":
                 raise ValueError(f"the word kernel's fp16 pairs (unpack 2) take q4 weights, not {w.kind}")
             pairs = X_PAIRS and _pairs_ok(x) and (norm_weight is None or _pairs_ok(norm_weight))
-            n_parts = 0 if norm_parts is None else norm_parts.numel()
-            handoff = (norm_parts if norm_parts is not None else out,
-                       *((norm_out.weight, norm_out.xn, norm_out.ss) if norm_out is not None else (out, out, out)))
-            kernel, args_before, args_after, extra = _gemv_word_kernel, handoff, (MAGIC, n_parts), dict(
-                UNPACK=cfg.unpack, X_PAIRS=pairs, EVEN=whole_tiles(n_out, k, cfg.block_n, cfg.block_k),
-                NORMED=norm_parts is not None, NORM_OUT=norm_out is not None,
-                PARTS_BLOCK=parts_block(n_parts))
+            ssi, n_parts, handed = handed_args(norm_parts, out)
+            kernel, args_before, args_after, extra = _gemv_word_kernel, (ssi, *norm_out_args(norm_out, out)), (
+                MAGIC, n_parts), dict(UNPACK=cfg.unpack, X_PAIRS=pairs,
+                                      EVEN=whole_tiles(n_out, k, cfg.block_n, cfg.block_k),
+                                      NORM_OUT=norm_out is not None, **handed)
         else:
             kernel, args_before, args_after, extra = _gemv_dp4a_kernel, (), (), {}
         # inline PTX only on a GPU; the interpreter runs the same arithmetic in plain ops

@@ -201,13 +201,11 @@ def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float,
     if t:
         nw = w.router_norm if w.router_norm is not None else norm_weight
         es = w.expert_scale if w.expert_scale is not None else weights
-        n_parts = 0 if norm_parts is None else norm_parts.numel()
+        ssi, n_parts, handed = gemv.handed_args(norm_parts, weights)
         _router_kernel[(triton.cdiv(t, bt), triton.cdiv(e, be))](
-            x, nw, w.router, es, logits, counters, ids, weights, norm_parts if norm_parts is not None else weights,
-            t, h, e, x.stride(0), float(eps), n_parts, TOP_K=k, KP=triton.next_power_of_2(k),
-            NORM_TOPK=w.norm_topk, EXPERT_SCALE=w.expert_scale is not None, NORMED=norm_parts is not None,
-            PARTS_BLOCK=gemv.parts_block(n_parts), BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk,
-            E_ALL=triton.next_power_of_2(e), num_warps=4)
+            x, nw, w.router, es, logits, counters, ids, weights, ssi, t, h, e, x.stride(0), float(eps), n_parts,
+            TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, EXPERT_SCALE=w.expert_scale is not None,
+            BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, E_ALL=triton.next_power_of_2(e), num_warps=4, **handed)
     return ids, weights
 
 
@@ -484,9 +482,7 @@ def _gate_up(x, w: MoEWeights, norm_weight, eps: float, act: str, ids, ff, block
     word = _word(w.gate_up)
     block_n = block_n or (WORD_GATE_UP_BLOCK_N if word else GATE_UP_BLOCK_N)
     grid = (t * k, triton.cdiv(f, block_n))
-    n_parts = 0 if norm_parts is None else norm_parts.numel()
-    handed = dict(NORMED=norm_parts is not None, PARTS_BLOCK=gemv.parts_block(n_parts))
-    ssi = norm_parts if norm_parts is not None else ff
+    ssi, n_parts, handed = gemv.handed_args(norm_parts, ff)
     if word:
         ptrs, flags = _word_flags(w.gate_up, gated=True, block_n=block_n)
         _expert_word_kernel[grid](x, norm_weight, ids, ids, *ptrs, x, ff, ff, ids, ff, ff, ff, ssi, f, h,
@@ -504,7 +500,7 @@ def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: 
     (t, h), k, f = x.shape, w.top_k, w.ffn
     has_res = out is x
     block_n = block_n or _down_block_n(w)
-    hand = (norm_out.weight, norm_out.xn, norm_out.ss) if norm_out is not None else (out, out, out)
+    hand = gemv.norm_out_args(norm_out, out)
     if norm_out is not None:
         assert t == 1 and norm_out.ss.numel() >= triton.cdiv(h, block_n), "a handoff takes one row, all tiles"
     if not _word(w.down):
@@ -518,10 +514,11 @@ def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: 
     if t * tiles > buffers.tickets.numel() or buffers.partials.numel() < t * k * h:
         raise ValueError(f"decode buffers too small for the word down at block_n {block_n}")
     ptrs, flags = _word_flags(w.down, gated=False, block_n=block_n)
+    ssi, n_parts, handed = gemv.handed_args(None, ff)
     _expert_word_kernel[(t * k, tiles)](ff, ff, ids, wts, *ptrs, x, out, buffers.partials, buffers.tickets, *hand,
-                                        ff, h, f, f, x.stride(0), out.stride(0), 0.0, gemv.MAGIC, 0, TOP_K=k,
-                                        GATED=0, HAS_RES=has_res, NORM_OUT=norm_out is not None, NORMED=False,
-                                        PARTS_BLOCK=16, BLOCK_N=block_n, num_warps=4, **flags)
+                                        ssi, h, f, f, x.stride(0), out.stride(0), 0.0, gemv.MAGIC, n_parts, TOP_K=k,
+                                        GATED=0, HAS_RES=has_res, NORM_OUT=norm_out is not None, BLOCK_N=block_n,
+                                        num_warps=4, **handed, **flags)
 
 
 def _down_block_n(w: MoEWeights) -> int:
@@ -530,7 +527,7 @@ def _down_block_n(w: MoEWeights) -> int:
 
 def norm_parts(w: MoEWeights) -> int:
     """How many sums of squares a decode block handing its row on (norm_out) writes: its down's column tiles."""
-    return triton.cdiv(w.router.shape[1], _down_block_n(w))
+    return triton.cdiv(w.hidden, _down_block_n(w))
 
 
 def _check_out(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

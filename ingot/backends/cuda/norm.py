@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.backends.cuda import gemv
+
 MAX_ONE_PASS = 16384
 
 
@@ -77,7 +79,7 @@ def _launch(x, w, eps, res, out, block, scale=None, norm_out=None):
     num_warps = 4 if min(block, triton.next_power_of_2(K)) <= 2048 else 8
     # The unused pointer of the pair gets a real tensor so both signatures compile the same way.
     other = target
-    hand = (norm_out.weight, norm_out.xn, norm_out.ss) if norm_out is not None else (w, other, other)
+    hand = gemv.norm_out_args(norm_out, other)
     _rms_norm_kernel[(M,)](
         x, x.stride(0), w, res if res is not None else other, target.stride(0),
         out if out is not None else other, target.stride(0), scale if scale is not None else w, *hand, K,
