@@ -87,6 +87,13 @@ def _residual_lin(lin, a, w, x, hand_to: "gemv.NormOut | None"):
     return hand_to.for_next(gemv.norm_parts(w))
 
 
+def _add_norm(x, h, w, eps, hand_to: "gemv.NormOut | None", scale=None):
+    """x += rms_norm(h) * w in place (a sandwich norm), then x *= scale; with hand_to, x is also handed on
+    pre-normed there: returns the handoff (xn, its one sum of squares) for _normed_lin, else None."""
+    norm.add_rms_norm(x, h, w, eps, scale=scale, norm_out=hand_to)
+    return None if hand_to is None else hand_to.for_next(1)
+
+
 def _linear_for(rows: int, s: "DecodeState | None" = None):
     """The projection kernel for `rows` activation rows: the GEMV (split-K workspace from the decode state,
     so a captured step never allocates) up to DECODE_ROWS, the tensor-core GEMM above."""
@@ -369,14 +376,12 @@ class CudaBackend:
         for i, (layer, lw) in enumerate(zip(spec.layers, self.w.layers)):
             qkv = _normed_lin(lin, x, lw.qkv, lw.attn_norm, normed, eps, out=buf("qkv", lw.qkv.n))
             a = attend(i, layer, lw, qkv).flatten(1)
+            # the MLP, or experts routed on ffn_norm too (a router with a norm of its own takes x as it is)
+            ffn_hand = hand_to(lw.ffn_norm) if lw.gate_up is not None or lw.moe.router_norm is None else None
             if spec.sandwich_norm:
-                to = hand_to(lw.ffn_norm) if lw.gate_up is not None else None
-                norm.add_rms_norm(x, lin(a, lw.o, out=buf("h", hidden)), lw.post_attn_norm, eps, norm_out=to)
-                normed = None if to is None else to.for_next(1)
+                normed = _add_norm(x, lin(a, lw.o, out=buf("h", hidden)), lw.post_attn_norm, eps, ffn_hand)
             else:
-                # the MLP, or experts routed on ffn_norm too (a router with a norm of its own takes x as it is)
-                to_ffn = lw.gate_up is not None or lw.moe.router_norm is None
-                normed = _residual_lin(lin, a, lw.o, x, hand_to(lw.ffn_norm) if to_ffn else None)
+                normed = _residual_lin(lin, a, lw.o, x, ffn_hand)
             next_norm = self.w.layers[i + 1].attn_norm if i + 1 < len(spec.layers) else self.w.output_norm
             # the layer output scale rides on the layer's last residual add
             normed = self._ffn(x, lw, lin, buf, s.moe if decode else None,
@@ -390,7 +395,7 @@ class CudaBackend:
     def _ffn(self, x, lw, lin, buf, moe_buffers, scale, normed=None, hand_to=None):
         """The MLP, the experts, or both side by side (Gemma 4), added to x in place (then x *= scale).
         normed: x handed on pre-normed by ffn_norm (_normed_lin); hand_to: where to hand the new x on
-        (_residual_lin). Returns the new x's handoff, or None."""
+        (_residual_lin, _add_norm). Returns the new x's handoff, or None."""
         spec, eps = self.spec, self.spec.norm_eps
         act = "silu" if spec.activation == "silu" else "gelu_tanh"
         if lw.gate_up is None:  # experts alone (Qwen3-MoE): they add to x themselves
@@ -404,8 +409,7 @@ class CudaBackend:
             mix = norm.rms_norm(h, lw.post_ffn_norm_1, eps, out=buf("mix", spec.hidden_size))
             experts = moe.block(x, lw.moe, lw.pre_ffn_norm_2, eps, act, moe_buffers, out=h)
             h = norm.add_rms_norm(mix, experts, lw.post_ffn_norm_2, eps)
-        norm.add_rms_norm(x, h, lw.post_ffn_norm, eps, scale=scale, norm_out=hand_to)
-        return None if hand_to is None else hand_to.for_next(1)  # one sum of squares a row
+        return _add_norm(x, h, lw.post_ffn_norm, eps, hand_to, scale)
 
     def _per_layer_inputs(self, ids, x, lin, buf):
         """Gemma 4's per-layer inputs [rows, L * P] of tokens ids with embeddings x: their own embedding rows
