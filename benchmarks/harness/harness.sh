@@ -172,16 +172,18 @@ run_model() {  # key quants...
 }
 
 SERVE_STREAMS=${SERVE_STREAMS:-1 8 32}
-# SERVE_ENGINES=ingot SERVE_TAG=parts1 INGOT_PAGED_PARTS=1 ... serve: an A/B row, labelled ingot-parts1;
-# SERVE_ARGS="--step-tokens 2048" adds flags to `ingot serve` (label it with SERVE_TAG too)
+# SERVE_ENGINES=ingot SERVE_TAG=parts1 INGOT_PAGED_PARTS=1 ... serve: an A/B row, labelled ingot-parts1
+# (llama-server is needed only when llama.cpp is among SERVE_ENGINES). SERVE_ARGS adds flags to `ingot serve`;
+# several sets separated by "|" (SERVE_ARGS="--step-tokens 512|--step-tokens 2048") serve one after another,
+# each labelled by its flags (ingot-step_tokens_512, ...).
 SERVE_ENGINES=${SERVE_ENGINES:-ingot llama.cpp} SERVE_TAG=${SERVE_TAG:-} SERVE_ARGS=${SERVE_ARGS:-}
 SERVE_CTX=${SERVE_CTX:-1024}  # per sequence: a 512-token prompt and its 128-token answer fit
 # One server on one GGUF: start it, wait until it answers, load it, stop it; rows go to $OUT/serve.csv.
-serve_one() {  # engine key gguf label
+serve_one() {  # engine key gguf label [ingot serve flags]
   local port=8090 log=$RAW/serve-$4-$2.log pid up=""
   if [ "$1" = ingot ]; then
     # shellcheck disable=SC2086
-    $PY -m ingot.cli serve "$3" --port "$port" --max-batch 32 -c "$SERVE_CTX" $SERVE_ARGS > "$log" 2>&1 &
+    $PY -m ingot.cli serve "$3" --port "$port" --max-batch 32 -c "$SERVE_CTX" ${5:-} > "$log" 2>&1 &
   else
     "$LLAMA_BIN/llama-server" -m "$3" --port "$port" -np 32 -cb -c $((32 * SERVE_CTX)) -ngl 99 -fa on \
       -ctk f16 -ctv f16 > "$log" 2>&1 &
@@ -243,18 +245,26 @@ case "$mode" in
     ;;
   report) report;;
   serve)
-    [ -x "$LLAMA_BIN/llama-server" ] || { log "run setup first (llama-server is not built)"; exit 1; }
+    case " $SERVE_ENGINES " in *" llama.cpp "*)
+      [ -x "$LLAMA_BIN/llama-server" ] || { log "run setup first (llama-server is not built)"; exit 1; };; esac
+    collect
     install_serve_wheels || exit 1
     mkdir -p "$RAW" "$MODELS"
     gpu_info
+    IFS='|' read -r -a arg_sets <<< "$SERVE_ARGS"
+    [ ${#arg_sets[@]} -gt 0 ] || arg_sets=("")
     for key in ${*:-llama-3.2-1b qwen3-8b}; do
       gguf=$MODELS/$key-q4_0.gguf
       [ -e "$gguf" ] || { log "$key q4_0: GGUF"; $PY -m ingot.bench.synthetic "$key" --quant q4_0 -q -o "$gguf" || continue; }
       for engine in $SERVE_ENGINES; do
-        label=$engine${SERVE_TAG:+-$SERVE_TAG}
-        [ -e "$STATE/done/serve-$key-$label" ] && { log "$key $label server already measured"; continue; }
-        log "$key: $label server"; serve_one "$engine" "$key" "$gguf" "$label"
-        mkdir -p "$STATE/done"; touch "$STATE/done/serve-$key-$label"
+        sets=("${arg_sets[@]}"); [ "$engine" = ingot ] || sets=("")
+        for args in "${sets[@]}"; do
+          label=$engine${SERVE_TAG:+-$SERVE_TAG}
+          [ ${#sets[@]} -gt 1 ] && label=$label-$(echo "$args" | tr -s ' -' '_' | sed 's/^_//; s/_$//')
+          [ -e "$STATE/done/serve-$key-$label" ] && { log "$key $label server already measured"; continue; }
+          log "$key: $label server"; serve_one "$engine" "$key" "$gguf" "$label" "$args"
+          mkdir -p "$STATE/done"; touch "$STATE/done/serve-$key-$label"
+        done
       done
       [ -n "${KEEP_MODELS:-}" ] || rm -f "$gguf"
     done
