@@ -43,8 +43,8 @@ log = logging.getLogger("ingot.server")
 DEFAULT_MAX_BATCH = 16
 # Tokens a batched step carries (running decodes first, then prompt chunks). 2048 lets about four 512-token
 # prompts start in one step: Qwen3-8B Q4_0 on the H200 served 751 against 487 output tok/s at 8 streams and
-# 1,176 against 1,111 at 32 with 2048 against 512 (2026-12-03, benchmarks/results/2026-12-03-h200-s7-serve-step-tokens.csv), since each step that
-# carries a prompt holds up every running stream once, however many prompts it carries.
+# 1,176 against 1,111 at 32 with 2048 against 512 (2026-12-03, results/2026-12-03-h200-s7-serve-step-tokens.csv),
+# since each step that carries a prompt holds up every running stream once, however many prompts it carries.
 DEFAULT_STEP_TOKENS = 2048
 
 
