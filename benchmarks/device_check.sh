@@ -86,7 +86,8 @@ case "$mode" in
       [ -e "$f" ] || $PY -m ingot.bench.synthetic "$key" --quant q4_0 -q -o "$f" || continue
       for b in ${BATCHES:-1 2 4 8 16 32}; do
         for t in "${trees[@]}"; do  # each carried source tree too (see trees), its name first on each row
-          PYTHONPATH="$t:$PYTHONPATH" $PY -m ingot.cli bench "$f" -p "${BATCH_P:-512}" -n 128 -r 3 --batch "$b" \
+          # -P: `python -m` would put the working directory (this checkout) ahead of PYTHONPATH's tree
+          PYTHONPATH="$t:$PYTHONPATH" $PY -P -m ingot.cli bench "$f" -p "${BATCH_P:-512}" -n 128 -r 3 --batch "$b" \
             -o csv 2>>"$OUT/bench.err" | sed "s|^|$(basename "$t"),|" | tee -a "$OUT/batch.csv"
         done
       done
