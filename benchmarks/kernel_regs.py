@@ -104,7 +104,13 @@ def resources(kernel, constexprs: dict, num_warps: int = 4, types: dict | None =
                                 capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
-    return regs, spills, compiled.metadata.shared, loop_mix(compiled.asm["cubin"])
+    return regs, spills, compiled.metadata.shared, loop_mix(compiled.asm["cubin"]) + async_copies(compiled.asm["ptx"])
+
+
+def async_copies(ptx: str) -> str:
+    """The kernel's global-to-shared async copies by size (16-byte ones are the aligned, full-width kind)."""
+    sizes = collections.Counter(int(b, 16) for b in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-f]+)", ptx))
+    return "".join(f"; cp.async {n}x{b}B" for b, n in sorted(sizes.items()))
 
 
 # The prefill GEMM at a 512-token chunk, Qwen3-8B: (name, N out, K, gated, x dtype)

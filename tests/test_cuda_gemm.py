@@ -275,3 +275,24 @@ def test_pick_tiles_h100_shapes():
             assert 2 <= t["num_stages"] <= 4 and t["num_warps"] in (4, 8)
             assert t["FAST"] in (0, 1, 2) and t["SWAP"] in (0, 1)
     assert pick_tiles(2048, 4096, 4096, "q4", 32, False)["BLOCK_M"] == 128
+
+
+def test_prefill_q4_weight_tiles_copy_in_16_byte_pieces():
+    """The M = 512 q4 GEMMs of Qwen3-8B compiled for sm_90a (benchmarks/kernel_regs.py --gemm, a process
+    without the interpreter): qkv, o and down stream their weight tiles in 16-byte async copies only. When the
+    split-K loop start lost its BLOCK_K alignment (78e9749), some became 8-byte copies (gate_up's 8-byte ones
+    are its 4-scale rows, as before)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_regs.py"), "--gemm", str(root)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:] if line.strip()}
+    assert set(lines) == {"qkv", "o", "gate_up", "down"}, out.stdout
+    for case in ("qkv", "o", "down"):
+        assert "cp.async" in lines[case] and "x16B" in lines[case], lines[case]
+        assert "x8B" not in lines[case] and "x4B" not in lines[case], lines[case]

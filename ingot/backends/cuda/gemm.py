@@ -282,8 +282,13 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, res_ptr, out_ptr, part_ptr, ss_pt
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = acc
-    # A split program (SPLIT: one M tile, see _splits) takes k_split columns (whole K steps) of K.
-    for k0 in range(pid_k * k_split, tl.minimum(K, pid_k * k_split + k_split), BLOCK_K):
+    # A split program (SPLIT: one M tile, see _splits) takes k_split columns (whole K steps) of K. Said to be a
+    # multiple of BLOCK_K, or the compiler knows only k_split's 16, q4's byte offsets (k0 / 2) lose their
+    # 16-byte alignment and the weight tiles arrive in 8-byte async copies (benchmarks/kernel_regs.py --gemm):
+    # the likely cause of Qwen3-8B Q4_0 pp512 falling from 16,330 to ~14,150 tok/s on the H200 after 78e9749,
+    # while Q8_0, whose byte offsets kept their alignment, did not fall.
+    k_lo = tl.multiple_of(pid_k * k_split, BLOCK_K)
+    for k0 in range(k_lo, tl.minimum(K, k_lo + k_split), BLOCK_K):
         x_a, x_b = _x_tiles(x_ptr, stride_xm, offs_m, m_mask, k0, K, KIND, GROUP, DOT, BLOCK_K)
         acc = _dot_tile(acc, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn, offs_n, n_mask,
                         KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K, FAST, SWAP)
