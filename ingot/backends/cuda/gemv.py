@@ -250,6 +250,18 @@ def _handed_rstd(ssi_ptr, n_parts, K, eps, PARTS_BLOCK: tl.constexpr):
     return 1.0 / tl.sqrt(tl.sum(tl.load(ssi_ptr + pi, mask=pi < n_parts, other=0.0), axis=0) / K + eps)
 
 
+@triton.jit
+def _handed_scale(acc, acc_u, ssi_ptr, n_parts, K, eps, NORMED: tl.constexpr, PARTS_BLOCK: tl.constexpr):
+    """acc and acc_u times the rstd of a row handed on pre-normed (NORMED: x came times the norm weight, its
+    sum of squares in parts), else as they are. rstd is one scalar per row: it scales the partial sums rather
+    than every x element."""
+    if NORMED:
+        rstd = _handed_rstd(ssi_ptr, n_parts, K, eps, PARTS_BLOCK)
+        acc = acc * rstd
+        acc_u = acc_u * rstd
+    return acc, acc_u
+
+
 def handed_args(norm_parts: torch.Tensor | None, placeholder: torch.Tensor) -> tuple:
     """(sums-of-squares pointer, their count, dict(NORMED=, PARTS_BLOCK=)) of a kernel that may read a row
     handed on pre-normed (_handed_rstd); placeholder: any tensor, never read, where there is none."""
@@ -634,10 +646,7 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
         acc_u += cu
         ssv += sq
     ss = tl.sum(tl.sum(ssv, axis=1), axis=0)
-    if NORMED:  # x came times the norm weight, its sum of squares in parts: rstd scales the partial sums
-        rstd = _handed_rstd(ssi_ptr, n_parts, K, eps, PARTS_BLOCK)
-        acc *= rstd
-        acc_u *= rstd
+    acc, acc_u = _handed_scale(acc, acc_u, ssi_ptr, n_parts, K, eps, NORMED, PARTS_BLOCK)
     y, done = _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
                             res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES, SPLIT)
     if NORM_OUT:

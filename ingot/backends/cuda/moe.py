@@ -246,10 +246,7 @@ def _expert_gate_up_kernel(x_ptr, nw_ptr, ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr
                                         KIND, GROUP, HAS_MIN, BLOCK_K)
         acc_u += tl.sum(tl.sum(u_lo * x_lo[None] + u_hi * x_hi[None], axis=2), axis=1)
     ssq = tl.sum(tl.sum(ss, axis=1), axis=0) + tl.zeros((1,), tl.float32)
-    if NORMED:
-        rstd = gemv._handed_rstd(ssi_ptr, n_parts, K, eps, PARTS_BLOCK)
-        acc *= rstd
-        acc_u *= rstd
+    acc, acc_u = gemv._handed_scale(acc, acc_u, ssi_ptr, n_parts, K, eps, NORMED, PARTS_BLOCK)
     out_row = out_ptr + pair.to(tl.int64) * F
     gemv._finish(acc[None, :], acc_u[None, :], ssq, tl.arange(0, 1), n, 1, F, K, eps, out_row, 0, out_row, 0,
                  not NORMED, ACT, False)
@@ -359,10 +356,7 @@ def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, r
     ss = tl.sum(tl.sum(ssv, axis=1), axis=0)
     # _row_epilogue's flags: HAS_NORM, GATED, HAS_RES, SPLIT
     if GATED != 0:
-        if NORMED:
-            rstd = gemv._handed_rstd(ssi_ptr, n_parts, K, eps, PARTS_BLOCK)
-            acc *= rstd
-            acc_u *= rstd
+        acc, acc_u = gemv._handed_scale(acc, acc_u, ssi_ptr, n_parts, K, eps, NORMED, PARTS_BLOCK)
         out_row = out_ptr + pair.to(tl.int64) * N
         gemv._row_epilogue(acc, acc_u, ss, n, 0, 0, 1, N, K, eps, out_row, out_row, cnt_ptr, out_row, 0,
                            out_row, 0, not NORMED, GATED, False, False)
