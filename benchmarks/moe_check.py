@@ -163,6 +163,8 @@ def time_prefill(quant, w, nw, dev, rows_out):
         if t == 512:
             bk = 128 if kind == "q4" else 64
             variants += [dict(BLOCK_M=32, BLOCK_N=128, num_warps=8), dict(BLOCK_M=32, BLOCK_K=2 * bk)]
+            # transposed (SWAP): the weight tile is wgmma's register operand, so 32-row tiles run on wgmma
+            variants += [dict(SWAP=1), dict(BLOCK_M=32, BLOCK_N=128, SWAP=1), dict(BLOCK_M=64, SWAP=1)]
         for tiles in variants:
             sec = _median_time(lambda: moe.prefill_block(x, w, nw, EPS, tiles=tiles))
             flop = 2 * t * TOP_K * 3 * FF * H

@@ -184,8 +184,10 @@ def test_grouping_pads_each_expert_and_skips_empty_ones(kernel_device):
     assert sorted(seen) == list(range(flat.numel()))
 
 
-@pytest.mark.parametrize("kind,mins,rows,top_k", [("q4", False, 37, 2), ("q4", True, 5, 8), ("q8", False, 21, 2)])
-def test_prefill_block_matches_reference(gen, kernel_device, kind, mins, rows, top_k):
+@pytest.mark.parametrize("kind,mins,rows,top_k,swap", [("q4", False, 37, 2, 0), ("q4", True, 5, 8, 0),
+                                                       ("q8", False, 21, 2, 0), ("q4", False, 37, 2, 1),
+                                                       ("q8", True, 21, 8, 1)])
+def test_prefill_block_matches_reference(gen, kernel_device, kind, mins, rows, top_k, swap):
     w, nw = make_layer(kind, mins, top_k, gen)
     x = make_x(rows, gen)
     if top_k == 2:  # the load the test promises: expert 0 busy, expert 3 idle
@@ -193,7 +195,7 @@ def test_prefill_block_matches_reference(gen, kernel_device, kind, mins, rows, t
         counts = torch.bincount(ids.reshape(-1), minlength=E)
         assert counts[3] == 0 and counts[0] > 2 * counts.float().mean(), counts
     got = moe.prefill_block(x.clone().to(kernel_device), on(w, kernel_device), nw.to(kernel_device), EPS,
-                            tiles=SMALL_TILES)
+                            tiles=dict(SMALL_TILES, SWAP=swap))
     assert rel_err(got, reference_block(x, w, nw)) < 3e-3, f"seed {SEED}"
 
 

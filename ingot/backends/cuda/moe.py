@@ -576,10 +576,11 @@ def _grouped_gemm_kernel(x_ptr, pair_ptr, tile_expert_ptr, wts_ptr, qw_ptr, s_pt
                          TOP_K: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
                          KIND: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, HAS_MINS: tl.constexpr,
                          ACT: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, FAST: tl.constexpr):
+                         BLOCK_K: tl.constexpr, FAST: tl.constexpr, SWAP: tl.constexpr = 0):
     """One [BLOCK_M, BLOCK_N] tile of one expert. GATHER: the A rows are the pairs' tokens (x rows), else
     the padded slots themselves. SCATTER: the result, times the pair's routing weight, goes to the pair's
-    row of out; else to the slot's row."""
+    row of out; else to the slot's row. SWAP: computed transposed, as gemm's (the dequantized weight tile is
+    wgmma's register operand, so a 32-row expert tile still runs on wgmma, whose M is at least 64)."""
     # Tiles vary fastest: neighbouring programs share the weight tile of one expert (or of the next).
     pid = tl.program_id(0)
     tile = pid % TILES
@@ -595,19 +596,24 @@ def _grouped_gemm_kernel(x_ptr, pair_ptr, tile_expert_ptr, wts_ptr, qw_ptr, s_pt
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_OUT
     w_rows = expert * ROWS_PER_EXPERT + offs_n
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = acc
     k_end = tl.where(expert < E, K, 0)  # tiles past the last expert's run do no work
     for k0 in range(0, k_end, BLOCK_K):
         x_a, x_b = gemm._x_tiles(x_ptr, stride_xm, a_rows, m_mask, k0, K, KIND, GROUP, DOT, BLOCK_K)
         acc = gemm._dot_tile(acc, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn, w_rows, n_mask,
-                             KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K, FAST, 0)
+                             KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K, FAST, SWAP)
         if ACT != 0:
             acc_up = gemm._dot_tile(acc_up, x_a, x_b, k0, K, qw_ptr, stride_qn, s_ptr, mn_ptr, stride_sn,
                                     w_rows + N_OUT, n_mask, KIND, GROUP, SPAN, HAS_MINS, DOT, BLOCK_N, BLOCK_K,
-                                    FAST, 0)
+                                    FAST, SWAP)
     if ACT != 0:
         acc = gemm._act(acc, ACT) * acc_up
+    if SWAP:
+        acc = tl.trans(acc)
     if SCATTER:
         acc = acc * tl.load(wts_ptr + pair, mask=m_mask, other=0.0)[:, None]
         o_rows = pair
