@@ -38,6 +38,9 @@ SHAPES = {  # name: (N, K, gated)
     "qwen8b.qkv": (6144, 4096, False), "qwen8b.o": (4096, 4096, False),
     "qwen8b.gate_up": (24576, 4096, True), "qwen8b.down": (4096, 12288, False),
     "qwen8b.lm_head": (151936, 4096, False),
+    # Qwen3-30B-A3B's attention and output projections (its experts run moe's kernels): small matrices with a
+    # short K, where a call's fixed cost weighs most
+    "qwen30b.qkv": (5120, 2048, False), "qwen30b.o": (2048, 4096, False), "qwen30b.lm_head": (151936, 2048, False),
 }
 KINDS = {"q4-sym": ("q4", True), "q4-affine": ("q4", False), "q8-sym": ("q8", True)}
 GROUP = 32
