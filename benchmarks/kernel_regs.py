@@ -174,7 +174,7 @@ def main():
     if hasattr(moe, "_expert_word_kernel"):  # trees before the word MoE decode lack it
         for name, case in MOE_CASES:
             c = dict(TOP_K=8, GROUP=32, HAS_MIN=False, SIGNED=case["WIDTH"] == 8, UNPACK=1, EVEN=True, NORM_OUT=False,
-                     NORMED=False, PARTS_BLOCK=16, **case)
+                     NORMED=False, PARTS_BLOCK=16, PDL=True, EARLY=True, **case)
             row("moe", name, moe._expert_word_kernel, c)
 
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.backends.cuda import gemm, gemv
+from ingot.backends.cuda import gemm, gemv, pdl
 from ingot.quant.pack import PackedLinear
 
 MAX_DECODE_ROWS = 32
@@ -95,7 +95,8 @@ class MoEWeights:
 def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, wts_ptr, ssi_ptr, T, K, E, stride_xm,
                    eps, n_parts, TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr,
                    EXPERT_SCALE: tl.constexpr, NORMED: tl.constexpr, PARTS_BLOCK: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, E_ALL: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, E_ALL: tl.constexpr,
+                   PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
     """One [BLOCK_T rows, BLOCK_E experts] tile of the logits (rms_norm(x) * nw) @ R^T in fp32 FMAs (the
     reference's sums: no tensor-core rounding that could flip a near-tied expert; from 16 rows through
     tl.dot's ieee path, as the decode tiles' broadcast-and-sum took 146 µs a Qwen3-30B-A3B layer at 512 rows
@@ -104,6 +105,7 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, w
     logit rows through the softmax, the top-k by repeated argmax (the lowest id among equals) and the
     renormalisation (then Gemma 4's per-expert scale), and puts the counter back to 0. NORMED (one row): x
     came times nw, its sum of squares in n_parts pieces (gemv.linear's norm_parts)."""
+    pdl.begin(PDL, EARLY)
     pid_t, pid_e = tl.program_id(0), tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -205,7 +207,8 @@ def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float,
         _router_kernel[(triton.cdiv(t, bt), triton.cdiv(e, be))](
             x, nw, w.router, es, logits, counters, ids, weights, ssi, t, h, e, x.stride(0), float(eps), n_parts,
             TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, EXPERT_SCALE=w.expert_scale is not None,
-            BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, E_ALL=triton.next_power_of_2(e), num_warps=4, **handed)
+            BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, E_ALL=triton.next_power_of_2(e), num_warps=4, **handed,
+            **pdl.LAUNCH_EARLY)
     return ids, weights
 
 
@@ -216,7 +219,9 @@ def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float,
 def _expert_gate_up_kernel(x_ptr, nw_ptr, ids_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, ssi_ptr, F, K, stride_xm, eps,
                            n_parts, TOP_K: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
                            HAS_MIN: tl.constexpr, ACT: tl.constexpr, NORMED: tl.constexpr,
-                           PARTS_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           PARTS_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
+    pdl.begin(PDL, EARLY)
     pair = tl.program_id(0)  # row * TOP_K + choice
     xrow = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm
     expert = tl.load(ids_ptr + pair)  # read on the device: the step needs nothing from the host
@@ -257,11 +262,13 @@ def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, 
                         N, K, stride_rm, stride_om,
                         TOP_K: tl.constexpr, KP: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
                         HAS_MIN: tl.constexpr, HAS_RES: tl.constexpr, NORM_OUT: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+                        EARLY: tl.constexpr = False):
     """out[row, n] = [res[row, n] +] sum over choices c of w_c * (down of expert e_c @ h[pair c])[n]. The tile
     holds all the row's experts at once (KP * BLOCK_N weight rows, choice-major), so their loads are in
     flight together rather than one expert after another; the weighted sum over choices is a fixed-order
     tree reduction (deterministic). NORM_OUT (one row): also the row handed on pre-normed, as gemv's."""
+    pdl.begin(PDL, EARLY)
     row = tl.program_id(0)
     R: tl.constexpr = KP * BLOCK_N
     r = tl.arange(0, R)
@@ -315,11 +322,13 @@ def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, r
                         magic, n_parts, TOP_K: tl.constexpr, WIDTH: tl.constexpr, GROUP: tl.constexpr,
                         HAS_MIN: tl.constexpr, SIGNED: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
                         UNPACK: tl.constexpr, EVEN: tl.constexpr, NORM_OUT: tl.constexpr, NORMED: tl.constexpr,
-                        PARTS_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        PARTS_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
     """GATED (gate/up): out[pair, n] = act(g) * u of the pair's expert on rms_norm(x[pair // TOP_K]) * nw.
     Else (down): out[row, n] = [res[row, n] +] sum over choices c, in order, of wts[pair] * (W_e @ x[pair])[n],
     pair = row * TOP_K + c, through the partials part[pair, n] and tickets cnt[row * tiles + tile]; NORM_OUT
     (down, one row): also the row handed on pre-normed, as gemv's; NORMED (gate/up): x came so."""
+    pdl.begin(PDL, EARLY)
     pair = tl.program_id(0)
     tile = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -481,11 +490,13 @@ def _gate_up(x, w: MoEWeights, norm_weight, eps: float, act: str, ids, ff, block
         ptrs, flags = _word_flags(w.gate_up, gated=True, block_n=block_n)
         _expert_word_kernel[grid](x, norm_weight, ids, ids, *ptrs, x, ff, ff, ids, ff, ff, ff, ssi, f, h,
                                   x.stride(0), 0, 0, float(eps), gemv.MAGIC, n_parts, TOP_K=k, GATED=_ACTS[act],
-                                  HAS_RES=False, NORM_OUT=False, BLOCK_N=block_n, num_warps=4, **handed, **flags)
+                                  HAS_RES=False, NORM_OUT=False, BLOCK_N=block_n, num_warps=4, **handed, **flags,
+                                  **pdl.LAUNCH_EARLY)
     else:
         ptrs, flags = _gemv_flags(w.gate_up)
         _expert_gate_up_kernel[grid](x, norm_weight, ids, *ptrs, ff, ssi, f, h, x.stride(0), float(eps), n_parts,
-                                     TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n, num_warps=4, **handed, **flags)
+                                     TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n, num_warps=4, **handed, **flags,
+                                     **pdl.LAUNCH_EARLY)
 
 
 def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: int | None,
@@ -502,7 +513,7 @@ def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: 
         _expert_down_kernel[(t, triton.cdiv(h, block_n))](
             ff, ids, wts, *ptrs, x, out, *hand, h, f, x.stride(0), out.stride(0),
             TOP_K=k, KP=triton.next_power_of_2(k), HAS_RES=has_res, NORM_OUT=norm_out is not None,
-            BLOCK_N=block_n, num_warps=4, **flags)
+            BLOCK_N=block_n, num_warps=4, **flags, **pdl.LAUNCH_EARLY)
         return
     tiles = triton.cdiv(h, block_n)
     if t * tiles > buffers.tickets.numel() or buffers.partials.numel() < t * k * h:
@@ -512,7 +523,7 @@ def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: 
     _expert_word_kernel[(t * k, tiles)](ff, ff, ids, wts, *ptrs, x, out, buffers.partials, buffers.tickets, *hand,
                                         ssi, h, f, f, x.stride(0), out.stride(0), 0.0, gemv.MAGIC, n_parts, TOP_K=k,
                                         GATED=0, HAS_RES=has_res, NORM_OUT=norm_out is not None, BLOCK_N=block_n,
-                                        num_warps=4, **handed, **flags)
+                                        num_warps=4, **handed, **flags, **pdl.LAUNCH_EARLY)
 
 
 def _down_block_n(w: MoEWeights) -> int:

@@ -17,6 +17,9 @@ kernel: so the next GEMV's weight loads overlap this one's tail. Graph replay of
 3814 -> 3754, the same greedy tokens. Early release alone, without the weights loaded ahead, had measured
 worse (1063 against 982 us on Llama-3.2-1B Q4_0), and so had prefetching each program's weight slab into L2
 with cp.async.bulk.prefetch before the wait (1170 us: ~2.4 us of TMA issue per kernel).
+The MoE decode kernels (router, expert gate/up and down) start with begin(): a wait, then the early release,
+with nothing loaded ahead (their weights follow the routing). Until 2026-12-03 they launched without PDL, so
+each of Qwen3-30B-A3B's 48 layers had three kernel boundaries with no overlap; the change is not measured yet.
 Off under TRITON_INTERPRET and below sm_90, or with INGOT_PDL=0 (for A/B measurements).
 """
 
@@ -39,9 +42,20 @@ ENABLED = _enabled()
 # The launch arguments of every kernel that calls wait(PDL) first: its PDL constexpr, and the attribute.
 LAUNCH = {"PDL": ENABLED, "launch_pdl": True} if ENABLED else {"PDL": False}
 EARLY = ENABLED and os.environ.get("INGOT_PDL_EARLY", "1") == "1"
+# The launch arguments of a kernel that starts with begin(PDL, EARLY).
+LAUNCH_EARLY = {**LAUNCH, "EARLY": EARLY}
 
 
 @triton.jit
 def wait(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def begin(PDL: tl.constexpr, EARLY: tl.constexpr):
+    """wait(), then (EARLY) let the next kernel's programs be scheduled: the start of a kernel that loads
+    nothing ahead of its wait (the MoE decode kernels, whose weights follow the routing)."""
+    wait(PDL)
+    if EARLY:
+        tl.extra.cuda.gdc_launch_dependents()
