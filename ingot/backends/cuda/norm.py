@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.backends.cuda import gemv
+from ingot.backends.cuda import gemv, pdl
 
 MAX_ONE_PASS = 16384
 
@@ -18,10 +18,13 @@ MAX_ONE_PASS = 16384
 @triton.jit
 def _rms_norm_kernel(x_ptr, x_stride, w_ptr, res_ptr, res_stride, out_ptr, out_stride, scale_ptr,
                      nwo_ptr, xn_ptr, sso_ptr, K, eps, ADD: tl.constexpr, SCALE: tl.constexpr,
-                     NORM_OUT: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+                     NORM_OUT: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+                     PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
     # ADD: res += norm(x) * w in place (Gemma's sandwich norms), then with SCALE res *= scale_ptr[0] (Gemma 4's
     # layer output scale); otherwise out = norm(x) * w. NORM_OUT (ADD, one pass): the new residual row handed
-    # on pre-normed as gemv's (xn = res * nwo, its sum of squares in one part per row).
+    # on pre-normed as gemv's (xn = res * nwo, its sum of squares in one part per row). In decode (Gemma's two
+    # sandwich norms a layer) the next GEMV loads its weights while this one-program kernel runs (pdl.begin).
+    pdl.begin(PDL, EARLY)
     scale = tl.load(scale_ptr).to(tl.float32) if SCALE else 1.0
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
@@ -84,7 +87,7 @@ def _launch(x, w, eps, res, out, block, scale=None, norm_out=None):
         x, x.stride(0), w, res if res is not None else other, target.stride(0),
         out if out is not None else other, target.stride(0), scale if scale is not None else w, *hand, K,
         float(eps), ADD=res is not None, SCALE=scale is not None, NORM_OUT=norm_out is not None, BLOCK=block,
-        ONE_PASS=one_pass, num_warps=num_warps)
+        ONE_PASS=one_pass, num_warps=num_warps, **pdl.LAUNCH_EARLY)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None,
