@@ -1,6 +1,7 @@
 """Gemma 4's small elementwise steps, beside the projections: the per-layer inputs (PLE) mixed once per step,
 each layer's gate on its slice of them, and the final logit softcap. All work in place on device buffers,
-read nothing from the host and allocate nothing, so they sit inside a captured decode step."""
+read nothing from the host and allocate nothing, so they sit inside a captured decode step, launched with
+programmatic dependent launch as the projections around them (pdl.begin)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.backends.cuda import pdl
 from ingot.backends.cuda.gemm import _ACTS, _act
 
 
 @triton.jit
 def _per_layer_inputs_kernel(proj_ptr, own_ptr, w_ptr, out_ptr, stride_pm, stride_om, stride_am, P, proj_scale, eps,
-                             BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr, PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
     """One (row, layer) slice of P values: out = (rms_norm(proj * proj_scale) * w + own) / sqrt(2)."""
+    pdl.begin(PDL, EARLY)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * P + tl.arange(0, BLOCK)
     ok = tl.arange(0, BLOCK) < P
@@ -41,12 +44,14 @@ def per_layer_inputs(proj: torch.Tensor, own: torch.Tensor, norm_weight: torch.T
     if t:
         _per_layer_inputs_kernel[(t, n // p)](proj, own, norm_weight, out, proj.stride(0), own.stride(0),
                                               out.stride(0), p, float(proj_scale), float(eps),
-                                              BLOCK=triton.next_power_of_2(p), num_warps=1)
+                                              BLOCK=triton.next_power_of_2(p), num_warps=1, **pdl.LAUNCH_EARLY)
     return out
 
 
 @triton.jit
-def _gelu_gate_kernel(g_ptr, x_ptr, stride_gm, stride_xm, N, BLOCK: tl.constexpr, ACT: tl.constexpr):
+def _gelu_gate_kernel(g_ptr, x_ptr, stride_gm, stride_xm, N, BLOCK: tl.constexpr, ACT: tl.constexpr,
+                      PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
+    pdl.begin(PDL, EARLY)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -66,12 +71,14 @@ def gelu_gate(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(max(n, 1)))
     if t and n:
         _gelu_gate_kernel[(t, triton.cdiv(n, block))](g, x, g.stride(0), x.stride(0), n, BLOCK=block,
-                                                       ACT=_ACTS["gelu_tanh"], num_warps=4)
+                                                       ACT=_ACTS["gelu_tanh"], num_warps=4, **pdl.LAUNCH_EARLY)
     return g
 
 
 @triton.jit
-def _softcap_kernel(x_ptr, stride_xm, V, cap, BLOCK: tl.constexpr):
+def _softcap_kernel(x_ptr, stride_xm, V, cap, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                    EARLY: tl.constexpr = False):
+    pdl.begin(PDL, EARLY)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < V
@@ -90,5 +97,6 @@ def softcap_(logits: torch.Tensor, cap: float) -> torch.Tensor:
     m, v = logits.shape
     block = 1024
     if m and v:
-        _softcap_kernel[(m, triton.cdiv(v, block))](logits, logits.stride(0), v, float(cap), BLOCK=block, num_warps=4)
+        _softcap_kernel[(m, triton.cdiv(v, block))](logits, logits.stride(0), v, float(cap), BLOCK=block, num_warps=4,
+                                                     **pdl.LAUNCH_EARLY)
     return logits

@@ -17,8 +17,8 @@ kernel: so the next GEMV's weight loads overlap this one's tail. Graph replay of
 3814 -> 3754, the same greedy tokens. Early release alone, without the weights loaded ahead, had measured
 worse (1063 against 982 us on Llama-3.2-1B Q4_0), and so had prefetching each program's weight slab into L2
 with cp.async.bulk.prefetch before the wait (1170 us: ~2.4 us of TMA issue per kernel).
-The MoE decode kernels (router, expert gate/up and down) and the RMSNorm kernel (Gemma's sandwich norms)
-start with begin(): a wait, then the early release, with nothing loaded ahead (the experts' weights follow the
+The MoE decode kernels (router, expert gate/up and down), the RMSNorm kernel (Gemma's sandwich norms) and
+Gemma 4's elementwise steps (gemma4_ops) start with begin(): a wait, then the early release, with nothing loaded ahead (the experts' weights follow the
 routing). Until 2026-12-03 they launched without PDL, so each of Qwen3-30B-A3B's 48 layers had three kernel
 boundaries with no overlap, and each Gemma layer two; the change is not measured yet.
 Off under TRITON_INTERPRET and below sm_90, or with INGOT_PDL=0 (for A/B measurements).
