@@ -109,7 +109,7 @@ gpu_info() {
 
 # Default model list. Qwen3-30B-A3B comes last: its GGUFs are 17 and 32 GB, and its bf16 HF checkpoint for
 # mlx_lm (61 GB) does not fit the GPU machine's 64 GB disk beside them, so hf_random.py refuses it there and
-# MLX goes unmeasured for it (the log says so).
+# mlx_random.py writes its quantized MLX folders directly (as convert would, from random initial weights).
 ALL_MODELS="llama-3.2-1b llama-3.2-3b qwen3-0.6b qwen3-4b qwen3-8b gemma-3-1b qwen3-30b-a3b"
 QUICK_MODELS="llama-3.2-1b qwen3-0.6b"
 ROWS=$STATE/rows.csv
@@ -136,12 +136,17 @@ bench_ingot() {  # key quant gguf
     && $PY benchmarks/harness/report.py add "$ROWS" ingot "$1" "${2^^}" "$raw" \
     || { log "ingot failed on $1 $2"; tail -5 "$raw.err"; }
 }
-bench_mlx() {  # key bits hf-folder
+bench_mlx() {  # key bits [hf-folder]: mlx_lm convert of the bf16 folder, or without one mlx_random.py
   local dir=$MODELS/$1-mlx-q$2 raw=$RAW/mlx-$1-q$2.txt version bits
   version=$($PY -c "import mlx.core as mx, mlx_lm; print(f'mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}')")
   rm -rf "$dir"
-  $PY -m mlx_lm convert --hf-path "$3" --mlx-path "$dir" -q --q-bits "$2" --q-group-size 64 > "$raw.convert" 2>&1 \
-    || { log "mlx_lm convert failed on $1 q$2"; tail -5 "$raw.convert"; return; }
+  if [ -n "${3:-}" ]; then
+    $PY -m mlx_lm convert --hf-path "$3" --mlx-path "$dir" -q --q-bits "$2" --q-group-size 64 > "$raw.convert" 2>&1 \
+      || { log "mlx_lm convert failed on $1 q$2"; tail -5 "$raw.convert"; return; }
+  else
+    $PY benchmarks/harness/mlx_random.py "$1" --bits "$2" -o "$dir" ${LAYERS:+--layers "$LAYERS"} > "$raw.convert" 2>&1 \
+      || { log "mlx_random failed on $1 q$2"; tail -5 "$raw.convert"; return; }
+  fi
   bits=$(sed -n 's/.*Quantized model with \([0-9.]*\) bits per weight.*/\1/p' "$raw.convert")
   log "$1 q$2: mlx converted (${bits:-?} bits per weight), benchmarking"  # the two phases' times, from the log
   $PY -m mlx_lm benchmark --model "$dir" -p "$PP" -g "$TG" -n "$MLX_TRIALS" > "$raw" 2> "$raw.err" \
@@ -162,8 +167,21 @@ run_model() {  # key quants...
     for engine in $ENGINES; do
       [ -e "$STATE/done/$key-$quant-$engine" ] && { log "$key $quant $engine already measured"; continue; }
       if [ "$engine" = mlx ]; then
-        [ -e "$hf/model.safetensors.index.json" ] || { log "$key: random HF weights"; $PY benchmarks/harness/hf_random.py "$key" -o "$hf" ${LAYERS:+--layers "$LAYERS"} || continue; }
-        log "$key $quant: mlx"; bench_mlx "$key" "${quant:1:1}" "$hf"
+        src=$hf
+        if [ ! -e "$hf/model.safetensors.index.json" ]; then
+          log "$key: random HF weights"
+          $PY benchmarks/harness/hf_random.py "$key" -o "$hf" ${LAYERS:+--layers "$LAYERS"}
+          case $? in
+            0) ;;
+            3) src=""; log "$key: no room for the bf16 folder, so mlx_random.py writes the MLX one directly";;
+            *) continue;;
+          esac
+        fi
+        # The GGUF is not needed once the other engines have measured it (room for a large MLX folder).
+        others=1
+        for e in $ENGINES; do [ "$e" = mlx ] || [ -e "$STATE/done/$key-$quant-$e" ] || others=""; done
+        [ -n "$others" ] && [ -z "${KEEP_MODELS:-}" ] && rm -f "$gguf"
+        log "$key $quant: mlx"; bench_mlx "$key" "${quant:1:1}" "$src"
       else
         [ -e "$gguf" ] || { log "$key $quant: GGUF"; $PY -m ingot.bench.synthetic "$key" --quant "$quant" -q -o "$gguf" ${LAYERS:+--layers "$LAYERS"} || continue; }
         log "$key $quant: $engine"; "bench_${engine%.cpp}" "$key" "$quant" "$gguf"
