@@ -117,6 +117,8 @@ RAW=$STATE/raw
 MODELS=$STATE/models
 ENGINES=${ENGINES:-llama.cpp ingot mlx}  # which engines `run` measures
 MLX_TRIALS=${MLX_TRIALS:-10}  # MLX on CUDA decodes about +-10% from trial to trial: more trials than 5
+# MLX_DIRECT=1: every model's MLX folder from mlx_random.py, not `mlx_lm convert` of a bf16 folder (the same
+# names, shapes, dtypes and config; only the random values differ)
 # The method's sizes; smaller ones (and LAYERS=N, the first N layers only) check the pipeline on a CPU.
 PP=${PP:-512} TG=${TG:-128} REPS=${REPS:-5} LAYERS=${LAYERS:-}
 
@@ -168,7 +170,9 @@ run_model() {  # key quants...
       [ -e "$STATE/done/$key-$quant-$engine" ] && { log "$key $quant $engine already measured"; continue; }
       if [ "$engine" = mlx ]; then
         src=$hf
-        if [ ! -e "$hf/model.safetensors.index.json" ]; then
+        if [ -n "${MLX_DIRECT:-}" ]; then
+          src=""  # mlx_random.py for every model: no bf16 folder written and read back (saves device time)
+        elif [ ! -e "$hf/model.safetensors.index.json" ]; then
           log "$key: random HF weights"
           $PY benchmarks/harness/hf_random.py "$key" -o "$hf" ${LAYERS:+--layers "$LAYERS"}
           case $? in
