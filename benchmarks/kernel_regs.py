@@ -109,7 +109,8 @@ def resources(kernel, constexprs: dict, num_warps: int = 4, types: dict | None =
 
 def async_copies(ptx: str) -> str:
     """The kernel's global-to-shared async copies by size (16-byte ones are the aligned, full-width kind)."""
-    sizes = collections.Counter(int(b, 16) for b in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-f]+)", ptx))
+    copy = r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-f]+)"  # [dst], [src], size
+    sizes = collections.Counter(int(b, 16) for b in re.findall(copy, ptx))
     return "".join(f"; cp.async {n}x{b}B" for b, n in sorted(sizes.items()))
 
 

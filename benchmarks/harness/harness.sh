@@ -158,6 +158,13 @@ bench_mlx() {  # key bits [hf-folder]: mlx_lm convert of the bf16 folder, or wit
   rm -rf "$dir"
 }
 
+# The random bf16 HF folder mlx_lm converts, unless it is there; hf_random.py's status (3: no room for it).
+hf_folder() {  # key folder
+  [ -e "$2/model.safetensors.index.json" ] && return 0
+  log "$1: random HF weights"
+  $PY benchmarks/harness/hf_random.py "$1" -o "$2" ${LAYERS:+--layers "$LAYERS"}
+}
+
 # Each (model, quant, engine) is done once: a call cut off by its time limit resumes with the next one. The
 # files are deleted once every engine has measured them, unless KEEP_MODELS is set (for ENGINES split over
 # several runs, e.g. Ingot while llama.cpp still builds).
@@ -172,9 +179,8 @@ run_model() {  # key quants...
         src=$hf
         if [ -n "${MLX_DIRECT:-}" ]; then
           src=""  # mlx_random.py for every model: no bf16 folder written and read back (saves device time)
-        elif [ ! -e "$hf/model.safetensors.index.json" ]; then
-          log "$key: random HF weights"
-          $PY benchmarks/harness/hf_random.py "$key" -o "$hf" ${LAYERS:+--layers "$LAYERS"}
+        else
+          hf_folder "$key" "$hf"
           case $? in
             0) ;;
             3) src=""; log "$key: no room for the bf16 folder, so mlx_random.py writes the MLX one directly";;
@@ -276,9 +282,7 @@ case "$mode" in
     ls .whl/*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-index --no-deps --no-compile --target "$STATE/site" .whl/*.whl 2>&1 | tail -2
     mkdir -p "$MODELS"
     for key in ${*:-${ALL_MODELS% qwen3-30b-a3b}}; do
-      hf=$MODELS/$key-hf
-      [ -e "$hf/model.safetensors.index.json" ] && { log "$key: HF folder already there"; continue; }
-      log "$key: random HF weights"; $PY benchmarks/harness/hf_random.py "$key" -o "$hf" ${LAYERS:+--layers "$LAYERS"}
+      hf_folder "$key" "$MODELS/$key-hf"
     done
     log "prepared: $(du -sh "$MODELS" | cut -f1) in $MODELS"
     ;;
