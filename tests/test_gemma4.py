@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ingot
-from ingot.errors import UnsupportedError
+from ingot.errors import FormatError, UnsupportedError
 from ingot.models import build_spec
 from tests.tiny_models import GEMMA4_MOE, make_hf_model, save_hf
 
@@ -152,7 +152,7 @@ def test_cuda_backend_refuses_only_what_it_does_not_cover(pair, monkeypatch):
         ingot.load(path, device="cpu", backend="cuda", max_context=64)
 
 
-def _write_gguf(hf, path):
+def _write_gguf(hf, path, rotary_swa=None):
     """A GGUF laid out as llama.cpp's convert_hf_to_gguf writes gemma4 (float32 tensors): gguf-py's tensor
     names, the router scales as ffn_gate_inp.scale / ffn_down_exps.scale, the fused expert gate_up, per-layer
     arrays for the sliding pattern, kv heads and MLP widths, and rope_freqs for the proportional rope."""
@@ -180,6 +180,8 @@ def _write_gguf(hf, path):
     w.add_value_length_swa(local.head_dim)
     w.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
     w.add_rope_freq_base_swa(c.rope_parameters["sliding_attention"]["rope_theta"])
+    w.add_rope_dimension_count(global_hd)
+    w.add_rope_dimension_count_swa(rotary_swa or local.head_dim)
     if c.final_logit_softcapping:
         w.add_final_logit_softcapping(c.final_logit_softcapping)
     w.add_sliding_window(c.sliding_window)
@@ -221,6 +223,13 @@ def test_llama_cpp_gguf_equals_transformers(pair, tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
     assert _rel(ours.logits(ids), ref) < 1e-5
+
+
+def test_gguf_with_partial_local_rotary_is_refused(pair, tmp_path):
+    hf, _, _ = pair
+    half = hf.config.per_layer_config[hf.config.layer_types.index("sliding_attention")].head_dim // 2
+    with pytest.raises(FormatError, match=f"'gemma4.rope.dimension_count_swa' is {half}"):
+        ingot.load(_write_gguf(hf, tmp_path / "g4.gguf", rotary_swa=half), device="cpu", max_context=64)
 
 
 # Google's published text configs (transformers' convert_gemma4_weights), the keys that differ from the defaults.

@@ -138,3 +138,20 @@ def test_gemma3_file_loads_and_generates_in_ingot(tmp_path):
     ids = m.generate_ids([1, 2, 3], max_tokens=4)
     assert 1 <= len(ids) <= 4 and all(0 <= i < m.spec.vocab_size for i in ids)
     assert "gpt-2" in m.tokenizer.kind
+
+
+@pytest.mark.parametrize("key,layers", [("gemma-4-e2b", 5), ("gemma-4-26b-a4b", 6)])
+def test_gemma4_rotary_widths_are_the_converters(tmp_path, key, layers):
+    """convert_hf_to_gguf writes rope.dimension_count as the global heads' whole width (rope_freqs marks the
+    proportional share) and rope.dimension_count_swa as the local heads'. Without them llama.cpp rotates every
+    layer by key_length, past the local heads' end, and ggml_rope aborts (n_dims <= ne0)."""
+    small = {"vocab_size": 1024, "vocab_size_per_layer_input": 1024, "num_experts": 4, "top_k_experts": 2}
+    path = synthetic.write_synthetic_gguf(key, "q8_0", tmp_path / f"{key}.gguf", layers=layers, progress=False,
+                                          overrides=small)
+    _, types, v = _fields(path)
+    for k in ("gemma4.rope.dimension_count", "gemma4.rope.dimension_count_swa"):
+        assert types[k] == U32, k
+    cfg = synthetic.model_shapes()[key]
+    assert v["gemma4.rope.dimension_count"] == v["gemma4.attention.key_length"] == cfg["global_head_dim"]
+    assert v["gemma4.rope.dimension_count_swa"] == v["gemma4.attention.key_length_swa"] == cfg["head_dim"]
+    assert ingot.load(path, device="cpu", max_context=64, progress=False).spec.n_layers == layers

@@ -426,6 +426,10 @@ def _gemma4_metadata(a: str, cfg: dict) -> list[tuple[str, int, object]]:
           (a + "attention.value_length", _U32, cfg["global_head_dim"]),
           (a + "attention.key_length_swa", _U32, cfg["head_dim"]),
           (a + "attention.value_length_swa", _U32, cfg["head_dim"]),
+          # Both heads' whole widths, as llama.cpp's converter writes them (rope_freqs holds the global heads'
+          # proportional share); without them llama.cpp rotates the local heads by key_length, past their end.
+          (a + "rope.dimension_count", _U32, cfg["global_head_dim"]),
+          (a + "rope.dimension_count_swa", _U32, cfg["head_dim"]),
           (a + "final_logit_softcapping", _F32, float(cfg["final_logit_softcapping"])),
           (a + "attention.sliding_window", _U32, cfg["sliding_window"]),
           (a + "attention.sliding_window_pattern", (_ARR, _BOOL), [l.sliding_window is not None for l in spec.layers]),

@@ -215,6 +215,12 @@ def _gemma4_config(get, cfg: dict, tensors: dict) -> dict:
     first_full = types.index("full_attention")
     k_eq_v = f"blk.{first_full}.attn_v.weight" not in tensors
     head_dim, global_head_dim = get("attention.key_length_swa"), get("attention.key_length")
+    # Rotary widths as the converter writes them: the global heads' whole width (the proportional share is in
+    # rope_freqs) and the local heads' whole width; anything else would rotate dimensions Ingot does not.
+    for key, want in (("rope.dimension_count", global_head_dim), ("rope.dimension_count_swa", head_dim)):
+        if get(key, want) != want:
+            raise FormatError(f"gemma4 GGUF: 'gemma4.{key}' is {get(key)}, but Ingot supports only {want} (the heads' "
+                              "whole width) for it")
     full_rope = {"rope_type": "proportional", "rope_theta": get("rope.freq_base", 1000000.0),
                  "partial_rotary_factor": 1.0}
     if "rope_freqs.weight" in tensors:
