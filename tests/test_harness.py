@@ -255,3 +255,35 @@ def test_decode_bytes_counts_the_active_experts_only(tmp_path):
     assert expert and cfg.num_experts_per_tok < cfg.num_experts
     want = other + expert * cfg.num_experts_per_tok / cfg.num_experts
     assert weights.decode_bytes(tmp_path) == round(want)
+
+
+def test_ppl_check_scores_as_llama_perplexity_does(tmp_path):
+    """ppl_check.py: llama-perplexity's running values read from its output, and Ingot's by the same procedure
+    (chunks of --ctx, BOS first where the vocabulary adds one, the second half scored), here against
+    cross-entropy over the same positions."""
+    import ingot
+    import ppl_check
+    from ingot.bench import synthetic
+
+    gguf = synthetic.write_synthetic_gguf("gemma-3-1b", "q8_0", tmp_path / "g.gguf", layers=2, progress=False,
+                                          overrides={"vocab_size": 1024})
+    fake = tmp_path / "llama-perplexity"
+    fake.write_text("#!/bin/sh\necho 'perplexity: calculating perplexity over 2 chunks'\necho '[1]12.5,[2]11.25,'\n")
+    fake.chmod(0o755)
+    out = tmp_path / "ppl.jsonl"
+    assert ppl_check.main([str(gguf), "--llama-perplexity", str(fake), "--device", "cpu", "--ctx", "16",
+                           "--chunks", "2", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["llama.cpp"] == [12.5, 11.25]
+    m = ingot.load(gguf, device="cpu", max_context=16, progress=False)
+    ids = m.tokenizer.encode(ppl_check.text())
+    assert m.tokenizer.add_bos and ids[0] == m.tokenizer.bos_id
+    losses = []
+    for c in range(2):
+        seq = ids[c * 16:(c + 1) * 16]
+        seq[0] = m.tokenizer.bos_id
+        logits = m.logits(seq).double()
+        losses.append(torch.nn.functional.cross_entropy(logits[8:15], torch.tensor(seq[9:16]), reduction="none"))
+        want = float(torch.cat(losses).mean().exp())
+        assert row["ingot"][c] == pytest.approx(want, rel=1e-9)
+    assert row["final_ratio"] == pytest.approx(row["ingot"][-1] / 11.25)

@@ -14,6 +14,8 @@
 #   benchmarks/harness/harness.sh load [KEY]       load time to first token: Ingot from an .ingot file and
 #                                                  from its GGUF, llama.cpp (llama-completion) from the GGUF
 #                                                  (benchmarks/load_time.py; default qwen3-8b q4_0)
+#   benchmarks/harness/harness.sh ppl [MODEL...]   Ingot's and llama.cpp's perplexity of the same Q4_0 GGUF
+#                                                  (ppl_check.py): the two engines compute the same model
 #
 # Every step keeps its state in $STATE (default /tmp/ingot-harness) and skips what is already there, so
 # the steps can be split over several calls of a device tool whose machine stays up between calls, or run
@@ -47,7 +49,7 @@ collect() {
 
 build_llama() {
   if [ -x "$LLAMA_BIN/llama-bench" ] && [ -x "$LLAMA_BIN/llama-quantize" ] && [ -x "$LLAMA_BIN/llama-server" ] \
-     && [ -x "$LLAMA_BIN/llama-completion" ]; then
+     && [ -x "$LLAMA_BIN/llama-completion" ] && [ -x "$LLAMA_BIN/llama-perplexity" ]; then
     log "llama.cpp already built"; return 0
   fi
   if [ ! -d "$STATE/llama.cpp" ]; then
@@ -63,7 +65,7 @@ build_llama() {
     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF > "$STATE/llama-cmake.log" 2>&1 \
     || { tail -30 "$STATE/llama-cmake.log"; return 1; }
   # A build cut off by a call's time limit resumes where it stopped on the next `setup`.
-  cmake --build "$STATE/llama.cpp/build" -j "$JOBS" --target llama-bench llama-quantize llama-server llama-completion > "$STATE/llama-build.log" 2>&1 \
+  cmake --build "$STATE/llama.cpp/build" -j "$JOBS" --target llama-bench llama-quantize llama-server llama-completion llama-perplexity > "$STATE/llama-build.log" 2>&1 \
     || { tail -30 "$STATE/llama-build.log"; return 1; }
   log "llama.cpp built: $("$LLAMA_BIN/llama-bench" --version 2>&1 | tail -1)"
 }
@@ -321,5 +323,18 @@ case "$mode" in
       --llama-completion "$LLAMA_BIN/llama-completion" --out "$OUT/load_time.json"
     [ -n "${KEEP_MODELS:-}" ] || rm -rf "$MODELS/load"
     ;;
-  *) echo "usage: $0 setup|prepare [MODEL...]|run [--quick] [MODEL...]|report|serve [MODEL...]|load [KEY]"; exit 2;;
+  ppl)
+    # Both engines' perplexity of each model's Q4_0 GGUF, by llama-perplexity's procedure (ppl_check.py)
+    [ -x "$LLAMA_BIN/llama-perplexity" ] || { log "run setup first (llama-perplexity is not built)"; exit 1; }
+    mkdir -p "$MODELS"
+    for key in ${*:-$ALL_MODELS}; do
+      gguf=$MODELS/$key-q4_0.gguf
+      [ -e "$gguf" ] || { log "$key q4_0: GGUF"; $PY -m ingot.bench.synthetic "$key" --quant q4_0 -q -o "$gguf" ${LAYERS:+--layers "$LAYERS"} || continue; }
+      log "$key: perplexity, Ingot and llama.cpp"
+      $PY benchmarks/harness/ppl_check.py "$gguf" --llama-perplexity "$LLAMA_BIN/llama-perplexity" --json "$OUT/ppl.jsonl" \
+        || log "ppl check failed on $key"
+      [ -n "${KEEP_MODELS:-}" ] || rm -f "$gguf"
+    done
+    ;;
+  *) echo "usage: $0 setup|prepare [MODEL...]|run [--quick] [MODEL...]|report|serve [MODEL...]|load [KEY]|ppl [MODEL...]"; exit 2;;
 esac
