@@ -245,7 +245,8 @@ report() {
   local gpu
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
   $PY benchmarks/harness/report.py write "$ROWS" --out "$OUT" --gpu "${gpu:-gpu}" && cat "$OUT"/*.md
-  tar czf "$OUT/raw.tar.gz" -C "$STATE" raw rows.csv llama-build.log 2>/dev/null
+  # llama-build.log only where llama.cpp was built here (a missing name would make tar, and `run`, fail)
+  tar czf "$OUT/raw.tar.gz" -C "$STATE" raw rows.csv $(cd "$STATE" && ls llama-build.log 2>/dev/null)
 }
 
 mode=${1:-}; shift || true
