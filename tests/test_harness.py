@@ -235,25 +235,33 @@ def test_serve_bench_against_the_server(smollm2, tmp_path):
         assert [int(r["streams"]) for r in csv.DictReader(f)] == [1, 2]
 
 
-def test_decode_bytes_counts_the_active_experts_only(tmp_path):
+@pytest.mark.parametrize("family", ["qwen3moe", "gemma4-moe"])
+def test_decode_bytes_counts_the_active_experts_only(tmp_path, family):
+    """The k experts a token uses (Qwen3-MoE's num_experts_per_tok, Gemma 4's top_k_experts), and of Gemma 4's
+    per-layer input table only the gathered row (left out, as an untied embedding table is)."""
     from safetensors import safe_open
 
-    from tests.tiny_models import make_hf_model, save_hf
+    from tests.tiny_models import GEMMA4_MOE, make_hf_model, save_hf
 
-    model = make_hf_model("qwen3moe")
+    gemma4 = dict(GEMMA4_MOE, hidden_size_per_layer_input=8)  # the experts and a per-layer input table
+    model = make_hf_model("gemma4", **gemma4) if family == "gemma4-moe" else make_hf_model(family)
     save_hf(model, tmp_path)
     cfg = model.config
-    expert = other = 0
+    top_k = getattr(cfg, "num_experts_per_tok", None) or cfg.top_k_experts
+    expert = other = per_layer = 0
     for f in tmp_path.glob("*.safetensors"):
         with safe_open(f, "pt") as st:
             for name in st.keys():
                 t = st.get_tensor(name)
                 if ".experts." in name:
                     expert += t.numel() * t.element_size()
+                elif "embed_tokens_per_layer" in name:
+                    per_layer += t.numel()
                 elif not (name.startswith("model.embed_tokens.") and not cfg.tie_word_embeddings):
                     other += t.numel() * t.element_size()
-    assert expert and cfg.num_experts_per_tok < cfg.num_experts
-    want = other + expert * cfg.num_experts_per_tok / cfg.num_experts
+    assert expert and top_k < cfg.num_experts
+    assert per_layer or family == "qwen3moe"
+    want = other + expert * top_k / cfg.num_experts
     assert weights.decode_bytes(tmp_path) == round(want)
 
 
