@@ -53,7 +53,8 @@ def llama_cpp_ppl(binary: str, gguf: str, path: str, ctx: int, chunks: int, thre
 def nudge_routers(m, scale: float, seed: int = 1) -> int:
     """Multiply every MoE router weight by 1 + scale * N(0, 1) in place (reference backend); returns how many."""
     gen = torch.Generator().manual_seed(seed)
-    routers = [lw["ffn_gate_inp"] for lw in m.backend.layers if "ffn_gate_inp" in lw]
+    layers = m.backend.layers if m.backend.name == "reference" else []  # its per-layer dicts of weights
+    routers = [lw["ffn_gate_inp"] for lw in layers if "ffn_gate_inp" in lw]
     for w in routers:
         w.mul_(1 + scale * torch.randn(w.shape, generator=gen).to(w))
     return len(routers)
