@@ -160,6 +160,13 @@ bench_mlx() {  # key bits [hf-folder]: mlx_lm convert of the bf16 folder, or wit
   rm -rf "$dir"
 }
 
+# A model's synthetic GGUF (Ingot's writer), unless it is there; LAYERS: only the first N layers.
+gguf_file() {  # key quant path
+  [ -e "$3" ] && return 0
+  log "$1 $2: GGUF"
+  $PY -m ingot.bench.synthetic "$1" --quant "$2" -q -o "$3" ${LAYERS:+--layers "$LAYERS"}
+}
+
 # The random bf16 HF folder mlx_lm converts, unless it is there; hf_random.py's status (3: no room for it).
 hf_folder() {  # key folder
   [ -e "$2/model.safetensors.index.json" ] && return 0
@@ -195,7 +202,7 @@ run_model() {  # key quants...
         [ -n "$others" ] && [ -z "${KEEP_MODELS:-}" ] && rm -f "$gguf"
         log "$key $quant: mlx"; bench_mlx "$key" "${quant:1:1}" "$src"
       else
-        [ -e "$gguf" ] || { log "$key $quant: GGUF"; $PY -m ingot.bench.synthetic "$key" --quant "$quant" -q -o "$gguf" ${LAYERS:+--layers "$LAYERS"} || continue; }
+        gguf_file "$key" "$quant" "$gguf" || continue
         log "$key $quant: $engine"; "bench_${engine%.cpp}" "$key" "$quant" "$gguf"
       fi
       mkdir -p "$STATE/done"; touch "$STATE/done/$key-$quant-$engine"
@@ -301,7 +308,7 @@ case "$mode" in
     [ ${#arg_sets[@]} -gt 0 ] || arg_sets=("")
     for key in ${*:-llama-3.2-1b qwen3-8b}; do
       gguf=$MODELS/$key-q4_0.gguf
-      [ -e "$gguf" ] || { log "$key q4_0: GGUF"; $PY -m ingot.bench.synthetic "$key" --quant q4_0 -q -o "$gguf" || continue; }
+      LAYERS="" gguf_file "$key" q4_0 "$gguf" || continue  # whole models: LAYERS is for run's CPU checks
       for engine in $SERVE_ENGINES; do
         sets=("${arg_sets[@]}"); [ "$engine" = ingot ] || sets=("")
         for args in "${sets[@]}"; do
@@ -330,7 +337,7 @@ case "$mode" in
     mkdir -p "$MODELS"
     for key in ${*:-$ALL_MODELS}; do
       gguf=$MODELS/$key-q4_0.gguf
-      [ -e "$gguf" ] || { log "$key q4_0: GGUF"; $PY -m ingot.bench.synthetic "$key" --quant q4_0 -q -o "$gguf" ${LAYERS:+--layers "$LAYERS"} || continue; }
+      gguf_file "$key" q4_0 "$gguf" || continue
       log "$key: perplexity, Ingot and llama.cpp"
       $PY benchmarks/harness/ppl_check.py "$gguf" --llama-perplexity "$LLAMA_BIN/llama-perplexity" --json "$OUT/ppl.jsonl" \
         || log "ppl check failed on $key"
