@@ -89,12 +89,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     args = ap.parse_args(argv)
 
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write(text())
-    # llama.cpp first, so that its copy of the model is gone before Ingot's (fp32 on the CPU) is made
-    theirs = llama_cpp_ppl(args.llama_perplexity, args.gguf, f.name, args.ctx, args.chunks, args.threads)
+    words = text()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "text.txt"
+        path.write_text(words)
+        # llama.cpp first, so that its copy of the model is gone before Ingot's (fp32 on the CPU) is made
+        theirs = llama_cpp_ppl(args.llama_perplexity, args.gguf, str(path), args.ctx, args.chunks, args.threads)
     m = ingot.load(args.gguf, device=args.device, max_context=args.ctx, progress=False)
-    ids = m.tokenizer.encode(Path(f.name).read_text())
+    ids = m.tokenizer.encode(words)
     ours = ingot_ppl(m, ids, args.ctx, args.chunks)
     row = {"gguf": Path(args.gguf).name, "device": str(m.device), "ctx": args.ctx, "llama.cpp": theirs,
            "ingot": ours, "final_ratio": ours[-1] / theirs[-1]}
