@@ -269,10 +269,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="where the random numbers are drawn (default: cuda if present)")
     a = p.parse_args(argv)
+    return write_or_no_room("hf_random", lambda: write_hf_random(a.model, a.output, a.layers, a.seed, a.device))
+
+
+def write_or_no_room(tool: str, write) -> int:
+    """A writer's exit status: 0 once write() has written its folder, 3 where the disk cannot hold it (what
+    harness.sh reads as "no room")."""
     try:
-        out = write_hf_random(a.model, a.output, a.layers, a.seed, a.device)
+        out = write()
     except DiskSpaceError as e:
-        print(f"hf_random: {e}; not written", file=sys.stderr)
+        print(f"{tool}: {e}; not written", file=sys.stderr)
         return 3
     print(f"wrote {out}", file=sys.stderr)
     return 0

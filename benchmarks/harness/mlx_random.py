@@ -24,7 +24,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm import utils
 
-from hf_random import DiskSpaceError, hf_config, write_tokenizer
+from hf_random import DiskSpaceError, hf_config, write_or_no_room, write_tokenizer
 from ingot.bench.synthetic import _hf_config
 
 GROUP = 64
@@ -67,13 +67,7 @@ def main(argv=None) -> int:
     if Path(a.output).exists():
         print(f"mlx_random: {a.output} exists", file=sys.stderr)
         return 2
-    try:
-        out = write_mlx_random(a.model, a.output, a.bits, a.layers)
-    except DiskSpaceError as e:
-        print(f"mlx_random: {e}; not written", file=sys.stderr)
-        return 3
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
+    return write_or_no_room("mlx_random", lambda: write_mlx_random(a.model, a.output, a.bits, a.layers))
 
 
 if __name__ == "__main__":
