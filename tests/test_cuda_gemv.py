@@ -41,11 +41,14 @@ def to(p: PackedLinear, dev) -> PackedLinear:
     return to_device(p, dev)
 
 
-def expected(x, w, norm_weight=None, eps=1e-6, residual=None, gated=None):
+def normed(x, norm_weight=None, eps=1e-6):
+    """x in fp32, after the RMSNorm the kernel fuses in front when there is a norm weight."""
     h = x.float()
-    if norm_weight is not None:
-        h = reference.rms_norm(h, norm_weight.float(), eps)
-    y = h @ w.dequantize().T
+    return h if norm_weight is None else reference.rms_norm(h, norm_weight.float(), eps)
+
+
+def expected(x, w, norm_weight=None, eps=1e-6, residual=None, gated=None):
+    y = normed(x, norm_weight, eps) @ w.dequantize().T
     if gated:
         f = w.n // 2
         y = reference.activation(gated, y[:, :f]) * y[:, f:]
@@ -56,9 +59,7 @@ def rounding_scale(x, w, norm_weight=None, eps=1e-6, gated=None):
     """Per output, the size of an error of one relative rounding on each product x_i w_ji: their root sum of
     squares, carried through the gated activation to first order. Kernels that round x or the products to fp16
     are held to it, not to the output, which a gate that cancels to near zero leaves far below the rounding."""
-    h = x.float()
-    if norm_weight is not None:
-        h = reference.rms_norm(h, norm_weight.float(), eps)
+    h = normed(x, norm_weight, eps)
     wd = w.dequantize()
     size = ((h * h) @ (wd * wd).T).sqrt()
     if not gated:
