@@ -6,7 +6,8 @@
 #                                                  (ENGINES="llama.cpp ingot mlx" by default)
 #   benchmarks/harness/harness.sh prepare [MODEL...]  the random HF folders that `run` converts for MLX,
 #                                                  made ahead (e.g. while setup builds llama.cpp); default:
-#                                                  every model but Qwen3-30B-A3B
+#                                                  every model but Qwen3-30B-A3B; with MLX_DIRECT=1 the
+#                                                  GGUFs (QUANTS) instead
 #   benchmarks/harness/harness.sh report           results CSV + summary under $OUT
 #   benchmarks/harness/harness.sh serve [MODEL...]  `ingot serve` against `llama-server -np 32 -cb` on the
 #                                                  same Q4_0 GGUF: output tok/s and TTFT at 1, 8 and 32
@@ -292,7 +293,13 @@ case "$mode" in
     ls .whl/*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-index --no-deps --no-compile --target "$STATE/site" .whl/*.whl 2>&1 | tail -2
     mkdir -p "$MODELS"
     for key in ${*:-${ALL_MODELS% qwen3-30b-a3b}}; do
-      hf_folder "$key" "$MODELS/$key-hf"
+      # With MLX_DIRECT no bf16 folder is read, so the GGUFs run measures are made ahead instead (~30 GB
+      # for the six dense models at both quants; run deletes each once measured)
+      if [ -n "${MLX_DIRECT:-}" ]; then
+        for quant in ${QUANTS:-q4_0 q8_0}; do gguf_file "$key" "$quant" "$MODELS/$key-$quant.gguf"; done
+      else
+        hf_folder "$key" "$MODELS/$key-hf"
+      fi
     done
     log "prepared: $(du -sh "$MODELS" | cut -f1) in $MODELS"
     ;;
