@@ -152,6 +152,23 @@ def test_layers_slice_equals_the_full_files_first_layers(files):
         assert np.array_equal(one.tensor_data(a[name]), two.tensor_data(b[name])), name
 
 
+def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+    real = synthetic._tensor_chunks
+
+    def chunks(name, *args):
+        if name.startswith("blk.0.ffn"):
+            raise KeyboardInterrupt  # what a device call's time limit does midway through a file
+        yield from real(name, *args)
+
+    monkeypatch.setattr(synthetic, "_tensor_chunks", chunks)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.write_synthetic_gguf("qwen3-0.6b", "q4_0", tmp_path / "m.gguf", layers=1)
+    assert list(tmp_path.iterdir()) == []  # no m.gguf for a later step to take as whole, no .partial
+    monkeypatch.setattr(synthetic, "_tensor_chunks", real)
+    path = synthetic.write_synthetic_gguf("qwen3-0.6b", "q4_0", tmp_path / "m.gguf", layers=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"] and path.stat().st_size > 0
+
+
 # ---- tokenizers ---------------------------------------------------------------------------------------
 def test_llama_synthetic_has_the_real_llama3_vocabulary(files):
     from tokenizers import Tokenizer as HF

@@ -553,7 +553,10 @@ def write_synthetic_gguf(key: str, quant: str, path, layers: int | None = None, 
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    with open(path, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=path.name,
+    # Written under a temporary name and renamed once whole: a write cut off (a device call's time limit)
+    # leaves no truncated file that a later step would take for the model.
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=path.name,
                                      disable=not progress, leave=False) as bar:
         f.write(_header(_metadata(key, cfg, arch, quant, tok), plan))
         thread = threading.Thread(target=writer, args=(f,), daemon=True)
@@ -570,11 +573,18 @@ def write_synthetic_gguf(key: str, quant: str, path, layers: int | None = None, 
                 assert n == _tensor_nbytes(shape, qtype), name
                 if n % _ALIGN:
                     chunks.put(bytes(-n % _ALIGN))
-        finally:
+        except BaseException:
             chunks.put(None)
             thread.join()
+            f.close()
+            partial.unlink(missing_ok=True)
+            raise
+        chunks.put(None)
+        thread.join()
         if failure:
+            partial.unlink(missing_ok=True)
             raise failure[0]
+    partial.replace(path)
     dt = time.perf_counter() - t0
     if progress:
         print(f"wrote {path}: {total / 1e9:.2f} GB in {dt:.1f} s ({total / 1e6 / max(dt, 1e-9):.0f} MB/s)",
