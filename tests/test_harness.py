@@ -295,3 +295,26 @@ def test_ppl_check_scores_as_llama_perplexity_does(tmp_path):
         want = float(torch.cat(losses).mean().exp())
         assert row["ingot"][c] == pytest.approx(want, rel=1e-9)
     assert row["final_ratio"] == pytest.approx(row["ingot"][-1] / 11.25)
+
+
+def test_router_noise_nudges_both_backends_alike(tmp_path, kernel_device):
+    """ppl_check --router-noise: the same nudge lands on the router weights that the reference's and the CUDA
+    backend's kernels read, so the two nudged models still agree, and differ from the model before it."""
+    import ingot
+    import ppl_check
+    from tests.tiny_models import make_hf_model, save_hf
+
+    save_hf(make_hf_model("qwen3moe"), tmp_path)
+    fast = ingot.load(tmp_path, device=kernel_device, backend="cuda", max_context=64)
+    ref = ingot.load(tmp_path, device=kernel_device, backend="reference", dtype=torch.float32, max_context=64)
+    ids = torch.randint(0, ref.spec.vocab_size, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    before = ref.logits(ids).double().cpu()
+    layers = len(ref.spec.layers)
+    # 10%: a nudge that moves the logits (by ~0.2) far more than the backends differ (~1e-3), so a nudge that
+    # missed the tensors the CUDA kernels read would fail the first check below
+    assert ppl_check.nudge_routers(fast, 0.1) == ppl_check.nudge_routers(ref, 0.1) == layers
+    for a, b in zip(ppl_check.routers(fast), ppl_check.routers(ref), strict=True):
+        assert torch.equal(a.float().cpu(), b.float().cpu())  # the same draw on both backends
+    a, b = fast.logits(ids).double().cpu(), ref.logits(ids).double().cpu()
+    assert float((a - b).norm() / b.norm()) < 5e-3
+    assert float((b - before).norm() / before.norm()) > 5e-2

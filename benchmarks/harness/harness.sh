@@ -339,14 +339,16 @@ case "$mode" in
     [ -n "${KEEP_MODELS:-}" ] || rm -rf "$MODELS/load"
     ;;
   ppl)
-    # Both engines' perplexity of each model's Q4_0 GGUF, by llama-perplexity's procedure (ppl_check.py)
+    # Both engines' perplexity of each model's Q4_0 GGUF, by llama-perplexity's procedure (ppl_check.py);
+    # PPL_ARGS adds its flags (e.g. "--router-noise 0.003": Ingot again with its MoE routers nudged)
     [ -x "$LLAMA_BIN/llama-perplexity" ] || { log "run setup first (llama-perplexity is not built)"; exit 1; }
     mkdir -p "$MODELS"
     for key in ${*:-$ALL_MODELS}; do
       gguf=$MODELS/$key-q4_0.gguf
       gguf_file "$key" q4_0 "$gguf" || continue
       log "$key: perplexity, Ingot and llama.cpp"
-      $PY benchmarks/harness/ppl_check.py "$gguf" --llama-perplexity "$LLAMA_BIN/llama-perplexity" --json "$OUT/ppl.jsonl" \
+      # shellcheck disable=SC2086
+      $PY benchmarks/harness/ppl_check.py "$gguf" --llama-perplexity "$LLAMA_BIN/llama-perplexity" --json "$OUT/ppl.jsonl" ${PPL_ARGS:-} \
         || log "ppl check failed on $key"
       [ -n "${KEEP_MODELS:-}" ] || rm -f "$gguf"
     done

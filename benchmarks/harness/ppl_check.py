@@ -50,14 +50,20 @@ def llama_cpp_ppl(binary: str, gguf: str, path: str, ctx: int, chunks: int, thre
     return values
 
 
+def routers(m) -> list[torch.Tensor]:
+    """The MoE router weights the backend computes with: the reference's per-layer dicts, CUDA's MoEWeights."""
+    if m.backend.name == "reference":
+        return [lw["ffn_gate_inp"] for lw in m.backend.layers if "ffn_gate_inp" in lw]
+    return [lw.moe.router for lw in m.backend.w.layers if lw.moe]
+
+
 def nudge_routers(m, scale: float, seed: int = 1) -> int:
-    """Multiply every MoE router weight by 1 + scale * N(0, 1) in place (reference backend); returns how many."""
+    """Multiply every MoE router weight by 1 + scale * N(0, 1) in place; returns how many."""
     gen = torch.Generator().manual_seed(seed)
-    layers = m.backend.layers if m.backend.name == "reference" else []  # its per-layer dicts of weights
-    routers = [lw["ffn_gate_inp"] for lw in layers if "ffn_gate_inp" in lw]
-    for w in routers:
+    found = routers(m)
+    for w in found:
         w.mul_(1 + scale * torch.randn(w.shape, generator=gen).to(w))
-    return len(routers)
+    return len(found)
 
 
 def ingot_ppl(m, ids: list[int], ctx: int, chunks: int) -> list[float]:
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp on the CPU with this many threads (default: every layer on the GPU, -ngl 99)")
     ap.add_argument("--router-noise", type=float, default=0.0,
                     help="then run Ingot again with each MoE router weight scaled by 1 + this x N(0, 1) "
-                         "(e.g. 0.003; --device cpu)")
+                         "(e.g. 0.003)")
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     args = ap.parse_args(argv)
 
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
            "ingot": ours, "final_ratio": ours[-1] / theirs[-1]}
     if args.router_noise:
         if not nudge_routers(m, args.router_noise):
-            raise SystemExit(f"{args.gguf} has no MoE router to nudge (or not on the reference backend)")
+            raise SystemExit(f"{args.gguf} has no MoE router to nudge")
         row["ingot_router_noise"] = ingot_ppl(m, ids, args.ctx, args.chunks)
     for name in [k for k in ("llama.cpp", "ingot", "ingot_router_noise") if k in row]:
         print(f"{name:>18}: " + "  ".join(f"[{i + 1}]{v:.6g}" for i, v in enumerate(row[name])))
