@@ -318,3 +318,40 @@ def test_router_noise_nudges_both_backends_alike(tmp_path, kernel_device):
     a, b = fast.logits(ids).double().cpu(), ref.logits(ids).double().cpu()
     assert float((a - b).norm() / b.norm()) < 5e-3
     assert float((b - before).norm() / before.norm()) > 5e-2
+
+
+def test_run_starts_only_what_fits_its_budget(tmp_path):
+    """harness.sh run with BUDGET: an engine whose estimate does not fit is left for the next run, its GGUF
+    kept and the report still written; the next run measures only what was left."""
+    import os
+    import subprocess
+
+    state, out = tmp_path / "state", tmp_path / "out"
+    bench = state / "llama.cpp" / "build" / "bin" / "llama-bench"  # a saved llama-bench output, as the tool
+    bench.parent.mkdir(parents=True)
+    bench.write_text(f"#!/bin/sh\ncat '{DATA / 'llama_bench.json'}'\n")
+    bench.chmod(0o755)
+    (state / "llama.cpp" / "LLAMA_CPP_PYTHON_VERSION").write_text("0.0.0\n")
+    env = dict(os.environ, STATE=str(state), OUT=str(out), PYTHON=sys.executable, ENGINES="ingot llama.cpp",
+               QUANTS="q8_0", LAYERS="1", PP="8", TG="4", REPS="1", BUDGET="100000", EST_LLAMA="100000")
+    env.pop("TRITON_INTERPRET", None)
+
+    def run(**extra):
+        return subprocess.run(["bash", str(HARNESS / "harness.sh"), "run", "qwen3-0.6b"], env=dict(env, **extra),
+                              capture_output=True, text=True, timeout=900)
+
+    first = run()
+    assert "BUDGET 100000 s: qwen3-0.6b q8_0 llama.cpp left for the next run" in first.stdout, first.stdout
+    done = state / "done"
+    assert sorted(p.name for p in done.iterdir()) == ["qwen3-0.6b-q8_0-ingot"]
+    assert (state / "models" / "qwen3-0.6b-q8_0.gguf").exists()  # kept for llama.cpp
+    with open(state / "rows.csv") as f:
+        assert {r["engine"] for r in csv.DictReader(f)} == {"ingot"}
+    assert list(out.glob("*.md")), "the report of what was measured"
+
+    second = run(EST_LLAMA="0")
+    assert "qwen3-0.6b q8_0 ingot already measured" in second.stdout, second.stdout
+    assert sorted(p.name for p in done.iterdir()) == ["qwen3-0.6b-q8_0-ingot", "qwen3-0.6b-q8_0-llama.cpp"]
+    assert not (state / "models" / "qwen3-0.6b-q8_0.gguf").exists()  # every engine measured it
+    with open(state / "rows.csv") as f:
+        assert {r["engine"] for r in csv.DictReader(f)} == {"ingot", "llama.cpp"}

@@ -175,6 +175,23 @@ hf_folder() {  # key folder
   $PY benchmarks/harness/hf_random.py "$1" -o "$2" ${LAYERS:+--layers "$LAYERS"}
 }
 
+# BUDGET=S: `run` starts no (model, quant, engine) that may not end within S seconds of its start, then writes
+# its report, where `timeout` would cut a pair off halfway (its time lost) and leave no report. The estimates
+# are the longest measured on the H200 (2026-12-04), for the dense and Gemma 4 models: llama.cpp 10 s, Ingot 27 s,
+# MLX 110 s, a GGUF write 26 s; EST_LLAMA, EST_INGOT, EST_MLX and EST_GGUF override them (larger for the 30B).
+BUDGET=${BUDGET:-}
+fits() {  # engine gguf: whether it would end within BUDGET
+  [ -n "$BUDGET" ] || return 0
+  local need
+  case $1 in
+    mlx) need=${EST_MLX:-110};;
+    ingot) need=${EST_INGOT:-27};;
+    *) need=${EST_LLAMA:-10};;
+  esac
+  [ "$1" = mlx ] || [ -e "$2" ] || need=$((need + ${EST_GGUF:-26}))
+  [ $((SECONDS + need)) -le "$BUDGET" ]
+}
+
 # Each (model, quant, engine) is done once: a call cut off by its time limit resumes with the next one. The
 # files are deleted once every engine has measured them, unless KEEP_MODELS is set (for ENGINES split over
 # several runs, e.g. Ingot while llama.cpp still builds).
@@ -185,6 +202,7 @@ run_model() {  # key quants...
     gguf=$MODELS/$key-$quant.gguf
     for engine in $ENGINES; do
       [ -e "$STATE/done/$key-$quant-$engine" ] && { log "$key $quant $engine already measured"; continue; }
+      fits "$engine" "$gguf" || { log "BUDGET ${BUDGET} s: $key $quant $engine left for the next run"; return 1; }
       if [ "$engine" = mlx ]; then
         src=$hf
         if [ -n "${MLX_DIRECT:-}" ]; then
@@ -282,7 +300,7 @@ case "$mode" in
     gpu_info
     for key in ${models:-$ALL_MODELS}; do
       # shellcheck disable=SC2086
-      run_model "$key" $quants
+      run_model "$key" $quants || break  # out of BUDGET
     done
     report
     ;;
