@@ -142,8 +142,9 @@ bench_ingot() {  # key quant gguf
     || { log "ingot failed on $1 $2"; tail -5 "$raw.err"; }
 }
 bench_mlx() {  # key bits [hf-folder]: mlx_lm convert of the bf16 folder, or without one mlx_random.py
-  local dir=$MODELS/$1-mlx-q$2 raw=$RAW/mlx-$1-q$2.txt version bits
-  version=$($PY -c "import mlx.core as mx, mlx_lm; print(f'mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}')")
+  local dir=$MODELS/$1-mlx-q$2 raw=$RAW/mlx-$1-q$2.txt bits
+  # once a run: importing mlx_lm takes seconds
+  : "${MLX_VERSION:=$($PY -c "import mlx.core as mx, mlx_lm; print(f'mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}')")}"
   rm -rf "$dir"
   if [ -n "${3:-}" ]; then
     $PY -m mlx_lm convert --hf-path "$3" --mlx-path "$dir" -q --q-bits "$2" --q-group-size 64 > "$raw.convert" 2>&1 \
@@ -155,7 +156,7 @@ bench_mlx() {  # key bits [hf-folder]: mlx_lm convert of the bf16 folder, or wit
   bits=$(sed -n 's/.*Quantized model with \([0-9.]*\) bits per weight.*/\1/p' "$raw.convert")
   log "$1 q$2: mlx converted (${bits:-?} bits per weight), benchmarking"  # the two phases' times, from the log
   $PY -m mlx_lm benchmark --model "$dir" -p "$PP" -g "$TG" -n "$MLX_TRIALS" > "$raw" 2> "$raw.err" \
-    && $PY benchmarks/harness/report.py add "$ROWS" mlx "$1" "mlx q$2 g64" "$raw" --version "$version" \
+    && $PY benchmarks/harness/report.py add "$ROWS" mlx "$1" "mlx q$2 g64" "$raw" --version "$MLX_VERSION" \
          ${bits:+--bits "$bits"} --bytes-per-token "$($PY benchmarks/harness/weights.py "$dir")" \
     || { log "mlx failed on $1 q$2"; tail -5 "$raw.err"; }
   rm -rf "$dir"
