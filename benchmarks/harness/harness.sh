@@ -156,6 +156,7 @@ bench_mlx() {  # key bits [hf-folder]: mlx_lm convert of the bf16 folder, or wit
   bits=$(sed -n 's/.*Quantized model with \([0-9.]*\) bits per weight.*/\1/p' "$raw.convert")
   log "$1 q$2: mlx converted (${bits:-?} bits per weight), benchmarking"  # the two phases' times, from the log
   $PY -m mlx_lm benchmark --model "$dir" -p "$PP" -g "$TG" -n "$MLX_TRIALS" > "$raw" 2> "$raw.err" \
+    && log "$1 q$2: mlx benchmarked" \
     && $PY benchmarks/harness/report.py add "$ROWS" mlx "$1" "mlx q$2 g64" "$raw" --version "$MLX_VERSION" \
          ${bits:+--bits "$bits"} --bytes-per-token "$($PY benchmarks/harness/weights.py "$dir")" \
     || { log "mlx failed on $1 q$2"; tail -5 "$raw.err"; }

@@ -18,7 +18,10 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+T0 = time.perf_counter()
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
@@ -30,14 +33,24 @@ from ingot.bench.synthetic import _hf_config
 GROUP = 64
 
 
+def phase(name: str, since: float) -> float:
+    """Print how long a phase took (stderr: the harness keeps it beside convert's output); returns now. The
+    harness's device time goes mostly to MLX, so where it goes is logged."""
+    now = time.perf_counter()
+    print(f"mlx_random: {name} {now - since:.1f} s", file=sys.stderr, flush=True)
+    return now
+
+
 def write_mlx_random(key: str, folder, bits: int, layers: int | None = None, group: int = GROUP) -> Path:
     """Write model `key` (a key of ingot/bench/model_shapes.json) as a quantized MLX folder; returns it."""
+    t = phase("imports", T0)
     cfg = _hf_config(key, layers)
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:  # what save copies beside the weights: config and tokenizer
         src = Path(tmp)
         (src / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
         write_tokenizer(cfg, src)
+        t = phase("config and tokenizer", t)
         config = utils.load_config(src)
         model_class, args_class = utils._get_classes(config)
         model = model_class(args_class.from_dict(config))
@@ -52,7 +65,11 @@ def write_mlx_random(key: str, folder, bits: int, layers: int | None = None, gro
         if need > free:
             raise DiskSpaceError(f"{key}: the {bits}-bit MLX folder needs {need / 1e9:.1f} GB, "
                                  f"{free / 1e9:.1f} GB are free")
-        utils.save(folder, src, model, utils.load_tokenizer(src), config)
+        t = phase("model built and quantized (lazily)", t)
+        tokenizer = utils.load_tokenizer(src)
+        t = phase("tokenizer loaded", t)
+        utils.save(folder, src, model, tokenizer, config)
+        phase("weights drawn, quantized and saved", t)
     return folder
 
 
