@@ -42,6 +42,9 @@ MODELS = {
                                      ("gate_up", 16384, 2048, True, False), ("down", 2048, 8192, False, True)]),
     "llama3b": dict(layers=28, mats=[("qkv", 5120, 3072, False, False), ("o", 3072, 3072, False, True),
                                      ("gate_up", 16384, 3072, True, False), ("down", 3072, 8192, False, True)]),
+    # Qwen3-4B: 32 heads of 128 make o's K 4096, wider than the 2560 hidden
+    "qwen4b": dict(layers=36, mats=[("qkv", 6144, 2560, False, False), ("o", 2560, 4096, False, True),
+                                    ("gate_up", 19456, 2560, True, False), ("down", 2560, 9728, False, True)]),
     "qwen8b": dict(layers=36, mats=[("qkv", 6144, 4096, False, False), ("o", 4096, 4096, False, True),
                                     ("gate_up", 24576, 4096, True, False), ("down", 4096, 12288, False, True)]),
 }
