@@ -556,34 +556,32 @@ def write_synthetic_gguf(key: str, quant: str, path, layers: int | None = None, 
     # Written under a temporary name and renamed once whole: a write cut off (a device call's time limit)
     # leaves no truncated file that a later step would take for the model.
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=path.name,
-                                     disable=not progress, leave=False) as bar:
-        f.write(_header(_metadata(key, cfg, arch, quant, tok), plan))
-        thread = threading.Thread(target=writer, args=(f,), daemon=True)
-        thread.start()
-        try:
-            for name, shape, qtype in plan:
-                n = 0
-                for chunk in _tensor_chunks(name, shape, qtype, seed, cfg):
-                    chunks.put(memoryview(chunk).cast("B"))
-                    n += chunk.nbytes
-                    bar.update(chunk.nbytes)
-                    if failure:
-                        raise failure[0]
-                assert n == _tensor_nbytes(shape, qtype), name
-                if n % _ALIGN:
-                    chunks.put(bytes(-n % _ALIGN))
-        except BaseException:
-            chunks.put(None)
-            thread.join()
-            f.close()
-            partial.unlink(missing_ok=True)
-            raise
-        chunks.put(None)
-        thread.join()
-        if failure:
-            partial.unlink(missing_ok=True)
-            raise failure[0]
+    try:
+        with open(partial, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=path.name,
+                                         disable=not progress, leave=False) as bar:
+            f.write(_header(_metadata(key, cfg, arch, quant, tok), plan))
+            thread = threading.Thread(target=writer, args=(f,), daemon=True)
+            thread.start()
+            try:
+                for name, shape, qtype in plan:
+                    n = 0
+                    for chunk in _tensor_chunks(name, shape, qtype, seed, cfg):
+                        chunks.put(memoryview(chunk).cast("B"))
+                        n += chunk.nbytes
+                        bar.update(chunk.nbytes)
+                        if failure:
+                            raise failure[0]
+                    assert n == _tensor_nbytes(shape, qtype), name
+                    if n % _ALIGN:
+                        chunks.put(bytes(-n % _ALIGN))
+            finally:
+                chunks.put(None)
+                thread.join()
+            if failure:
+                raise failure[0]
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(path)
     dt = time.perf_counter() - t0
     if progress:
