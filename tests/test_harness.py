@@ -2,7 +2,9 @@
 
 import csv
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -323,9 +325,6 @@ def test_router_noise_nudges_both_backends_alike(tmp_path, kernel_device):
 def test_run_starts_only_what_fits_its_budget(tmp_path):
     """harness.sh run with BUDGET: an engine whose estimate does not fit is left for the next run, its GGUF
     kept and the report still written; the next run measures only what was left."""
-    import os
-    import subprocess
-
     state, out = tmp_path / "state", tmp_path / "out"
     bench = state / "llama.cpp" / "build" / "bin" / "llama-bench"  # a saved llama-bench output, as the tool
     bench.parent.mkdir(parents=True)
