@@ -1,7 +1,8 @@
 """GPU correctness at real shapes, run by benchmarks/device_check.sh on the GPU machine.
 
-1. Whole-model logits of each dense family (random weights, published shapes, a few layers) on the CUDA
-   backend against the reference backend on the same GPU in fp32: prefill and step-by-step decode.
+1. Whole-model logits of each family (random weights, published shapes, a few layers) on the CUDA backend
+   against the reference backend on the same GPU in fp32: prefill and step-by-step decode. MoE slices also
+   with every expert routed, and at their top-k with each backend's expert choices compared (ALL_ROUTED).
 2. Graph replay equals eager execution of the same decode steps.
 3. The embedded real models give the same greedy tokens on the GPU as the CPU reference (near-ties, where
    the two disagree, are explained by the logit gap).
@@ -13,15 +14,19 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import ingot
+from ingot.backends.cuda import moe as cuda_moe
+from ingot.backends.reference import ReferenceBackend
 from ingot.bench.synthetic import write_synthetic_gguf
 
 FAMILIES = [("llama-3.2-1b", "q4_0"), ("llama-3.2-1b", "q8_0"), ("qwen3-4b", "q4_0"), ("gemma-3-1b", "q8_0"),
-            ("gemma-4-e2b", "q4_0"), ("gemma-4-26b-a4b", "q8_0")]
+            ("gemma-4-e2b", "q4_0"), ("gemma-4-26b-a4b", "q4_0"), ("qwen3-30b-a3b", "q8_0")]
+# (the MoE slices: q4 experts run gemv's byte tiles at decode, q8 the word kernel; see moe.DECODE)
 # Layers of each slice: 3, except Gemma 4's, which must end on a global layer; E2B's 20 reach five of its
 # KV-sharing layers (16 on); 26B-A4B's 6 are five sliding layers and a global one, each with its MoE block.
 LAYERS = {"gemma-4-e2b": 20, "gemma-4-26b-a4b": 6}
@@ -38,37 +43,111 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+# MoE slices are checked twice. With all experts routed (ALL_ROUTED: their real width, 16 of 16), no top-k
+# choice is left, so the logits must agree as a dense model's. At the real top-k, the CUDA backend's
+# fp16 activations may pick another expert where the reference's k-th and (k+1)-th probabilities nearly tie,
+# and every later logit (through the KV cache, every later row's) then differs by far more than rounding; so
+# there a logit error above TOL is explained only by such a near-tie made before it, and a choice that
+# differs at a wider gap than NEAR_TIE fails.
+ALL_ROUTED = {"qwen3-30b-a3b": dict(num_experts=16, num_experts_per_tok=16),
+              "gemma-4-26b-a4b": dict(num_experts=16, top_k_experts=16)}
+TOL = 2e-2
+NEAR_TIE = 2e-2  # (p_k - p_k+1) / p_k of the reference
+
+
+@contextmanager
+def routing_recorded():
+    """Each backend's expert choices, one [rows, k] tensor (sorted ids) per MoE call in call order, and with
+    the reference's the relative gap between each row's k-th and (k+1)-th probability."""
+    ref_calls, fast_calls = [], []
+    probs, route = ReferenceBackend._router_probs, cuda_moe.route
+
+    def recording_probs(self, moe, lw, r):
+        p = probs(self, moe, lw, r)
+        top = p.topk(min(moe.top_k + 1, p.shape[-1]), dim=-1).values
+        gap = (top[:, moe.top_k - 1] - top[:, moe.top_k]) / top[:, moe.top_k - 1] if top.shape[-1] > moe.top_k \
+            else torch.ones(p.shape[0], device=p.device)
+        ref_calls.append((p.topk(moe.top_k, dim=-1).indices.sort(-1).values.cpu(), gap.cpu()))
+        return p
+
+    def recording_route(*args, **kwargs):
+        ids, weights = route(*args, **kwargs)
+        fast_calls.append(ids.sort(-1).values.cpu())
+        return ids, weights
+
+    ReferenceBackend._router_probs, cuda_moe.route = recording_probs, recording_route
+    try:
+        yield ref_calls, fast_calls
+    finally:
+        ReferenceBackend._router_probs, cuda_moe.route = probs, route
+
+
+def routing_flips(ref_calls, fast_calls, n_layers: int) -> tuple[int, list[float]]:
+    """(choices compared, the reference's gap at each (row, layer) where the two backends chose differently).
+    Calls go chunk by chunk through every MoE layer, so call i is layer i % n_layers; each layer's rows are
+    joined across calls (the two backends may chunk a prefill differently)."""
+    ref_rows = [torch.cat([ids for ids, _ in ref_calls[i::n_layers]]) for i in range(n_layers)]
+    gaps = [torch.cat([g for _, g in ref_calls[i::n_layers]]) for i in range(n_layers)]
+    fast_rows = [torch.cat(fast_calls[i::n_layers]) for i in range(n_layers)]
+    flipped = []
+    for r, g, f in zip(ref_rows, gaps, fast_rows):
+        assert r.shape == f.shape, f"routed rows differ: {tuple(r.shape)} and {tuple(f.shape)}"
+        flipped += g[(r != f).any(-1)].tolist()
+    return sum(r.shape[0] for r in ref_rows), flipped
+
+
 def family_logits(models: Path, families=FAMILIES, n_prompt: int = N_PROMPT):
     for key, quant in families:
-        layers = LAYERS.get(key, 3)
-        path = models / f"{key}-{quant}-L{layers}.gguf"
-        if not path.exists():
-            write_synthetic_gguf(key, quant, path, layers=layers, progress=False)
-        fast = ingot.load(path, device="cuda", backend="cuda", max_context=1024)
-        ref = ingot.load(path, device="cuda", backend="reference", dtype=torch.float32, max_context=1024)
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, fast.spec.vocab_size, (n_prompt + 8,), generator=g).tolist()
-        a = fast.runner.prefill(ids[:-8]).clone()
-        b = ref.runner.prefill(ids[:-8])
-        steps_fast, steps_ref = [a], [b]
-        for t in ids[-8:]:
-            steps_fast.append(fast.runner.decode(t).clone())
-            steps_ref.append(ref.runner.decode(t))
-        err_prefill = rel(a, b)
-        err_decode = max(rel(x, y) for x, y in zip(steps_fast[1:], steps_ref[1:]))
-        record(f"logits {key} {quant} prompt {n_prompt}", err_prefill < 2e-2 and err_decode < 2e-2,
-               prefill_rel_err=err_prefill, decode_rel_err=err_decode)
-        # graph replay vs eager: the same steps again from the same prefix
-        fast.runner.prefill(ids[:-8])
-        graph = [fast.runner.decode(t).clone() for t in ids[-8:]]
-        fast.backend.use_graph = False
-        fast.runner.prefill(ids[:-8])
-        eager = [fast.runner.decode(t).clone() for t in ids[-8:]]
-        fast.backend.use_graph = True
-        diff = max(float((x - y).abs().max()) for x, y in zip(graph, eager))
-        record(f"graph == eager {key} {quant}", diff == 0.0, max_abs_diff=diff)
-        del fast, ref
+        variants = [("", None)] + ([(" all experts routed", ALL_ROUTED[key])] if key in ALL_ROUTED else [])
+        for label, overrides in variants:
+            layers = LAYERS.get(key, 3)
+            path = models / f"{key}-{quant}-L{layers}{'-all' if overrides else ''}.gguf"
+            if not path.exists():
+                write_synthetic_gguf(key, quant, path, layers=layers, progress=False, overrides=overrides)
+            slice_logits(path, f"{key} {quant}{label}", n_prompt)
+
+
+def slice_logits(path: Path, name: str, n_prompt: int, device: str = "cuda"):
+    fast = ingot.load(path, device=device, backend="cuda", max_context=1024)
+    ref = ingot.load(path, device=device, backend="reference", dtype=torch.float32, max_context=1024)
+    n_moe = sum(layer.moe is not None for layer in fast.spec.layers)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, fast.spec.vocab_size, (n_prompt + 8,), generator=g).tolist()
+    # eager, so that the routing is seen (graph replay equals eager: the check after this one)
+    fast.backend.use_graph = False
+    errs, first_flip = [], None  # stage 0: the prefill, then each decode step
+    with routing_recorded() as (ref_calls, fast_calls):
+        for stage, run in enumerate([lambda r: r.prefill(ids[:-8])] + [lambda r, t=t: r.decode(t) for t in ids[-8:]]):
+            errs.append(rel(run(fast.runner).clone(), run(ref.runner)))
+            if n_moe and first_flip is None and routing_flips(ref_calls, fast_calls, n_moe)[1]:
+                first_flip = stage
+    fast.backend.use_graph = True
+    info = dict(prefill_rel_err=errs[0], decode_rel_err=max(errs[1:]))
+    ok = all(e < TOL for e in errs)
+    if n_moe:
+        choices, flipped = routing_flips(ref_calls, fast_calls, n_moe)
+        held = errs if first_flip is None else errs[:first_flip]  # after a near-tie every logit may differ
+        ok = all(e < TOL for e in held) and all(g < NEAR_TIE for g in flipped)
+        info.update(choices=choices, flipped=len(flipped), widest_flipped_gap=max(flipped, default=0.0),
+                    first_flip_stage=first_flip, held_stages=len(held))
+    record(f"logits {name} prompt {n_prompt}", ok, **info)
+    if device == "cuda":
+        graph_equals_eager(fast, ids, name)
+    del fast, ref
+    if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def graph_equals_eager(fast, ids, name: str):
+    """The last 8 decode steps again from the same prefix, replayed as graphs and then run eagerly."""
+    fast.runner.prefill(ids[:-8])
+    graph = [fast.runner.decode(t).clone() for t in ids[-8:]]
+    fast.backend.use_graph = False
+    fast.runner.prefill(ids[:-8])
+    eager = [fast.runner.decode(t).clone() for t in ids[-8:]]
+    fast.backend.use_graph = True
+    diff = max(float((x - y).abs().max()) for x, y in zip(graph, eager))
+    record(f"graph == eager {name}", diff == 0.0, max_abs_diff=diff)
 
 
 def real_model(path: Path, prompts, steps=32):

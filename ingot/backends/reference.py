@@ -219,12 +219,14 @@ class ReferenceBackend:
     def _mlp(self, lw, h):
         return (activation(self.spec.activation, h @ lw["ffn_gate"].T) * (h @ lw["ffn_up"].T)) @ lw["ffn_down"].T
 
-    def _moe(self, moe, lw, h, router_input):
-        r = router_input
+    def _router_probs(self, moe, lw, r):
+        """Each row's softmax over the experts (fp32 [T, E]), before the top-k."""
         if moe.router_scales:
             r = rms_norm(r, None, self.spec.norm_eps) * lw["ffn_gate_inp_scale"] * self.spec.hidden_size**-0.5
-        probs = (r @ lw["ffn_gate_inp"].T).float().softmax(-1)
-        weights, experts = probs.topk(moe.top_k, dim=-1)
+        return (r @ lw["ffn_gate_inp"].T).float().softmax(-1)
+
+    def _moe(self, moe, lw, h, router_input):
+        weights, experts = self._router_probs(moe, lw, router_input).topk(moe.top_k, dim=-1)
         if moe.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         if moe.router_scales:
