@@ -92,40 +92,58 @@ class MoEWeights:
 
 
 @triton.jit
+def _router_dot(x_ptr, nw_ptr, r, t, t_ok, k, k_ok, stride_xm, NORMED: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One K tile's part of the logits (x * nw) @ r^T (fp32 [BLOCK_T, BLOCK_E]) and of the rows' sums of
+    squares, from r, the tile's router rows [BLOCK_E, BLOCK_K]."""
+    x = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_xm + k[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                other=0.0).to(tl.float32)
+    ss = tl.zeros((BLOCK_T,), tl.float32)
+    if not NORMED:
+        ss = tl.sum(x * x, axis=1)
+        x = x * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    r = r.to(tl.float32)
+    if BLOCK_T >= 16:
+        return tl.dot(x, tl.trans(r), input_precision="ieee"), ss
+    return tl.sum(x[:, None, :] * r[None, :, :], axis=2), ss
+
+
+@triton.jit
 def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, wts_ptr, ssi_ptr, T, K, E, stride_xm,
                    eps, n_parts, TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr,
                    EXPERT_SCALE: tl.constexpr, NORMED: tl.constexpr, PARTS_BLOCK: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, E_ALL: tl.constexpr,
-                   PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
+                   ONE_TILE: tl.constexpr, RANK_BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                   EARLY: tl.constexpr = False):
     """One [BLOCK_T rows, BLOCK_E experts] tile of the logits (rms_norm(x) * nw) @ R^T in fp32 FMAs (the
     reference's sums: no tensor-core rounding that could flip a near-tied expert; from 16 rows through
     tl.dot's ieee path, as the decode tiles' broadcast-and-sum took 146 µs a Qwen3-30B-A3B layer at 512 rows
     on the H200, 2026-12-02), stored to the workspace;
     the row block's last tile to finish (an atomic ticket, as gemv's split-K) then takes the block's whole
-    logit rows through the softmax, the top-k by repeated argmax (the lowest id among equals) and the
-    renormalisation (then Gemma 4's per-expert scale), and puts the counter back to 0. NORMED (one row): x
-    came times nw, its sum of squares in n_parts pieces (gemv.linear's norm_parts)."""
-    pdl.begin(PDL, EARLY)
+    logit rows through the softmax, the top-k (the lowest id among equals) and the renormalisation (then
+    Gemma 4's per-expert scale), and puts the counter back to 0. NORMED (one row): x came times nw, its sum
+    of squares in n_parts pieces (gemv.linear's norm_parts). ONE_TILE: the whole of K in one tile, whose
+    router rows (weights, not the previous kernel's output) are loaded before the PDL wait, so that one
+    row's router reads overlap the kernel before it."""
     pid_t, pid_e = tl.program_id(0), tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     t_ok, e_ok = t < T, e < E
-    acc = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
-    ss = tl.zeros((BLOCK_T,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        x = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_xm + k[None, :], mask=t_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
-        if not NORMED:
-            ss += tl.sum(x * x, axis=1)
-            x = x * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        r = tl.load(r_ptr + e.to(tl.int64)[:, None] * K + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
-        if BLOCK_T >= 16:
-            acc = tl.dot(x, tl.trans(r), acc, input_precision="ieee")
-        else:
-            acc += tl.sum(x[:, None, :] * r[None, :, :], axis=2)
+    r_rows = r_ptr + e.to(tl.int64)[:, None] * K
+    if ONE_TILE:
+        k = tl.arange(0, BLOCK_K)
+        r = tl.load(r_rows + k[None, :], mask=e_ok[:, None] & (k < K)[None, :], other=0.0)
+        pdl.begin(PDL, EARLY)
+        acc, ss = _router_dot(x_ptr, nw_ptr, r, t, t_ok, k, k < K, stride_xm, NORMED, BLOCK_T)
+    else:
+        pdl.begin(PDL, EARLY)
+        acc = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+        ss = tl.zeros((BLOCK_T,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            r = tl.load(r_rows + k[None, :], mask=e_ok[:, None] & (k < K)[None, :], other=0.0)
+            a, s = _router_dot(x_ptr, nw_ptr, r, t, t_ok, k, k < K, stride_xm, NORMED, BLOCK_T)
+            acc += a
+            ss += s
     # rstd is one scalar per row: applied to the finished logits rather than to every x element.
     if NORMED:
         acc = acc * gemv._handed_rstd(ssi_ptr, n_parts, K, eps, PARTS_BLOCK)
@@ -136,42 +154,90 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, w
     tl.debug_barrier()  # every thread's stores before the (one-thread) release
     ticket = tl.atomic_add(cnt_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(1) - 1:
-        ea = tl.arange(0, E_ALL)
-        ea_ok = ea < E
-        # .cg: from L2, where the other programs' tiles are
-        logits = tl.load(logits_ptr + rows + ea[None, :], mask=t_ok[:, None] & ea_ok[None, :], other=0.0,
-                         cache_modifier=".cg")
-        logits = tl.where(ea_ok[None, :], logits, float("-inf"))
-        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        p = p / tl.sum(p, axis=1)[:, None]
-        p = tl.where(ea_ok[None, :] & (p == p), p, -1.0)  # a NaN row (padding, never a real one) stays in range
-        j = tl.arange(0, KP)
-        top_w = tl.zeros((BLOCK_T, KP), tl.float32)
-        top_i = tl.zeros((BLOCK_T, KP), tl.int32)
-        for c in tl.static_range(TOP_K):
-            best = tl.max(p, axis=1)
-            idx = tl.minimum(tl.min(tl.where(p == best[:, None], ea[None, :], E_ALL), axis=1), E - 1)
-            top_w = tl.where(j[None, :] == c, tl.maximum(best, 0.0)[:, None], top_w)
-            top_i = tl.where(j[None, :] == c, idx[:, None], top_i)
-            p = tl.where(ea[None, :] == idx[:, None], -2.0, p)
-        if NORM_TOPK:
-            top_w = top_w / tl.maximum(tl.sum(top_w, axis=1), 1e-30)[:, None]
-        if EXPERT_SCALE:
-            top_w = top_w * tl.load(es_ptr + top_i)
-        out = t.to(tl.int64)[:, None] * TOP_K + j[None, :]
-        ok = t_ok[:, None] & (j < TOP_K)[None, :]
-        tl.store(ids_ptr + out, top_i, mask=ok)
-        tl.store(wts_ptr + out, top_w, mask=ok)
+        if BLOCK_T == 1:
+            _top_k_by_rank(logits_ptr, es_ptr, ids_ptr, wts_ptr, pid_t, E, TOP_K, NORM_TOPK, EXPERT_SCALE, E_ALL,
+                           RANK_BLOCK)
+        else:
+            _top_k_by_argmax(logits_ptr, es_ptr, ids_ptr, wts_ptr, t, t_ok, E, TOP_K, KP, NORM_TOPK, EXPERT_SCALE,
+                             BLOCK_T, E_ALL)
         tl.atomic_xchg(cnt_ptr + pid_t, 0)  # ready for the next call / graph replay
 
 
-def _router_tiles(t: int, e: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_E, BLOCK_K). Decode rows (up to 32): 4 experts a program, so even one row spreads the
-    router's read over E / 4 SMs, the [BLOCK_T, BLOCK_E, BLOCK_K] product in registers 2K to 8K values;
-    prefill: tl.dot tiles of 16 rows x 32 experts (its smallest M is 16), so 512 rows of 128 experts are 128
-    programs."""
+@triton.jit
+def _top_k_by_rank(logits_ptr, es_ptr, ids_ptr, wts_ptr, row, E, TOP_K: tl.constexpr, NORM_TOPK: tl.constexpr,
+                   EXPERT_SCALE: tl.constexpr, E_ALL: tl.constexpr, RANK_BLOCK: tl.constexpr):
+    """One row's top-k in one pass, where repeated argmax takes two dependent reductions a choice: each
+    expert's rank is the number of experts ahead of it (a larger logit, or an equal one at a lower id), and
+    the k of rank below k are stored at their rank (descending, as torch.topk). [E_ALL, RANK_BLOCK]
+    comparisons at a time: a BLOCK_T-row tile would need BLOCK_T times the registers, so more rows take
+    _top_k_by_argmax."""
+    ea = tl.arange(0, E_ALL)
+    base = logits_ptr + row.to(tl.int64) * E
+    # .cg: from L2, where the other programs' tiles are; a NaN row (padding, never a real one) ranks by id
+    li = tl.load(base + ea, mask=ea < E, other=float("-inf"), cache_modifier=".cg")
+    li = tl.where(li == li, li, float("-inf"))
+    rank = tl.zeros((E_ALL,), tl.int32)
+    for j0 in tl.static_range(0, E_ALL, RANK_BLOCK):
+        j = j0 + tl.arange(0, RANK_BLOCK)
+        lj = tl.load(base + j, mask=j < E, other=float("-inf"), cache_modifier=".cg")
+        lj = tl.where(lj == lj, lj, float("-inf"))
+        ahead = (lj[None, :] > li[:, None]) | ((lj[None, :] == li[:, None]) & (j[None, :] < ea[:, None]))
+        rank += tl.sum(ahead.to(tl.int32), axis=1)
+    top = tl.max(li, axis=0)
+    p = tl.exp(li - tl.where(top == float("-inf"), 0.0, top))  # the softmax's numerators
+    chosen = (rank < TOP_K) & (ea < E)
+    w = p / tl.maximum(tl.sum(tl.where(chosen if NORM_TOPK else ea < E, p, 0.0), axis=0), 1e-30)
+    if EXPERT_SCALE:
+        w = w * tl.load(es_ptr + ea, mask=chosen, other=0.0)
+    out = row.to(tl.int64) * TOP_K + rank
+    tl.store(ids_ptr + out, ea, mask=chosen)
+    tl.store(wts_ptr + out, w, mask=chosen)
+
+
+@triton.jit
+def _top_k_by_argmax(logits_ptr, es_ptr, ids_ptr, wts_ptr, t, t_ok, E, TOP_K: tl.constexpr, KP: tl.constexpr,
+                     NORM_TOPK: tl.constexpr, EXPERT_SCALE: tl.constexpr, BLOCK_T: tl.constexpr,
+                     E_ALL: tl.constexpr):
+    """BLOCK_T rows' top-k by repeated argmax (the lowest id among equals), as [BLOCK_T, E_ALL] tiles."""
+    ea = tl.arange(0, E_ALL)
+    ea_ok = ea < E
+    rows = t.to(tl.int64)[:, None] * E
+    # .cg: from L2, where the other programs' tiles are
+    logits = tl.load(logits_ptr + rows + ea[None, :], mask=t_ok[:, None] & ea_ok[None, :], other=0.0,
+                     cache_modifier=".cg")
+    logits = tl.where(ea_ok[None, :], logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    p = tl.where(ea_ok[None, :] & (p == p), p, -1.0)  # a NaN row (padding, never a real one) stays in range
+    j = tl.arange(0, KP)
+    top_w = tl.zeros((BLOCK_T, KP), tl.float32)
+    top_i = tl.zeros((BLOCK_T, KP), tl.int32)
+    for c in tl.static_range(TOP_K):
+        best = tl.max(p, axis=1)
+        idx = tl.minimum(tl.min(tl.where(p == best[:, None], ea[None, :], E_ALL), axis=1), E - 1)
+        top_w = tl.where(j[None, :] == c, tl.maximum(best, 0.0)[:, None], top_w)
+        top_i = tl.where(j[None, :] == c, idx[:, None], top_i)
+        p = tl.where(ea[None, :] == idx[:, None], -2.0, p)
+    if NORM_TOPK:
+        top_w = top_w / tl.maximum(tl.sum(top_w, axis=1), 1e-30)[:, None]
+    if EXPERT_SCALE:
+        top_w = top_w * tl.load(es_ptr + top_i)
+    out = t.to(tl.int64)[:, None] * TOP_K + j[None, :]
+    ok = t_ok[:, None] & (j < TOP_K)[None, :]
+    tl.store(ids_ptr + out, top_i, mask=ok)
+    tl.store(wts_ptr + out, top_w, mask=ok)
+
+
+def _router_tiles(t: int, e: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_E, BLOCK_K). One row: one expert a program and the whole of K in one tile (loaded
+    before the PDL wait), so the router's read is spread over E programs and in flight at once; other decode
+    rows (up to 32): 4 experts a program, the [BLOCK_T, BLOCK_E, BLOCK_K] product in registers 2K to 8K
+    values; prefill: tl.dot tiles of 16 rows x 32 experts (its smallest M is 16), so 512 rows of 128 experts
+    are 128 programs."""
+    if t == 1:
+        return 1, 1, triton.next_power_of_2(k)
     if t <= MAX_DECODE_ROWS:
-        bt, be = min(triton.next_power_of_2(max(t, 1)), 8), min(triton.next_power_of_2(e), 4)
+        bt, be = min(triton.next_power_of_2(t), 8), min(triton.next_power_of_2(e), 4)
         return bt, be, max(16, 2048 // (bt * be))
     return 16, max(16, min(triton.next_power_of_2(e), 32)), 64
 
@@ -189,7 +255,7 @@ def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float,
     if h != w.hidden or x.stride(1) != 1:
         raise ValueError(f"x of shape {tuple(x.shape)} (row stride 1 needed) does not match hidden {w.hidden}")
     k, e = w.top_k, w.n_experts
-    bt, be, bk = _router_tiles(t, e)
+    bt, be, bk = _router_tiles(t, e, h)
     ids = torch.empty(t, k, device=x.device, dtype=torch.int32) if ids is None else ids
     weights = torch.empty(t, k, device=x.device, dtype=torch.float32) if weights is None else weights
     logits = torch.empty(t, e, device=x.device, dtype=torch.float32) if logits is None else logits
@@ -207,7 +273,8 @@ def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float,
         _router_kernel[(triton.cdiv(t, bt), triton.cdiv(e, be))](
             x, nw, w.router, es, logits, counters, ids, weights, ssi, t, h, e, x.stride(0), float(eps), n_parts,
             TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, EXPERT_SCALE=w.expert_scale is not None,
-            BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, E_ALL=triton.next_power_of_2(e), num_warps=4, **handed,
+            BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, E_ALL=triton.next_power_of_2(e), ONE_TILE=bk >= h,
+            RANK_BLOCK=min(triton.next_power_of_2(e), 64), num_warps=4, **handed,
             **pdl.LAUNCH_EARLY)
     return ids, weights
 
