@@ -103,6 +103,25 @@ def test_router_picks_and_weighs_like_softmax_topk(gen, kernel_device, top_k, no
     torch.testing.assert_close(weights.cpu().double(), want_w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_experts", [96, 8])
+def test_one_row_router_ranks_many_experts_and_breaks_ties_by_id(gen, kernel_device, n_experts):
+    """The one-row router's top-k by rank: 96 experts (not a power of two, and more than one 64-wide block
+    of comparisons), and two identical router rows among the chosen, which rank by id, the lower first."""
+    router = torch.randn(n_experts, H, generator=gen) * 0.1
+    router[5] = router[n_experts - 2] = router[0] + 0.2  # a tie, ahead of the rest
+    w = moe.MoEWeights(router=router, gate_up=make_weight("f16", n_experts * 2 * FF, H, 32, False, gen),
+                       down=make_weight("f16", n_experts * H, FF, 32, False, gen), top_k=min(8, n_experts - 2),
+                       norm_topk=True, expert_scale=torch.rand(n_experts, generator=gen) + 0.5)
+    x, nw = make_x(1, gen), torch.rand(H, generator=gen) + 0.5
+    ids, weights = moe.route(x.to(kernel_device), on(w, kernel_device), nw.to(kernel_device), EPS)
+    _, want_ids, want_w = reference_route(x, w, nw)
+    ids = ids.cpu().long()
+    assert set(ids[0, :2].tolist()) == {5, n_experts - 2} and ids[0, 0] == 5, f"seed {SEED}"
+    assert torch.equal(ids[0, 2:], want_ids[0, 2:]), f"seed {SEED}"
+    torch.testing.assert_close(weights.cpu().double().sort(-1).values, want_w.sort(-1).values, rtol=1e-5,
+                               atol=1e-6)
+
+
 # Each weight form, one or several rows (expert 0 picked by several), top-2 and top-8, on both decode schemes
 # ("word" is q4/q8 only; f16 always takes "byte"). The interpreter is slow: few cases; the whole-model test in
 # test_cuda_backend.py adds q4 affine decode and f16 prefill.
