@@ -82,6 +82,17 @@ def decode_scheme(scheme: str):
         moe.DECODE = saved
 
 
+@contextlib.contextmanager
+def k_steps(gate_up: int, down: int):
+    """The byte decode kernels at these K steps (moe.GATE_UP_BLOCK_K, moe.DOWN_BLOCK_K) while inside."""
+    saved = moe.GATE_UP_BLOCK_K, moe.DOWN_BLOCK_K
+    moe.GATE_UP_BLOCK_K, moe.DOWN_BLOCK_K = gate_up, down
+    try:
+        yield
+    finally:
+        moe.GATE_UP_BLOCK_K, moe.DOWN_BLOCK_K = saved
+
+
 def check(quant, w, nw, dev, rows_out):
     gu = w.gate_up.dequantize().view(E, 2 * FF, H)
     down = w.down.dequantize().view(E, H, FF)
@@ -129,6 +140,18 @@ def time_decode(quant, w, nw, dev, bw, rows_out):
                 print(f"  {quant} decode T={t} {scheme} block_n={bn}: {sec * 1e6:7.1f} us{share}")
                 rows_out.append(dict(what="decode", quant=quant, rows=t, variant=f"{scheme} {bn}",
                                      us=f"{sec * 1e6:.2f}", active_mb=f"{active / 1e6:.2f}", gbps=f"{gbps:.0f}"))
+        # the byte kernels' K steps (gate/up's, down's cap) at their default block_n: more bytes a program
+        # in flight against more registers
+        for gate_up_k, down_k in [(512, 128), (256, 256), (512, 256)] if t == 1 else []:
+            buffers = moe.DecodeBuffers.for_layers([w], t, dev)
+            with decode_scheme("byte"), k_steps(gate_up_k, down_k):
+                sec = time_graph(lambda i: moe.decode_block(xs[i % 32], w, nw, EPS, buffers=buffers), launches=32,
+                                 trials=11)
+            print(f"  {quant} decode T=1 byte K steps {gate_up_k} / {down_k}: {sec * 1e6:7.1f} us, "
+                  f"{active / sec / 1e9:6.0f} GB/s")
+            rows_out.append(dict(what="decode", quant=quant, rows=t, variant=f"byte K {gate_up_k}/{down_k}",
+                                 us=f"{sec * 1e6:.2f}", active_mb=f"{active / 1e6:.2f}",
+                                 gbps=f"{active / sec / 1e9:.0f}"))
     for t in (1, 512):  # the decode tiles and the prefill (tl.dot) tiles
         xs = [torch.randn(t, H, device=dev) for _ in range(32)]
         ids = torch.empty(t, TOP_K, device=dev, dtype=torch.int32)

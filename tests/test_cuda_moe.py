@@ -136,6 +136,21 @@ def test_decode_block_matches_reference(gen, kernel_device, decode_path, kind, m
     assert rel_err(got, reference_block(x, w, nw)) < 1e-5, f"seed {SEED}"
 
 
+@pytest.mark.parametrize("decode_path,kind,mins", [("byte", "q4", False), ("byte", "q4", True), ("byte", "q8", False)],
+                         indirect=["decode_path"])
+def test_byte_decode_over_several_k_steps(gen, kernel_device, decode_path, kind, mins, monkeypatch):
+    """The byte kernels' K loops over several steps, the last one partial (hidden 160 in steps of 64, expert
+    width 96 in steps of 64), as at real widths (Qwen3-30B-A3B: 8 gate/up steps, 6 down), where the default
+    steps take these small sizes in one."""
+    monkeypatch.setattr(moe, "GATE_UP_BLOCK_K", 64)
+    monkeypatch.setattr(moe, "DOWN_BLOCK_K", 64)
+    w, nw = make_layer(kind, mins, 8, gen)
+    x = make_x(2, gen)
+    got = moe.decode_block(x.clone().to(kernel_device), on(w, kernel_device), nw.to(kernel_device), EPS,
+                           block_n=DECODE_BLOCK_N)
+    assert rel_err(got, reference_block(x, w, nw)) < 1e-5, f"seed {SEED}"
+
+
 @pytest.mark.parametrize("decode_path,kind", [("word", "q4"), ("word", "q8")], indirect=["decode_path"])
 def test_word_decode_whole_tiles(gen, kernel_device, decode_path, kind, monkeypatch):
     """Widths that fill whole tiles and K steps (hidden 512, expert width 256): the word kernel's unmasked

@@ -460,12 +460,14 @@ def _word_flags(w: PackedLinear, gated: bool, block_n: int) -> tuple[tuple, dict
                       EVEN=gemv.whole_tiles(n_out, w.k, block_n, block_k), BLOCK_K=block_k)
 
 
-def _gemv_flags(w: PackedLinear, max_block_k: int = 1024) -> tuple[tuple, dict]:
+def _gemv_flags(w: PackedLinear, max_block_k: int = 1024, block_k: int | None = None) -> tuple[tuple, dict]:
+    """The byte kernels' pointers and constexprs for w: a K step of block_k values, else gemv's for its kind
+    (at most max_block_k); at least a group."""
     group = w.group if w.kind != "f16" else gemv.F16_PSEUDO_GROUP
     scales = w.scales if w.scales is not None else w.qweight
     mins = w.mins if w.mins is not None else scales
     flags = dict(KIND=gemv.KIND_IDS[w.kind], GROUP=group, HAS_MIN=w.mins is not None,
-                 BLOCK_K=max(group, min(max_block_k, gemv._block_k(w.kind, group))))
+                 BLOCK_K=max(group, block_k or min(max_block_k, gemv._block_k(w.kind, group))))
     return (w.qweight, scales, mins), flags
 
 
@@ -496,8 +498,9 @@ class DecodeBuffers:
 
 
 GATE_UP_BLOCK_N = 8  # gate and up tiles in registers at once (moe_check, H200: 8 a little ahead of 16)
+GATE_UP_BLOCK_K = None  # its K step in values (None: gemv's for the kind, 256 q4 or 128 q8)
 DOWN_BLOCK_N = 8  # x top_k experts = 64 weight rows a tile; 2048 / 8 = 256 programs for Qwen3-30B-A3B at one row
-DOWN_BLOCK_K = 128  # the tile holds k experts' rows: a shorter K step keeps it in registers
+DOWN_BLOCK_K = 128  # at most this K step: the tile holds k experts' rows, a shorter one keeps it in registers
 # Word kernels, rows a program of one pair (benchmarks/moe_check.py compares variants: these within 3% of the
 # best on the H200, 2026-12-02). Qwen3-30B-A3B
 # at one row: gate/up 8 pairs x 768 / 32 = 192 programs of 32 gate + 32 up rows (gemv's gated q4 tile holds
@@ -560,7 +563,7 @@ def _gate_up(x, w: MoEWeights, norm_weight, eps: float, act: str, ids, ff, block
                                   HAS_RES=False, NORM_OUT=False, BLOCK_N=block_n, num_warps=4, **handed, **flags,
                                   **pdl.LAUNCH_EARLY)
     else:
-        ptrs, flags = _gemv_flags(w.gate_up)
+        ptrs, flags = _gemv_flags(w.gate_up, block_k=GATE_UP_BLOCK_K)
         _expert_gate_up_kernel[grid](x, norm_weight, ids, *ptrs, ff, ssi, f, h, x.stride(0), float(eps), n_parts,
                                      TOP_K=k, ACT=_ACTS[act], BLOCK_N=block_n, num_warps=4, **handed, **flags,
                                      **pdl.LAUNCH_EARLY)
