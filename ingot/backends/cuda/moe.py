@@ -50,6 +50,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DECODE = os.environ.get("INGOT_MOE_DECODE", "auto")
 if DECODE not in ("auto", "byte", "word"):
     raise ValueError(f"INGOT_MOE_DECODE must be 'auto', 'byte' or 'word', not {DECODE!r}")
+# The prefill router's tl.dot (16 rows and up) on fp32: "ieee" FMAs (the default), or "tf32x3", three TF32
+# tensor-core products whose sum keeps about fp32's precision (INGOT_ROUTER_DOT, for the A/B: the router took
+# 84 us of each Qwen3-30B-A3B layer's 512-row prefill on the H200, 2026-12-04, for 0.27 GFLOP).
+ROUTER_DOT = os.environ.get("INGOT_ROUTER_DOT", "ieee")
+if ROUTER_DOT not in ("ieee", "tf32x3"):
+    raise ValueError(f"INGOT_ROUTER_DOT must be 'ieee' or 'tf32x3', not {ROUTER_DOT!r}")
 
 
 @dataclass
@@ -92,7 +98,8 @@ class MoEWeights:
 
 
 @triton.jit
-def _router_dot(x_ptr, nw_ptr, r, t, t_ok, k, k_ok, stride_xm, NORMED: tl.constexpr, BLOCK_T: tl.constexpr):
+def _router_dot(x_ptr, nw_ptr, r, t, t_ok, k, k_ok, stride_xm, NORMED: tl.constexpr, BLOCK_T: tl.constexpr,
+                DOT: tl.constexpr):
     """One K tile's part of the logits (x * nw) @ r^T (fp32 [BLOCK_T, BLOCK_E]) and of the rows' sums of
     squares, from r, the tile's router rows [BLOCK_E, BLOCK_K]."""
     x = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_xm + k[None, :], mask=t_ok[:, None] & k_ok[None, :],
@@ -103,7 +110,7 @@ def _router_dot(x_ptr, nw_ptr, r, t, t_ok, k, k_ok, stride_xm, NORMED: tl.conste
         x = x * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     r = r.to(tl.float32)
     if BLOCK_T >= 16:
-        return tl.dot(x, tl.trans(r), input_precision="ieee"), ss
+        return tl.dot(x, tl.trans(r), input_precision=DOT), ss
     return tl.sum(x[:, None, :] * r[None, :, :], axis=2), ss
 
 
@@ -112,12 +119,12 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, w
                    eps, n_parts, TOP_K: tl.constexpr, KP: tl.constexpr, NORM_TOPK: tl.constexpr,
                    EXPERT_SCALE: tl.constexpr, NORMED: tl.constexpr, PARTS_BLOCK: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, E_ALL: tl.constexpr,
-                   ONE_TILE: tl.constexpr, RANK_BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                   EARLY: tl.constexpr = False):
+                   ONE_TILE: tl.constexpr, RANK_BLOCK: tl.constexpr, DOT: tl.constexpr = "ieee",
+                   PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
     """One [BLOCK_T rows, BLOCK_E experts] tile of the logits (rms_norm(x) * nw) @ R^T in fp32 FMAs (the
     reference's sums: no tensor-core rounding that could flip a near-tied expert; from 16 rows through
-    tl.dot's ieee path, as the decode tiles' broadcast-and-sum took 146 µs a Qwen3-30B-A3B layer at 512 rows
-    on the H200, 2026-12-02), stored to the workspace;
+    tl.dot's ieee path, or ROUTER_DOT's, as the decode tiles' broadcast-and-sum took 146 µs a Qwen3-30B-A3B
+    layer at 512 rows on the H200, 2026-12-02), stored to the workspace;
     the row block's last tile to finish (an atomic ticket, as gemv's split-K) then takes the block's whole
     logit rows through the softmax, the top-k (the lowest id among equals) and the renormalisation (then
     Gemma 4's per-expert scale), and puts the counter back to 0. NORMED (one row): x came times nw, its sum
@@ -133,7 +140,7 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, w
         k = tl.arange(0, BLOCK_K)
         r = tl.load(r_rows + k[None, :], mask=e_ok[:, None] & (k < K)[None, :], other=0.0)
         pdl.begin(PDL, EARLY)
-        acc, ss = _router_dot(x_ptr, nw_ptr, r, t, t_ok, k, k < K, stride_xm, NORMED, BLOCK_T)
+        acc, ss = _router_dot(x_ptr, nw_ptr, r, t, t_ok, k, k < K, stride_xm, NORMED, BLOCK_T, DOT)
     else:
         pdl.begin(PDL, EARLY)
         acc = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
@@ -141,7 +148,7 @@ def _router_kernel(x_ptr, nw_ptr, r_ptr, es_ptr, logits_ptr, cnt_ptr, ids_ptr, w
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             r = tl.load(r_rows + k[None, :], mask=e_ok[:, None] & (k < K)[None, :], other=0.0)
-            a, s = _router_dot(x_ptr, nw_ptr, r, t, t_ok, k, k < K, stride_xm, NORMED, BLOCK_T)
+            a, s = _router_dot(x_ptr, nw_ptr, r, t, t_ok, k, k < K, stride_xm, NORMED, BLOCK_T, DOT)
             acc += a
             ss += s
     # rstd is one scalar per row: applied to the finished logits rather than to every x element.
@@ -274,7 +281,7 @@ def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float,
             x, nw, w.router, es, logits, counters, ids, weights, ssi, t, h, e, x.stride(0), float(eps), n_parts,
             TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, EXPERT_SCALE=w.expert_scale is not None,
             BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, E_ALL=triton.next_power_of_2(e), ONE_TILE=bk >= h,
-            RANK_BLOCK=min(triton.next_power_of_2(e), 64), num_warps=4, **handed,
+            RANK_BLOCK=min(triton.next_power_of_2(e), 64), DOT=ROUTER_DOT, num_warps=4, **handed,
             **pdl.LAUNCH_EARLY)
     return ids, weights
 
