@@ -177,6 +177,14 @@ def main():
             c = dict(TOP_K=8, GROUP=32, HAS_MIN=False, SIGNED=case["WIDTH"] == 8, UNPACK=1, EVEN=True, NORM_OUT=False,
                      NORMED=False, PARTS_BLOCK=16, PDL=True, EARLY=True, **case)
             row("moe", name, moe._expert_word_kernel, c)
+    # the router at Qwen3-30B-A3B's shapes (128 experts, top-8, hidden 2048), as moe.route launches it
+    for t, name in ((1, "router, one row"), (8, "router, 8 rows"), (512, "router, 512 rows")):
+        bt, be, bk = moe._router_tiles(t, 128, 2048)
+        c = dict(TOP_K=8, KP=8, NORM_TOPK=True, EXPERT_SCALE=False, NORMED=t == 1, PARTS_BLOCK=32, E_ALL=128,
+                 BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, ONE_TILE=bk >= 2048, RANK_BLOCK=16, DOT=moe.ROUTER_DOT,
+                 PDL=True, EARLY=True)
+        if "ONE_TILE" in moe._router_kernel.arg_names:  # trees before the one-row router lack it
+            row("moe", name, moe._router_kernel, c)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def test_router_picks_and_weighs_like_softmax_topk(gen, kernel_device, top_k, no
 
 @pytest.mark.parametrize("n_experts", [96, 8])
 def test_one_row_router_ranks_many_experts_and_breaks_ties_by_id(gen, kernel_device, n_experts):
-    """The one-row router's top-k by rank: 96 experts (not a power of two, and more than one 64-wide block
+    """The one-row router's top-k by rank: 96 experts (not a power of two, over several 16-wide blocks
     of comparisons), and two identical router rows among the chosen, which rank by id, the lower first."""
     router = torch.randn(n_experts, H, generator=gen) * 0.1
     router[5] = router[n_experts - 2] = router[0] + 0.2  # a tie, ahead of the rest

@@ -176,8 +176,8 @@ def _top_k_by_rank(logits_ptr, es_ptr, ids_ptr, wts_ptr, row, E, TOP_K: tl.const
     """One row's top-k in one pass, where repeated argmax takes two dependent reductions a choice: each
     expert's rank is the number of experts ahead of it (a larger logit, or an equal one at a lower id), and
     the k of rank below k are stored at their rank (descending, as torch.topk). [E_ALL, RANK_BLOCK]
-    comparisons at a time: a BLOCK_T-row tile would need BLOCK_T times the registers, so more rows take
-    _top_k_by_argmax."""
+    comparisons at a time (for 128 experts, 16 columns compile to 48 registers a thread, 64 to 255; ptxas
+    sm_90a); a BLOCK_T-row tile would need BLOCK_T times the registers, so more rows take _top_k_by_argmax."""
     ea = tl.arange(0, E_ALL)
     base = logits_ptr + row.to(tl.int64) * E
     # .cg: from L2, where the other programs' tiles are; a NaN row (padding, never a real one) ranks by id
@@ -281,7 +281,7 @@ def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float,
             x, nw, w.router, es, logits, counters, ids, weights, ssi, t, h, e, x.stride(0), float(eps), n_parts,
             TOP_K=k, KP=triton.next_power_of_2(k), NORM_TOPK=w.norm_topk, EXPERT_SCALE=w.expert_scale is not None,
             BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, E_ALL=triton.next_power_of_2(e), ONE_TILE=bk >= h,
-            RANK_BLOCK=min(triton.next_power_of_2(e), 64), DOT=ROUTER_DOT, num_warps=4, **handed,
+            RANK_BLOCK=min(triton.next_power_of_2(e), 16), DOT=ROUTER_DOT, num_warps=4, **handed,
             **pdl.LAUNCH_EARLY)
     return ids, weights
 
