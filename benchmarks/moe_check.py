@@ -125,7 +125,7 @@ def time_decode(quant, w, nw, dev, bw, rows_out):
     # block_n (gate/up, down) of each scheme: its default first (see decode_block for what they count)
     schemes = {"byte": [(moe.GATE_UP_BLOCK_N, moe.DOWN_BLOCK_N), (16, 8), (32, 8), (16, 4), (8, 4), (4, 8), (4, 4)],
                "word": [(moe.WORD_GATE_UP_BLOCK_N, moe.WORD_DOWN_BLOCK_N), (16, 64), (64, 64), (32, 32),
-                        (32, 128), (16, 32)]}
+                        (32, 128), (16, 32), (8, 64), (8, 32)]}
     for t in (1, 8):
         xs = [torch.randn(t, H, device=dev) for _ in range(32)]
         for scheme, variants in schemes.items():
