@@ -83,14 +83,16 @@ def decode_scheme(scheme: str):
 
 
 @contextlib.contextmanager
-def k_steps(gate_up: int, down: int):
-    """The byte decode kernels at these K steps (moe.GATE_UP_BLOCK_K, moe.DOWN_BLOCK_K) while inside."""
-    saved = moe.GATE_UP_BLOCK_K, moe.DOWN_BLOCK_K
-    moe.GATE_UP_BLOCK_K, moe.DOWN_BLOCK_K = gate_up, down
+def moe_settings(**values):
+    """moe's module settings (GATE_UP_BLOCK_K, DOWN_BLOCK_K, WORD_GATE_UP_SPLIT, ...) at these values inside."""
+    saved = {k: getattr(moe, k) for k in values}
+    for k, v in values.items():
+        setattr(moe, k, v)
     try:
         yield
     finally:
-        moe.GATE_UP_BLOCK_K, moe.DOWN_BLOCK_K = saved
+        for k, v in saved.items():
+            setattr(moe, k, v)
 
 
 def check(quant, w, nw, dev, rows_out):
@@ -103,8 +105,10 @@ def check(quant, w, nw, dev, rows_out):
         want, ref_ids, ref_w = reference(x, w, nw, gu, down, ids)
         same_set = (ids.long().sort(-1).values == ref_ids.sort(-1).values).all(-1)
         path = "decode" if t <= moe.MAX_DECODE_ROWS else "prefill"
-        for scheme in ("byte", "word") if path == "decode" else (None,):
-            with decode_scheme(scheme or moe.DECODE):
+        # decode: both schemes, and the word one with its gate/up split over K ("word/4")
+        for scheme in ("byte", "word", "word/4") if path == "decode" else (None,):
+            with decode_scheme((scheme or moe.DECODE).split("/")[0]), \
+                    moe_settings(WORD_GATE_UP_SPLIT=int(scheme.split("/")[1]) if "/" in (scheme or "") else 1):
                 got = moe.block(x.clone(), w, nw, EPS)
             torch.cuda.synchronize()
             err = float((got - want).norm() / (want - x).norm())  # relative to the MoE output itself
@@ -140,18 +144,21 @@ def time_decode(quant, w, nw, dev, bw, rows_out):
                 print(f"  {quant} decode T={t} {scheme} block_n={bn}: {sec * 1e6:7.1f} us{share}")
                 rows_out.append(dict(what="decode", quant=quant, rows=t, variant=f"{scheme} {bn}",
                                      us=f"{sec * 1e6:.2f}", active_mb=f"{active / 1e6:.2f}", gbps=f"{gbps:.0f}"))
-        # the byte kernels' K steps (gate/up's, down's cap) at their default block_n: more bytes a program
-        # in flight against more registers
-        for gate_up_k, down_k in [(512, 128), (256, 256), (512, 256)] if t == 1 else []:
-            buffers = moe.DecodeBuffers.for_layers([w], t, dev)
-            with decode_scheme("byte"), k_steps(gate_up_k, down_k):
+        # at their default block_n: the byte kernels' K steps (gate/up's, down's cap: more bytes a program in
+        # flight against more registers) and the word gate/up split over K (more programs)
+        settings = [("byte", dict(GATE_UP_BLOCK_K=512, DOWN_BLOCK_K=128)),
+                    ("byte", dict(GATE_UP_BLOCK_K=256, DOWN_BLOCK_K=256)),
+                    ("byte", dict(GATE_UP_BLOCK_K=512, DOWN_BLOCK_K=256)),
+                    ("word", dict(WORD_GATE_UP_SPLIT=2)), ("word", dict(WORD_GATE_UP_SPLIT=4))]
+        for scheme, setting in settings if t == 1 else []:
+            with decode_scheme(scheme), moe_settings(**setting):
+                buffers = moe.DecodeBuffers.for_layers([w], t, dev)  # after the split is set: its workspace
                 sec = time_graph(lambda i: moe.decode_block(xs[i % 32], w, nw, EPS, buffers=buffers), launches=32,
                                  trials=11)
-            print(f"  {quant} decode T=1 byte K steps {gate_up_k} / {down_k}: {sec * 1e6:7.1f} us, "
-                  f"{active / sec / 1e9:6.0f} GB/s")
-            rows_out.append(dict(what="decode", quant=quant, rows=t, variant=f"byte K {gate_up_k}/{down_k}",
-                                 us=f"{sec * 1e6:.2f}", active_mb=f"{active / 1e6:.2f}",
-                                 gbps=f"{active / sec / 1e9:.0f}"))
+            label = f"{scheme} " + " ".join(f"{k}={v}" for k, v in setting.items())
+            print(f"  {quant} decode T=1 {label}: {sec * 1e6:7.1f} us, {active / sec / 1e9:6.0f} GB/s")
+            rows_out.append(dict(what="decode", quant=quant, rows=t, variant=label, us=f"{sec * 1e6:.2f}",
+                                 active_mb=f"{active / 1e6:.2f}", gbps=f"{active / sec / 1e9:.0f}"))
     for t in (1, 512):  # the decode tiles and the prefill (tl.dot) tiles
         xs = [torch.randn(t, H, device=dev) for _ in range(32)]
         ids = torch.empty(t, TOP_K, device=dev, dtype=torch.int32)

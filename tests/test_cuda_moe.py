@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ingot.backends.cuda import moe
+from ingot.backends.cuda import gemv, moe
 from ingot.quant.pack import PackedLinear, to_device
 from tests.test_cuda_gemm import make_weight
 
@@ -180,8 +180,6 @@ def test_decode_block_into_buffers_sized_for_more_rows(gen, kernel_device, decod
 def test_decode_block_hands_its_row_on_normed(gen, kernel_device, decode_path, kind):
     """norm_out: one row's block output also as out * weight, and its sum of squares in norm_parts pieces
     (one per down tile: the byte kernel's tiles of all k experts, the word kernel's split over choices)."""
-    from ingot.backends.cuda import gemv
-
     w, nw = make_layer(kind, False, 2, gen)
     x, nxt = make_x(1, gen), torch.rand(H, generator=gen) + 0.5
     dw, dev = on(w, kernel_device), kernel_device
@@ -200,6 +198,26 @@ def test_decode_block_hands_its_row_on_normed(gen, kernel_device, decode_path, k
     split = torch.stack([xs[0, :100].pow(2).sum(), xs[0, 100:].pow(2).sum()])
     got = moe.decode_block(xs.clone(), dw, nw.to(dev), EPS, block_n=block_n, normed=(xs * nw.to(dev), split))
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("decode_path,kind,rows,normed", [("word", "q4", 1, True), ("word", "q8", 3, False)],
+                         indirect=["decode_path"])
+def test_word_gate_up_split_over_k(gen, kernel_device, decode_path, kind, rows, normed, monkeypatch):
+    """WORD_GATE_UP_SPLIT: the word gate/up over K in parts (hidden 160 in 32-wide steps: 5 steps in splits of
+    2, 2 and 1), the last of each tile's programs adding the partials (and, unnormed, the sums of squares for
+    the rstd), twice through the same buffers (the tickets go back to zero)."""
+    monkeypatch.setattr(moe, "WORD_GATE_UP_SPLIT", 3)
+    monkeypatch.setattr(gemv, "_plan_word", lambda *a, **k: gemv.GemvConfig(1, 32, 32, 1))
+    w, nw = make_layer(kind, False, 8, gen)
+    dw, dnw = on(w, kernel_device), nw.to(kernel_device)
+    buffers = moe.DecodeBuffers.for_layers([dw], rows, kernel_device)
+    for _ in range(2):
+        x = make_x(rows, gen)
+        xd = x.clone().to(kernel_device)
+        hand = (xd * dnw, xd.pow(2).sum(-1)) if normed else None
+        got = moe.decode_block(xd, dw, dnw, EPS, buffers=buffers, block_n=(32, 32), normed=hand)
+        assert rel_err(got, reference_block(x, w, nw)) < 1e-5, f"seed {SEED}"
+    assert not buffers.gate_up_tickets.any()
 
 
 def test_grouping_pads_each_expert_and_skips_empty_ones(kernel_device):

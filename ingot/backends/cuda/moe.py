@@ -387,24 +387,36 @@ def _expert_down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, 
 #   launch. So each pair program stores its result as a split-K partial and the last of a row's k programs
 #   (an atomic ticket per (row, tile)) adds them in choice order plus the residual: gemv's _split_finish,
 #   split over choices instead of K. One launch, registers as one M = 1 GEMV tile.
-# K is not split (gate/up's rstd needs each program's whole row), so the grid is t * k * N / BLOCK_N programs.
+# Gate/up may split K (WORD_GATE_UP_SPLIT, grid axis 2), as gemv's split-K: each program stores its partial
+# sums and the last of a (pair, tile)'s programs adds them and finishes (the rstd from the summed squares);
+# the down does not (its split is over the choices). So the grid is t * k * N / BLOCK_N [* split] programs.
 
 
 @triton.jit
 def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, res_ptr, out_ptr, part_ptr,
-                        cnt_ptr, nwo_ptr, xn_ptr, sso_ptr, ssi_ptr, N, K, stride_xm, stride_rm, stride_om, eps,
-                        magic, n_parts, TOP_K: tl.constexpr, WIDTH: tl.constexpr, GROUP: tl.constexpr,
-                        HAS_MIN: tl.constexpr, SIGNED: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
-                        UNPACK: tl.constexpr, EVEN: tl.constexpr, NORM_OUT: tl.constexpr, NORMED: tl.constexpr,
-                        PARTS_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
+                        cnt_ptr, ssp_ptr, nwo_ptr, xn_ptr, sso_ptr, ssi_ptr, N, K, k_split, n_split, stride_xm,
+                        stride_rm, stride_om, eps, magic, n_parts, TOP_K: tl.constexpr, WIDTH: tl.constexpr,
+                        GROUP: tl.constexpr, HAS_MIN: tl.constexpr, SIGNED: tl.constexpr, GATED: tl.constexpr,
+                        HAS_RES: tl.constexpr, UNPACK: tl.constexpr, EVEN: tl.constexpr, NORM_OUT: tl.constexpr,
+                        NORMED: tl.constexpr, PARTS_BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+                        EARLY: tl.constexpr = False):
     """GATED (gate/up): out[pair, n] = act(g) * u of the pair's expert on rms_norm(x[pair // TOP_K]) * nw.
     Else (down): out[row, n] = [res[row, n] +] sum over choices c, in order, of wts[pair] * (W_e @ x[pair])[n],
     pair = row * TOP_K + c, through the partials part[pair, n] and tickets cnt[row * tiles + tile]; NORM_OUT
-    (down, one row): also the row handed on pre-normed, as gemv's; NORMED (gate/up): x came so."""
+    (down, one row): also the row handed on pre-normed, as gemv's; NORMED (gate/up): x came so. SPLIT
+    (gate/up): this program's k_split of K, its partials at part[pair, split, 2N], sums of squares at
+    ssp[(pair * tiles + tile) * n_split + split], tickets cnt[pair * tiles + tile]."""
     pdl.begin(PDL, EARLY)
     pair = tl.program_id(0)
     tile = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    if SPLIT:
+        k_begin = pid_k * k_split
+        k_end = tl.minimum(K, k_begin + k_split)
+    else:  # as unsplit before: K itself bounds the steps (its divisibility is known, k_end's would not be)
+        k_begin = tl.full((), 0, tl.int32)  # a tensor, not the constexpr 0: _weight_step hints multiple_of on it
+        k_end = K
     NG: tl.constexpr = BLOCK_K // GROUP
     WPG: tl.constexpr = GROUP // (32 // WIDTH)  # words per group
     expert = tl.load(ids_ptr + pair).to(tl.int64)  # read on the device: the step needs nothing from the host
@@ -416,21 +428,20 @@ def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, r
     else:
         xrow = x_ptr + pair.to(tl.int64) * stride_xm
     # Each step loads the next step's tiles before it computes (two register buffers), as gemv's word kernel.
-    k_first = tl.full((), 0, tl.int32)  # a tensor, not the constexpr 0: _weight_step hints multiple_of on it
-    wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k_first, K, K,
+    wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k_begin, k_end, K,
                                                   WIDTH, GROUP, HAS_MIN, GATED, NG, WPG, EVEN)
     acc = tl.zeros((NG, BLOCK_N), tl.float32)
     acc_u = tl.zeros((NG, BLOCK_N), tl.float32)
     ssv = tl.zeros((NG, WPG), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         cw0, cs0, cm0 = wd0, s0, m0
         cw1, cs1, cm1 = wd1, s1, m1
         k_next = k0 + BLOCK_K
         if EVEN:  # as gemv's word kernel: the last step reloads itself, unmasked
-            k_next = tl.minimum(k_next, K - BLOCK_K)
-        wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k_next, K, K,
+            k_next = tl.minimum(k_next, k_end - BLOCK_K)
+        wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k_next, k_end, K,
                                                       WIDTH, GROUP, HAS_MIN, GATED, NG, WPG, EVEN)
-        c, cu, sq = gemv._word_dot(xrow, nw_ptr, cw0, cs0, cm0, cw1, cs1, cm1, k0, K, magic, WIDTH, GROUP,
+        c, cu, sq = gemv._word_dot(xrow, nw_ptr, cw0, cs0, cm0, cw1, cs1, cm1, k0, k_end, magic, WIDTH, GROUP,
                                    HAS_MIN, SIGNED, GATED != 0 and not NORMED, GATED, UNPACK, False, False, NG, WPG,
                                    EVEN)
         acc += c
@@ -441,8 +452,9 @@ def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, r
     if GATED != 0:
         acc, acc_u = gemv._handed_scale(acc, acc_u, ssi_ptr, n_parts, K, eps, NORMED, PARTS_BLOCK)
         out_row = out_ptr + pair.to(tl.int64) * N
-        gemv._row_epilogue(acc, acc_u, ss, n, 0, 0, 1, N, K, eps, out_row, out_row, cnt_ptr, out_row, 0,
-                           out_row, 0, not NORMED, GATED, False, False)
+        gemv._row_epilogue(acc, acc_u, ss, n, pair * tl.num_programs(1) + tile, pid_k, n_split, N, K, eps,
+                           part_ptr + pair.to(tl.int64) * n_split * 2 * N, ssp_ptr, cnt_ptr, out_row, 0, out_row,
+                           0, not NORMED, GATED, False, SPLIT)
     else:
         row = pair // TOP_K
         r64 = row.to(tl.int64)
@@ -488,6 +500,11 @@ class DecodeBuffers:
     counters: torch.Tensor  # int32 [rows]: the router's tickets, zero between calls
     partials: torch.Tensor  # fp32 [rows * k, H]: the word down's weighted result of each pair
     tickets: torch.Tensor  # int32 [rows * H / WORD_MIN_BLOCK_N]: the word down's, one per (row, tile), zero
+    # the word gate/up's split-K (WORD_GATE_UP_SPLIT > 1; else one element each): partials [pair, split, 2F],
+    # sums of squares [pair, tile, split] and tickets [pair, tile] (zero between calls)
+    gate_up_partials: torch.Tensor
+    gate_up_ss: torch.Tensor
+    gate_up_tickets: torch.Tensor
 
     @classmethod
     def for_layers(cls, moes: list[MoEWeights], rows: int, device) -> DecodeBuffers:
@@ -496,12 +513,17 @@ class DecodeBuffers:
         e = max(m.n_experts for m in moes)
         h = max(m.hidden for m in moes)
         zeros = lambda n, dtype=torch.float32: torch.zeros(n, device=device, dtype=dtype)  # noqa: E731
+        split = WORD_GATE_UP_SPLIT
+        tiles = rows * k * triton.cdiv(f, WORD_MIN_BLOCK_N) if split > 1 else 1
         return cls(zeros((rows, k), torch.int32), zeros((rows, k)), zeros(rows * k * f), zeros(rows * e),
                    zeros(rows, torch.int32), zeros(rows * k * h),
-                   zeros(rows * triton.cdiv(h, WORD_MIN_BLOCK_N), torch.int32))
+                   zeros(rows * triton.cdiv(h, WORD_MIN_BLOCK_N), torch.int32),
+                   zeros(rows * k * split * 2 * f if split > 1 else 1), zeros(tiles * split),
+                   zeros(tiles, torch.int32))
 
     def tensors(self):
-        return (self.ids, self.weights, self.ff, self.logits, self.counters, self.partials, self.tickets)
+        return (self.ids, self.weights, self.ff, self.logits, self.counters, self.partials, self.tickets,
+                self.gate_up_partials, self.gate_up_ss, self.gate_up_tickets)
 
 
 GATE_UP_BLOCK_N = 8  # gate and up tiles in registers at once (moe_check, H200: 8 a little ahead of 16)
@@ -514,7 +536,11 @@ DOWN_BLOCK_K = 128  # at most this K step: the tile holds k experts' rows, a sho
 # 64 + 64, which would leave 96 programs for 132 SMs); down 8 x 2048 / 64 = 256 programs.
 WORD_GATE_UP_BLOCK_N = 32
 WORD_DOWN_BLOCK_N = 64
-WORD_MIN_BLOCK_N = 16  # the smallest word down tile DecodeBuffers has tickets for
+WORD_MIN_BLOCK_N = 16  # the smallest word tile DecodeBuffers has tickets for
+# The word gate/up's K split: 1 (none), or programs along K per (pair, tile), reduced by the last one, for
+# more loads in flight (Qwen3-30B-A3B at one row: 192 programs unsplit, 4 programs per SM by registers);
+# DecodeBuffers made after it is set hold its workspace. Unmeasured on the GPU: moe_check times it.
+WORD_GATE_UP_SPLIT = 1
 
 
 def _word(w: PackedLinear) -> bool:
@@ -550,12 +576,13 @@ def decode_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps:
     route(xin, w, norm_weight, eps, ids=ids, weights=wts, logits=buffers.logits[: t * w.n_experts].view(t, -1),
           counters=buffers.counters, norm_parts=parts)
     ff = buffers.ff[: t * k * f].view(t * k, f)
-    _gate_up(xin, w, norm_weight, eps, act, ids, ff, block_n[0] if block_n else None, parts)
+    _gate_up(xin, w, norm_weight, eps, act, ids, ff, buffers, block_n[0] if block_n else None, parts)
     _down(ff, w, ids, wts, x, out, buffers, block_n[1] if block_n else None, norm_out)
     return out
 
 
-def _gate_up(x, w: MoEWeights, norm_weight, eps: float, act: str, ids, ff, block_n: int | None, norm_parts=None):
+def _gate_up(x, w: MoEWeights, norm_weight, eps: float, act: str, ids, ff, buffers: DecodeBuffers,
+             block_n: int | None, norm_parts=None):
     """ff[pair] = act(gate) * up of the pair's expert on rms_norm(x[pair // k]) * norm_weight (x handed on
     so already, with its sums of squares in norm_parts, where they are given)."""
     (t, h), k, f = x.shape, w.top_k, w.ffn
@@ -565,10 +592,18 @@ def _gate_up(x, w: MoEWeights, norm_weight, eps: float, act: str, ids, ff, block
     ssi, n_parts, handed = gemv.handed_args(norm_parts, ff)
     if word:
         ptrs, flags = _word_flags(w.gate_up, gated=True, block_n=block_n)
-        _expert_word_kernel[grid](x, norm_weight, ids, ids, *ptrs, x, ff, ff, ids, ff, ff, ff, ssi, f, h,
-                                  x.stride(0), 0, 0, float(eps), gemv.MAGIC, n_parts, TOP_K=k, GATED=_ACTS[act],
-                                  HAS_RES=False, NORM_OUT=False, BLOCK_N=block_n, num_warps=4, **handed, **flags,
-                                  **pdl.LAUNCH_EARLY)
+        k_split = triton.cdiv(triton.cdiv(h, flags["BLOCK_K"]), WORD_GATE_UP_SPLIT) * flags["BLOCK_K"]
+        n_split = triton.cdiv(h, k_split)
+        split = n_split > 1
+        b = buffers
+        if split and (b.gate_up_tickets.numel() < grid[0] * grid[1] or b.gate_up_ss.numel() < grid[0] * grid[1]
+                      * n_split or b.gate_up_partials.numel() < t * k * n_split * 2 * f):
+            raise ValueError("decode buffers too small for the word gate/up's K split (made before it was set?)")
+        _expert_word_kernel[(*grid, n_split)](
+            x, norm_weight, ids, ids, *ptrs, x, ff, b.gate_up_partials, b.gate_up_tickets, b.gate_up_ss, ff, ff, ff,
+            ssi, f, h, k_split, n_split, x.stride(0), 0, 0, float(eps), gemv.MAGIC, n_parts, TOP_K=k,
+            GATED=_ACTS[act], HAS_RES=False, NORM_OUT=False, SPLIT=split, BLOCK_N=block_n, num_warps=4, **handed,
+            **flags, **pdl.LAUNCH_EARLY)
     else:
         ptrs, flags = _gemv_flags(w.gate_up, block_k=GATE_UP_BLOCK_K)
         _expert_gate_up_kernel[grid](x, norm_weight, ids, *ptrs, ff, ssi, f, h, x.stride(0), float(eps), n_parts,
@@ -597,10 +632,11 @@ def _down(ff, w: MoEWeights, ids, wts, x, out, buffers: DecodeBuffers, block_n: 
         raise ValueError(f"decode buffers too small for the word down at block_n {block_n}")
     ptrs, flags = _word_flags(w.down, gated=False, block_n=block_n)
     ssi, n_parts, handed = gemv.handed_args(None, ff)
-    _expert_word_kernel[(t * k, tiles)](ff, ff, ids, wts, *ptrs, x, out, buffers.partials, buffers.tickets, *hand,
-                                        ssi, h, f, f, x.stride(0), out.stride(0), 0.0, gemv.MAGIC, n_parts, TOP_K=k,
-                                        GATED=0, HAS_RES=has_res, NORM_OUT=norm_out is not None, BLOCK_N=block_n,
-                                        num_warps=4, **handed, **flags, **pdl.LAUNCH_EARLY)
+    _expert_word_kernel[(t * k, tiles)](ff, ff, ids, wts, *ptrs, x, out, buffers.partials, buffers.tickets,
+                                        buffers.partials, *hand, ssi, h, f, f, 1, f, x.stride(0), out.stride(0), 0.0,
+                                        gemv.MAGIC, n_parts, TOP_K=k, GATED=0, HAS_RES=has_res,
+                                        NORM_OUT=norm_out is not None, SPLIT=False, BLOCK_N=block_n, num_warps=4,
+                                        **handed, **flags, **pdl.LAUNCH_EARLY)
 
 
 def _down_block_n(w: MoEWeights) -> int:
