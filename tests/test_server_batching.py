@@ -163,8 +163,15 @@ def test_disconnect_mid_stream_frees_the_blocks(server):
     assert 1 <= generated < 300  # stopped early, not run to the end
 
 
-def test_waiting_requests_over_the_queue_limit_get_429(smollm2):
+def test_waiting_requests_over_the_queue_limit_get_429(smollm2, monkeypatch):
     """--max-queue counts the requests that wait for a place in the batch, not the running ones."""
+    import ingot.server.engine
+
+    # the running request's steps wait for the gate, so it cannot finish (and free its place) before the third
+    # request arrives, however fast the machine
+    gate = threading.Event()
+    monkeypatch.setattr(ingot.server.engine, "greedy_tokens",
+                        lambda logits: gate.wait(60) and greedy_tokens(logits))
     running = _Running(create_app(smollm2, MODEL_ID, max_batch=1, max_queue=1, kv_blocks=64))
     try:
         body = {"model": MODEL_ID, "prompt": PROMPTS[1], "max_tokens": 30, "temperature": 0}
@@ -176,10 +183,12 @@ def test_waiting_requests_over_the_queue_limit_get_429(smollm2):
         threads[1].start()
         until(lambda: running.health()["queued"] == 1)
         assert_error(post(running, "/v1/completions", body), 429, code="queue_full")
+        gate.set()
         for t in threads:
             t.join()
         assert [r.status_code for r in results] == [200, 200]
     finally:
+        gate.set()
         running.stop()
 
 
