@@ -236,6 +236,33 @@ def test_grouping_pads_each_expert_and_skips_empty_ones(kernel_device):
     assert sorted(seen) == list(range(flat.numel()))
 
 
+def _stable_sort_groups(ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What group_by_expert must give, by torch's stable argsort: each expert's pairs in their order, padded."""
+    flat = ids.reshape(-1).long().cpu()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = padded.cumsum(0)
+    expert = flat[order]
+    slot = pad_end[expert] - padded[expert] + torch.arange(flat.numel()) - (counts.cumsum(0) - counts)[expert]
+    tiles = -(-flat.numel() // block_m) + min(n_experts, flat.numel())
+    pair_of_slot = torch.full((tiles * block_m,), -1, dtype=torch.int32)
+    pair_of_slot[slot] = order.to(torch.int32)
+    return pair_of_slot, torch.searchsorted(pad_end, torch.arange(tiles) * block_m, right=True).to(torch.int32)
+
+
+@pytest.mark.parametrize("rows,top_k,n_experts,block_m", [(1, 8, 128, 32), (37, 2, 8, 16), (300, 8, 128, 64),
+                                                          (700, 8, 128, 32), (64, 4, 60, 16)])
+def test_grouping_is_a_stable_sort_by_expert(gen, kernel_device, rows, top_k, n_experts, block_m):
+    """Over several pair blocks (700 x 8 pairs: 64 programs of 128, each 4 steps of 32), a busy expert, idle ones."""
+    ids = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(rows)]).to(torch.int32)
+    ids[: rows // 3, 0] = 0
+    g = moe.group_by_expert(ids.to(kernel_device), n_experts, block_m)
+    pair_of_slot, tile_expert = _stable_sort_groups(ids, n_experts, block_m)
+    assert torch.equal(g.pair_of_slot.cpu(), pair_of_slot), f"seed {SEED}"
+    assert torch.equal(g.tile_expert.cpu(), tile_expert), f"seed {SEED}"
+
+
 @pytest.mark.parametrize("kind,mins,rows,top_k,swap", [("q4", False, 37, 2, 0), ("q4", True, 5, 8, 0),
                                                        ("q8", False, 21, 2, 0), ("q4", False, 37, 2, 1),
                                                        ("q8", True, 21, 8, 1)])
