@@ -144,18 +144,27 @@ def time_decode(quant, w, nw, dev, bw, rows_out):
                 print(f"  {quant} decode T={t} {scheme} block_n={bn}: {sec * 1e6:7.1f} us{share}")
                 rows_out.append(dict(what="decode", quant=quant, rows=t, variant=f"{scheme} {bn}",
                                      us=f"{sec * 1e6:.2f}", active_mb=f"{active / 1e6:.2f}", gbps=f"{gbps:.0f}"))
-        # at their default block_n: the byte kernels' K steps (gate/up's, down's cap: more bytes a program in
-        # flight against more registers) and the word gate/up split over K (more programs)
-        settings = [("byte", dict(GATE_UP_BLOCK_K=512, DOWN_BLOCK_K=128)),
-                    ("byte", dict(GATE_UP_BLOCK_K=256, DOWN_BLOCK_K=256)),
-                    ("byte", dict(GATE_UP_BLOCK_K=512, DOWN_BLOCK_K=256)),
-                    ("word", dict(WORD_GATE_UP_SPLIT=2)), ("word", dict(WORD_GATE_UP_SPLIT=4))]
-        for scheme, setting in settings if t == 1 else []:
+        # the byte kernels' K steps (gate/up's, down's cap: more bytes a program in flight against more
+        # registers), at their default block_n or the one given, down to all of K in one step (one DRAM
+        # round trip a program: gate/up at 2 x 2048 is 95 registers, down at 1 x 1024 128; ptxas sm_90a), and
+        # the word gate/up split over K (more programs)
+        settings = [("byte", dict(GATE_UP_BLOCK_K=512, DOWN_BLOCK_K=128), None),
+                    ("byte", dict(GATE_UP_BLOCK_K=256, DOWN_BLOCK_K=256), None),
+                    ("byte", dict(GATE_UP_BLOCK_K=512, DOWN_BLOCK_K=256), None),
+                    ("byte", dict(GATE_UP_BLOCK_K=1024), (2, moe.DOWN_BLOCK_N)),
+                    ("byte", dict(GATE_UP_BLOCK_K=2048), (2, moe.DOWN_BLOCK_N)),
+                    ("byte", dict(GATE_UP_BLOCK_K=2048), (1, moe.DOWN_BLOCK_N)),
+                    ("byte", dict(DOWN_BLOCK_K=256), (moe.GATE_UP_BLOCK_N, 4)),
+                    ("byte", dict(DOWN_BLOCK_K=512), (moe.GATE_UP_BLOCK_N, 2)),
+                    ("byte", dict(DOWN_BLOCK_K=1024), (moe.GATE_UP_BLOCK_N, 1)),
+                    ("byte", dict(GATE_UP_BLOCK_K=2048, DOWN_BLOCK_K=1024), (2, 1)),
+                    ("word", dict(WORD_GATE_UP_SPLIT=2), None), ("word", dict(WORD_GATE_UP_SPLIT=4), None)]
+        for scheme, setting, bn in settings if t == 1 else []:
             with decode_scheme(scheme), moe_settings(**setting):
                 buffers = moe.DecodeBuffers.for_layers([w], t, dev)  # after the split is set: its workspace
-                sec = time_graph(lambda i: moe.decode_block(xs[i % 32], w, nw, EPS, buffers=buffers), launches=32,
-                                 trials=11)
-            label = f"{scheme} " + " ".join(f"{k}={v}" for k, v in setting.items())
+                sec = time_graph(lambda i: moe.decode_block(xs[i % 32], w, nw, EPS, buffers=buffers, block_n=bn),
+                                 launches=32, trials=11)
+            label = f"{scheme} " + " ".join(f"{k}={v}" for k, v in setting.items()) + (f" block_n={bn}" if bn else "")
             print(f"  {quant} decode T=1 {label}: {sec * 1e6:7.1f} us, {active / sec / 1e9:6.0f} GB/s")
             rows_out.append(dict(what="decode", quant=quant, rows=t, variant=label, us=f"{sec * 1e6:.2f}",
                                  active_mb=f"{active / 1e6:.2f}", gbps=f"{active / sec / 1e9:.0f}"))
