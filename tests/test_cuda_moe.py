@@ -103,6 +103,19 @@ def test_router_picks_and_weighs_like_softmax_topk(gen, kernel_device, top_k, no
     torch.testing.assert_close(weights.cpu().double(), want_w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tiles", [(16, 16, 128), (32, 16, 128), (16, 16, 256)])
+def test_prefill_router_tiles_pick_alike(gen, kernel_device, monkeypatch, tiles):
+    """moe_check's prefill router tiles (ROUTER_PREFILL_TILES): 70 rows over several row blocks, K over one
+    or several steps, the last step partial."""
+    monkeypatch.setattr(moe, "ROUTER_PREFILL_TILES", tiles)
+    w, nw = make_layer("f16", False, 8, gen, skew=False)
+    x = make_x(70, gen)
+    ids, weights = moe.route(x.to(kernel_device), on(w, kernel_device), nw.to(kernel_device), EPS)
+    _, want_ids, want_w = reference_route(x, w, nw)
+    assert torch.equal(ids.cpu().long(), want_ids), f"seed {SEED}"
+    torch.testing.assert_close(weights.cpu().double(), want_w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("n_experts", [96, 8])
 def test_one_row_router_ranks_many_experts_and_breaks_ties_by_id(gen, kernel_device, n_experts):
     """The one-row router's top-k by rank: 96 experts (not a power of two, over several 16-wide blocks

@@ -246,7 +246,12 @@ def _router_tiles(t: int, e: int, k: int) -> tuple[int, int, int]:
     if t <= MAX_DECODE_ROWS:
         bt, be = min(triton.next_power_of_2(t), 8), min(triton.next_power_of_2(e), 4)
         return bt, be, max(16, 2048 // (bt * be))
-    return 16, max(16, min(triton.next_power_of_2(e), 32)), 64
+    bt, be, bk = ROUTER_PREFILL_TILES
+    return bt, max(16, min(triton.next_power_of_2(e), be)), bk
+
+
+# The prefill router's (BLOCK_T, BLOCK_E, BLOCK_K), tl.dot's smallest tiles (moe_check.py times others).
+ROUTER_PREFILL_TILES = (16, 32, 64)
 
 
 def route(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps: float, *,
