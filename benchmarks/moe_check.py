@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -201,24 +200,11 @@ def time_decode(quant, w, nw, dev, bw, rows_out):
                              router_rows_same=f"{same:.3f}", weight_err=f"{werr:.2e}"))
 
 
-def _median_time(fn, reps=10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1000)
-    return statistics.median(times)
-
-
 def time_prefill(quant, w, nw, dev, rows_out):
     kind = QUANTS[quant]["kind"]
     for t in (512, 2048):
-        x = torch.randn(t, H, device=dev)
+        xs = [torch.randn(t, H, device=dev) for _ in range(2)]
+        out = torch.empty(t, H, device=dev)  # x itself stays as drawn, and so do the experts it picks
         # around moe.prefill_tiles' choices (q4: BLOCK_M 32 up to 32 rows an expert, q8: 128-wide, 8 warps)
         variants = [None, dict(BLOCK_M=64), dict(BLOCK_M=128, num_warps=8)]
         if t == 512:
@@ -227,12 +213,17 @@ def time_prefill(quant, w, nw, dev, rows_out):
             # transposed (SWAP): the weight tile is wgmma's register operand, so 32-row tiles run on wgmma
             variants += [dict(SWAP=1), dict(BLOCK_M=32, BLOCK_N=128, SWAP=1), dict(BLOCK_M=64, SWAP=1)]
         for tiles in variants:
-            sec = _median_time(lambda: moe.prefill_block(x, w, nw, EPS, tiles=tiles))
+            # from a CUDA graph, as the model's prefill runs: an eager call's ~10 launches (~25 before the
+            # grouping kernel) cost host time that timed events count, whatever the tiles (before 2026-12-04,
+            # these rows were such eager times: 1.0-1.5 ms a layer at 512 rows, tiles within noise)
+            sec = time_graph(lambda i: moe.prefill_block(xs[i % 2], w, nw, EPS, tiles=tiles, out=out),
+                             launches=4, trials=7)
             flop = 2 * t * TOP_K * 3 * FF * H
+            gbps = (w.gate_up.nbytes + w.down.nbytes) / sec / 1e9  # every expert's weights, once
             print(f"  {quant} prefill T={t} tiles={tiles or 'default'}: {sec * 1e3:7.3f} ms, "
-                  f"{t / sec:9.0f} rows/s, {flop / sec / 1e12:6.1f} TFLOP/s")
+                  f"{t / sec:9.0f} rows/s, {flop / sec / 1e12:6.1f} TFLOP/s, {gbps:5.0f} GB/s of the weights")
             rows_out.append(dict(what="prefill", quant=quant, rows=t, variant=str(tiles or "default"),
-                                 us=f"{sec * 1e6:.1f}", tflops=f"{flop / sec / 1e12:.2f}"))
+                                 us=f"{sec * 1e6:.1f}", tflops=f"{flop / sec / 1e12:.2f}", gbps=f"{gbps:.0f}"))
 
 
 def main():
