@@ -836,9 +836,11 @@ def _combine_kernel(y_ptr, res_ptr, out_ptr, N, stride_rm, stride_om, TOP_K: tl.
 
 def prefill_tiles(kind: str, group: int, gated: bool, pairs_per_expert: float = 64) -> dict:
     """Grouped-GEMM tiles. An expert sees ~T*k/E rows (32 at 512 tokens for Qwen3-30B-A3B), so taller
-    tiles than 64 would be mostly padding. benchmarks/moe_check.py, one Qwen3-30B-A3B layer at 512 tokens on
-    the H200 (2026-12-02): q4 with BLOCK_M 32 took 999 µs against 1,096 at 64; q8 with 128-wide tiles and 8
-    warps 971 µs against 1,450 at 64 x 64 (gate/up) and 4 warps. Other sizes: unmeasured."""
+    tiles than 64 would be mostly padding. Chosen from benchmarks/moe_check.py, one Qwen3-30B-A3B layer at 512
+    tokens on the H200 (2026-12-02): q4 with BLOCK_M 32 999 µs against 1,096 at 64; q8 with 128-wide tiles and
+    8 warps 971 µs against 1,450 at 64 x 64 (gate/up) and 4 warps. Those were eager calls timed with events,
+    host launches included (later runs of the same tiles ranged 1.1-1.5 ms): not evidence either way until
+    moe_check's graph-timed rows."""
     bk = max(128, group) if kind == "q4" else 64
     if kind == "q8":
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, num_warps=8, num_stages=3, FAST=2)
