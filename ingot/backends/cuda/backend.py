@@ -31,7 +31,7 @@ COVERED = frozenset({
 # switch (the A/B).
 DECODE_ROWS = int(os.environ.get("INGOT_DECODE_ROWS", "1"))
 
-# MoE layers in the prefill graphs: their token grouping (sort, histogram, prefix sums) runs on the device with
+# MoE layers in the prefill graphs: their token grouping (moe.group_by_expert, one kernel) runs on the device with
 # sizes fixed by the bucket, so it captures. Eagerly, a 512-token chunk of Qwen3-30B-A3B spends about as long
 # launching from Python as on the GPU (H200, 2026-12-02: pp512 62.7 ms against ~33 ms of kernels).
 # INGOT_MOE_PREFILL_GRAPH=0 runs them eagerly (the A/B of benchmarks/device_check.sh ab).
