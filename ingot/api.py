@@ -49,6 +49,8 @@ def load(path_or_name, device=None, max_context: int | None = None, dtype=None, 
     factors = ckpt.tensors.get("rope_freqs.weight")
     factors = factors.dequantize() if factors else None
     backend = backend or _default_backend(device, spec)
+    if max_batch < 1:
+        raise IngotError(f"max_batch must be at least 1, got {max_batch}")
     if max_batch != 1 and backend != "cuda":
         raise IngotError(f"max_batch={max_batch}: only the CUDA backend decodes several sequences at once")
     if backend == "cuda":

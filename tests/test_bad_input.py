@@ -101,3 +101,12 @@ def test_bad_sampling_arguments(smollm2):
         smollm2.generate("Hi", max_tokens=2, temperature=1.0, top_p=1.5)
     with pytest.raises(IngotError, match="max_tokens"):
         smollm2.generate("Hi", max_tokens=-1)
+
+
+@pytest.mark.parametrize("kwargs,message", [(dict(max_batch=0), "max_batch must be at least 1"),
+                                            (dict(max_context=0), "max_context must be positive")])
+def test_bad_load_sizes(smollm2_path, kwargs, message):
+    import ingot
+
+    with pytest.raises(IngotError, match=message):
+        ingot.load(smollm2_path, device="cpu", **kwargs)
