@@ -392,3 +392,8 @@ def test_bench_batch_needs_a_batching_backend(small_model, files, capsys):
     path = files("qwen3-0.6b", "q8_0", layers=1)
     assert cli_main(["bench", str(path), "-p", "8", "-n", "4", "--batch", "2", "--device", "cpu"]) == 1
     assert "max_batch" in capsys.readouterr().err
+
+
+def test_bench_with_nothing_to_measure_says_so(small_model):
+    with pytest.raises(IngotError, match="nothing to measure"):
+        run_bench(small_model, n_prompt=0, n_gen=[0, 0], reps=1)
