@@ -681,10 +681,10 @@ class Groups:
 # 3.6 of a Qwen3-30B-A3B 512-token prefill's 32.5 ms on the H200, 2026-12-04). Each program takes GROUP_BLOCK
 # pairs, SUB at a time: its per-expert counts (a one-hot [SUB pairs, experts] tile's column sums) and each
 # pair's rank among its block's pairs of the same expert (the tile's exclusive cumsum down the pairs, plus the
-# counts of the SUBs before). The last program to
-# finish (an atomic ticket, as the router's) prefix-sums the blocks' counts into each (block, expert)'s first
-# slot and places every pair at first slot + rank, so each expert's pairs keep their order (a stable sort),
-# then writes the padding, the tiles' experts, and puts the ticket back to 0.
+# counts of the SUBs before). The last program to finish (an atomic ticket, as the router's) prefix-sums the
+# blocks' counts into each (block, expert)'s first slot and places every pair at first slot + rank, so each
+# expert's pairs keep their order (a stable sort), then writes the padding, the tiles' experts, and puts the
+# ticket back to 0.
 GROUP_MAX_BLOCKS = 64  # pair blocks at most: the last program's [blocks, experts] prefix sum
 
 
@@ -695,7 +695,7 @@ def _group_kernel(ids_ptr, slot_ptr, tile_expert_ptr, rank_ptr, hist_ptr, base_p
     pid = tl.program_id(0)
     ea = tl.arange(0, E_ALL)
     seen = tl.zeros((E_ALL,), tl.int32)  # this block's pairs so far, per expert
-    for p0 in tl.static_range(0, GROUP_BLOCK, SUB):
+    for p0 in range(0, GROUP_BLOCK, SUB):
         p = pid * GROUP_BLOCK + p0 + tl.arange(0, SUB)
         e = tl.load(ids_ptr + p, mask=p < PAIRS, other=E_ALL)  # E_ALL: no expert's column
         hot = (e[:, None] == ea[None, :]).to(tl.int32)
