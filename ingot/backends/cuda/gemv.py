@@ -601,6 +601,37 @@ def _word_dot(xrow, nw_ptr, wd, s, mn, wu, su, mu, k0, k_end, magic, WIDTH: tl.c
 
 
 @triton.jit
+def _word_k_loop(xrow, nw_ptr, qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k_begin, k_end, K, magic,
+                 wd0, s0, m0, wd1, s1, m1, WIDTH: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
+                 SIGNED: tl.constexpr, HAS_NORM: tl.constexpr, GATED: tl.constexpr, UNPACK: tl.constexpr,
+                 X_PAIRS: tl.constexpr, ASM: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The word kernels' K loop over k_begin..k_end from the first step's tiles (wd0 .. m1, _gate_up_step):
+    each step loads the next step's tiles before it computes (two register buffers). Returns the [groups,
+    rows] partial sums of the gate (or only) rows and of the up rows, and x's sum of squares (HAS_NORM)."""
+    # Tiles are [groups, rows, words of a group]: with the groups dimension ahead of the rows, the layout
+    # puts a row's consecutive words in neighbouring threads (16 bytes each) and a warp's remaining threads
+    # on further rows; each thread then holds BLOCK_N / (4 * num_warps)-ish rows of the same columns.
+    acc = tl.zeros((NG, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((NG, BLOCK_N), tl.float32)
+    ssv = tl.zeros((NG, WPG), tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        cw0, cs0, cm0 = wd0, s0, m0
+        cw1, cs1, cm1 = wd1, s1, m1
+        k_next = k0 + BLOCK_K
+        if EVEN:  # the last step reloads itself instead of reading past the split (or the matrix)
+            k_next = tl.minimum(k_next, k_end - BLOCK_K)
+        wd0, s0, m0, wd1, s1, m1 = _gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k_next, k_end,
+                                                  K, WIDTH, GROUP, HAS_MIN, GATED, NG, WPG, EVEN)
+        c, cu, sq = _word_dot(xrow, nw_ptr, cw0, cs0, cm0, cw1, cs1, cm1, k0, k_end, magic, WIDTH, GROUP,
+                              HAS_MIN, SIGNED, HAS_NORM, GATED, UNPACK, X_PAIRS, ASM, NG, WPG, EVEN)
+        acc += c
+        acc_u += cu
+        ssv += sq
+    return acc, acc_u, tl.sum(tl.sum(ssv, axis=1), axis=0)
+
+
+@triton.jit
 def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, part_ptr, ss_ptr, cnt_ptr,
                       ssi_ptr, nwo_ptr, xn_ptr, sso_ptr,
                       N, K, k_split, n_split, stride_rm, stride_om, eps, magic, n_parts,
@@ -626,26 +657,9 @@ def _gemv_word_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, nw_ptr, res_ptr, out_ptr, par
     pdl.wait(PDL)
     if EARLY:
         tl.extra.cuda.gdc_launch_dependents()
-    # Tiles are [groups, rows, words of a group]: with the groups dimension ahead of the rows, the layout
-    # puts a row's consecutive words in neighbouring threads (16 bytes each) and a warp's remaining threads
-    # on further rows; each thread then holds BLOCK_N / (4 * num_warps)-ish rows of the same columns.
-    acc = tl.zeros((NG, BLOCK_N), tl.float32)
-    acc_u = tl.zeros((NG, BLOCK_N), tl.float32)
-    ssv = tl.zeros((NG, WPG), tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        cw0, cs0, cm0 = wd0, s0, m0
-        cw1, cs1, cm1 = wd1, s1, m1
-        k_next = k0 + BLOCK_K
-        if EVEN:  # the last step reloads itself instead of reading past the split (or the matrix)
-            k_next = tl.minimum(k_next, k_end - BLOCK_K)
-        wd0, s0, m0, wd1, s1, m1 = _gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k_next, k_end,
-                                                  K, WIDTH, GROUP, HAS_MIN, GATED, NG, WPG, EVEN)
-        c, cu, sq = _word_dot(x_ptr, nw_ptr, cw0, cs0, cm0, cw1, cs1, cm1, k0, k_end, magic, WIDTH, GROUP,
-                              HAS_MIN, SIGNED, HAS_NORM, GATED, UNPACK, X_PAIRS, ASM, NG, WPG, EVEN)
-        acc += c
-        acc_u += cu
-        ssv += sq
-    ss = tl.sum(tl.sum(ssv, axis=1), axis=0)
+    acc, acc_u, ss = _word_k_loop(x_ptr, nw_ptr, qw_ptr, s_ptr, m_ptr, rows64, row_ok, N, k_begin, k_end, K, magic,
+                                  wd0, s0, m0, wd1, s1, m1, WIDTH, GROUP, HAS_MIN, SIGNED, HAS_NORM, GATED, UNPACK,
+                                  X_PAIRS, ASM, NG, WPG, EVEN, BLOCK_N, BLOCK_K)
     acc, acc_u = _handed_scale(acc, acc_u, ssi_ptr, n_parts, K, eps, NORMED, PARTS_BLOCK)
     y, done = _row_epilogue(acc, acc_u, ss, rows, pid_n, pid_k, n_split, N, K, eps, part_ptr, ss_ptr, cnt_ptr,
                             res_ptr, stride_rm, out_ptr, stride_om, HAS_NORM, GATED, HAS_RES, SPLIT)

@@ -432,27 +432,13 @@ def _expert_word_kernel(x_ptr, nw_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, m_ptr, r
         xrow = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm
     else:
         xrow = x_ptr + pair.to(tl.int64) * stride_xm
-    # Each step loads the next step's tiles before it computes (two register buffers), as gemv's word kernel.
+    # The first K step's tiles; gemv._word_k_loop loads each next one before it computes the current one.
     wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k_begin, k_end, K,
                                                   WIDTH, GROUP, HAS_MIN, GATED, NG, WPG, EVEN)
-    acc = tl.zeros((NG, BLOCK_N), tl.float32)
-    acc_u = tl.zeros((NG, BLOCK_N), tl.float32)
-    ssv = tl.zeros((NG, WPG), tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        cw0, cs0, cm0 = wd0, s0, m0
-        cw1, cs1, cm1 = wd1, s1, m1
-        k_next = k0 + BLOCK_K
-        if EVEN:  # as gemv's word kernel: the last step reloads itself, unmasked
-            k_next = tl.minimum(k_next, k_end - BLOCK_K)
-        wd0, s0, m0, wd1, s1, m1 = gemv._gate_up_step(qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k_next, k_end, K,
-                                                      WIDTH, GROUP, HAS_MIN, GATED, NG, WPG, EVEN)
-        c, cu, sq = gemv._word_dot(xrow, nw_ptr, cw0, cs0, cm0, cw1, cs1, cm1, k0, k_end, magic, WIDTH, GROUP,
-                                   HAS_MIN, SIGNED, GATED != 0 and not NORMED, GATED, UNPACK, False, False, NG, WPG,
-                                   EVEN)
-        acc += c
-        acc_u += cu
-        ssv += sq
-    ss = tl.sum(tl.sum(ssv, axis=1), axis=0)
+    acc, acc_u, ss = gemv._word_k_loop(xrow, nw_ptr, qw_ptr, s_ptr, m_ptr, rows64, n_ok, N, k_begin, k_end, K,
+                                       magic, wd0, s0, m0, wd1, s1, m1, WIDTH, GROUP, HAS_MIN, SIGNED,
+                                       GATED != 0 and not NORMED, GATED, UNPACK, False, False, NG, WPG, EVEN,
+                                       BLOCK_N, BLOCK_K)
     # _row_epilogue's flags: HAS_NORM, GATED, HAS_RES, SPLIT
     if GATED != 0:
         acc, acc_u = gemv._handed_scale(acc, acc_u, ssi_ptr, n_parts, K, eps, NORMED, PARTS_BLOCK)
