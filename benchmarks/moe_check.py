@@ -11,8 +11,9 @@ swap an expert and fail the comparison for a reason that is not an error. Pass: 
 Timings: decode block at 1 and 8 rows as CUDA-graph replays over 32 distinct inputs (different experts
 each launch, so the 50 MB L2 cannot hold the active experts), with GB/s = bytes of the router and the 8
 active experts per row / time (1 row); a few block_n variants of each decode scheme's kernels (CSV column
-`variant`: "byte (16, 8)", "word (32, 64)", ...). Prefill block at 512
-and 2048 rows (events, median of 10), with a few tile variants at 512.
+`variant`: "byte (16, 8)", "word (32, 64)", ...), and the byte kernels' K steps. The router alone at 1 and
+512 rows, and at 512 over prefill tile shapes and both dots. Prefill block at 512 and 2048 rows as CUDA-graph
+replays (4 calls a graph, median of 7; host launches stay out), with a few tile variants at 512.
 
     python benchmarks/moe_check.py --out DIR        # ~2-3 minutes on the H100
 """
