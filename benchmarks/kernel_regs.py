@@ -5,6 +5,7 @@ the five most frequent opcodes.
 
     python3 benchmarks/kernel_regs.py [SOURCE_TREE]          (default: this checkout)
     python3 benchmarks/kernel_regs.py --gemm [SOURCE_TREE]   the prefill GEMM at M = 512 instead (Qwen3-8B, q4)
+    python3 benchmarks/kernel_regs.py --moe [SOURCE_TREE]    the MoE grouping, byte decode and grouped GEMM kernels
 
 At 4 warps a program of R registers per thread leaves 65536 / (128 R) programs per SM: above 128 registers,
 at most 3; at 255, 2. For the latency-bound decode GEMVs that is the loads in flight, so compare trees
@@ -145,14 +146,68 @@ def gemm_main():
         print(f"{name:8s} {tiles:34s} {regs:5d} {spills:8d} {smem:7d}  {mix}", flush=True)
 
 
+def moe_main():
+    """The MoE kernels at Qwen3-30B-A3B's shapes: the prefill grouping (512 and 2,048 tokens), the byte decode
+    kernels at their default tiles and at all of K in one step (moe_check's variants), and the q4 grouped
+    GEMM at prefill_tiles' choice for 512 tokens, at 64 rows and transposed (SWAP)."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    from ingot.backends.cuda import gemm, gemv, moe
+    from ingot.quant.pack import PackedLinear
+
+    print(f"{'kernel':9s} {'case':36s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s}  main loop")
+
+    def row(label, name, kernel, c, warps=4, types=None, div16=(), stages=None):
+        regs, spills, smem, mix = resources(kernel, c, warps, types=types, div16=div16, num_stages=stages)
+        print(f"{label:9s} {name:36s} {regs:5d} {spills:8d} {smem:7d}  {mix}", flush=True)
+
+    ints = {n: "*i32" for n in ("ids_ptr", "slot_ptr", "tile_expert_ptr", "rank_ptr", "hist_ptr", "base_ptr")}
+    for tokens in (512, 2048):
+        pairs, e_all = tokens * 8, 128
+        block = max(16, triton.next_power_of_2(triton.cdiv(pairs, moe.GROUP_MAX_BLOCKS)))
+        c = dict(BLOCK_M=32, E_ALL=e_all, GROUP_BLOCK=block, SUB=min(block, 4096 // e_all),
+                 NB_ALL=max(16, triton.next_power_of_2(triton.cdiv(pairs, block))), PLACE_BLOCK=1024)
+        row("grouping", f"{tokens} tokens", moe._group_kernel, c, warps=8, types=ints)
+    byte = {"qw_ptr": "*u8", "ids_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16"}
+    for bn, bk in ((moe.GATE_UP_BLOCK_N, 256), (2, 2048), (1, 2048)):
+        c = dict(TOP_K=8, KIND=gemv.KIND_IDS["q4"], GROUP=32, HAS_MIN=False, ACT=1, NORMED=True, PARTS_BLOCK=256,
+                 BLOCK_N=bn, BLOCK_K=bk, PDL=True, EARLY=True)
+        row("byte", f"q4 gate/up {bn} rows x K step {bk}", moe._expert_gate_up_kernel, c, types=byte,
+            div16=("F", "K", "stride_xm"))
+    for bn, bk in ((moe.DOWN_BLOCK_N, moe.DOWN_BLOCK_K), (1, 1024)):
+        c = dict(TOP_K=8, KP=8, KIND=gemv.KIND_IDS["q4"], GROUP=32, HAS_MIN=False, HAS_RES=True, NORM_OUT=True,
+                 BLOCK_N=bn, BLOCK_K=bk, PDL=True, EARLY=True)
+        row("byte", f"q4 down {bn} row(s) x 8 experts x K {bk}", moe._expert_down_kernel, c, types=byte,
+            div16=("N", "K", "stride_rm", "stride_om"))
+    grouped = {"x_ptr": "*fp16", "qw_ptr": "*u8", "mn_ptr": "*fp16", "pair_ptr": "*i32", "tile_expert_ptr": "*i32"}
+    for name, gated, n_out, k in (("gate/up", True, 768, 2048), ("down", False, 2048, 768)):
+        rows = 128 * (2 * n_out if gated else n_out)
+        w = PackedLinear("q4", rows, k, 32, torch.zeros(rows, k // 2, dtype=torch.uint8),
+                         torch.zeros(rows, k // 32, dtype=torch.float16))
+        for extra in (dict(), dict(BLOCK_M=64), dict(SWAP=1)):
+            cfg = {"SWAP": 0, **moe.prefill_tiles("q4", 32, gated, 32), **extra}
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            c = dict(cfg, **gemm.weight_operands(w, cfg["BLOCK_K"])[2], TOP_K=8, GATHER=gated, SCATTER=not gated,
+                     ACT=1 if gated else 0, DOT=tl.float16)
+            label = f"q4 {name} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{warps} swap{cfg['SWAP']}"
+            row("grouped", label, moe._grouped_gemm_kernel, c, warps,
+                types={**grouped, "out_ptr": "*fp16" if gated else "*fp32"}, stages=stages,
+                div16=("N_OUT", "K", "ROWS_PER_EXPERT", "stride_xm", "stride_qn", "stride_sn", "stride_om"))
+
+
 def main():
     args = sys.argv[1:]
-    gemm_mode = "--gemm" in args
-    args = [a for a in args if a != "--gemm"]
+    mode = next((a for a in args if a in ("--gemm", "--moe")), None)
+    args = [a for a in args if a != mode]
     if args:
         sys.path.insert(0, os.path.abspath(args[0]))
-    if gemm_mode:
+    if mode == "--gemm":
         gemm_main()
+        return
+    if mode == "--moe":
+        moe_main()
         return
     from ingot.backends.cuda import gemv, moe
 

@@ -385,3 +385,25 @@ def test_gguf_experts_pack_per_expert_exactly(tmp_path):
     assert torch.equal(w.down.dequantize(), t["ffn_down_exps"].reshape(-1, 96))
     assert w.router.dtype == torch.float32 and torch.equal(w.router, t["ffn_gate_inp"])
     assert (w.n_experts, w.ffn, w.hidden, w.top_k) == (4, 96, 64, 2)
+
+
+def test_moe_kernels_compile_for_sm90a_without_spills():
+    """benchmarks/kernel_regs.py --moe (a process without the interpreter: Triton and its ptxas for sm_90a):
+    the grouping kernel, the byte decode kernels at their default and one-step tiles, and the q4 grouped
+    GEMM's tiles compile, and none spills (the interpreter runs code the GPU compiler may still reject)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_regs.py"), "--moe", str(root)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # kernel, case, registers, spill bytes, shared memory, then the main loop's mix
+    rows = [re.match(r"(\S+)\s+(.*?)\s+(\d+)\s+(\d+)\s+(\d+)\s\s(\d+:|no loop)", line)
+            for line in out.stdout.splitlines()[1:]]
+    assert all(rows) and len(rows) == 13, out.stdout
+    assert [r[1] for r in rows].count("grouping") == 2, out.stdout
+    for r in rows:
+        assert int(r[4]) == 0 and int(r[3]) <= 255, r[0]
