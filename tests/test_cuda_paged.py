@@ -8,17 +8,19 @@ import torch
 
 from tests.test_cuda_backend import _rel, pair  # noqa: F401  (the CUDA / reference pair of a tiny model)
 
-# gemma3: sliding window, qk-norm, sandwich norms
-pytestmark = pytest.mark.parametrize("pair", ["llama", "gemma3"], indirect=True)
+# gemma3: sliding window, qk-norm, sandwich norms; qwen3moe: the experts in a batched step (the server's path
+# for Qwen3-30B-A3B: up to 32 rows on the decode kernels, more on the grouped GEMMs)
+pytestmark = pytest.mark.parametrize("pair", ["llama", "gemma3", "qwen3moe"], indirect=True)
 
 
 def test_mixed_steps_match_reference(pair):
-    """Chunked prefills of different lengths beside another sequence's, then decode steps of all three
-    together, through shuffled block tables: each step's logits are the full-sequence reference's."""
+    """Chunked prefills of different lengths beside another sequence's (the second step 41 rows: past the MoE
+    decode kernels' 32), then decode steps of all three together, through shuffled block tables: each step's
+    logits are the full-sequence reference's."""
     fast, ref = pair
     backend, bs = fast.backend, 4
     rng = random.Random(0)
-    prompts = [[rng.randrange(128) for _ in range(n)] for n in (9, 3, 17)]
+    prompts = [[rng.randrange(128) for _ in range(n)] for n in (9, 3, 37)]
     cache = backend.new_paged_cache(32, bs)
     # 32 blocks for sequences and a spare one for the padding rows of a decode step's batch bucket
     assert cache.k[0].dtype == torch.float16 and cache.k[0].shape == (33, bs, fast.spec.n_kv_heads, fast.spec.head_dim)
