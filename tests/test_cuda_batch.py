@@ -17,11 +17,13 @@ def _rel(a, b):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(request, tmp_path_factory):
+    """The CUDA / reference pair of a tiny llama, or of the family a test asks for (indirect)."""
     from tests.conftest import KERNEL_DEVICE
 
-    path = tmp_path_factory.mktemp("llama")
-    save_hf(make_hf_model("llama"), path)
+    family = getattr(request, "param", "llama")
+    path = tmp_path_factory.mktemp(family)
+    save_hf(make_hf_model(family), path)
     fast = ingot.load(path, device=KERNEL_DEVICE, backend="cuda", max_context=40, max_batch=4)
     ref = ingot.load(path, device=KERNEL_DEVICE, backend="reference", dtype=torch.float32, max_context=40)
     return fast, ref
@@ -37,6 +39,7 @@ def test_buckets():
         buckets_for(33)
 
 
+@pytest.mark.parametrize("models", ["llama", "qwen3moe"], indirect=True)  # qwen3moe: the padding row routes too
 def test_batched_logits_match_one_at_a_time(models):
     fast, ref = models
     steps = [[4, 9, 14], [2, 19, 6], [33, 1, 8]]  # forced next tokens per step, one per sequence
