@@ -149,7 +149,8 @@ def gemm_main():
 def moe_main():
     """The MoE kernels at Qwen3-30B-A3B's shapes: the prefill grouping (512 and 2,048 tokens), the byte decode
     kernels at their default tiles and at all of K in one step (moe_check's variants), and the q4 grouped
-    GEMM at prefill_tiles' choice for 512 tokens, at 64 rows and transposed (SWAP)."""
+    GEMM at prefill_tiles' choice, at 32 rows (the choice at 512 tokens until 2026-12-04) and at 32 rows
+    transposed (SWAP)."""
     import torch
     import triton
     import triton.language as tl
@@ -186,8 +187,8 @@ def moe_main():
         rows = 128 * (2 * n_out if gated else n_out)
         w = PackedLinear("q4", rows, k, 32, torch.zeros(rows, k // 2, dtype=torch.uint8),
                          torch.zeros(rows, k // 32, dtype=torch.float16))
-        for extra in (dict(), dict(BLOCK_M=64), dict(SWAP=1)):
-            cfg = {"SWAP": 0, **moe.prefill_tiles("q4", 32, gated, 32), **extra}
+        for extra in (dict(), dict(BLOCK_M=32), dict(BLOCK_M=32, SWAP=1)):
+            cfg = {"SWAP": 0, **moe.prefill_tiles("q4", 32, gated), **extra}
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             c = dict(cfg, **gemm.weight_operands(w, cfg["BLOCK_K"])[2], TOP_K=8, GATHER=gated, SCATTER=not gated,
                      ACT=1 if gated else 0, DOT=tl.float16)

@@ -206,13 +206,15 @@ def time_prefill(quant, w, nw, dev, rows_out):
     for t in (512, 2048):
         xs = [torch.randn(t, H, device=dev) for _ in range(2)]
         out = torch.empty(t, H, device=dev)  # x itself stays as drawn, and so do the experts it picks
-        # around moe.prefill_tiles' choices (q4: BLOCK_M 32 up to 32 rows an expert, q8: 128-wide, 8 warps)
-        variants = [None, dict(BLOCK_M=64), dict(BLOCK_M=128, num_warps=8)]
+        # around moe.prefill_tiles' choices (q4: 64 rows, 4 warps; q8: 64 x 128, 8 warps); q4's 32-row tiles
+        # (its choice at 512 tokens until 2026-12-04) compile to mma.sync, 64 rows and up to wgmma
+        variants = [None, dict(BLOCK_M=32), dict(BLOCK_M=128, num_warps=8)]
         if t == 512:
             bk = 128 if kind == "q4" else 64
-            variants += [dict(BLOCK_M=32, BLOCK_N=128, num_warps=8), dict(BLOCK_M=32, BLOCK_K=2 * bk)]
+            variants += [dict(BLOCK_M=32, BLOCK_N=128, num_warps=8), dict(BLOCK_M=32, BLOCK_K=2 * bk),
+                         dict(BLOCK_M=64, BLOCK_K=2 * bk)]
             # transposed (SWAP): the weight tile is wgmma's register operand, so 32-row tiles run on wgmma
-            variants += [dict(SWAP=1), dict(BLOCK_M=32, BLOCK_N=128, SWAP=1), dict(BLOCK_M=64, SWAP=1)]
+            variants += [dict(BLOCK_M=32, SWAP=1), dict(BLOCK_M=32, BLOCK_N=128, SWAP=1), dict(BLOCK_M=64, SWAP=1)]
         for tiles in variants:
             # from a CUDA graph, as the model's prefill runs: an eager call's ~10 launches (~25 before the
             # grouping kernel) cost host time that timed events count, whatever the tiles (before 2026-12-04,

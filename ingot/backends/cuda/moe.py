@@ -820,18 +820,20 @@ def _combine_kernel(y_ptr, res_ptr, out_ptr, N, stride_rm, stride_om, TOP_K: tl.
     tl.store(out_ptr + row * stride_om + n, acc, mask=ok)
 
 
-def prefill_tiles(kind: str, group: int, gated: bool, pairs_per_expert: float = 64) -> dict:
-    """Grouped-GEMM tiles. An expert sees ~T*k/E rows (32 at 512 tokens for Qwen3-30B-A3B), so taller
-    tiles than 64 would be mostly padding. Chosen from benchmarks/moe_check.py, one Qwen3-30B-A3B layer at 512
-    tokens on the H200 (2026-12-02): q4 with BLOCK_M 32 999 µs against 1,096 at 64; q8 with 128-wide tiles and
-    8 warps 971 µs against 1,450 at 64 x 64 (gate/up) and 4 warps. Those were eager calls timed with events,
-    host launches included (later runs of the same tiles ranged 1.1-1.5 ms): not evidence either way until
-    moe_check's graph-timed rows."""
+def prefill_tiles(kind: str, group: int, gated: bool) -> dict:
+    """Grouped-GEMM tiles. An expert sees ~T*k/E rows (32 at 512 tokens for Qwen3-30B-A3B), so taller tiles
+    than 64 would be mostly padding; 64 rows is also the least at which a program of 4 warps gets Hopper's
+    wgmma (Triton's TTGIR): at 32, the q4 dots fall back to mma.sync and a third of the main loop is register
+    moves (705 instructions a 64 x 128 gate/up weight tile against 455; benchmarks/kernel_regs.py --moe), and
+    at 512 tokens half of the experts need two 32-row tiles where one 64-row tile holds nearly all. q4 took
+    32 rows up to 32 per expert until 2026-12-04, on eager, host-bound timings (moe_check, 2026-12-02: 999 µs
+    against 1,096 at 64; repeats of the same tiles ranged 1.1-1.5 ms); 64 is unmeasured on the GPU as yet,
+    and moe_check's graph-timed rows compare the two. q8: 128-wide tiles of 8 warps (971 µs against 1,450 at
+    64 x 64 and 4 warps, the same eager timings)."""
     bk = max(128, group) if kind == "q4" else 64
     if kind == "q8":
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, num_warps=8, num_stages=3, FAST=2)
-    return dict(BLOCK_M=32 if kind == "q4" and pairs_per_expert <= 32 else 64, BLOCK_N=64 if gated else 128,
-                BLOCK_K=bk, num_warps=4, num_stages=3, FAST=2)
+    return dict(BLOCK_M=64, BLOCK_N=64 if gated else 128, BLOCK_K=bk, num_warps=4, num_stages=3, FAST=2)
 
 
 def _grouped_gemm(a, groups: Groups, w: PackedLinear, out, *, n_out: int, rows_per_expert: int, top_k: int,
@@ -865,7 +867,7 @@ def prefill_block(x: torch.Tensor, w: MoEWeights, norm_weight: torch.Tensor, eps
         return out
     k, f, e = w.top_k, w.ffn, w.n_experts
     ids, wts = route(x, w, norm_weight, eps)
-    block_m = (tiles or {}).get("BLOCK_M", prefill_tiles(w.down.kind, w.down.group, False, t * k / e)["BLOCK_M"])
+    block_m = (tiles or {}).get("BLOCK_M", prefill_tiles(w.down.kind, w.down.group, False)["BLOCK_M"])
     groups = group_by_expert(ids, e, block_m)
     xn = gemm.rms_norm_half(x, norm_weight, eps)
     ff = torch.empty(groups.pair_of_slot.numel(), f, device=x.device, dtype=torch.float16)
