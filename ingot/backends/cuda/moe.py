@@ -664,7 +664,7 @@ class Groups:
 
 
 # Grouping in one launch (torch's stable argsort, histogram, prefix sums and scatters took ~20 kernels a layer:
-# 3.6 of a Qwen3-30B-A3B 512-token prefill's 32.5 ms on the H200, 2026-12-04). Each program takes GROUP_BLOCK
+# 3.7 of a Qwen3-30B-A3B 512-token prefill's 32.5 ms on the H200, 2026-12-04). Each program takes GROUP_BLOCK
 # pairs, SUB at a time: its per-expert counts (a one-hot [SUB pairs, experts] tile's column sums) and each
 # pair's rank among its block's pairs of the same expert (the tile's exclusive cumsum down the pairs, plus the
 # counts of the SUBs before). The last program to finish (an atomic ticket, as the router's) prefix-sums the
