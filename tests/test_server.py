@@ -368,6 +368,8 @@ class SlowModel:
     def __init__(self, delay: float):
         self.delay = delay
         self.last_stats = Stats()
+        self.gate = threading.Event()  # each token waits for it: a test that clears it holds generation still
+        self.gate.set()
 
     def prompt_ids(self, prompt=None, messages=None):
         return [0, 1, 2, 3]
@@ -377,6 +379,7 @@ class SlowModel:
         try:
             for _ in range(max_tokens):
                 time.sleep(self.delay)
+                self.gate.wait(60)
                 stats.generated_tokens += 1
                 yield "x"
         finally:
@@ -393,16 +396,18 @@ def slow_server(request):
 
 @pytest.mark.parametrize("slow_server", [30.0], indirect=True)
 def test_full_queue_answers_429(slow_server):
-    server, _ = slow_server
-    body = {"model": "slow", "prompt": "p", "max_tokens": 20}  # one second each
+    server, model = slow_server
+    body = {"model": "slow", "prompt": "p", "max_tokens": 20}
     results = []
     threads = [threading.Thread(target=lambda: results.append(post(server, "/v1/completions", body)))
                for _ in range(2)]
+    model.gate.clear()  # the running request cannot finish, and free its place, before the third arrives
     threads[0].start()
     until(lambda: server.health()["busy"])
     threads[1].start()
     until(lambda: server.health()["queued"])
     r = post(server, "/v1/completions", body)
+    model.gate.set()
     assert_error(r, 429, code="queue_full")
     assert int(r.headers["Retry-After"]) >= 1
     for t in threads:
@@ -413,15 +418,18 @@ def test_full_queue_answers_429(slow_server):
 
 @pytest.mark.parametrize("slow_server", [30.0], indirect=True)
 def test_too_long_requests_are_refused_on_arrival_not_at_their_turn(slow_server):
-    server, _ = slow_server
+    server, model = slow_server
     runner = threading.Thread(target=post, args=(server, "/v1/completions",
-                                                 {"model": "slow", "prompt": "p", "max_tokens": 40}))  # 2 s
+                                                 {"model": "slow", "prompt": "p", "max_tokens": 40}))
+    model.gate.clear()  # the runner holds the model until the refusal is checked: its turn would never come
     runner.start()
     until(lambda: server.health()["busy"])
-    t0 = time.monotonic()
-    r = post(server, "/v1/completions", {"model": "slow", "prompt": "p", "max_tokens": 253})  # 4 + 253 > 256
-    assert_error(r, 400, code="context_length_exceeded")
-    assert time.monotonic() - t0 < 1 and server.health()["busy"]  # answered while the other still runs
+    try:
+        r = post(server, "/v1/completions", {"model": "slow", "prompt": "p", "max_tokens": 253})  # 4 + 253 > 256
+        assert_error(r, 400, code="context_length_exceeded")
+        assert server.health()["busy"]  # answered while the other still runs
+    finally:
+        model.gate.set()
     runner.join()
 
 
