@@ -397,3 +397,10 @@ def test_bench_batch_needs_a_batching_backend(small_model, files, capsys):
 def test_bench_with_nothing_to_measure_says_so(small_model):
     with pytest.raises(IngotError, match="nothing to measure"):
         run_bench(small_model, n_prompt=0, n_gen=[0, 0], reps=1)
+
+
+def test_bench_batch_below_one_is_refused_before_loading(files, capsys):
+    path = files("qwen3-0.6b", "q8_0", layers=1)
+    assert cli_main(["bench", str(path), "-p", "8", "-n", "4", "--batch", "0", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "--batch must be at least 1" in err and "loading" not in err

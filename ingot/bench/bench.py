@@ -224,6 +224,8 @@ def run_bench(model, n_prompt=(512,), n_gen=(128,), reps: int = 5, warmup: int =
         raise IngotError(f"warmup must not be negative, got {warmup}")
     if not any(n_prompt) and not any(n_gen) and not roofline:
         raise IngotError("nothing to measure: every prompt (-p) and generation (-n) count is 0")
+    if batch < 1:
+        raise IngotError(f"--batch must be at least 1, got {batch}")
     need = max([p for p in n_prompt] + [TG_PROMPT + g for g in n_gen if g] + [1])
     if not isinstance(model, Model):
         if log:
