@@ -119,6 +119,7 @@ def slice_logits(path: Path, name: str, n_prompt: int, device: str = "cuda"):
     with routing_recorded() as (ref_calls, fast_calls):
         for stage, run in enumerate([lambda r: r.prefill(ids[:-8])] + [lambda r, t=t: r.decode(t) for t in ids[-8:]]):
             errs.append(rel(run(fast.runner).clone(), run(ref.runner)))
+            print(f"  {name}: {'prefill' if stage == 0 else f'decode {stage}'} rel err {errs[-1]:.2e}", flush=True)
             if n_moe and first_flip is None and routing_flips(ref_calls, fast_calls, n_moe)[1]:
                 first_flip = stage
     fast.backend.use_graph = True
