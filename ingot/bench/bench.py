@@ -97,12 +97,16 @@ def _timed(device, fn) -> float:
 
 
 
+def _check_batch(batch: int) -> None:
+    if batch < 1:
+        raise IngotError(f"--batch must be at least 1, got {batch}")
+
+
 def _batch_api(model, batch: int):
     backend = model.backend
     most = int(getattr(backend, "max_batch", 1) or 1)
     name = getattr(backend, "name", type(backend).__name__)
-    if batch < 1:
-        raise IngotError(f"--batch must be at least 1, got {batch}")
+    _check_batch(batch)
     if batch > most:
         raise IngotError(f"--batch {batch}: the {name} backend was loaded with max_batch {most}")
     if batch == 1:
@@ -224,8 +228,7 @@ def run_bench(model, n_prompt=(512,), n_gen=(128,), reps: int = 5, warmup: int =
         raise IngotError(f"warmup must not be negative, got {warmup}")
     if not any(n_prompt) and not any(n_gen) and not roofline:
         raise IngotError("nothing to measure: every prompt (-p) and generation (-n) count is 0")
-    if batch < 1:
-        raise IngotError(f"--batch must be at least 1, got {batch}")
+    _check_batch(batch)  # before the load, which would word it as max_batch
     need = max([p for p in n_prompt] + [TG_PROMPT + g for g in n_gen if g] + [1])
     if not isinstance(model, Model):
         if log:
