@@ -152,7 +152,6 @@ def moe_main():
     GEMM at prefill_tiles' choice, at 32 rows (the choice at 512 tokens until 2026-12-04) and at 32 rows
     transposed (SWAP)."""
     import torch
-    import triton
     import triton.language as tl
 
     from ingot.backends.cuda import gemm, gemv, moe
@@ -166,10 +165,7 @@ def moe_main():
 
     ints = {n: "*i32" for n in ("ids_ptr", "slot_ptr", "tile_expert_ptr", "rank_ptr", "hist_ptr", "base_ptr")}
     for tokens in (512, 2048):
-        pairs, e_all = tokens * 8, 128
-        block = max(16, triton.next_power_of_2(triton.cdiv(pairs, moe.GROUP_MAX_BLOCKS)))
-        c = dict(BLOCK_M=32, E_ALL=e_all, GROUP_BLOCK=block, SUB=min(block, 4096 // e_all),
-                 NB_ALL=max(16, triton.next_power_of_2(triton.cdiv(pairs, block))), PLACE_BLOCK=1024)
+        c = moe.group_constexprs(tokens * 8, 128, moe.prefill_tiles("q4", 32, False)["BLOCK_M"])
         row("grouping", f"{tokens} tokens", moe._group_kernel, c, warps=8, types=ints)
     byte = {"qw_ptr": "*u8", "ids_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16"}
     for bn, bk in ((moe.GATE_UP_BLOCK_N, 256), (2, 2048), (1, 2048)):

@@ -731,23 +731,28 @@ def group_by_expert(ids: torch.Tensor, n_experts: int, block_m: int) -> Groups:
     flat = ids.reshape(-1)
     assert flat.dtype == torch.int32 and flat.is_contiguous()
     pairs = flat.numel()
-    e_all = max(16, triton.next_power_of_2(n_experts))
-    group_block = max(16, triton.next_power_of_2(triton.cdiv(pairs, GROUP_MAX_BLOCKS)))
-    blocks = triton.cdiv(pairs, group_block)
-    nb_all = max(16, triton.next_power_of_2(blocks))
+    c = group_constexprs(pairs, n_experts, block_m)
+    blocks = triton.cdiv(pairs, c["GROUP_BLOCK"])
     tiles = triton.cdiv(pairs, block_m) + min(n_experts, pairs)
     dev = ids.device
     pair_of_slot = torch.empty(tiles * block_m, device=dev, dtype=torch.int32)
     tile_expert = torch.empty(tiles, device=dev, dtype=torch.int32)
     rank = torch.empty(pairs, device=dev, dtype=torch.int32)
-    hist = torch.empty(nb_all * e_all, device=dev, dtype=torch.int32)
-    base = torch.empty(nb_all * e_all, device=dev, dtype=torch.int32)
+    hist = torch.empty(c["NB_ALL"] * c["E_ALL"], device=dev, dtype=torch.int32)
+    base = torch.empty_like(hist)
     ticket = torch.zeros(1, device=dev, dtype=torch.int32)
     _group_kernel[(blocks,)](flat, pair_of_slot, tile_expert, rank, hist, base, ticket, pairs, n_experts, tiles,
-                             BLOCK_M=block_m, E_ALL=e_all, GROUP_BLOCK=group_block,
-                             SUB=min(group_block, max(1, 4096 // e_all)), NB_ALL=nb_all,
-                             PLACE_BLOCK=max(1024, e_all), num_warps=8)
+                             num_warps=8, **c)
     return Groups(pair_of_slot, tile_expert, block_m)
+
+
+def group_constexprs(pairs: int, n_experts: int, block_m: int) -> dict:
+    """_group_kernel's constexprs for `pairs` (row, choice) pairs (benchmarks/kernel_regs.py compiles them)."""
+    e_all = max(16, triton.next_power_of_2(n_experts))
+    group_block = max(16, triton.next_power_of_2(triton.cdiv(pairs, GROUP_MAX_BLOCKS)))
+    return dict(BLOCK_M=block_m, E_ALL=e_all, GROUP_BLOCK=group_block, SUB=min(group_block, max(1, 4096 // e_all)),
+                NB_ALL=max(16, triton.next_power_of_2(triton.cdiv(pairs, group_block))),
+                PLACE_BLOCK=max(1024, e_all))
 
 
 @triton.jit(do_not_specialize=["TILES"])  # follows the row count, as gemm's M
